@@ -1,0 +1,93 @@
+"""Strategy options on the command line: every field of a strategy's options dataclass is `--field-name VALUE`."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from typing import Any
+
+from kvpress_rl.errors import KvrlError
+from kvpress_rl.selector import HeadSelector, default_of, option_fields
+
+
+def flag_of(field_name: str) -> str:
+    return "--" + field_name.replace("_", "-")
+
+
+def _base_type(annotation: Any) -> Any:
+    """`int | None` -> int; string annotations resolved by the dataclass machinery."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return args[0] if len(args) == 1 else str
+    return annotation
+
+
+def field_types(options_cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(options_cls)
+    return {f.name: _base_type(hints.get(f.name, str)) for f in dataclasses.fields(options_cls)}
+
+
+def _convert(raw: str, kind: Any, flag: str) -> Any:
+    try:
+        if kind is bool:
+            lowered = raw.lower()
+            if lowered in ("1", "true", "yes", "on"):
+                return True
+            if lowered in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(raw)
+        if kind in (int, float, str):
+            return kind(raw)
+        if typing.get_origin(kind) in (list, tuple):
+            inner = typing.get_args(kind)[0] if typing.get_args(kind) else str
+            return [inner(part) for part in raw.split(",") if part]
+    except ValueError:
+        raise KvrlError(f"{flag}: {raw!r} is not a valid {getattr(kind, '__name__', kind)}") from None
+    return raw
+
+
+def parse_strategy_options(selector_cls: type[HeadSelector], args: list[str]) -> Any:
+    """Build the strategy's options dataclass from leftover command-line words."""
+    fields = {f.name: f for f in option_fields(selector_cls)}
+    kinds = field_types(selector_cls.Options) if fields else {}
+    accepted = ", ".join(flag_of(name) for name in fields) or "none"
+    values: dict[str, Any] = {}
+    words = list(args)
+    while words:
+        word = words.pop(0)
+        if not word.startswith("--"):
+            raise KvrlError(f"unexpected argument {word!r}; strategy {selector_cls.name!r} accepts options: {accepted}")
+        flag, _, inline = word.partition("=")
+        name = flag[2:].replace("-", "_")
+        negated = name.startswith("no_") and name[3:] in fields and kinds[name[3:]] is bool
+        if negated:
+            values[name[3:]] = False
+            continue
+        if name not in fields:
+            raise KvrlError(f"unknown option {flag} for strategy {selector_cls.name!r}; accepted: {accepted}")
+        if kinds[name] is bool and not inline:
+            values[name] = True
+            continue
+        if not inline:
+            if not words:
+                raise KvrlError(f"option {flag} needs a value")
+            inline = words.pop(0)
+        values[name] = _convert(inline, kinds[name], flag)
+    try:
+        return selector_cls.Options(**values)
+    except (TypeError, ValueError) as err:
+        raise KvrlError(f"invalid options for strategy {selector_cls.name!r}: {err}") from None
+
+
+def describe_options(selector_cls: type[HeadSelector]) -> list[tuple[str, str, str, str]]:
+    """Rows `(flag, type, default, help)` for `kvrl strategies NAME`."""
+    if not option_fields(selector_cls):
+        return []
+    kinds = field_types(selector_cls.Options)
+    rows = []
+    for f in option_fields(selector_cls):
+        kind = kinds[f.name]
+        rows.append((flag_of(f.name), getattr(kind, "__name__", str(kind)), repr(default_of(f)), str(f.metadata.get("help", ""))))
+    return rows

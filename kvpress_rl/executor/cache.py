@@ -1,0 +1,200 @@
+"""`HeadwiseCache`: per layer, full-cache KV heads and compressed KV heads in separate tensors.
+
+Compressed heads hold at most their budget of tokens (plus a policy's slack), so the memory is
+really freed, unlike masking a full-length cache. Slots stay in chronological order, so "sink" and
+"recent" are slot positions; attention over a set of keys does not depend on their order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from kvpress_rl.executor.policies import TokenPolicy
+from kvpress_rl.models import ModelShape
+
+if TYPE_CHECKING:
+    from kvpress_rl.plan import CompressionPlan
+
+
+def query_heads_of(kv_heads: torch.Tensor, groups: int) -> torch.Tensor:
+    """Query-head indices of the given KV heads under grouped-query attention, in head order."""
+    return (kv_heads[:, None] * groups + torch.arange(groups)).flatten()
+
+
+@dataclass
+class LayerView:
+    """What `HeadwiseLayer.update` hands to the attention function in place of key/value tensors."""
+
+    layer: "HeadwiseLayer"
+    query_length: int
+
+    @property
+    def shape(self) -> torch.Size:  # some code paths only look at the shape
+        return torch.Size((self.layer.batch_size, self.layer.num_kv_heads, self.layer.seen, self.layer.head_dim))
+
+
+class HeadwiseLayer(CacheLayerMixin):
+    """One decoder layer's cache under a plan."""
+
+    is_sliding = False
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(self, full_heads: torch.Tensor, compressed_heads: torch.Tensor, policy: TokenPolicy, groups: int) -> None:
+        super().__init__()
+        self.full_heads = full_heads
+        self.compressed_heads = compressed_heads
+        self.full_query_heads = query_heads_of(full_heads, groups)
+        self.compressed_query_heads = query_heads_of(compressed_heads, groups)
+        self.policy = policy
+        self.groups = groups
+        self.num_kv_heads = len(full_heads) + len(compressed_heads)
+        self.seen = 0
+        self.all_valid = True
+        self.batch_size = 0
+        self.head_dim = 0
+        # full heads: self.keys / self.values (transformers' names); compressed heads below
+        self.compressed_keys: torch.Tensor | None = None
+        self.compressed_values: torch.Tensor | None = None
+        self.valid: torch.Tensor | None = None  # (batch, compressed_heads, slots) bool: False = padding
+        self.stats: dict[str, torch.Tensor] = {}
+
+    @property
+    def has_full(self) -> bool:
+        return len(self.full_heads) > 0
+
+    @property
+    def has_compressed(self) -> bool:
+        return len(self.compressed_heads) > 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.device = key_states.device
+        self.batch_size, _, _, self.head_dim = key_states.shape
+        self.full_heads = self.full_heads.to(self.device)
+        self.compressed_heads = self.compressed_heads.to(self.device)
+        self.full_query_heads = self.full_query_heads.to(self.device)
+        self.compressed_query_heads = self.compressed_query_heads.to(self.device)
+        self.keys = key_states.new_empty((self.batch_size, len(self.full_heads), 0, self.head_dim))
+        self.values = value_states.new_empty(self.keys.shape)
+        self.compressed_keys = key_states.new_empty((self.batch_size, len(self.compressed_heads), 0, self.head_dim))
+        self.compressed_values = value_states.new_empty(self.compressed_keys.shape)
+        self.valid = torch.ones((self.batch_size, len(self.compressed_heads), 0), dtype=torch.bool, device=self.device)
+        self.stats = self.policy.new_stats(self.compressed_keys)
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> tuple[LayerView, LayerView]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        new_tokens = key_states.shape[2]
+        if self.has_full:
+            self.keys = torch.cat([self.keys, key_states.index_select(1, self.full_heads)], dim=2)
+            self.values = torch.cat([self.values, value_states.index_select(1, self.full_heads)], dim=2)
+        if self.has_compressed:
+            new_keys = key_states.index_select(1, self.compressed_heads)
+            self.compressed_keys = torch.cat([self.compressed_keys, new_keys], dim=2)
+            self.compressed_values = torch.cat([self.compressed_values, value_states.index_select(1, self.compressed_heads)], dim=2)
+            # New tokens count as real until the attention function reads the padding mask (prefill).
+            self.valid = torch.cat([self.valid, self.valid.new_ones(new_keys.shape[:3])], dim=2)
+            for name, fresh in self.policy.new_stats(new_keys).items():
+                self.stats[name] = torch.cat([self.stats[name], fresh], dim=-1)
+        self.seen += new_tokens
+        if new_tokens == 1:
+            # Decoding: evict before attending, so the new query sees exactly the budget.
+            self.compress(slack=self.policy.slack())
+        view = LayerView(self, new_tokens)
+        return view, view
+
+    def mark_padding(self, new_valid: torch.Tensor) -> None:
+        """Record which of the newest tokens are padding; `new_valid` is `(batch, new_tokens)` bool."""
+        if not self.has_compressed:
+            return
+        count = new_valid.shape[1]
+        self.valid[:, :, -count:] = new_valid[:, None, :]
+        self.all_valid = self.all_valid and bool(new_valid.all())
+
+    def compress(self, slack: int = 0) -> None:
+        """Keep the `budget` best slots of each compressed head once it holds more than budget + slack."""
+        if not self.has_compressed:
+            return
+        budget = self.policy.budget(self.seen)
+        slots = self.compressed_keys.shape[2]
+        if slots <= budget + slack:
+            return
+        scores = self.policy.keep_scores(self.compressed_keys, self.valid, self.stats)
+        keep = scores.topk(budget, dim=-1, sorted=False).indices.sort(dim=-1).values  # (batch, heads, budget)
+        gather_kv = keep[..., None].expand(-1, -1, -1, self.head_dim)
+        self.compressed_keys = self.compressed_keys.gather(2, gather_kv)
+        self.compressed_values = self.compressed_values.gather(2, gather_kv)
+        self.valid = self.valid.gather(2, keep)
+        for name, stat in self.stats.items():
+            index = keep.reshape(keep.shape[:2] + (1,) * (stat.ndim - 3) + keep.shape[2:]).expand(stat.shape[:-1] + (budget,))
+            self.stats[name] = stat.gather(-1, index)
+
+    # --- transformers' Cache protocol ---------------------------------------------------------
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.seen + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.is_initialized = False
+        self.seen = 0
+        self.all_valid = True
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.batch_select_indices(beam_idx)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if not self.is_initialized:
+            return
+        self.keys, self.values = self.keys[indices], self.values[indices]
+        self.compressed_keys, self.compressed_values = self.compressed_keys[indices], self.compressed_values[indices]
+        self.valid = self.valid[indices]
+        self.stats = {name: stat[indices] for name, stat in self.stats.items()}
+        self.batch_size = self.keys.shape[0]
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self.batch_select_indices(torch.arange(self.batch_size, device=self.device).repeat_interleave(repeats))
+
+    def nbytes(self) -> int:
+        if not self.is_initialized:
+            return 0
+        tensors = [self.keys, self.values, self.compressed_keys, self.compressed_values, self.valid, *self.stats.values()]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def kv_nbytes(self) -> int:
+        if not self.is_initialized:
+            return 0
+        tensors = [self.keys, self.values, self.compressed_keys, self.compressed_values]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+class HeadwiseCache(Cache):
+    """A `transformers` cache that runs a `CompressionPlan`: one `HeadwiseLayer` per decoder layer."""
+
+    def __init__(self, plan: CompressionPlan, config) -> None:
+        shape = ModelShape.from_config(config)
+        plan.check_shape(shape)
+        heads = torch.arange(shape.num_kv_heads)
+        layers = [
+            HeadwiseLayer(heads[plan.full[i]], heads[~plan.full[i]], plan.policy, shape.num_groups)
+            for i in range(shape.num_layers)
+        ]
+        super().__init__(layers=layers)
+        self.plan = plan
+
+    def nbytes(self) -> int:
+        """Bytes every tensor of the cache holds now: keys, values, padding flags, policy statistics."""
+        return sum(layer.nbytes() for layer in self.layers)
+
+    def kv_nbytes(self) -> int:
+        """Bytes of keys and values alone: what `CompressionPlan.kv_bytes` predicts."""
+        return sum(layer.kv_nbytes() for layer in self.layers)

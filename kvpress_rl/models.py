@@ -1,0 +1,148 @@
+"""Model loading: a Hugging Face id, a local directory, a GGUF file, or a random-weight model from a config.
+
+Only architectures whose attention the executor understands are accepted (`SUPPORTED_ARCHITECTURES`).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kvpress_rl.errors import KvrlError
+
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
+
+# `random:ARCH` builds a small random-weight model of that architecture: the default until the
+# embedded reasoning model ships, and the model every unit test and benchmark can build offline.
+RANDOM_PREFIX = "random:"
+DEFAULT_MODEL = "random:llama"
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The attention layout a head pattern or a plan must match."""
+
+    num_layers: int
+    num_kv_heads: int
+    num_query_heads: int
+    head_dim: int
+
+    @classmethod
+    def from_config(cls, config: Any) -> "ModelShape":
+        config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        num_query_heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_query_heads
+        num_kv_heads = getattr(config, "num_key_value_heads", None) or num_query_heads
+        return cls(config.num_hidden_layers, num_kv_heads, num_query_heads, head_dim)
+
+    @property
+    def num_groups(self) -> int:
+        return self.num_query_heads // self.num_kv_heads
+
+
+def check_supported(config: Any) -> None:
+    """Raise `KvrlError` unless the executor supports this model's architecture."""
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_ARCHITECTURES:
+        raise KvrlError(
+            f"unsupported architecture {model_type!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
+
+
+def small_config(arch: str = "llama", **overrides: Any):
+    """A small config of a supported architecture (4 layers, 8 query heads over 4 KV heads).
+
+    Tests and benchmarks override any field, e.g. `small_config("qwen2", num_key_value_heads=2)`.
+    """
+    from transformers import AutoConfig
+
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise KvrlError(f"unknown architecture {arch!r} for a random model; accepted: {', '.join(SUPPORTED_ARCHITECTURES)}")
+    fields: dict[str, Any] = dict(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        head_dim=16,
+        max_position_embeddings=32768,
+        tie_word_embeddings=False,
+    )
+    if arch in ("mistral", "qwen2", "qwen3"):
+        fields["sliding_window"] = None
+    if arch == "qwen2":
+        fields["use_sliding_window"] = False
+    fields.update(overrides)
+    return AutoConfig.for_model(arch, **fields)
+
+
+def random_model(config: Any, *, seed: int = 0, dtype: torch.dtype = torch.float32):
+    """A causal LM with random weights built from `config` (no download)."""
+    from transformers import AutoModelForCausalLM
+
+    check_supported(config)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=dtype)
+    return model.eval()
+
+
+def load_model(
+    model: str | None = None,
+    *,
+    dtype: str = "auto",
+    device: str = "cpu",
+    trust_remote_code: bool = False,
+    gguf_file: str | None = None,
+):
+    """Load `(model, tokenizer)`; the tokenizer is None for random-weight models.
+
+    `model` is a Hugging Face id, a local directory, a `.gguf` file, `random:ARCH`, or None for the
+    default. `dtype` is `auto`, `float32`, `float16` or `bfloat16`.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    spec = model or os.environ.get("KVRL_MODEL") or DEFAULT_MODEL
+    if dtype != "auto" and dtype not in _DTYPES:
+        raise KvrlError(f"unknown dtype {dtype!r}; accepted: auto, {', '.join(_DTYPES)}")
+    torch_dtype = _DTYPES.get(dtype, torch.float32 if device == "cpu" else torch.bfloat16)
+
+    if spec.startswith(RANDOM_PREFIX):
+        lm = random_model(small_config(spec[len(RANDOM_PREFIX):]), dtype=torch_dtype)
+        lm.name_or_path = spec
+        return lm.to(device), None
+
+    path = Path(spec)
+    if spec.endswith(".gguf"):
+        if not path.is_file():
+            raise KvrlError(f"GGUF file not found: {spec}")
+        spec, gguf_file = str(path.parent), path.name
+    elif gguf_file is not None and not (path / gguf_file).is_file():
+        raise KvrlError(f"GGUF file not found: {path / gguf_file}")
+
+    load_kwargs: dict[str, Any] = dict(trust_remote_code=trust_remote_code)
+    if gguf_file:
+        load_kwargs["gguf_file"] = gguf_file
+    try:
+        config = AutoConfig.from_pretrained(spec, **load_kwargs)
+    except (OSError, ValueError) as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise KvrlError(f"cannot load model {spec!r}: {first_line}") from err
+    check_supported(config)
+    lm = AutoModelForCausalLM.from_pretrained(spec, dtype=torch_dtype, attn_implementation="sdpa", **load_kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(spec, **load_kwargs)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return lm.to(device).eval(), tokenizer
+
+
+def model_id(model: Any) -> str:
+    """The name recorded in provenance: the hub id or path the model was loaded from."""
+    return str(getattr(model, "name_or_path", "") or getattr(model.config, "_name_or_path", "") or "unknown")

@@ -1,0 +1,119 @@
+"""`HeadScores`: one score per (layer, KV head), higher = keep the full cache, plus provenance."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kvpress_rl.errors import KvrlError
+from kvpress_rl.io import write_atomic
+from kvpress_rl.models import ModelShape
+
+_FORMAT = "kvpress_rl.HeadScores/1"
+
+
+@dataclass
+class HeadScores:
+    """Scores `[num_layers, num_kv_heads]` (float32) and where they came from.
+
+    Saved as one `.safetensors` file (tensor `scores`, provenance as JSON in the metadata); reads and
+    writes the published TSV form too (one row per layer, one tab-separated column per KV head).
+    """
+
+    scores: torch.Tensor
+    model_id: str = ""
+    strategy: str = ""
+    strategy_version: str = ""
+    options: dict[str, Any] = field(default_factory=dict)
+    data: str = ""
+    seed: int | None = None
+    wall_time_s: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        scores = torch.as_tensor(self.scores).detach().to("cpu", torch.float32)
+        if scores.ndim != 2 or scores.numel() == 0:
+            raise KvrlError(f"head scores must be a non-empty [layers, kv_heads] matrix, got shape {tuple(scores.shape)}")
+        if not torch.isfinite(scores).all():
+            raise KvrlError("head scores contain NaN or infinite values")
+        self.scores = scores.contiguous()
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.scores.shape[0], self.scores.shape[1])
+
+    def check_shape(self, shape: ModelShape) -> None:
+        """Refuse scores made for another model."""
+        expected = (shape.num_layers, shape.num_kv_heads)
+        if self.shape != expected:
+            raise KvrlError(
+                f"head scores have shape {self.shape[0]} layers x {self.shape[1]} KV heads, "
+                f"the model has {expected[0]} x {expected[1]}"
+            )
+
+    def provenance(self) -> dict[str, Any]:
+        return {
+            "model_id": self.model_id,
+            "strategy": self.strategy,
+            "strategy_version": self.strategy_version,
+            "options": self.options,
+            "data": self.data,
+            "seed": self.seed,
+            "wall_time_s": self.wall_time_s,
+            "extra": self.extra,
+        }
+
+    # --- safetensors -------------------------------------------------------------------------
+    def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
+        from safetensors.torch import save_file
+
+        metadata = {"format": _FORMAT, "provenance": json.dumps(self.provenance(), default=str)}
+        return write_atomic(path, lambda tmp: save_file({"scores": self.scores}, str(tmp), metadata=metadata), overwrite=overwrite)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "HeadScores":
+        """Load a `.safetensors` file written by `save`, or a published `.tsv` pattern."""
+        path = Path(path)
+        if not path.is_file():
+            raise KvrlError(f"head scores file not found: {path}")
+        if path.suffix in (".tsv", ".txt"):
+            return cls.from_tsv(path)
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                metadata = handle.metadata() or {}
+                scores = handle.get_tensor("scores")
+            provenance = json.loads(metadata.get("provenance", "{}"))
+        except Exception as err:  # safetensors raises several types for a damaged file
+            raise KvrlError(f"{path} is not a readable head-scores file (.safetensors with a 'scores' tensor, or .tsv)") from err
+        known = {k: provenance[k] for k in ("model_id", "strategy", "strategy_version", "options", "data", "seed", "wall_time_s", "extra") if k in provenance}
+        return cls(scores=scores, **known)
+
+    # --- published TSV form ------------------------------------------------------------------
+    @classmethod
+    def from_tsv(cls, path: str | Path) -> "HeadScores":
+        path = Path(path)
+        rows: list[list[float]] = []
+        try:
+            for line_no, line in enumerate(path.read_text().splitlines(), start=1):
+                if line.strip():
+                    rows.append([float(cell) for cell in line.strip().split("\t")])
+        except (ValueError, UnicodeDecodeError) as err:
+            raise KvrlError(f"{path}: not a TSV of numbers (line {line_no})") from err
+        if not rows or len({len(r) for r in rows}) != 1:
+            raise KvrlError(f"{path}: a head pattern needs the same number of columns on every row")
+        return cls(scores=torch.tensor(rows), strategy="file", data=str(path))
+
+    def to_tsv(self, path: str | Path, *, overwrite: bool = False) -> Path:
+        text = "\n".join("\t".join(_fmt(v) for v in row) for row in self.scores.tolist()) + "\n"
+        return write_atomic(path, lambda tmp: tmp.write_text(text), overwrite=overwrite)
+
+
+def _fmt(value: float) -> str:
+    return repr(float(value)) if math.isfinite(value) else "0.0"

@@ -1,0 +1,109 @@
+import pytest
+import torch
+from click.testing import CliRunner
+from transformers import AutoConfig
+
+import kvpress_rl
+from kvpress_rl import HeadScores
+from kvpress_rl.cli.main import app
+from tests.helpers import run_kvrl
+
+
+@pytest.fixture
+def cli(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    runner = CliRunner()
+    return lambda *args: runner.invoke(app, list(args), catch_exceptions=False)
+
+
+def error_line(result) -> str:
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    return lines[-1]
+
+
+def test_version(cli):
+    result = cli("--version")
+    assert result.exit_code == 0 and result.output.strip() == f"kvrl {kvpress_rl.__version__}"
+
+
+def test_strategies_table_and_detail(cli):
+    listing = cli("strategies")
+    assert listing.exit_code == 0
+    assert "random" in listing.output and "file" in listing.output and "built-in" in listing.output
+    detail = cli("strategies", "file")
+    assert "--path" in detail.output and "head pattern" in detail.output
+
+
+def test_select_writes_scores_with_provenance(cli, tmp_path):
+    result = cli("select", "--strategy", "random", "--seed", "4", "--output", "r.safetensors")
+    assert result.exit_code == 0, result.output
+    scores = HeadScores.load(tmp_path / "r.safetensors")
+    assert scores.seed == 4 and scores.model_id == "random:llama" and scores.shape == (4, 4)
+
+
+def test_select_sets_strategy_options_from_the_command_line(cli, tmp_path):
+    HeadScores(torch.rand(4, 4)).to_tsv(tmp_path / "p.tsv")
+    result = cli("select", "--strategy", "file", "--path", "p.tsv", "--output", "f.tsv")
+    assert result.exit_code == 0, result.output
+    assert torch.allclose(HeadScores.load(tmp_path / "f.tsv").scores, HeadScores.load(tmp_path / "p.tsv").scores)
+
+
+def test_plan_prints_the_plan_and_memory(cli, head_patterns):
+    result = cli("plan", "--heads", str(head_patterns / "Qwen-2.5-7B-R1" / "rlkv.tsv"), "--sparsity", "0.5", "--seq-len", "1000")
+    assert result.exit_code == 0, result.output
+    assert "56/112 KV heads compressed" in result.output
+    # 56 full x 1000 + 56 x 80 tokens out of 112 x 1000
+    assert "54.0%" in result.output
+
+
+def test_unknown_strategy_lists_the_available_ones(cli):
+    assert error_line(cli("select", "--strategy", "nope")) == "Error: unknown strategy 'nope'; available: file, random"
+
+
+def test_unknown_strategy_option_lists_accepted(cli, tmp_path):
+    line = error_line(cli("select", "--strategy", "file", "--depth", "3"))
+    assert "unknown option --depth" in line and "--path" in line
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("sparsity", ["1.5", "-0.2"])
+def test_sparsity_outside_unit_interval(cli, head_patterns, sparsity):
+    line = error_line(cli("plan", "--heads", str(head_patterns / "Qwen-2.5-7B-R1" / "rlkv.tsv"), "--sparsity", sparsity))
+    assert "outside [0, 1]" in line
+
+
+def test_scores_for_another_model_are_refused_and_nothing_written(cli, head_patterns, tmp_path):
+    line = error_line(cli("select", "--strategy", "file", "--path", str(head_patterns / "Llama-3.1-8B-R1" / "rlkv.tsv"), "--output", "x.safetensors"))
+    assert "32 layers x 8 KV heads, the model has 4 x 4" in line
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_missing_and_corrupted_files(cli, tmp_path):
+    assert "not found" in error_line(cli("plan", "--heads", "absent.safetensors", "--sparsity", "0.5"))
+    (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
+    assert "not a readable head-scores file" in error_line(cli("plan", "--heads", "bad.safetensors", "--sparsity", "0.5"))
+
+
+def test_unsupported_architecture(cli, tmp_path):
+    AutoConfig.for_model("gpt2", n_layer=1, n_embd=16, n_head=2).save_pretrained(tmp_path / "gpt2")
+    line = error_line(cli("select", "--strategy", "random", "--model", str(tmp_path / "gpt2")))
+    assert "unsupported architecture 'gpt2'; supported: llama, mistral, qwen2, qwen3" in line
+    assert not (tmp_path / "heads-random.safetensors").exists()
+
+
+def test_existing_output_needs_overwrite(cli, tmp_path):
+    assert cli("select", "--strategy", "random", "--seed", "1").exit_code == 0
+    before = (tmp_path / "heads-random.safetensors").read_bytes()
+    assert "pass --overwrite" in error_line(cli("select", "--strategy", "random", "--seed", "2"))
+    assert (tmp_path / "heads-random.safetensors").read_bytes() == before
+    assert cli("select", "--strategy", "random", "--seed", "2", "--overwrite").exit_code == 0
+    assert HeadScores.load(tmp_path / "heads-random.safetensors").seed == 2
+
+
+def test_errors_from_the_real_command_are_one_line_without_traceback(tmp_path):
+    result = run_kvrl("plan", "--heads", "absent.tsv", "--sparsity", "0.5", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == "Error: head scores file not found: absent.tsv"
+    assert "Traceback" not in result.stderr
