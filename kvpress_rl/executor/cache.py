@@ -99,8 +99,8 @@ class HeadwiseLayer(CacheLayerMixin):
             self.compressed_values = torch.cat([self.compressed_values, value_states.index_select(1, self.compressed_heads)], dim=2)
             # New tokens count as real until the attention function reads the padding mask (prefill).
             self.valid = torch.cat([self.valid, self.valid.new_ones(new_keys.shape[:3])], dim=2)
-            for name, fresh in self.policy.new_stats(new_keys).items():
-                self.stats[name] = torch.cat([self.stats[name], fresh], dim=-1)
+            # New slots have no statistics yet: zeros along the slot dimension (always last).
+            self.stats = {name: torch.nn.functional.pad(stat, (0, new_tokens)) for name, stat in self.stats.items()}
         self.seen += new_tokens
         if new_tokens == 1:
             # Decoding: evict before attending, so the new query sees exactly the budget.

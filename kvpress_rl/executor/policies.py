@@ -68,7 +68,7 @@ class TokenPolicy:
         return 0
 
     def new_stats(self, keys: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Per-slot statistics for `keys.shape[2]` new slots (zeros), slot dimension last."""
+        """Empty per-slot statistics for `keys`' heads (zeros), slot dimension last; new slots get zeros."""
         return {}
 
     def observe(self, stats: dict[str, torch.Tensor], probs: torch.Tensor) -> None:

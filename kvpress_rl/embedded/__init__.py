@@ -1,0 +1,1 @@
+"""The embedded default: a small reasoning model and its task, so every command works offline on a CPU."""

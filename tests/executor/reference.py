@@ -1,0 +1,51 @@
+"""An independent reference for the executor: full attention over a full-length cache, with an
+explicit per-head mask (sink + window) for compressed heads during decoding."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.modeling_utils import AttentionInterface
+
+
+def reference_mask(valid: torch.Tensor, compressed: torch.Tensor, sink: int, window: int) -> torch.Tensor:
+    """`valid (batch, kv)` real tokens, `compressed (kv_heads,)` bool -> `(batch, kv_heads, kv)` allowed keys
+    for the newest query: every real key for a full head; for a compressed head the first `sink` real
+    keys and the keys among the last `window` positions."""
+    batch, kv = valid.shape
+    allowed = torch.zeros(batch, len(compressed), kv, dtype=torch.bool)
+    for b in range(batch):
+        real = [j for j in range(kv) if valid[b, j]]
+        for h, is_compressed in enumerate(compressed.tolist()):
+            for j in real:
+                if not is_compressed or real.index(j) < sink or j > kv - 1 - window:
+                    allowed[b, h, j] = True
+    return allowed
+
+
+@contextmanager
+def masked_reference(model, full: torch.Tensor, sink: int, window: int):
+    def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+        if query.shape[2] > 1:  # prefill: full attention for every head, as the paper evaluates
+            return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        kv = key.shape[2]
+        valid = attention_mask[:, 0, -1, :] if attention_mask is not None else torch.ones(key.shape[0], kv, dtype=torch.bool)
+        allowed = reference_mask(valid, ~full[module.layer_idx], sink, window)
+        allowed = allowed.repeat_interleave(module.num_key_value_groups, dim=1)[:, :, None, :]
+        keys = key.repeat_interleave(module.num_key_value_groups, dim=1)
+        values = value.repeat_interleave(module.num_key_value_groups, dim=1)
+        logits = (query @ keys.transpose(-1, -2)) * scaling
+        probs = logits.masked_fill(~allowed, float("-inf")).softmax(-1)
+        return (probs @ values).transpose(1, 2), None
+
+    AttentionInterface.register("kvrl_test_reference", attention)
+    AttentionMaskInterface.register("kvrl_test_reference", sdpa_mask)
+    previous = model.config._attn_implementation
+    model.config._attn_implementation = "kvrl_test_reference"
+    try:
+        yield
+    finally:
+        model.config._attn_implementation = previous

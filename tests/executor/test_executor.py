@@ -1,0 +1,156 @@
+import pytest
+import torch
+from transformers import DynamicCache
+
+from kvpress_rl import KvrlError, plan_from_scores
+from kvpress_rl.executor import HeadwiseCache, compressed
+from kvpress_rl.executor.policies import Streaming
+from kvpress_rl.models import SUPPORTED_ARCHITECTURES, ModelShape, random_model, small_config
+from tests.executor.reference import masked_reference
+
+
+def make_model(arch: str, **overrides):
+    return random_model(small_config(arch, **overrides), seed=1)
+
+
+def left_padded_batch(batch: int, length: int, vocab: int = 256, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, vocab, (batch, length), generator=generator)
+    mask = torch.ones(batch, length, dtype=torch.long)
+    for row in range(1, batch):  # rows get 0, 3, 6, ... padding tokens on the left
+        mask[row, : 3 * row] = 0
+        ids[row, : 3 * row] = 0
+    return ids, mask
+
+
+def teacher_forced_logits(model, ids, mask, continuation, cache):
+    """Prefill `ids`, then feed `continuation` one token per step; logits of every step."""
+    position = mask.long().cumsum(-1) - 1
+    out = model(input_ids=ids, attention_mask=mask, position_ids=position.clamp_min(0), cache=cache, use_cache=True)
+    logits = [out.logits[:, -1]]
+    for step in range(continuation.shape[1]):
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        position = position[:, -1:] + 1
+        out = model(input_ids=continuation[:, step : step + 1], attention_mask=mask, position_ids=position, cache=cache, use_cache=True)
+        logits.append(out.logits[:, -1])
+    return torch.stack(logits, dim=1)
+
+
+@pytest.mark.parametrize("arch", SUPPORTED_ARCHITECTURES)
+def test_sparsity_zero_matches_the_plain_model(arch):
+    model = make_model(arch)
+    ids = torch.randint(0, 256, (1, 100), generator=torch.Generator().manual_seed(0))
+    plain = model.generate(ids, max_new_tokens=30, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    plan = plan_from_scores(torch.rand(4, 4), 0.0)
+    with compressed(model, plan) as session:
+        ours = model.generate(ids, max_new_tokens=30, do_sample=False, output_logits=True, return_dict_in_generate=True)
+        assert isinstance(session.last_cache, HeadwiseCache)
+    assert torch.equal(plain.sequences, ours.sequences)
+    torch.testing.assert_close(torch.stack(ours.logits), torch.stack(plain.logits), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("arch", SUPPORTED_ARCHITECTURES)
+@pytest.mark.parametrize("sparsity", [0.25, 0.5, 1.0])
+@pytest.mark.parametrize("batch", [1, 4])
+def test_compressed_heads_match_the_masked_reference(arch, sparsity, batch):
+    model = make_model(arch)
+    sink, window = 4, 8
+    plan = plan_from_scores(torch.rand(4, 4, generator=torch.Generator().manual_seed(2)), sparsity, Streaming(sink, window))
+    ids, mask = left_padded_batch(batch, 30)
+    continuation = torch.randint(1, 256, (batch, 100), generator=torch.Generator().manual_seed(3))
+    with masked_reference(model, plan.full, sink, window):
+        expected = teacher_forced_logits(model, ids, mask, continuation, DynamicCache())
+    with compressed(model, plan) as session:
+        cache = session.new_cache()
+        actual = teacher_forced_logits(model, ids, mask, continuation, cache)
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)
+    for layer in cache.layers:
+        assert layer.compressed_keys.shape[2] == (sink + window if layer.has_compressed else 0)
+        assert layer.keys.shape[2] == (130 if layer.has_full else 0)
+    # and the plan is not a no-op: compression changes the outputs
+    if sparsity == 1.0:
+        plain = teacher_forced_logits(model, ids, mask, continuation, DynamicCache())
+        assert (plain - actual).abs().max() > 1e-2
+
+
+def test_default_window_with_generate_matches_reference():
+    model = make_model("qwen2")
+    plan = plan_from_scores(torch.rand(4, 4, generator=torch.Generator().manual_seed(4)), 0.5)
+    ids, mask = left_padded_batch(2, 120)
+    with masked_reference(model, plan.full, 16, 64):
+        expected = model.generate(ids, attention_mask=mask, max_new_tokens=100, do_sample=False)
+    with compressed(model, plan):
+        actual = model.generate(ids, attention_mask=mask, max_new_tokens=100, do_sample=False)
+    assert torch.equal(actual, expected)
+
+
+def test_sinks_are_the_first_real_tokens_never_padding():
+    model = make_model("llama")
+    plan = plan_from_scores(torch.rand(4, 4), 1.0, Streaming(sink=2, window=3))
+    ids, mask = left_padded_batch(2, 12)  # row 1 has 3 padding tokens
+    with compressed(model, plan) as session:
+        cache = session.new_cache()
+        teacher_forced_logits(model, ids, mask, torch.randint(1, 256, (2, 4)), cache)
+    layer = cache.layers[0]
+    assert layer.valid.all()  # the padding was evicted before any real token
+    # keys of the sink slots equal the keys the first real tokens produced: re-run the plain model to get them
+    plain_cache = DynamicCache()
+    teacher_forced_logits(model, ids, mask, torch.zeros(2, 0, dtype=torch.long), plain_cache)
+    torch.testing.assert_close(layer.compressed_keys[1, :, :2], plain_cache.layers[0].keys[1, :, 3:5])
+    torch.testing.assert_close(layer.compressed_keys[0, :, :2], plain_cache.layers[0].keys[0, :, 0:2])
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.75])
+def test_measured_bytes_equal_the_plan(sparsity):
+    model = make_model("llama")
+    shape = ModelShape.from_config(model.config)
+    plan = plan_from_scores(torch.rand(4, 4), sparsity)
+    ids = torch.randint(0, 256, (3, 200))
+    with compressed(model, plan) as session:
+        cache = session.new_cache()
+        model(input_ids=ids, cache=cache, use_cache=True)
+        after_prefill = plan.kv_bytes(200, 3, head_dim=shape.head_dim, dtype=torch.float32)
+        assert abs(cache.nbytes() - after_prefill) <= 0.01 * after_prefill
+        for _ in range(50):
+            model(input_ids=ids[:, :1], cache=cache, use_cache=True)
+        after_decode = plan.kv_bytes(250, 3, head_dim=shape.head_dim, dtype=torch.float32)
+        assert abs(cache.nbytes() - after_decode) <= 0.01 * after_decode
+        assert cache.kv_nbytes() == after_decode
+
+
+def test_the_model_is_restored_on_exit_even_after_an_error():
+    model = make_model("mistral")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    attention = model.config._attn_implementation
+    with pytest.raises(RuntimeError):
+        with compressed(model, plan_from_scores(torch.rand(4, 4), 0.5)):
+            assert model.config._attn_implementation != attention
+            raise RuntimeError("interrupted")
+    assert model.config._attn_implementation == attention
+    assert "forward" not in model.__dict__ and "generate" not in model.__dict__
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_forward_without_cache_is_a_full_attention_prefill():
+    model = make_model("qwen3")
+    ids = torch.randint(0, 256, (2, 40))
+    plain = model(input_ids=ids).logits
+    with compressed(model, plan_from_scores(torch.rand(4, 4), 1.0)):
+        ours = model(input_ids=ids).logits
+    torch.testing.assert_close(ours, plain, rtol=1e-5, atol=1e-5)
+
+
+def test_plan_of_another_shape_is_refused():
+    model = make_model("llama")
+    with pytest.raises(KvrlError, match="plan has shape 2 layers x 4 KV heads, the model has 4 x 4"):
+        with compressed(model, plan_from_scores(torch.rand(2, 4), 0.5)):
+            pass
+
+
+def test_unsupported_architecture_is_refused():
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    gpt2 = AutoModelForCausalLM.from_config(AutoConfig.for_model("gpt2", n_layer=1, n_embd=16, n_head=2))
+    with pytest.raises(KvrlError, match="supported: llama, mistral, qwen2, qwen3"):
+        with compressed(gpt2, plan_from_scores(torch.rand(1, 2), 0.5)):
+            pass

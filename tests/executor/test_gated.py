@@ -1,0 +1,95 @@
+import pytest
+import torch
+
+from kvpress_rl import KvrlError
+from kvpress_rl.executor import gated, new_gates
+from kvpress_rl.models import SUPPORTED_ARCHITECTURES, random_model, small_config
+
+
+def explicit_streaming_mask(valid: torch.Tensor, sink: int, window: int) -> torch.Tensor:
+    """Loops, not tensor tricks: query i may see key j if j <= i, j is real, and j is one of the first
+    `sink` real keys or i - j < window. Padding queries keep their ordinary causal row."""
+    batch, length = valid.shape
+    mask = torch.zeros(batch, 1, length, length, dtype=torch.bool)
+    for b in range(batch):
+        real = [j for j in range(length) if valid[b, j]]
+        for i in range(length):
+            for j in range(i + 1):
+                if valid[b, j] and (real.index(j) < sink or i - j < window):
+                    mask[b, 0, i, j] = True
+    return mask
+
+
+def run(model, ids, mask, attention_mask_4d=None):
+    if attention_mask_4d is not None:  # a ready 4D mask goes through as-is
+        return model(input_ids=ids, attention_mask=attention_mask_4d).logits
+    return model(input_ids=ids, attention_mask=mask).logits
+
+
+@pytest.mark.parametrize("arch", SUPPORTED_ARCHITECTURES)
+def test_alpha_one_is_full_attention_and_alpha_zero_is_streaming(arch):
+    model = random_model(small_config(arch), seed=3)
+    ids = torch.randint(1, 256, (2, 40), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(2, 40, dtype=torch.long)
+    mask[1, :5] = 0  # left padding in the second row
+    position = (mask.cumsum(-1) - 1).clamp_min(0)
+    full = model(input_ids=ids, attention_mask=mask, position_ids=position).logits
+    streaming_4d = explicit_streaming_mask(mask.bool(), sink=4, window=8)
+    # padding queries: give them their own row so nothing is empty (as the gated mask does)
+    for b, i in zip(*torch.nonzero(~streaming_4d[:, 0].any(-1), as_tuple=True)):
+        streaming_4d[b, 0, i, : i + 1] = True
+    streaming = model(input_ids=ids, attention_mask=streaming_4d, position_ids=position).logits
+
+    real = mask.bool()
+    with gated(model, new_gates(model, 1.0), sink=4, window=8):
+        ones = model(input_ids=ids, attention_mask=mask, position_ids=position).logits
+    with gated(model, new_gates(model, 0.0), sink=4, window=8):
+        zeros = model(input_ids=ids, attention_mask=mask, position_ids=position).logits
+    torch.testing.assert_close(ones[real], full[real], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(zeros[real], streaming[real], rtol=1e-4, atol=1e-4)
+    assert (zeros[real] - full[real]).abs().max() > 1e-2  # the two branches really differ
+
+
+def test_gradient_reaches_the_gates_and_nothing_else():
+    model = random_model(small_config("qwen2"), seed=0)
+    model.requires_grad_(False)
+    gates = new_gates(model, 0.5)
+    ids = torch.randint(0, 256, (2, 30))
+    with gated(model, gates, sink=2, window=4):
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    assert gates.grad is not None and gates.grad.abs().sum() > 0
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_gates_are_clamped_to_the_unit_interval():
+    model = random_model(small_config("llama"), seed=0)
+    ids = torch.randint(0, 256, (1, 30))
+    with gated(model, new_gates(model, 1.7), sink=2, window=4):
+        above = model(input_ids=ids).logits
+    with gated(model, new_gates(model, 1.0), sink=2, window=4):
+        one = model(input_ids=ids).logits
+    torch.testing.assert_close(above, one)
+
+
+def test_generate_samples_from_the_gated_model_and_restores_it():
+    model = random_model(small_config("llama"), seed=0)
+    ids = torch.randint(0, 256, (2, 50))
+    plain = model.generate(ids, max_new_tokens=20, do_sample=False)
+    with gated(model, new_gates(model, 1.0), sink=4, window=8):
+        same = model.generate(ids, max_new_tokens=20, do_sample=False)
+    with gated(model, new_gates(model, 0.0), sink=4, window=8):
+        streaming = model.generate(ids, max_new_tokens=20, do_sample=False)
+    assert torch.equal(plain, same)
+    assert not torch.equal(plain, streaming)
+    assert model.config._attn_implementation == "sdpa"
+
+
+def test_bad_gates_and_windows_are_refused():
+    model = random_model(small_config("llama"), seed=0)
+    with pytest.raises(KvrlError, match="gates have shape"):
+        with gated(model, torch.ones(3, 4)):
+            pass
+    with pytest.raises(KvrlError, match="window >= 1"):
+        with gated(model, new_gates(model), window=0):
+            pass
