@@ -131,7 +131,7 @@ def plan_command(heads: Path, sparsity: float, seq_len: int, batch: int, head_di
     """Print the plan for a scores file and its KV memory against the full cache."""
     import torch
 
-    from kvpress_rl.executor.policies import make_policy
+    from kvpress_rl.executor.policies import BUDGET_BASE, make_policy
     from kvpress_rl.models import _DTYPES
     from kvpress_rl.plan import plan_from_scores
     from kvpress_rl.scores import HeadScores
@@ -141,7 +141,7 @@ def plan_command(heads: Path, sparsity: float, seq_len: int, batch: int, head_di
     if seq_len < 1 or batch < 1 or head_dim < 1:
         raise KvrlError("--seq-len, --batch and --head-dim must be positive")
     scores = HeadScores.load(heads)
-    policy = make_policy(compressed_policy, sparsity=sparsity)
+    policy = make_policy(compressed_policy, fixed_budget=BUDGET_BASE)  # same memory as 16 + 64 whatever the policy
     plan = plan_from_scores(scores, sparsity, policy)
     dtype: torch.dtype = _DTYPES[dtype_name]
     console.print(plan.summary(), highlight=False)
@@ -153,6 +153,17 @@ def plan_command(heads: Path, sparsity: float, seq_len: int, batch: int, head_di
     table.add_row("full", str(full), f"{full / 2**20:.2f}", "100.0%")
     table.add_row("plan", str(planned), f"{planned / 2**20:.2f}", f"{100 * planned / full:.1f}%")
     console.print(table)
+
+
+def _register_subcommands() -> None:
+    from kvpress_rl.cli.embedded import embedded_group
+    from kvpress_rl.cli.evaluation import eval_command
+
+    app.add_command(eval_command)
+    app.add_command(embedded_group)
+
+
+_register_subcommands()
 
 
 def main() -> None:

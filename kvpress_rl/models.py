@@ -16,10 +16,11 @@ from kvpress_rl.errors import KvrlError
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
 
-# `random:ARCH` builds a small random-weight model of that architecture: the default until the
-# embedded reasoning model ships, and the model every unit test and benchmark can build offline.
+# `random:ARCH` builds a small random-weight model of that architecture (what unit tests and
+# benchmarks build offline); `embedded` is the shipped reasoning model, the default.
 RANDOM_PREFIX = "random:"
-DEFAULT_MODEL = "random:llama"
+EMBEDDED = "embedded"
+DEFAULT_MODEL = EMBEDDED
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -103,8 +104,9 @@ def load_model(
 ):
     """Load `(model, tokenizer)`; the tokenizer is None for random-weight models.
 
-    `model` is a Hugging Face id, a local directory, a `.gguf` file, `random:ARCH`, or None for the
-    default. `dtype` is `auto`, `float32`, `float16` or `bfloat16`.
+    `model` is a Hugging Face id, a local directory, a `.gguf` file, `random:ARCH`, `embedded`, or
+    None for the default (`KVRL_MODEL`, else `embedded`). `dtype` is `auto`, `float32`, `float16`
+    or `bfloat16`. GGUF files are de-quantised once and cached (see `kvpress_rl.embedded.model`).
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -113,6 +115,10 @@ def load_model(
         raise KvrlError(f"unknown dtype {dtype!r}; accepted: auto, {', '.join(_DTYPES)}")
     torch_dtype = _DTYPES.get(dtype, torch.float32 if device == "cpu" else torch.bfloat16)
 
+    if spec == EMBEDDED:
+        from kvpress_rl.embedded.model import load_embedded
+
+        return load_embedded(dtype=torch_dtype, device=device)
     if spec.startswith(RANDOM_PREFIX):
         lm = random_model(small_config(spec[len(RANDOM_PREFIX):]), dtype=torch_dtype)
         lm.name_or_path = spec
@@ -125,10 +131,16 @@ def load_model(
         spec, gguf_file = str(path.parent), path.name
     elif gguf_file is not None and not (path / gguf_file).is_file():
         raise KvrlError(f"GGUF file not found: {path / gguf_file}")
+    if gguf_file:  # de-quantise once, then load the cached safetensors copy like any directory
+        from kvpress_rl.embedded.model import dequantized_copy
+
+        label = str(Path(spec) / gguf_file)
+        spec, gguf_file = str(dequantized_copy(Path(spec) / gguf_file)), None
+        lm, tokenizer = load_model(spec, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+        lm.name_or_path = label
+        return lm, tokenizer
 
     load_kwargs: dict[str, Any] = dict(trust_remote_code=trust_remote_code)
-    if gguf_file:
-        load_kwargs["gguf_file"] = gguf_file
     try:
         config = AutoConfig.from_pretrained(spec, **load_kwargs)
     except (OSError, ValueError) as err:

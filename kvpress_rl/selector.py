@@ -89,3 +89,34 @@ def default_of(f: dataclasses.Field) -> Any:
 
 
 __all__ = ["HeadSelector", "SelectionContext", "NoOptions", "option_fields", "help_of", "default_of", "field"]
+
+
+class TokenSelector(HeadSelector):
+    """Base of token-dropping strategies: no head ranks above another; every head is compressed by
+    the strategy's token policy at the budget that matches head sparsity `s` in KV memory,
+    `int(seq_len * (1 - s)) + 80` tokens per head (or a fixed budget)."""
+
+    kind: ClassVar[str] = "token"
+    needs_model: ClassVar[bool] = True
+
+    def make_policy(self, sparsity: float) -> TokenPolicy:
+        raise NotImplementedError
+
+    def select(self, model: Any, tokenizer: Any, context: SelectionContext) -> HeadScores:
+        import torch
+
+        from kvpress_rl.models import ModelShape, model_id
+
+        shape = ModelShape.from_config(model.config)
+        return self.scores(torch.zeros(shape.num_layers, shape.num_kv_heads), model_id(model), context, 0.0)
+
+    def plan(self, scores: HeadScores, sparsity: float, policy: TokenPolicy | None = None) -> CompressionPlan:
+        from kvpress_rl.plan import check_sparsity, token_plan
+
+        return token_plan(scores.shape, sparsity, self.make_policy(check_sparsity(sparsity)))
+
+    def budget(self, sparsity: float):
+        from kvpress_rl.executor.policies import Budget
+
+        fixed = getattr(self.options, "fixed_budget", None)
+        return Budget(fixed=fixed) if fixed else Budget(sparsity=sparsity)

@@ -7,7 +7,13 @@ from kvpress_rl.plugins import hookimpl
 
 @hookimpl
 def kvrl_strategies():
+    from kvpress_rl.strategies.duo import DuoGates
     from kvpress_rl.strategies.file import FileScores
+    from kvpress_rl.strategies.h2o import H2OTokens
     from kvpress_rl.strategies.random import RandomHeads
+    from kvpress_rl.strategies.retrieval import RetrievalHeads
+    from kvpress_rl.strategies.rkv import RKVTokens
+    from kvpress_rl.strategies.snapkv import SnapKVTokens
+    from kvpress_rl.strategies.streaming import StreamingLLM
 
-    return [RandomHeads, FileScores]
+    return [RandomHeads, FileScores, RetrievalHeads, DuoGates, StreamingLLM, SnapKVTokens, H2OTokens, RKVTokens]

@@ -46,12 +46,12 @@ def test_readme_plugin_is_listed_with_its_distribution(plugin_site):
 def test_readme_plugin_runs_through_select(plugin_site, tmp_path):
     from kvpress_rl import HeadScores
 
-    result = run_kvrl("select", "--strategy", "deep-layers", "--decay", "0.5", "--output", "deep.safetensors",
+    result = run_kvrl("select", "--strategy", "deep-layers", "--model", "random:llama", "--decay", "0.5", "--output", "deep.safetensors",
                       cwd=tmp_path, pythonpath=plugin_site)
     assert result.returncode == 0, result.stderr
     scores = HeadScores.load(tmp_path / "deep.safetensors")
     assert scores.strategy == "deep-layers" and scores.options == {"decay": 0.5}
-    assert scores.scores[:, 0].tolist() == [0.125, 0.25, 0.5, 1.0]  # 4 layers of the default model
+    assert scores.scores[:, 0].tolist() == [0.125, 0.25, 0.5, 1.0]  # the 4 layers of random:llama
 
 
 def test_ci_runs_exactly_the_readme_commands():

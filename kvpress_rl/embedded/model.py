@@ -51,8 +51,11 @@ def dequantized_copy(gguf: Path) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".staging-"))
     try:
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        except Exception as err:  # the gguf reader raises many types for a damaged file
+            raise KvrlError(f"cannot read GGUF file {gguf}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from err
         model.hf_quantizer = None  # the weights are plain float32 now
         model.config.__dict__.pop("quantization_config", None)
         model.save_pretrained(staging)

@@ -1,10 +1,10 @@
 """The embedded reasoning task: follow links through a table, writing each hop as chain of thought.
 
 A problem is a table of links `- cat -> dog` (every word is the source of exactly one link) and a
-start word; the answer is the word reached after `hops` links. The model writes the path
-`cat -> dog -> sun -> ...` and then `Answer: WORD`. Each hop needs a look-up far back in the prompt
+start word; the answer is the word reached after `hops` links. The model writes one numbered line
+per hop (`1. cat -> dog`, `2. dog -> sun`, ...) and then `Answer: WORD`. Each hop needs a look-up far back in the prompt
 (the table sits well outside a 16 + 64 token window once the path is under way) and running state
-(the current word, carried in the model's own chain of thought). Distractor links are links that
+(the current word and the hop count, carried in the model's own chain of thought). Distractor links are links that
 the path never uses; some of them point into the path, so a guess from the recent window fails.
 
 Problems are generated deterministically from a seed; the splits use disjoint seed ranges.
@@ -63,7 +63,8 @@ class Problem:
 
     def solution(self) -> str:
         """The reference chain of thought and final answer, as the model is trained to write it."""
-        return f"Path: {' -> '.join(self.path)}\nAnswer: {self.answer}"
+        steps = "\n".join(f"{i + 1}. {self.path[i]} -> {self.path[i + 1]}" for i in range(self.hops))
+        return f"{steps}\nAnswer: {self.answer}"
 
 
 def make_problem(seed: int, difficulty: Difficulty = Difficulty()) -> Problem:

@@ -100,28 +100,33 @@ def _recent(valid: torch.Tensor, n: int, count: int) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class Streaming(TokenPolicy):
-    """StreamingLLM (Xiao et al. 2024, arXiv 2309.17453): `sink` first tokens + `window` most recent.
+    """StreamingLLM (Xiao et al. 2024, arXiv 2309.17453): the first `sink` tokens + the most recent.
 
+    By default a head keeps `sink + window` tokens (RLKV's compressed heads: 16 + 64). With a
+    `budget_spec` the recent window fills that budget instead (the token-dropping baseline).
     Sinks are the first *real* tokens of each sequence; left padding never counts.
     """
 
     name: ClassVar[str] = "streaming"
     sink: int = SINK_TOKENS
     window: int = WINDOW_TOKENS
+    budget_spec: Budget | None = None
 
     def __post_init__(self) -> None:
         if self.sink < 0 or self.window < 1:
-            raise KvrlError(f"streaming needs sink >= 0 and window >= 1, got sink={self.sink}, window={self.window}")
+            raise KvrlError(f"streaming needs sink >= 0 and window >= 1 (a budget of at least sink + 1), got sink={self.sink}, window={self.window}")
+        if self.budget_spec is not None:
+            _check_budget(self.budget_spec, self.sink + 1, self.name)
 
     def budget(self, seq_len: int) -> int:
-        return self.sink + self.window
+        return self.sink + self.window if self.budget_spec is None else self.budget_spec.tokens(seq_len)
 
     def keep_scores(self, keys, valid, stats):
+        # Sinks are protected; the rest rank by recency, so the top `budget` are sinks + newest.
         n = keys.shape[2]
         valid = valid.expand(keys.shape[:3])
         rank = valid.long().cumsum(-1) - 1
-        protected = (valid & (rank < self.sink)) | _recent(valid, n, self.window)
-        return _protect(_slot_index(valid, n).float(), protected, valid)
+        return _protect(_slot_index(valid, n).float(), valid & (rank < self.sink), valid)
 
 
 def _check_budget(budget: Budget, minimum: int, name: str) -> None:
@@ -262,8 +267,6 @@ def make_policy(name: str, *, sparsity: float | None = None, fixed_budget: int |
     if name not in POLICIES:
         raise KvrlError(f"unknown token policy {name!r}; accepted: {', '.join(POLICIES)}")
     cls = POLICIES[name]
-    if cls is Streaming:
-        return Streaming(**options)
     if fixed_budget is not None:
         budget = Budget(fixed=fixed_budget)
     else:

@@ -37,7 +37,7 @@ def test_strategies_table_and_detail(cli):
 
 
 def test_select_writes_scores_with_provenance(cli, tmp_path):
-    result = cli("select", "--strategy", "random", "--seed", "4", "--output", "r.safetensors")
+    result = cli("select", "--strategy", "random", "--model", "random:llama", "--seed", "4", "--output", "r.safetensors")
     assert result.exit_code == 0, result.output
     scores = HeadScores.load(tmp_path / "r.safetensors")
     assert scores.seed == 4 and scores.model_id == "random:llama" and scores.shape == (4, 4)
@@ -45,7 +45,7 @@ def test_select_writes_scores_with_provenance(cli, tmp_path):
 
 def test_select_sets_strategy_options_from_the_command_line(cli, tmp_path):
     HeadScores(torch.rand(4, 4)).to_tsv(tmp_path / "p.tsv")
-    result = cli("select", "--strategy", "file", "--path", "p.tsv", "--output", "f.tsv")
+    result = cli("select", "--strategy", "file", "--model", "random:llama", "--path", "p.tsv", "--output", "f.tsv")
     assert result.exit_code == 0, result.output
     assert torch.allclose(HeadScores.load(tmp_path / "f.tsv").scores, HeadScores.load(tmp_path / "p.tsv").scores)
 
@@ -59,7 +59,7 @@ def test_plan_prints_the_plan_and_memory(cli, head_patterns):
 
 
 def test_unknown_strategy_lists_the_available_ones(cli):
-    assert error_line(cli("select", "--strategy", "nope")) == "Error: unknown strategy 'nope'; available: file, random"
+    assert error_line(cli("select", "--strategy", "nope")) == "Error: unknown strategy 'nope'; available: duo, file, h2o, random, retrieval, rkv, snapkv, streaming"
 
 
 def test_unknown_strategy_option_lists_accepted(cli, tmp_path):
@@ -75,7 +75,7 @@ def test_sparsity_outside_unit_interval(cli, head_patterns, sparsity):
 
 
 def test_scores_for_another_model_are_refused_and_nothing_written(cli, head_patterns, tmp_path):
-    line = error_line(cli("select", "--strategy", "file", "--path", str(head_patterns / "Llama-3.1-8B-R1" / "rlkv.tsv"), "--output", "x.safetensors"))
+    line = error_line(cli("select", "--strategy", "file", "--model", "random:llama", "--path", str(head_patterns / "Llama-3.1-8B-R1" / "rlkv.tsv"), "--output", "x.safetensors"))
     assert "32 layers x 8 KV heads, the model has 4 x 4" in line
     assert not (tmp_path / "x.safetensors").exists()
 
@@ -94,11 +94,11 @@ def test_unsupported_architecture(cli, tmp_path):
 
 
 def test_existing_output_needs_overwrite(cli, tmp_path):
-    assert cli("select", "--strategy", "random", "--seed", "1").exit_code == 0
+    assert cli("select", "--strategy", "random", "--model", "random:llama", "--seed", "1").exit_code == 0
     before = (tmp_path / "heads-random.safetensors").read_bytes()
-    assert "pass --overwrite" in error_line(cli("select", "--strategy", "random", "--seed", "2"))
+    assert "pass --overwrite" in error_line(cli("select", "--strategy", "random", "--model", "random:llama", "--seed", "2"))
     assert (tmp_path / "heads-random.safetensors").read_bytes() == before
-    assert cli("select", "--strategy", "random", "--seed", "2", "--overwrite").exit_code == 0
+    assert cli("select", "--strategy", "random", "--model", "random:llama", "--seed", "2", "--overwrite").exit_code == 0
     assert HeadScores.load(tmp_path / "heads-random.safetensors").seed == 2
 
 

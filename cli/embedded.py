@@ -1,0 +1,60 @@
+"""`kvrl embedded train|evaluate`: the recipe of the shipped reasoning model, rerunnable by users."""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+
+@click.group("embedded")
+def embedded_group() -> None:
+    """Train or evaluate the embedded reasoning model."""
+
+
+@embedded_group.command("train")
+@click.option("--output", default="embedded-adapter", show_default=True, type=click.Path(file_okay=False))
+@click.option("--examples", default=1600, show_default=True, type=int)
+@click.option("--batch-size", default=8, show_default=True, type=int)
+@click.option("--lr", default=1e-3, show_default=True, type=float)
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--checkpoint-every", default=20, show_default=True, type=int)
+@click.option("--resume", is_flag=True, help="continue from OUTPUT/checkpoint")
+def train_command(output: str, examples: int, batch_size: int, lr: float, seed: int, checkpoint_every: int, resume: bool) -> None:
+    """Fine-tune the LoRA adapter of SmolLM2-135M-Instruct on the link-following task."""
+    from kvpress_rl.embedded.train import TrainConfig, train_adapter
+
+    config = TrainConfig(output=output, examples=examples, batch_size=batch_size, lr=lr, seed=seed, checkpoint_every=checkpoint_every)
+    with Progress(TextColumn("training"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]:.4f}"),
+                  TimeElapsedColumn(), TimeRemainingColumn()) as progress:
+        bar = progress.add_task("train", total=examples // batch_size, loss=float("nan"))
+        adapter = train_adapter(config, resume=resume, on_step=lambda step, total, loss: progress.update(bar, completed=step, loss=loss))
+    Console().print(f"adapter: {adapter}  (copy it to kvpress_rl/embedded/adapter/ to ship it)", highlight=False)
+
+
+@embedded_group.command("evaluate")
+@click.option("--limit", default=500, show_default=True, type=int)
+@click.option("--split", default="test", show_default=True, type=click.Choice(["train", "validation", "test"]))
+@click.option("--adapter", default=None, type=click.Path(file_okay=False, path_type=Path), help="adapter directory (default: the shipped one)")
+@click.option("--batch-size", default=16, show_default=True, type=int)
+def evaluate_command(limit: int, split: str, adapter: Path | None, batch_size: int) -> None:
+    """Full-cache greedy accuracy, and the prompt / chain-of-thought lengths in tokens."""
+    import statistics
+
+    from kvpress_rl.embedded.evaluate import evaluate
+    from kvpress_rl.embedded.model import ADAPTER_DIR, load_embedded
+    from kvpress_rl.embedded.task import problems
+
+    model, tokenizer = load_embedded(adapter=adapter or ADAPTER_DIR)
+    items = problems(split, limit)
+    with Progress(TextColumn("evaluating"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()) as progress:
+        bar = progress.add_task("eval", total=limit)
+        result = evaluate(model, tokenizer, items, batch_size=batch_size, on_batch=lambda n: progress.advance(bar, n))
+    console = Console()
+    console.print(f"accuracy {100 * result.accuracy:.1f}% ({result.correct}/{result.total}) on {split}, full cache, greedy", highlight=False)
+    for label, values in (("prompt tokens", result.prompt_lengths), ("chain-of-thought tokens", result.output_lengths)):
+        q = statistics.quantiles(values, n=20)
+        console.print(f"{label}: min {min(values)}, p5 {q[0]:.0f}, median {statistics.median(values):.0f}, p95 {q[-1]:.0f}, max {max(values)}", highlight=False)
