@@ -9,6 +9,7 @@ from pathlib import Path
 
 import click
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 import kvpress_rl
@@ -88,9 +89,10 @@ def strategies_command(name: str | None) -> None:
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--trust-remote-code", is_flag=True, help="allow model code from the hub (off by default)")
 @click.option("--overwrite", is_flag=True, help="replace an existing output file")
+@click.option("--resume", is_flag=True, help="continue a training strategy from its last checkpoint (OUTPUT.run/)")
 @click.pass_context
 def select_command(ctx: click.Context, strategy_name: str, model: str | None, gguf_file: str | None, output: Path | None,
-                   seed: int, data_dir: str | None, dtype: str, device: str, trust_remote_code: bool, overwrite: bool) -> None:
+                   seed: int, data_dir: str | None, dtype: str, device: str, trust_remote_code: bool, overwrite: bool, resume: bool) -> None:
     """Score every (layer, KV head) with a strategy and write a HeadScores file.
 
     Strategy options follow as `--option value` (see `kvrl strategies NAME`).
@@ -108,8 +110,18 @@ def select_command(ctx: click.Context, strategy_name: str, model: str | None, gg
     with console.status(f"loading model {model or '(default)'}"):
         lm, tokenizer = load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code, gguf_file=gguf_file)
     selector = entry.cls(options)
-    context = SelectionContext(seed=seed, data_dir=data_dir, device=device, model_id=model_id(lm))
-    with console.status(f"running {strategy_name}"):
+    work_dir = output.with_suffix(".run")
+    with Progress(TextColumn(f"{strategy_name}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[metrics]}"),
+                  TimeElapsedColumn(), console=console) as progress:
+        bar = progress.add_task(strategy_name, total=None, metrics="")
+
+        def on_step(step: int, total: int, metrics) -> None:
+            shown = metrics if isinstance(metrics, dict) else {"loss": metrics}
+            text = " ".join(f"{k}={v:.3g}" for k, v in shown.items() if isinstance(v, float) and k in ("mean_reward", "mean_alpha", "beta_prime", "seconds", "loss"))
+            progress.update(bar, completed=step, total=total, metrics=text)
+
+        context = SelectionContext(seed=seed, data_dir=data_dir, device=device, model_id=model_id(lm), work_dir=str(work_dir),
+                                   resume=resume, on_step=on_step)
         scores = selector.select(lm, tokenizer, context)
     if output.suffix == ".tsv":
         scores.to_tsv(output, overwrite=overwrite)
@@ -117,6 +129,12 @@ def select_command(ctx: click.Context, strategy_name: str, model: str | None, gg
         scores.save(output, overwrite=overwrite)
     console.print(f"wrote {output}: {scores.shape[0]} layers x {scores.shape[1]} KV heads, strategy {strategy_name}, "
                   f"{scores.wall_time_s or 0:.2f} s", highlight=False)
+    if (work_dir / "train_log.jsonl").is_file():
+        from kvpress_rl.evaluators.plots import gate_heatmap, training_curves
+
+        curves = training_curves(work_dir / "train_log.jsonl", work_dir / "training.png")
+        heatmap = gate_heatmap(scores, work_dir / "gates.png")
+        console.print(f"training log {work_dir / 'train_log.jsonl'}, plots {curves} and {heatmap}", highlight=False)
 
 
 @app.command("plan")

@@ -19,7 +19,9 @@ class SelectionContext:
     data_dir: str | None = None
     device: str = "cpu"
     model_id: str = ""
-    progress: Any = None  # a rich.progress.Progress or None
+    work_dir: str | None = None  # where a strategy may keep logs and checkpoints (resumable runs)
+    resume: bool = False
+    on_step: Any = None  # callable(step, total, metrics: dict) for progress, or None
 
 
 @dataclass

@@ -13,7 +13,8 @@ def kvrl_strategies():
     from kvpress_rl.strategies.random import RandomHeads
     from kvpress_rl.strategies.retrieval import RetrievalHeads
     from kvpress_rl.strategies.rkv import RKVTokens
+    from kvpress_rl.strategies.rlkv import RLKV
     from kvpress_rl.strategies.snapkv import SnapKVTokens
     from kvpress_rl.strategies.streaming import StreamingLLM
 
-    return [RandomHeads, FileScores, RetrievalHeads, DuoGates, StreamingLLM, SnapKVTokens, H2OTokens, RKVTokens]
+    return [RLKV, RandomHeads, FileScores, RetrievalHeads, DuoGates, StreamingLLM, SnapKVTokens, H2OTokens, RKVTokens]

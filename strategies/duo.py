@@ -54,7 +54,7 @@ class DuoGates(HeadSelector):
         answer = torch.arange(o.context_length + o.passkey_length, o.context_length + 2 * o.passkey_length)
         return torch.stack(rows), answer
 
-    def select(self, model, tokenizer, context: SelectionContext, on_step=None) -> HeadScores:
+    def select(self, model, tokenizer, context: SelectionContext) -> HeadScores:
         o = self.options
         start = time.perf_counter()
         generator = torch.Generator().manual_seed(context.seed)
@@ -80,8 +80,8 @@ class DuoGates(HeadSelector):
                 with torch.no_grad():
                     gates.clamp_(0.0, 1.0)
                 losses.append(distill.item())
-                if on_step:
-                    on_step(step + 1, o.steps, distill.item())
+                if context.on_step:
+                    context.on_step(step + 1, o.steps, {"loss": distill.item()})
         finally:
             for param, flag in zip(model.parameters(), was_training):
                 param.requires_grad_(flag)

@@ -1,0 +1,261 @@
+"""RLKV's gate learner: GRPO without KL on the model's own reasoning rewards, gates only.
+
+One gate alpha per (layer, KV head) in the executor's gated mixed attention
+(`alpha * full + (1 - alpha) * streaming`), initialised to 1 and clamped to [0, 1] in every
+forward; the model is frozen. Each step samples `group_size` completions per prompt from the
+*gated* model, rewards them with the task's verifier, and minimises
+
+    -clipped_surrogate (token-level mean, epsilon 0.4) + beta' * mean(alpha)
+
+with `beta' = 1[r_bar > tau] * beta * (exp(r_bar) - 1)`. The L1 term is part of the loss, not the
+reward: a penalty shared by a whole group has zero group-relative advantage. Problems come from a
+self-distillation pass: greedy full-cache answers on a pool, keeping what the model solves,
+stratified by the length of its own solution.
+
+Why a compact loop rather than TRL's `GRPOTrainer`: rollouts must be sampled inside the gated
+attention context, the adaptive L1 term depends on the batch's raw rewards and must enter the loss,
+and the self-distillation pass needs the same generation path; expressing those meant overriding
+most of the trainer. The loop below is the method and nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from kvpress_rl.errors import KvrlError
+from kvpress_rl.executor.gated import gated, new_gates
+from kvpress_rl.models import model_id
+from kvpress_rl.scores import HeadScores
+from kvpress_rl.selector import HeadSelector, SelectionContext
+from kvpress_rl.strategies.rlkv.grpo import batch_advantages, clipped_surrogate, group_advantages, penalty_weight
+from kvpress_rl.strategies.rlkv.problems import Problem, load_problems
+
+
+@dataclass
+class RLKVOptions:
+    data: str = field(default="embedded", metadata={"help": "training problems: embedded, gsm8k, math500 (with --data-dir) or a .jsonl file"})
+    steps: int = field(default=16, metadata={"help": "RL steps (paper: 185 = 2 epochs over 3,000 problems)"})
+    prompts_per_step: int = field(default=4, metadata={"help": "prompts per step (paper: 32)"})
+    group_size: int = field(default=4, metadata={"help": "samples per prompt, G"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature of rollouts"})
+    max_new_tokens: int = field(default=96, metadata={"help": "tokens per rollout (paper: 7,168)"})
+    lr: float = field(default=0.01, metadata={"help": "AdamW learning rate on the gates"})
+    weight_decay: float = field(default=0.017, metadata={"help": "AdamW weight decay"})
+    grad_clip: float = field(default=1.0, metadata={"help": "gradient-norm clip"})
+    epsilon: float = field(default=0.4, metadata={"help": "PPO clip range"})
+    beta: float = field(default=1e-3, metadata={"help": "L1 weight"})
+    tau: float = field(default=0.5, metadata={"help": "mean reward above which the L1 penalty is on"})
+    adaptive_penalty: bool = field(default=True, metadata={"help": "beta' = beta * (exp(r_bar) - 1) above tau (off: constant beta)"})
+    advantage: str = field(default="group", metadata={"help": "group (paper: per-group z-score) or batch (code: +-5, batch z-score)"})
+    self_distillation: bool = field(default=True, metadata={"help": "train on problems the model solves at full cache, stratified by length"})
+    pool_size: int = field(default=64, metadata={"help": "problems in the self-distillation pool"})
+    length_bins: tuple[int, ...] = field(default=(0, 2000, 4000, 6000, 8000), metadata={"help": "solution-length bin edges in tokens"})
+    bin_proportions: tuple[float, ...] = field(default=(600.0, 600.0, 1000.0, 800.0), metadata={"help": "draw per bin (paper: 600/600/1000/800)"})
+    sink: int = field(default=0, metadata={"help": "streaming sink in training (0: 16 for the embedded model, else 128)"})
+    window: int = field(default=0, metadata={"help": "streaming window in training (0: 64 for the embedded model, else 256)"})
+    micro_batch: int = field(default=8, metadata={"help": "sequences per backward pass (memory only)"})
+    checkpoint_every: int = field(default=4, metadata={"help": "steps between checkpoints"})
+
+
+def chat_ids(tokenizer, prompt: str) -> list[int]:
+    if getattr(tokenizer, "chat_template", None):
+        messages = [{"role": "user", "content": prompt}]
+        return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
+    return tokenizer(prompt)["input_ids"]
+
+
+def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row):] = torch.tensor(row)
+        mask[i, width - len(row):] = 1
+    return ids, mask
+
+
+def end_ids(tokenizer) -> list[int]:
+    ids = {tokenizer.eos_token_id}
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tokenizer.get_vocab() else None
+    return [i for i in ids | {im_end} if i is not None]
+
+
+def completion_mask(completions: torch.Tensor, stops: list[int]) -> torch.Tensor:
+    """1 for generated tokens up to and including the first stop token."""
+    is_stop = torch.isin(completions, torch.tensor(stops, device=completions.device))
+    after = (is_stop.long().cumsum(-1) - is_stop.long()) > 0
+    return (~after).long()
+
+
+class RLKV(HeadSelector):
+    __doc__ = __doc__
+    name = "rlkv"
+    kind = "head"
+    version = "1"
+    description = "RLKV: gates learned with RL on the model's own reasoning rewards"
+    Options = RLKVOptions
+
+    # --- pieces -------------------------------------------------------------------------------
+    def _window(self, model) -> tuple[int, int]:
+        embedded = getattr(model, "name_or_path", "") == "embedded"
+        return (self.options.sink or (16 if embedded else 128), self.options.window or (64 if embedded else 256))
+
+    def generate(self, model, tokenizer, prompts: list[list[int]], sample: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`(sequences, attention_mask, completion_start)` for left-padded prompts."""
+        ids, mask = left_pad(prompts, tokenizer.pad_token_id)
+        kwargs = dict(do_sample=True, temperature=self.options.temperature, top_k=0, top_p=1.0) if sample else dict(do_sample=False)
+        with torch.no_grad():
+            out = model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device), max_new_tokens=self.options.max_new_tokens,
+                                 eos_token_id=end_ids(tokenizer), pad_token_id=tokenizer.pad_token_id, **kwargs)
+        completions = out[:, ids.shape[1]:]
+        full_mask = torch.cat([mask.to(out.device), completion_mask(completions, end_ids(tokenizer))], dim=1)
+        return out, full_mask, ids.shape[1]
+
+    def self_distill(self, model, tokenizer, pool: list[Problem], count: int, rng: random.Random) -> list[Problem]:
+        """Problems the model solves greedily with the full cache, drawn stratified by solution length."""
+        o = self.options
+        solved: list[tuple[Problem, int]] = []
+        for start in range(0, len(pool), 16):
+            chunk = pool[start:start + 16]
+            out, mask, offset = self.generate(model, tokenizer, [chat_ids(tokenizer, p.prompt) for p in chunk], sample=False)
+            for problem, row, row_mask in zip(chunk, out[:, offset:], mask[:, offset:]):
+                text = tokenizer.decode(row[row_mask.bool()], skip_special_tokens=True)
+                if problem.verify(text, problem.answer):
+                    solved.append((problem, int(row_mask.sum())))
+        if not solved:
+            raise KvrlError("self-distillation kept no problem: the model solves none of the pool at full cache; "
+                            "use a larger --pool-size or --no-self-distillation")
+        edges = list(o.length_bins)
+        bins: list[list[Problem]] = [[] for _ in range(len(edges) - 1)]
+        for problem, length in solved:
+            index = next((i for i in range(len(edges) - 1) if edges[i] <= length < edges[i + 1]), len(edges) - 2)
+            bins[index].append(problem)
+        weights = [w if bins[i] else 0.0 for i, w in enumerate(o.bin_proportions[: len(bins)])]
+        drawn = []
+        for _ in range(count):
+            index = rng.choices(range(len(bins)), weights=weights)[0]
+            drawn.append(rng.choice(bins[index]))
+        self.solved_fraction = len(solved) / len(pool)
+        return drawn
+
+    def token_logprobs(self, model, sequences: torch.Tensor, mask: torch.Tensor, offset: int) -> torch.Tensor:
+        """Log-probabilities `(sequences, completion_tokens)` of the completion tokens under `model`."""
+        position = (mask.cumsum(-1) - 1).clamp_min(0)
+        keep = sequences.shape[1] - offset + 1
+        logits = model(input_ids=sequences, attention_mask=mask, position_ids=position, logits_to_keep=keep).logits[:, :-1]
+        return torch.log_softmax(logits.float(), dim=-1).gather(-1, sequences[:, offset:, None]).squeeze(-1)
+
+    # --- the loop -------------------------------------------------------------------------------
+    def select(self, model, tokenizer, context: SelectionContext) -> HeadScores:
+        o = self.options
+        if tokenizer is None:
+            raise KvrlError("rlkv needs a model with a tokenizer (rewards come from decoded answers)")
+        if o.advantage not in ("group", "batch"):
+            raise KvrlError(f"--advantage must be group or batch, got {o.advantage!r}")
+        if o.steps < 1 or o.prompts_per_step < 1 or o.group_size < 2:
+            raise KvrlError("rlkv needs steps >= 1, prompts_per_step >= 1 and group_size >= 2")
+        started = time.perf_counter()
+        rng = random.Random(context.seed)
+        torch.manual_seed(context.seed)
+        sink, window = self._window(model)
+        work = Path(context.work_dir) if context.work_dir else None
+        needed = o.steps * o.prompts_per_step
+        pool = load_problems(o.data, o.pool_size if o.self_distillation else needed, context.seed, context.data_dir)
+        self.solved_fraction = None
+        train = self.self_distill(model, tokenizer, pool, needed, rng) if o.self_distillation else [pool[i % len(pool)] for i in range(needed)]
+
+        gates = new_gates(model, 1.0)
+        optimizer = torch.optim.AdamW([gates], lr=o.lr, betas=(0.9, 0.999), weight_decay=o.weight_decay)
+        frozen = [p.requires_grad for p in model.parameters()]
+        model.requires_grad_(False)
+        log: list[dict] = []
+        first_step = self._resume(work, gates, optimizer, log) if context.resume and work else 0
+        try:
+            for step in range(first_step, o.steps):
+                record = self._step(model, tokenizer, gates, optimizer, train[step * o.prompts_per_step:(step + 1) * o.prompts_per_step], sink, window)
+                record["step"] = step + 1
+                log.append(record)
+                if work:
+                    self._log(work, record)
+                    if (step + 1) % o.checkpoint_every == 0 or step + 1 == o.steps:
+                        self._checkpoint(work, gates, optimizer, step + 1, log)
+                if context.on_step:
+                    context.on_step(step + 1, o.steps, record)
+        finally:
+            for param, flag in zip(model.parameters(), frozen):
+                param.requires_grad_(flag)
+        rewards = [r["mean_reward"] for r in log]
+        return self.scores(gates.detach().clone(), model_id(model), context, time.perf_counter() - started,
+                           train_sink=sink, train_window=window, solved_fraction=self.solved_fraction,
+                           reward_curve={"first": rewards[:3], "last": rewards[-3:], "mean": sum(rewards) / len(rewards)},
+                           mean_alpha_curve=[r["mean_alpha"] for r in log])
+
+    def _step(self, model, tokenizer, gates, optimizer, problems: list[Problem], sink: int, window: int) -> dict:
+        o = self.options
+        began = time.perf_counter()
+        prompts = [chat_ids(tokenizer, p.prompt) for p in problems for _ in range(o.group_size)]
+        with gated(model, gates, sink=sink, window=window):  # rollouts come from the gated model
+            sequences, mask, offset = self.generate(model, tokenizer, prompts, sample=True)
+        completions = sequences[:, offset:]
+        comp_mask = mask[:, offset:].float()
+        texts = [tokenizer.decode(row[m.bool()], skip_special_tokens=True) for row, m in zip(completions, comp_mask)]
+        rewards = torch.tensor([float(p.verify(t, p.answer)) for p, t in zip((p for p in problems for _ in range(o.group_size)), texts)])
+        grouped = rewards.reshape(len(problems), o.group_size)
+        advantages = (group_advantages(grouped) if o.advantage == "group" else batch_advantages(grouped)).flatten()
+        mean_reward = rewards.mean().item()
+        beta_prime = penalty_weight(mean_reward, o.beta, o.tau, o.adaptive_penalty)
+        tokens = comp_mask.sum().clamp_min(1.0)
+        optimizer.zero_grad()
+        with gated(model, gates, sink=sink, window=window):
+            for start in range(0, len(prompts), o.micro_batch):
+                part = slice(start, start + o.micro_batch)
+                if not advantages[part].any():
+                    continue  # no learning signal in these groups
+                logp = self.token_logprobs(model, sequences[part], mask[part], offset)
+                # one update per batch: the sampling policy is the current one, so old = new (detached)
+                surrogate = clipped_surrogate(logp, logp.detach(), advantages[part].to(logp.device), comp_mask[part].to(logp.device), o.epsilon)
+                (-surrogate / tokens).backward()
+        penalty = beta_prime * gates.clamp(0.0, 1.0).mean()
+        if beta_prime:
+            penalty.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_([gates], o.grad_clip).item() if gates.grad is not None else 0.0
+        if gates.grad is not None:
+            optimizer.step()
+        alpha = gates.detach().clamp(0, 1)
+        return {"mean_reward": mean_reward, "mean_alpha": alpha.mean().item(), "beta_prime": beta_prime, "grad_norm": grad_norm,
+                "gates_below_0.05": (alpha < 0.05).float().mean().item(), "gates_above_0.95": (alpha > 0.95).float().mean().item(),
+                "completion_tokens": int(tokens.item()), "seconds": time.perf_counter() - began}
+
+    # --- logs and checkpoints ------------------------------------------------------------------
+    def _log(self, work: Path, record: dict) -> None:
+        work.mkdir(parents=True, exist_ok=True)
+        with (work / "train_log.jsonl").open("a") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+    def _checkpoint(self, work: Path, gates, optimizer, step: int, log: list[dict]) -> None:
+        tmp = work / "checkpoint.pt.tmp"
+        torch.save({"gates": gates.detach().clone(), "optimizer": optimizer.state_dict(), "step": step, "log": log,
+                    "options": asdict(self.options), "rng": torch.get_rng_state()}, tmp)
+        tmp.replace(work / "checkpoint.pt")
+
+    def _resume(self, work: Path, gates, optimizer, log: list[dict]) -> int:
+        path = work / "checkpoint.pt"
+        if not path.is_file():
+            return 0
+        state = torch.load(path, weights_only=False)
+        if state["options"] != asdict(self.options):
+            raise KvrlError(f"{path} was made with other options; resume with the same options or start afresh")
+        with torch.no_grad():
+            gates.copy_(state["gates"])
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"])
+        log.extend(state["log"])
+        lines = [json.dumps(r) for r in state["log"]]
+        (work / "train_log.jsonl").write_text("\n".join(lines) + ("\n" if lines else ""))
+        return state["step"]
