@@ -22,15 +22,16 @@ def embedded_group() -> None:
 @click.option("--lr", default=1e-3, show_default=True, type=float)
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--checkpoint-every", default=20, show_default=True, type=int)
+@click.option("--max-steps", default=40, show_default=True, type=int, help="stop after this many steps (the schedule spans EXAMPLES / BATCH-SIZE)")
 @click.option("--resume", is_flag=True, help="continue from OUTPUT/checkpoint")
-def train_command(output: str, examples: int, batch_size: int, lr: float, seed: int, checkpoint_every: int, resume: bool) -> None:
+def train_command(output: str, examples: int, batch_size: int, lr: float, seed: int, checkpoint_every: int, max_steps: int, resume: bool) -> None:
     """Fine-tune the LoRA adapter of SmolLM2-135M-Instruct on the link-following task."""
     from kvpress_rl.embedded.train import TrainConfig, train_adapter
 
-    config = TrainConfig(output=output, examples=examples, batch_size=batch_size, lr=lr, seed=seed, checkpoint_every=checkpoint_every)
+    config = TrainConfig(output=output, examples=examples, batch_size=batch_size, lr=lr, seed=seed, checkpoint_every=checkpoint_every, max_steps=max_steps)
     with Progress(TextColumn("training"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]:.4f}"),
                   TimeElapsedColumn(), TimeRemainingColumn()) as progress:
-        bar = progress.add_task("train", total=examples // batch_size, loss=float("nan"))
+        bar = progress.add_task("train", total=min(max_steps, examples // batch_size), loss=float("nan"))
         adapter = train_adapter(config, resume=resume, on_step=lambda step, total, loss: progress.update(bar, completed=step, loss=loss))
     Console().print(f"adapter: {adapter}  (copy it to kvpress_rl/embedded/adapter/ to ship it)", highlight=False)
 

@@ -36,20 +36,22 @@ def results_table(rows: list[dict]) -> Table:
 @click.option("--sparsity", "sparsities", default="0.2,0.4,0.6,0.8", show_default=True, help="comma-separated sparsities in [0, 1]")
 @click.option("--seeds", default="0,1,2", show_default=True, help="seeds (random strategies are averaged over them)")
 @click.option("--model", default=None, help="model (default: the embedded model)")
-@click.option("--heads", default=None, help="scores file for the head strategy (instead of running select)")
+@click.option("--heads", default=None, help="scores file of the head strategy (FILE, or NAME=FILE,...) instead of running select")
 @click.option("--limit", default=100, show_default=True, type=int, help="problems per task")
 @click.option("--batch-size", default=16, show_default=True, type=int)
 @click.option("--max-tokens", default=96, show_default=True, type=int, help="new tokens per answer")
 @click.option("--data-dir", default=None, envvar="KVRL_DATA_DIR", help="local data directory")
+@click.option("--compressed-policy", default="streaming", show_default=True,
+              help="token policy of the compressed heads of head strategies: streaming, snapkv, h2o, rkv (hybrid plans)")
 @click.option("--output", default="kvrl-eval", show_default=True, type=click.Path(file_okay=False, path_type=Path))
 def eval_command(tasks: str, strategies: str, sparsities: str, seeds: str, model: str | None, heads: str | None, limit: int,
-                 batch_size: int, max_tokens: int, data_dir: str | None, output: Path) -> None:
+                 batch_size: int, max_tokens: int, data_dir: str | None, compressed_policy: str, output: Path) -> None:
     """Evaluate strategies at several sparsities (full cache included once); resumes an interrupted grid."""
     from kvpress_rl.cli.main import strategies_with_warnings
     from kvpress_rl.models import load_model
     from kvpress_rl.plan import check_sparsity
     from kvpress_rl.plugins import get_strategy
-    from kvpress_rl.evaluators.grid import GridSpec, check_task, run_grid, summarize
+    from kvpress_rl.evaluators.grid import GridSpec, check_task, parse_heads, run_grid, summarize
 
     console = Console()
     task_names = [check_task(t) for t in split_list(tasks, str, "--tasks")]
@@ -57,6 +59,10 @@ def eval_command(tasks: str, strategies: str, sparsities: str, seeds: str, model
     chosen = [(name, get_strategy(name, found)) for name in split_list(strategies, str, "--strategy")]
     levels = [check_sparsity(s) for s in split_list(sparsities, float, "--sparsity")]
     seed_list = split_list(seeds, int, "--seeds") or [0]
+    head_files = parse_heads(heads, [name for name, _ in chosen])
+    from kvpress_rl.executor.policies import BUDGET_BASE, make_policy
+
+    make_policy(compressed_policy, fixed_budget=BUDGET_BASE)  # refuse an unknown policy before loading anything
     if limit < 1 or batch_size < 1 or max_tokens < 1:
         raise KvrlError("--limit, --batch-size and --max-tokens must be positive")
     with console.status(f"loading model {model or '(default)'}"):
@@ -67,7 +73,7 @@ def eval_command(tasks: str, strategies: str, sparsities: str, seeds: str, model
     all_cells = []
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console) as progress:
         for task in task_names:
-            spec = GridSpec(chosen, levels, seed_list, limit, batch_size, max_tokens, heads, task, data_dir)
+            spec = GridSpec(chosen, levels, seed_list, limit, batch_size, max_tokens, head_files, task, data_dir, compressed_policy)
             cells_bar = progress.add_task(f"{task}: cells", total=cells_per_task)
             samples_bar = progress.add_task(f"{task}: samples", total=limit)
 

@@ -10,7 +10,7 @@ import csv
 import json
 import statistics
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +63,22 @@ def write_grid(path: Path, cells: list[Cell]) -> None:
     write_atomic(path, write, overwrite=True)
 
 
+def parse_heads(value: str | None, strategies: list[str]) -> dict[str, str]:
+    """`--heads FILE` (one learned head strategy) or `--heads NAME=FILE,NAME=FILE`."""
+    if not value:
+        return {}
+    if "=" not in value:
+        learned = [s for s in strategies if s not in ("random", "streaming", "snapkv", "h2o", "rkv")]
+        if len(learned) != 1:
+            raise KvrlError(f"--heads FILE needs exactly one head strategy besides random, got {learned or 'none'}; use --heads NAME=FILE,...")
+        return {learned[0]: value}
+    pairs = dict(part.split("=", 1) for part in value.split(",") if part)
+    unknown = sorted(set(pairs) - set(strategies))
+    if unknown:
+        raise KvrlError(f"--heads names {', '.join(unknown)}, which --strategy does not list")
+    return pairs
+
+
 def check_task(name: str) -> str:
     if name not in TASKS:
         import difflib
@@ -81,15 +97,16 @@ class GridSpec:
     limit: int = 100
     batch_size: int = 16
     max_new_tokens: int = 96
-    heads: str | None = None
+    heads: dict[str, str] = field(default_factory=dict)  # strategy name -> scores file
     task: str = "embedded"
     data_dir: str | None = None
+    compressed_policy: str = "streaming"  # token policy of the compressed heads of head strategies (hybrid plans)
 
 
 def scores_for(entry: StrategyEntry, name: str, spec: GridSpec, model, tokenizer, seed: int, out: Path) -> HeadScores:
     """The strategy's scores: from `--heads`, from an earlier run in `out`, or by running `select`."""
-    if spec.heads and entry.cls.kind == "head" and name not in ("random",):
-        scores = HeadScores.load(spec.heads)
+    if name in spec.heads:
+        scores = HeadScores.load(spec.heads[name])
     else:
         cached = out / "heads" / f"{name}-seed{seed}.safetensors"
         if cached.is_file():
@@ -123,8 +140,11 @@ def run_grid(model, tokenizer, spec: GridSpec, out: Path, on_cell: Callable[[Cel
             continue
         plan = None
         if entry is not None:
+            from kvpress_rl.executor.policies import BUDGET_BASE, make_policy
+
             selector = entry.cls()
-            plan = selector.plan(scores_for(entry, name, spec, model, tokenizer, seed, out), sparsity)
+            policy = make_policy(spec.compressed_policy, fixed_budget=BUDGET_BASE)  # 80 tokens, as 16 + 64
+            plan = selector.plan(scores_for(entry, name, spec, model, tokenizer, seed, out), sparsity, policy)
         result = evaluate(model, tokenizer, items, plan=plan, batch_size=spec.batch_size, max_new_tokens=spec.max_new_tokens, on_batch=on_samples)
         mean_len = round(statistics.mean(p + o for p, o in zip(result.prompt_lengths, result.output_lengths)))
         kv_fraction = 1.0 if plan is None else plan.kv_bytes(mean_len, head_dim=shape.head_dim) / plan.full_kv_bytes(mean_len, head_dim=shape.head_dim)

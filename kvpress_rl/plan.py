@@ -79,10 +79,15 @@ class CompressionPlan:
 
 
 def rank_heads(scores: torch.Tensor) -> torch.Tensor:
-    """Flat head indices from lowest to highest score; ties break toward the earlier (layer, head)."""
-    flat = scores.flatten()
-    # A stable sort keeps index order among equal scores: deterministic on every platform.
-    return torch.sort(flat, stable=True).indices
+    """Flat head indices from lowest to highest clipped score.
+
+    Ties (e.g. several gates clipped at 1) break by the raw score, then toward the earlier
+    (layer, head): stable sorts make the order deterministic on every platform.
+    """
+    raw = scores.flatten()
+    by_raw = torch.sort(raw, stable=True).indices
+    clipped = raw.clamp(0.0, 1.0)[by_raw]
+    return by_raw[torch.sort(clipped, stable=True).indices]
 
 
 def plan_from_scores(
@@ -93,11 +98,10 @@ def plan_from_scores(
     """Rank all KV heads of the model globally and compress the lowest fraction `sparsity`.
 
     The number of compressed heads is `round(sparsity * num_heads)`; no per-layer quota.
-    Scores are clipped to [0, 1] first, as the paper does with its gates.
+    Scores are clipped to [0, 1] first, as the paper does with its gates (see `rank_heads`).
     """
     sparsity = check_sparsity(sparsity)
     values = scores.scores if isinstance(scores, HeadScores) else torch.as_tensor(scores, dtype=torch.float32)
-    values = values.clamp(0.0, 1.0) if values.numel() else values
     num_compressed = int(round(sparsity * values.numel()))
     full = torch.ones(values.numel(), dtype=torch.bool)
     full[rank_heads(values)[:num_compressed]] = False

@@ -38,6 +38,7 @@ class TrainConfig:
     max_links: int = 40
     seed: int = 0
     checkpoint_every: int = 20
+    max_steps: int = 40  # the schedule spans examples // batch_size steps; training stops here
 
 
 def curriculum_problem(index: int, config: TrainConfig):
@@ -95,12 +96,13 @@ def train_adapter(config: TrainConfig, resume: bool = False, on_step: Callable[[
         start_step = state["step"]
         torch.set_rng_state(state["rng"])
     total = config.examples // config.batch_size
+    last = min(total, config.max_steps)
     log_path = out / "train_log.jsonl"
     mode = "a" if resume else "w"
     with log_path.open(mode) as log:
         if not resume:
             log.write(json.dumps({"config": asdict(config)}) + "\n")
-        for step in range(start_step, total):
+        for step in range(start_step, last):
             started = time.perf_counter()
             pairs = [training_example(tokenizer, curriculum_problem(step * config.batch_size + i, config)) for i in range(config.batch_size)]
             batch = right_pad(pairs, tokenizer.pad_token_id)
@@ -115,8 +117,8 @@ def train_adapter(config: TrainConfig, resume: bool = False, on_step: Callable[[
             log.write(json.dumps(record) + "\n")
             log.flush()
             if on_step:
-                on_step(step + 1, total, record["loss"])
-            if (step + 1) % config.checkpoint_every == 0 or step + 1 == total:
+                on_step(step + 1, last, record["loss"])
+            if (step + 1) % config.checkpoint_every == 0 or step + 1 == last:
                 _save_checkpoint(model, optimizer, step + 1, out)
     model = model.to(torch.float16)
     model.save_pretrained(out / "adapter")

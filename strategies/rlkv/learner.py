@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from kvpress_rl.embedded.data import left_pad
 from kvpress_rl.errors import KvrlError
 from kvpress_rl.executor.gated import gated, new_gates
 from kvpress_rl.models import model_id
@@ -40,12 +41,12 @@ from kvpress_rl.strategies.rlkv.problems import Problem, load_problems
 @dataclass
 class RLKVOptions:
     data: str = field(default="embedded", metadata={"help": "training problems: embedded, gsm8k, math500 (with --data-dir) or a .jsonl file"})
-    steps: int = field(default=16, metadata={"help": "RL steps (paper: 185 = 2 epochs over 3,000 problems)"})
-    prompts_per_step: int = field(default=4, metadata={"help": "prompts per step (paper: 32)"})
+    steps: int | None = field(default=None, metadata={"help": "RL steps (default: the paper's 185; 40 on the embedded model)"})
+    prompts_per_step: int | None = field(default=None, metadata={"help": "prompts per step (default: the paper's 32; 4 on the embedded model)"})
     group_size: int = field(default=4, metadata={"help": "samples per prompt, G"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature of rollouts"})
     max_new_tokens: int = field(default=96, metadata={"help": "tokens per rollout (paper: 7,168)"})
-    lr: float = field(default=0.01, metadata={"help": "AdamW learning rate on the gates"})
+    lr: float | None = field(default=None, metadata={"help": "AdamW learning rate on the gates (default: the paper's 0.01; 0.1 on the embedded model)"})
     weight_decay: float = field(default=0.017, metadata={"help": "AdamW weight decay"})
     grad_clip: float = field(default=1.0, metadata={"help": "gradient-norm clip"})
     epsilon: float = field(default=0.4, metadata={"help": "PPO clip range"})
@@ -57,8 +58,8 @@ class RLKVOptions:
     pool_size: int = field(default=64, metadata={"help": "problems in the self-distillation pool"})
     length_bins: tuple[int, ...] = field(default=(0, 2000, 4000, 6000, 8000), metadata={"help": "solution-length bin edges in tokens"})
     bin_proportions: tuple[float, ...] = field(default=(600.0, 600.0, 1000.0, 800.0), metadata={"help": "draw per bin (paper: 600/600/1000/800)"})
-    sink: int = field(default=0, metadata={"help": "streaming sink in training (0: 16 for the embedded model, else 128)"})
-    window: int = field(default=0, metadata={"help": "streaming window in training (0: 64 for the embedded model, else 256)"})
+    sink: int | None = field(default=None, metadata={"help": "streaming sink in training (default: the paper's 128; 16 on the embedded model)"})
+    window: int | None = field(default=None, metadata={"help": "streaming window in training (default: the paper's 256; 64 on the embedded model)"})
     micro_batch: int = field(default=8, metadata={"help": "sequences per backward pass (memory only)"})
     checkpoint_every: int = field(default=4, metadata={"help": "steps between checkpoints"})
 
@@ -68,16 +69,6 @@ def chat_ids(tokenizer, prompt: str) -> list[int]:
         messages = [{"role": "user", "content": prompt}]
         return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
     return tokenizer(prompt)["input_ids"]
-
-
-def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(map(len, rows))
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, width - len(row):] = torch.tensor(row)
-        mask[i, width - len(row):] = 1
-    return ids, mask
 
 
 def end_ids(tokenizer) -> list[int]:
@@ -101,10 +92,17 @@ class RLKV(HeadSelector):
     description = "RLKV: gates learned with RL on the model's own reasoning rewards"
     Options = RLKVOptions
 
-    # --- pieces -------------------------------------------------------------------------------
-    def _window(self, model) -> tuple[int, int]:
-        embedded = getattr(model, "name_or_path", "") == "embedded"
-        return (self.options.sink or (16 if embedded else 128), self.options.window or (64 if embedded else 256))
+    # Unset options take the paper's values, or on the embedded model values sized for a 2-core CPU
+    # and its ~300-token problems (a 256-token window would cover them whole, leaving no signal).
+    PAPER = {"steps": 185, "prompts_per_step": 32, "lr": 0.01, "sink": 128, "window": 256}
+    EMBEDDED = {"steps": 40, "prompts_per_step": 4, "lr": 0.1, "sink": 16, "window": 64}
+
+    def resolve(self, model) -> None:
+        """Fill unset options for this model, so provenance records the values actually used."""
+        from dataclasses import replace
+
+        defaults = self.EMBEDDED if getattr(model, "name_or_path", "") == "embedded" else self.PAPER
+        self.options = replace(self.options, **{k: v for k, v in defaults.items() if getattr(self.options, k) is None})
 
     def generate(self, model, tokenizer, prompts: list[list[int]], sample: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """`(sequences, attention_mask, completion_start)` for left-padded prompts."""
@@ -153,6 +151,7 @@ class RLKV(HeadSelector):
 
     # --- the loop -------------------------------------------------------------------------------
     def select(self, model, tokenizer, context: SelectionContext) -> HeadScores:
+        self.resolve(model)
         o = self.options
         if tokenizer is None:
             raise KvrlError("rlkv needs a model with a tokenizer (rewards come from decoded answers)")
@@ -163,7 +162,7 @@ class RLKV(HeadSelector):
         started = time.perf_counter()
         rng = random.Random(context.seed)
         torch.manual_seed(context.seed)
-        sink, window = self._window(model)
+        sink, window = o.sink, o.window
         work = Path(context.work_dir) if context.work_dir else None
         needed = o.steps * o.prompts_per_step
         pool = load_problems(o.data, o.pool_size if o.self_distillation else needed, context.seed, context.data_dir)

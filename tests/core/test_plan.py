@@ -20,10 +20,14 @@ def test_ties_break_toward_earlier_heads_deterministically():
     assert torch.equal(plan_from_scores(torch.full((2, 4), 0.5), 0.25).full, plan.full)
 
 
-def test_scores_are_clipped_before_ranking():
+def test_scores_are_clipped_before_ranking_and_ties_break_by_raw_score():
     plan = plan_from_scores(torch.tensor([[1.3, 1.0, -0.2, 0.0]]), 0.5)
-    # 1.3 and 1.0 tie after clipping, as do -0.2 and 0.0: the earlier heads go first
     assert plan.full.tolist() == [[True, True, False, False]]
+    # 1.3 and 1.1 both clip to 1 (keep the full cache); among them the lower raw gate goes first
+    plan = plan_from_scores(torch.tensor([[1.3, 1.1, 0.9, 0.95]]), 0.25)
+    assert plan.full.tolist() == [[True, True, False, True]]
+    plan = plan_from_scores(torch.tensor([[1.3, 1.1, 1.2, 1.0]]), 0.5)
+    assert plan.full.tolist() == [[True, False, True, False]]
 
 
 @pytest.mark.parametrize("sparsity", [-0.1, 1.5, float("nan")])

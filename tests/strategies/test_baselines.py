@@ -86,3 +86,22 @@ def test_duo_keeps_heads_that_matter_above_those_that_do_not(model):
     # resists the penalty for some heads; every gate cannot fall as far as in the short-context case
     long = DuoGates(DuoOptions(steps=15, context_length=120, passkey_length=4, batch_size=1, sink=2, window=4)).select(model, None, SelectionContext())
     assert long.scores.max() > long.scores.min()
+
+
+@pytest.mark.parametrize("policy_name", ["snapkv", "h2o", "rkv"])
+def test_hybrid_plan_head_selection_with_a_token_policy_on_compressed_heads(model, policy_name):
+    from kvpress_rl.executor.policies import BUDGET_BASE, make_policy
+    from kvpress_rl.strategies.random import RandomHeads
+
+    selector = RandomHeads()
+    scores = selector.select(model, None, SelectionContext(seed=0))
+    policy = make_policy(policy_name, fixed_budget=BUDGET_BASE, **({"buffer": 0} if policy_name == "rkv" else {}))
+    plan = selector.plan(scores, 0.5, policy)
+    assert plan.num_compressed == 8 and plan.policy.name == policy_name
+    with compressed(model, plan) as session:
+        model.generate(torch.randint(0, 256, (1, 150)), max_new_tokens=20, do_sample=False)
+    for layer in session.last_cache.layers:
+        if layer.has_compressed:
+            assert layer.compressed_keys.shape[2] == BUDGET_BASE  # same memory as 16 + 64
+        if layer.has_full:
+            assert layer.keys.shape[2] == 169

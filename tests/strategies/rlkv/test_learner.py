@@ -30,7 +30,7 @@ def data(tmp_path):
 
 def options(path, **extra):
     base = dict(data=str(path), steps=3, prompts_per_step=2, group_size=4, max_new_tokens=3, self_distillation=False,
-                lr=0.05, checkpoint_every=1, micro_batch=4)
+                lr=0.05, checkpoint_every=1, micro_batch=4, sink=1, window=2)
     base.update(extra)
     return RLKVOptions(**base)
 

@@ -1,0 +1,60 @@
+import pytest
+
+from kvpress_rl.embedded.task import WORDS, Difficulty, extract_answer, make_problem, problems, score
+
+
+def test_generation_is_deterministic_and_splits_are_disjoint():
+    assert problems("test", 5) == problems("test", 5)
+    seeds = {split: {p.seed for p in problems(split, 200)} for split in ("train", "validation", "test")}
+    assert not (seeds["train"] & seeds["validation"]) and not (seeds["validation"] & seeds["test"]) and not (seeds["train"] & seeds["test"])
+    assert problems("test", 3) != problems("validation", 3)
+
+
+def test_the_path_follows_the_table_and_every_word_is_the_source_of_one_link():
+    problem = make_problem(7, Difficulty(hops=6, links=20))
+    links = dict(problem.table)
+    assert len(links) == len(problem.table) == 20
+    word = problem.start
+    for expected in problem.path[1:]:
+        word = links[word]
+        assert word == expected
+    assert problem.answer == word and problem.hops == 6
+    assert len(set(problem.path)) == 7  # no cycles: every hop needs a new look-up
+
+
+def test_distractors_point_into_the_path_so_recency_does_not_answer():
+    into_path = sum(dst in make_problem(s).path for s in range(50) for src, dst in make_problem(s).table if src not in make_problem(s).path[:-1])
+    assert into_path > 100
+
+
+def test_difficulty_knobs_and_bad_values():
+    assert len(make_problem(1, Difficulty(hops=3, links=10)).table) == 10
+    with pytest.raises(ValueError):
+        make_problem(1, Difficulty(hops=10, links=5))
+    with pytest.raises(ValueError, match="unknown split"):
+        problems("dev", 1)
+
+
+def test_solution_format():
+    problem = make_problem(3, Difficulty(hops=2, links=8))
+    a, b, c = problem.path
+    assert problem.solution() == f"1. {a} -> {b}\n2. {b} -> {c}\nAnswer: {c}"
+    assert all(word in WORDS for word in problem.path)
+
+
+@pytest.mark.parametrize("text,ok", [
+    ("1. a -> b\nAnswer: {ans}", True),
+    ("Answer: {ans}.", True),
+    ("answer: {ANS}", True),
+    ("**Answer:** {ans}", True),
+    ("Answer: {ans}\nAnswer: zzz", False),  # the last answer counts
+    ("{ans}", False),  # no final answer line
+    ("Answer: {ans}x", False),
+])
+def test_scorer_accepts_exactly_the_right_answers(text, ok):
+    problem = make_problem(11)
+    assert score(text.format(ans=problem.answer, ANS=problem.answer.upper()), problem) is ok
+
+
+def test_extract_answer_none_without_answer():
+    assert extract_answer("no final line") is None

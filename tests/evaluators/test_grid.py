@@ -1,0 +1,50 @@
+import json
+
+import pytest
+import torch
+
+from kvpress_rl import HeadScores, KvrlError
+from kvpress_rl.evaluators.grid import Cell, check_task, parse_heads, read_grid, summarize, write_grid
+from kvpress_rl.evaluators.plots import gate_heatmap, training_curves
+
+
+def cell(strategy, sparsity, seed, accuracy):
+    return Cell("embedded", strategy, sparsity, seed, accuracy, int(accuracy * 10), 10, 1 - sparsity / 2, 50.0)
+
+
+def test_grid_file_round_trip(tmp_path):
+    cells = [cell("full", 0.0, 0, 1.0), cell("random", 0.5, 1, 0.6)]
+    write_grid(tmp_path / "grid.csv", cells)
+    assert read_grid(tmp_path / "grid.csv") == cells
+
+
+def test_summary_averages_seeds_and_compares_with_full():
+    rows = summarize([cell("full", 0.0, 0, 0.9), cell("random", 0.6, 0, 0.5), cell("random", 0.6, 1, 0.7), cell("rlkv", 0.6, 0, 0.9)])
+    by_name = {(r["strategy"], r["sparsity"]): r for r in rows}
+    assert rows[0]["strategy"] == "full"
+    assert by_name[("random", 0.6)]["accuracy"] == pytest.approx(0.6) and by_name[("random", 0.6)]["seeds"] == 2
+    assert by_name[("random", 0.6)]["change"] == pytest.approx(-0.3)
+    assert by_name[("rlkv", 0.6)]["kv_saved"] == pytest.approx(0.3)
+
+
+def test_unknown_task_suggests_close_names():
+    with pytest.raises(KvrlError, match="unknown task 'embeded'; available: embedded; did you mean embedded"):
+        check_task("embeded")
+
+
+def test_heads_option_forms():
+    assert parse_heads("h.safetensors", ["rlkv", "random"]) == {"rlkv": "h.safetensors"}
+    assert parse_heads("rlkv=a,duo=b", ["rlkv", "duo"]) == {"rlkv": "a", "duo": "b"}
+    with pytest.raises(KvrlError, match="exactly one head strategy"):
+        parse_heads("h.safetensors", ["rlkv", "duo"])
+    with pytest.raises(KvrlError, match="does not list"):
+        parse_heads("duo=b", ["rlkv"])
+
+
+def test_plots_are_written(tmp_path):
+    heatmap = gate_heatmap(HeadScores(torch.rand(6, 3), strategy="rlkv"), tmp_path / "gates.png")
+    log = tmp_path / "log.jsonl"
+    log.write_text("".join(json.dumps({"step": i, "mean_reward": 0.9, "mean_alpha": 1 - i / 10}) + "\n" for i in range(1, 6)))
+    curves = training_curves(log, tmp_path / "curves.png")
+    for path in (heatmap, curves):
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
