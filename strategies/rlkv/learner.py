@@ -84,6 +84,26 @@ def completion_mask(completions: torch.Tensor, stops: list[int]) -> torch.Tensor
     return (~after).long()
 
 
+def world() -> tuple[int, int]:
+    """`(rank, world_size)` under torch.distributed (e.g. `accelerate launch`), else `(0, 1)`."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def all_mean(value: torch.Tensor) -> torch.Tensor:
+    """Average a tensor over data-parallel processes (identity on one process)."""
+    import torch.distributed as dist
+
+    _, size = world()
+    if size > 1:
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        value /= size
+    return value
+
+
 class RLKV(HeadSelector):
     __doc__ = __doc__
     name = "rlkv"
@@ -198,6 +218,8 @@ class RLKV(HeadSelector):
     def _step(self, model, tokenizer, gates, optimizer, problems: list[Problem], sink: int, window: int) -> dict:
         o = self.options
         began = time.perf_counter()
+        rank, size = world()
+        problems = problems[rank::size] or problems[:1]  # data parallel: each process samples its share
         prompts = [chat_ids(tokenizer, p.prompt) for p in problems for _ in range(o.group_size)]
         with gated(model, gates, sink=sink, window=window):  # rollouts come from the gated model
             sequences, mask, offset = self.generate(model, tokenizer, prompts, sample=True)
@@ -207,7 +229,7 @@ class RLKV(HeadSelector):
         rewards = torch.tensor([float(p.verify(t, p.answer)) for p, t in zip((p for p in problems for _ in range(o.group_size)), texts)])
         grouped = rewards.reshape(len(problems), o.group_size)
         advantages = (group_advantages(grouped) if o.advantage == "group" else batch_advantages(grouped)).flatten()
-        mean_reward = rewards.mean().item()
+        mean_reward = all_mean(rewards.mean().reshape(1)).item()  # r_bar of the whole batch, on every process
         beta_prime = penalty_weight(mean_reward, o.beta, o.tau, o.adaptive_penalty)
         tokens = comp_mask.sum().clamp_min(1.0)
         optimizer.zero_grad()
@@ -220,6 +242,10 @@ class RLKV(HeadSelector):
                 # one update per batch: the sampling policy is the current one, so old = new (detached)
                 surrogate = clipped_surrogate(logp, logp.detach(), advantages[part].to(logp.device), comp_mask[part].to(logp.device), o.epsilon)
                 (-surrogate / tokens).backward()
+        if size > 1:  # all-reduce the gate gradients: every process takes the same optimizer step
+            if gates.grad is None:
+                gates.grad = torch.zeros_like(gates)
+            all_mean(gates.grad)
         penalty = beta_prime * gates.clamp(0.0, 1.0).mean()
         if beta_prime:
             penalty.backward()

@@ -10,8 +10,7 @@ from kvpress_rl.models import random_model, small_config
 from kvpress_rl.strategies.rlkv import RLKV, RLKVOptions
 
 
-@pytest.fixture(scope="module")
-def tiny():
+def tiny_model_and_tokenizer():
     """A random Llama over a character vocabulary: its samples are random digit strings, so rewards vary."""
     chars = list("0123456789+=? ") + ["<pad>", "<eos>"]
     raw = Tokenizer(models.WordLevel({c: i for i, c in enumerate(chars)}, unk_token="?"))
@@ -19,6 +18,11 @@ def tiny():
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=raw, pad_token="<pad>", eos_token="<eos>")
     model = random_model(small_config("llama", vocab_size=len(chars), num_hidden_layers=2), seed=0)
     return model, tokenizer
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return tiny_model_and_tokenizer()
 
 
 @pytest.fixture
