@@ -59,7 +59,7 @@ def test_plan_prints_the_plan_and_memory(cli, head_patterns):
 
 
 def test_unknown_strategy_lists_the_available_ones(cli):
-    assert error_line(cli("select", "--strategy", "nope")) == "Error: unknown strategy 'nope'; available: duo, file, h2o, random, retrieval, rkv, snapkv, streaming"
+    assert error_line(cli("select", "--strategy", "nope")) == "Error: unknown strategy 'nope'; available: duo, file, h2o, random, retrieval, rkv, rlkv, snapkv, streaming"
 
 
 def test_unknown_strategy_option_lists_accepted(cli, tmp_path):
