@@ -121,7 +121,6 @@ def scores_for(entry: StrategyEntry, name: str, spec: GridSpec, model, tokenizer
 def run_grid(model, tokenizer, spec: GridSpec, out: Path, on_cell: Callable[[Cell], None] | None = None,
              on_samples: Callable[[int], None] | None = None) -> list[Cell]:
     """Evaluate every cell not already in `out/grid.csv`; returns all cells."""
-    from kvpress_rl.plan import plan_from_scores
 
     items = problems("test", spec.limit, Difficulty())
     grid_path = out / "grid.csv"
