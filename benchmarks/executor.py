@@ -28,7 +28,6 @@ from kvpress_rl.executor.policies import Streaming
 from kvpress_rl.models import ModelShape, random_model, small_config
 from kvpress_rl.plan import CompressionPlan, plan_from_scores
 
-
 LAYOUTS = {  # public head layouts of the Qwen2.5 family
     "qwen2.5-0.5b": dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_attention_heads=14,
                          num_key_value_heads=2, head_dim=64, tie_word_embeddings=True),

@@ -21,69 +21,107 @@ def split_list(value: str, kind, flag: str) -> list:
 
 def results_table(rows: list[dict]) -> Table:
     table = Table(title="accuracy by strategy and sparsity")
-    for column in ("task", "strategy", "sparsity", "seeds", "accuracy", "change vs full", "KV saved", "decode tok/s"):
+    for column in ("task", "strategy", "sparsity", "seeds", "accuracy", "change vs full", "KV saved", "decode tok/s", "overlength", "repetitive"):
         table.add_column(column, justify="right" if column not in ("task", "strategy") else "left")
     for r in rows:
         spread = f" ± {100 * r['accuracy_std']:.1f}" if r["seeds"] > 1 else ""
         table.add_row(r["task"], r["strategy"], f"{r['sparsity']:g}", str(r["seeds"]), f"{100 * r['accuracy']:.1f}{spread}",
-                      f"{100 * r['change']:+.1f}", f"{100 * r['kv_saved']:.0f}%", f"{r['decode_tokens_per_s']:.1f}")
+                      f"{100 * r['change']:+.1f}", f"{100 * r['kv_saved']:.0f}%", f"{r['decode_tokens_per_s']:.1f}",
+                      str(r["overlength"]), str(r["repetitive"]))
     return table
 
 
 @click.command("eval")
-@click.option("--tasks", default="embedded", show_default=True, help="comma-separated task names")
+@click.option("--tasks", default=None, help="comma-separated tasks: embedded (default on the embedded model), lm-eval names "
+              "(gsm8k, gsm8k_cot, aime24, minerva_math500, mbpp, ...), or the paper's setting (gsm8k_r1, math500_r1, aime24_r1, mbpp_r1)")
 @click.option("--strategy", "strategies", default="random,streaming", show_default=True, help="comma-separated strategies")
 @click.option("--sparsity", "sparsities", default="0.2,0.4,0.6,0.8", show_default=True, help="comma-separated sparsities in [0, 1]")
 @click.option("--seeds", default="0,1,2", show_default=True, help="seeds (random strategies are averaged over them)")
 @click.option("--model", default=None, help="model (default: the embedded model)")
 @click.option("--heads", default=None, help="scores file of the head strategy (FILE, or NAME=FILE,...) instead of running select")
-@click.option("--limit", default=100, show_default=True, type=int, help="problems per task")
+@click.option("--limit", default=100, show_default=True, type=int, help="problems per task (0: all)")
 @click.option("--batch-size", default=16, show_default=True, type=int)
-@click.option("--max-tokens", default=96, show_default=True, type=int, help="new tokens per answer")
-@click.option("--data-dir", default=None, envvar="KVRL_DATA_DIR", help="local data directory")
+@click.option("--max-tokens", default=None, type=int, help="new tokens per answer (default: the task's own limit)")
+@click.option("--data-dir", default=None, envvar="KVRL_DATA_DIR", help="local data directory laid out like shared/data (offline tasks)")
 @click.option("--compressed-policy", default="streaming", show_default=True,
               help="token policy of the compressed heads of head strategies: streaming, snapkv, h2o, rkv (hybrid plans)")
+@click.option("--allow-code-execution", is_flag=True, help="allow running model-written code (mbpp), in a contained subprocess")
+@click.option("--chat-template/--no-chat-template", default=None, help="apply the tokenizer's chat template (default: when it has one)")
+@click.option("--num-processes", default=1, show_default=True, type=int, help="data-parallel processes (accelerate launch)")
 @click.option("--output", default="kvrl-eval", show_default=True, type=click.Path(file_okay=False, path_type=Path))
-def eval_command(tasks: str, strategies: str, sparsities: str, seeds: str, model: str | None, heads: str | None, limit: int,
-                 batch_size: int, max_tokens: int, data_dir: str | None, compressed_policy: str, output: Path) -> None:
-    """Evaluate strategies at several sparsities (full cache included once); resumes an interrupted grid."""
+def eval_command(tasks: str | None, strategies: str, sparsities: str, seeds: str, model: str | None, heads: str | None, limit: int,
+                 batch_size: int, max_tokens: int | None, data_dir: str | None, compressed_policy: str, allow_code_execution: bool,
+                 chat_template: bool | None, num_processes: int, output: Path) -> None:
+    """Evaluate strategies at several sparsities with lm-eval (full cache once per task); resumes an interrupted grid."""
     from kvpress_rl.cli.main import strategies_with_warnings
-    from kvpress_rl.models import load_model
+    from kvpress_rl.evaluators.grid import GridSpec, parse_heads, resolve_tasks, run_grid, summarize
+    from kvpress_rl.evaluators.harness import KvrlLM
+    from kvpress_rl.executor.policies import BUDGET_BASE, make_policy
+    from kvpress_rl.models import DEFAULT_MODEL, load_model
     from kvpress_rl.plan import check_sparsity
     from kvpress_rl.plugins import get_strategy
-    from kvpress_rl.evaluators.grid import GridSpec, check_task, parse_heads, run_grid, summarize
 
+    if num_processes > 1:
+        relaunch_data_parallel(num_processes)
+        return
+    quiet_lm_eval()
     console = Console()
-    task_names = [check_task(t) for t in split_list(tasks, str, "--tasks")]
     found = strategies_with_warnings()
     chosen = [(name, get_strategy(name, found)) for name in split_list(strategies, str, "--strategy")]
     levels = [check_sparsity(s) for s in split_list(sparsities, float, "--sparsity")]
     seed_list = split_list(seeds, int, "--seeds") or [0]
     head_files = parse_heads(heads, [name for name, _ in chosen])
-    from kvpress_rl.executor.policies import BUDGET_BASE, make_policy
-
     make_policy(compressed_policy, fixed_budget=BUDGET_BASE)  # refuse an unknown policy before loading anything
-    if limit < 1 or batch_size < 1 or max_tokens < 1:
-        raise KvrlError("--limit, --batch-size and --max-tokens must be positive")
-    with console.status(f"loading model {model or '(default)'}"):
-        lm, tokenizer = load_model(model)
+    if limit < 0 or batch_size < 1 or (max_tokens is not None and max_tokens < 1):
+        raise KvrlError("--limit must be >= 0, --batch-size and --max-tokens positive")
+    model_spec = model or DEFAULT_MODEL
+    task_names = split_list(tasks, str, "--tasks") if tasks else ["embedded" if model_spec == DEFAULT_MODEL else "gsm8k_r1"]
+    spec = GridSpec(chosen, levels, seed_list, limit or None, batch_size, max_tokens, head_files, task_names, data_dir,
+                    compressed_policy, allow_code_execution, chat_template)
+    resolve_tasks(spec)  # bad task names, missing files, code execution: refused before the model loads
+    with console.status(f"loading model {model_spec}"):
+        lm_model, tokenizer = load_model(model_spec)
     if tokenizer is None:
-        raise KvrlError(f"model {model!r} has no tokenizer; evaluation needs a real model (the embedded one, a directory or a hub id)")
-    cells_per_task = 1 + sum(len(seed_list) if name == "random" else 1 for name, _ in chosen) * len(levels)
-    all_cells = []
+        raise KvrlError(f"model {model_spec!r} has no tokenizer; evaluation needs a real model (the embedded one, a directory or a hub id)")
+    cells_total = len(task_names) * (1 + sum(len(seed_list) if name == "random" else 1 for name, _ in chosen) * len(levels))
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console) as progress:
-        for task in task_names:
-            spec = GridSpec(chosen, levels, seed_list, limit, batch_size, max_tokens, head_files, task, data_dir, compressed_policy)
-            cells_bar = progress.add_task(f"{task}: cells", total=cells_per_task)
-            samples_bar = progress.add_task(f"{task}: samples", total=limit)
+        cells_bar = progress.add_task("cells", total=cells_total)
+        samples_bar = progress.add_task("samples", total=limit or None)
+        lm = KvrlLM(lm_model, tokenizer=tokenizer, batch_size=batch_size, on_samples=lambda n: progress.advance(samples_bar, n))
 
-            def on_cell(cell, bar=cells_bar, samples=samples_bar):
-                progress.advance(bar)
-                progress.reset(samples, total=limit)
-                progress.console.print(f"{cell.task} {cell.strategy} s={cell.sparsity:g} seed={cell.seed}: accuracy {100 * cell.accuracy:.1f}%", highlight=False)
+        def on_cell(cell):
+            progress.advance(cells_bar)
+            progress.reset(samples_bar, total=limit or None)
+            progress.console.print(f"{cell.task} {cell.strategy} s={cell.sparsity:g} seed={cell.seed}: accuracy {100 * cell.accuracy:.1f}%", highlight=False)
 
-            cells = run_grid(lm, tokenizer, spec, output, on_cell=on_cell, on_samples=lambda n, bar=samples_bar: progress.advance(bar, n))
-            progress.update(cells_bar, completed=cells_per_task)
-            all_cells.extend(cells)
-    console.print(results_table(summarize(all_cells)))
-    console.print(f"grid: {output / 'grid.csv'}", highlight=False)
+        cells = run_grid(lm, spec, output, on_cell=on_cell)
+        progress.update(cells_bar, completed=cells_total)
+    if cells:
+        console.print(results_table(summarize(cells)))
+        console.print(f"grid: {output / 'grid.csv'}; plot it with `kvrl report {output}`", highlight=False)
+
+
+def quiet_lm_eval() -> None:
+    """Our progress bars and table replace lm-eval's informational logging."""
+    import logging
+
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)
+
+
+def relaunch_data_parallel(num_processes: int) -> None:
+    """Run this same `kvrl eval` under `accelerate launch` with N processes (lm-eval's data-parallel path:
+    each process loads the model, takes its share of every cell's requests; rank 0 writes the results)."""
+    import subprocess
+    import sys
+
+    args, skip = [], False
+    for arg in sys.argv[1:]:
+        if skip:
+            skip = False
+        elif arg == "--num-processes":
+            skip = True
+        elif not arg.startswith("--num-processes="):
+            args.append(arg)
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes), "--num_machines", "1",
+               "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "kvpress_rl.cli.main", *args]
+    raise SystemExit(subprocess.call(command))

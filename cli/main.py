@@ -13,10 +13,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 import kvpress_rl
+from kvpress_rl.cli.options import describe_options, parse_strategy_options
 from kvpress_rl.errors import KvrlError
 from kvpress_rl.plugins import StrategyEntry, discover_strategies, get_strategy
-
-from kvpress_rl.cli.options import describe_options, parse_strategy_options
 
 console = Console()
 err_console = Console(stderr=True)

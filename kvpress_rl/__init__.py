@@ -41,10 +41,10 @@ __all__ = [
     "KvrlError",
     "ModelShape",
     "SelectionContext",
+    "__version__",
     "compressed",
     "gated",
     "hookimpl",
     "load_model",
     "plan_from_scores",
-    "__version__",
 ]

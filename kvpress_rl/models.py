@@ -35,7 +35,7 @@ class ModelShape:
     head_dim: int
 
     @classmethod
-    def from_config(cls, config: Any) -> "ModelShape":
+    def from_config(cls, config: Any) -> ModelShape:
         config = config.get_text_config() if hasattr(config, "get_text_config") else config
         num_query_heads = config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_query_heads

@@ -76,7 +76,7 @@ class HeadScores:
         return write_atomic(path, lambda tmp: save_file({"scores": self.scores}, str(tmp), metadata=metadata), overwrite=overwrite)
 
     @classmethod
-    def load(cls, path: str | Path) -> "HeadScores":
+    def load(cls, path: str | Path) -> HeadScores:
         """Load a `.safetensors` file written by `save`, or a published `.tsv` pattern."""
         path = Path(path)
         if not path.is_file():
@@ -97,7 +97,7 @@ class HeadScores:
 
     # --- published TSV form ------------------------------------------------------------------
     @classmethod
-    def from_tsv(cls, path: str | Path) -> "HeadScores":
+    def from_tsv(cls, path: str | Path) -> HeadScores:
         path = Path(path)
         rows: list[list[float]] = []
         try:

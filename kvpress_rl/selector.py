@@ -90,7 +90,7 @@ def default_of(f: dataclasses.Field) -> Any:
     return None
 
 
-__all__ = ["HeadSelector", "SelectionContext", "NoOptions", "option_fields", "help_of", "default_of", "field"]
+__all__ = ["HeadSelector", "NoOptions", "SelectionContext", "default_of", "field", "help_of", "option_fields"]
 
 
 class TokenSelector(HeadSelector):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+
 import torch
 
 from kvpress_rl.models import ModelShape, model_id

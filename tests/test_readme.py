@@ -14,11 +14,11 @@ CI_RUN = Path(__file__).resolve().parents[1] / ".ci" / "run"
 
 def fenced_files(text: str) -> dict[str, str]:
     """Code blocks whose fence names a file: ```python path/to/file.py"""
-    return {m.group(2): m.group(3) for m in re.finditer(r"```(\w+) ([\w./-]+)\n(.*?)```", text, re.S)}
+    return {m.group(2): m.group(3) for m in re.finditer(r"```(\w+) ([\w./-]+)\n(.*?)```", text, re.DOTALL)}
 
 
 def bash_blocks(text: str) -> list[str]:
-    return [m.group(1).strip() for m in re.finditer(r"```bash\n(.*?)```", text, re.S)]
+    return [m.group(1).strip() for m in re.finditer(r"```bash\n(.*?)```", text, re.DOTALL)]
 
 
 @pytest.fixture(scope="module")

@@ -17,18 +17,7 @@ import re
 from dataclasses import dataclass
 
 # Short common words that SmolLM2's tokenizer encodes as one token with a leading space.
-WORDS = (
-    "cat dog sun map cup pen box hat key car bus fox owl bee ant cow pig hen egg ice oak elm "
-    "ash fig jam tea pie bun rye oat pea bean corn rice salt milk wine beer soup cake bread fish "
-    "bird frog duck goat lamb wolf bear deer lion seal crab moth wasp rose lily fern moss reed "
-    "vine leaf root seed tree bush hill lake pond sea bay reef rock sand clay mud dust "
-    "snow rain hail wind fog mist star moon cloud storm wave tide gold iron lead zinc tin copper "
-    "silk wool lace rope wire nail bolt gear lamp desk door wall roof gate fence road path "
-    "bridge tower castle farm barn mill shop bank park zoo school church club hall room bed chair "
-    "table shelf drum horn bell flute harp piano song poem book page note letter word name king "
-    "queen duke lord knight judge nurse chef poet monk baker ship boat train plane truck bike kite "
-    "ball doll game card coin ring belt coat shoe sock glove mask"
-).split()
+WORDS = ["cat", "dog", "sun", "map", "cup", "pen", "box", "hat", "key", "car", "bus", "fox", "owl", "bee", "ant", "cow", "pig", "hen", "egg", "ice", "oak", "elm", "ash", "fig", "jam", "tea", "pie", "bun", "rye", "oat", "pea", "bean", "corn", "rice", "salt", "milk", "wine", "beer", "soup", "cake", "bread", "fish", "bird", "frog", "duck", "goat", "lamb", "wolf", "bear", "deer", "lion", "seal", "crab", "moth", "wasp", "rose", "lily", "fern", "moss", "reed", "vine", "leaf", "root", "seed", "tree", "bush", "hill", "lake", "pond", "sea", "bay", "reef", "rock", "sand", "clay", "mud", "dust", "snow", "rain", "hail", "wind", "fog", "mist", "star", "moon", "cloud", "storm", "wave", "tide", "gold", "iron", "lead", "zinc", "tin", "copper", "silk", "wool", "lace", "rope", "wire", "nail", "bolt", "gear", "lamp", "desk", "door", "wall", "roof", "gate", "fence", "road", "path", "bridge", "tower", "castle", "farm", "barn", "mill", "shop", "bank", "park", "zoo", "school", "church", "club", "hall", "room", "bed", "chair", "table", "shelf", "drum", "horn", "bell", "flute", "harp", "piano", "song", "poem", "book", "page", "note", "letter", "word", "name", "king", "queen", "duke", "lord", "knight", "judge", "nurse", "chef", "poet", "monk", "baker", "ship", "boat", "train", "plane", "truck", "bike", "kite", "ball", "doll", "game", "card", "coin", "ring", "belt", "coat", "shoe", "sock", "glove", "mask"]
 
 SPLIT_SEEDS = {"train": 0, "validation": 10_000_000, "test": 20_000_000}
 INSTRUCTION = "Follow the links in the table, one hop at a time."

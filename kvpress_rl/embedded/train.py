@@ -20,7 +20,7 @@ import torch
 
 from kvpress_rl.embedded.data import right_pad, training_example
 from kvpress_rl.embedded.model import load_embedded
-from kvpress_rl.embedded.task import Difficulty, make_problem, SPLIT_SEEDS
+from kvpress_rl.embedded.task import SPLIT_SEEDS, Difficulty, make_problem
 
 
 @dataclass

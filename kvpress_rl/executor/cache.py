@@ -29,7 +29,7 @@ def query_heads_of(kv_heads: torch.Tensor, groups: int) -> torch.Tensor:
 class LayerView:
     """What `HeadwiseLayer.update` hands to the attention function in place of key/value tensors."""
 
-    layer: "HeadwiseLayer"
+    layer: HeadwiseLayer
     query_length: int
 
     @property

@@ -10,8 +10,8 @@ Works in teacher-forced forward passes and inside `generate` (rollouts from the 
 from __future__ import annotations
 
 import itertools
-from contextlib import contextmanager
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward

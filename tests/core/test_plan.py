@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from kvpress_rl import HeadScores, KvrlError, plan_from_scores
-from kvpress_rl.executor.policies import Budget, H2O, Streaming
+from kvpress_rl.executor.policies import H2O, Budget, Streaming
 from kvpress_rl.plan import token_plan
 
 

@@ -122,10 +122,9 @@ def test_the_model_is_restored_on_exit_even_after_an_error():
     model = make_model("mistral")
     before = {k: v.clone() for k, v in model.state_dict().items()}
     attention = model.config._attn_implementation
-    with pytest.raises(RuntimeError):
-        with compressed(model, plan_from_scores(torch.rand(4, 4), 0.5)):
-            assert model.config._attn_implementation != attention
-            raise RuntimeError("interrupted")
+    with pytest.raises(RuntimeError), compressed(model, plan_from_scores(torch.rand(4, 4), 0.5)):
+        assert model.config._attn_implementation != attention
+        raise RuntimeError("interrupted")
     assert model.config._attn_implementation == attention
     assert "forward" not in model.__dict__ and "generate" not in model.__dict__
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
@@ -151,6 +150,5 @@ def test_unsupported_architecture_is_refused():
     from transformers import AutoConfig, AutoModelForCausalLM
 
     gpt2 = AutoModelForCausalLM.from_config(AutoConfig.for_model("gpt2", n_layer=1, n_embd=16, n_head=2))
-    with pytest.raises(KvrlError, match="supported: llama, mistral, qwen2, qwen3"):
-        with compressed(gpt2, plan_from_scores(torch.rand(1, 2), 0.5)):
-            pass
+    with pytest.raises(KvrlError, match="supported: llama, mistral, qwen2, qwen3"), compressed(gpt2, plan_from_scores(torch.rand(1, 2), 0.5)):
+        pass

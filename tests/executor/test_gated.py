@@ -87,9 +87,7 @@ def test_generate_samples_from_the_gated_model_and_restores_it():
 
 def test_bad_gates_and_windows_are_refused():
     model = random_model(small_config("llama"), seed=0)
-    with pytest.raises(KvrlError, match="gates have shape"):
-        with gated(model, torch.ones(3, 4)):
-            pass
-    with pytest.raises(KvrlError, match="window >= 1"):
-        with gated(model, new_gates(model), window=0):
-            pass
+    with pytest.raises(KvrlError, match="gates have shape"), gated(model, torch.ones(3, 4)):
+        pass
+    with pytest.raises(KvrlError, match="window >= 1"), gated(model, new_gates(model), window=0):
+        pass

@@ -1,0 +1,175 @@
+"""The lm-evaluation-harness model `kvrl`: lm-eval's HF model, generating under a `CompressionPlan`.
+
+    python -m kvpress_rl.evaluators.harness run --model kvrl \\
+        --model_args pretrained=embedded,strategy=rlkv,heads=heads.safetensors,sparsity=0.6 --tasks gsm8k
+
+takes every argument of `lm-eval run` (the module is lm-eval's command line with `kvrl`
+registered; lm-eval has no plugin entry point for models, so plain `lm-eval` cannot see it).
+Data parallel: `accelerate launch -m kvpress_rl.evaluators.harness run --model kvrl ...` (one model
+copy per process; lm-eval splits the requests and gathers the results).
+
+Model arguments besides lm-eval's HF ones: `strategy` (any registered strategy; none = full
+cache), `heads` (a scores file; without it the strategy's `select` runs), `sparsity`, `seed`,
+`compressed_policy` (token policy of the compressed heads of head strategies), `data_dir`.
+Generation adds the repetition early stop (the last 400 tokens hold fewer than 40 distinct ids),
+counted in `stats`, and honours a `max_total_tokens` generation argument (prompt + answer).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from lm_eval.models.huggingface import HFLM
+from transformers import StoppingCriteria, StoppingCriteriaList
+
+from kvpress_rl.evaluators.scoring import REPETITION_DISTINCT, REPETITION_WINDOW
+from kvpress_rl.executor import compressed
+from kvpress_rl.plan import CompressionPlan
+
+MODEL_NAME = "kvrl"
+
+
+class RepetitionStop(StoppingCriteria):
+    """Stops a sequence once its last `window` generated tokens hold fewer than `distinct` ids."""
+
+    def __init__(self, prompt_length: int, window: int = REPETITION_WINDOW, distinct: int = REPETITION_DISTINCT) -> None:
+        self.prompt_length, self.window, self.distinct = prompt_length, window, distinct
+        self.stopped: torch.Tensor | None = None
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        if input_ids.shape[1] - self.prompt_length >= self.window:
+            tail = input_ids[:, -self.window:]
+            distinct = torch.tensor([len(set(row.tolist())) for row in tail], device=input_ids.device)
+            done = distinct < self.distinct
+        self.stopped = done if self.stopped is None else self.stopped | done
+        return done
+
+
+@dataclass
+class GenerationStats:
+    sequences: int = 0
+    generated_tokens: int = 0
+    seconds: float = 0.0
+    repetition_stops: int = 0
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.generated_tokens / self.seconds if self.seconds else 0.0
+
+
+class KvrlLM(HFLM):
+    """lm-eval's `HFLM` whose generation runs through the head-wise cache executor.
+
+    `pretrained` is anything `kvrl --model` accepts (hub id, directory, `.gguf`, `random:ARCH`,
+    `embedded`) or a loaded model (then pass `tokenizer` too). `plan` can be swapped between runs
+    (`lm.plan = ...`) to evaluate many cells on one loaded model.
+    """
+
+    def __init__(self, pretrained: Any = "embedded", strategy: str | None = None, heads: str | None = None,
+                 sparsity: float = 0.0, seed: int = 0, compressed_policy: str = "streaming", data_dir: str | None = None,
+                 tokenizer: Any = None, plan: CompressionPlan | None = None, on_samples: Any = None, **kwargs: Any) -> None:
+        if isinstance(pretrained, str):
+            from kvpress_rl.models import load_model
+
+            dtype = str(kwargs.pop("dtype", "auto")).replace("torch.", "")
+            model, tokenizer = load_model(pretrained, dtype=dtype, device=str(kwargs.pop("device", "cpu") or "cpu"))
+            if tokenizer is None:
+                raise ValueError(f"model {pretrained!r} has no tokenizer; lm-eval needs a real model")
+        else:
+            model = pretrained
+        kwargs.pop("device", None)
+        super().__init__(pretrained=model, tokenizer=tokenizer, **kwargs)
+        self._join_data_parallel()
+        self.stats = GenerationStats()
+        self.on_samples = on_samples
+        self.plan = plan
+        if plan is None and strategy:
+            self.plan = plan_for(model, tokenizer, strategy, float(sparsity), heads=heads, seed=int(seed),
+                                 compressed_policy=compressed_policy, data_dir=data_dir)
+
+    def _join_data_parallel(self) -> None:
+        """Under `accelerate launch`, take this process's share of the requests (HFLM does this only
+        for models it loads itself; ours are loaded by `kvpress_rl.models.load_model`)."""
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            from accelerate import Accelerator
+
+            self.accelerator = Accelerator()
+            self._rank = self.accelerator.process_index
+            self._world_size = self.accelerator.num_processes
+
+    def generate_until(self, requests: list, disable_tqdm: bool = False) -> list[str]:
+        # with a progress callback the caller shows its own bar
+        return super().generate_until(requests, disable_tqdm=disable_tqdm or self.on_samples is not None)
+
+    def _model_generate(self, context: torch.Tensor, max_length: int, stop: list[str], **generation_kwargs: Any) -> torch.Tensor:
+        total = generation_kwargs.pop("max_total_tokens", None)
+        if total:
+            max_length = min(max_length, int(total))
+        repetition = RepetitionStop(context.shape[1])
+        criteria = StoppingCriteriaList([repetition])
+        from lm_eval.models.utils_hf import stop_sequences_criteria
+
+        criteria.extend(stop_sequences_criteria(self.tokenizer, stop, context.shape[1], context.shape[0]))
+        if generation_kwargs.get("temperature", 0.0) == 0.0 and not generation_kwargs.get("do_sample"):
+            generation_kwargs.pop("temperature", None)
+            generation_kwargs["do_sample"] = False
+        began = time.perf_counter()
+        with torch.inference_mode(), (compressed(self.model, self.plan) if self.plan is not None else nullcontext()):
+            out = self.model.generate(input_ids=context, max_length=max_length, stopping_criteria=criteria,
+                                      pad_token_id=self.tokenizer.pad_token_id, use_cache=True, **generation_kwargs)
+        self.stats.seconds += time.perf_counter() - began
+        new = out[:, context.shape[1]:]
+        self.stats.generated_tokens += int((new != self.tokenizer.pad_token_id).sum())
+        self.stats.sequences += out.shape[0]
+        if repetition.stopped is not None:
+            self.stats.repetition_stops += int(repetition.stopped.sum())
+        if self.on_samples:
+            self.on_samples(out.shape[0])
+        return out
+
+
+def plan_for(model: Any, tokenizer: Any, strategy: str, sparsity: float, *, heads: str | None = None, seed: int = 0,
+             compressed_policy: str = "streaming", data_dir: str | None = None) -> CompressionPlan:
+    """The plan of `strategy` at `sparsity`: from a scores file, else by running its `select`."""
+    from kvpress_rl.executor.policies import BUDGET_BASE, make_policy
+    from kvpress_rl.models import ModelShape, model_id
+    from kvpress_rl.plugins import discover_strategies, get_strategy
+    from kvpress_rl.scores import HeadScores
+    from kvpress_rl.selector import SelectionContext
+
+    entry = get_strategy(strategy, discover_strategies())
+    selector = entry.cls()
+    if heads:
+        scores = HeadScores.load(heads)
+    else:
+        scores = selector.select(model, tokenizer, SelectionContext(seed=seed, data_dir=data_dir, model_id=model_id(model)))
+    scores.check_shape(ModelShape.from_config(model.config))
+    return selector.plan(scores, sparsity, make_policy(compressed_policy, fixed_budget=BUDGET_BASE))
+
+
+def register() -> None:
+    """Make `kvrl` a model name of lm-eval (idempotent)."""
+    from lm_eval.api.registry import model_registry
+
+    if MODEL_NAME not in model_registry:
+        model_registry.register(MODEL_NAME)(KvrlLM)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """lm-eval's command line, with `kvrl` among its models."""
+    from lm_eval.__main__ import cli_evaluate
+
+    register()
+    sys.argv = [sys.argv[0], *(argv if argv is not None else sys.argv[1:])]
+    cli_evaluate()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,278 @@
+"""Evaluation tasks as lm-evaluation-harness task configs.
+
+Three kinds, one name space:
+
+- lm-eval's own tasks (`gsm8k`, `gsm8k_cot`, `aime24`, `minerva_math500`, `mbpp`, ...): passed to
+  lm-eval by name and run as lm-eval defines them. With a data directory (`--data-dir`,
+  `KVRL_DATA_DIR`, laid out like `shared/data`) the same config is read from lm-eval's YAML and
+  pointed at the local JSON Lines instead of the hub, so it runs offline.
+- the paper's setting, `<task>_r1`: the R1 prompt (`Please reason step by step, and put your final
+  answer within \\boxed{}`), chat template, greedy, a cap on the total length (8,192 tokens; 16,384
+  for AIME24), scored with math-verify (integers for AIME, the MBPP sandbox for code).
+- `embedded`: the embedded model's link-following task (500 generated test problems).
+
+MBPP, in every variant, runs code through `kvpress_rl.evaluators.code_execution` (a contained
+subprocess) rather than lm-eval's in-process `exec`, and only when code execution is allowed
+(`--allow-code-execution`; lm-eval's CLI: `--confirm_run_unsafe_code`).
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kvpress_rl.errors import KvrlError
+from kvpress_rl.evaluators.scoring import gsm8k_gold, integer_equal, math_equal
+
+R1_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+R1_TOTAL_TOKENS = 8192
+R1_TOTAL_TOKENS_AIME = 16384
+EMBEDDED_TEST_PROBLEMS = 500
+
+
+@dataclass(frozen=True)
+class LocalFiles:
+    """Where an lm-eval task's splits lie in a data directory, and how its rows map to lm-eval's schema."""
+
+    splits: dict[str, str]  # lm-eval split name -> file under the data directory
+    to_schema: Callable[[dict], dict] | None = None
+
+
+def _aime_to_hub(row: dict) -> dict:
+    # lm-eval's aime24 reads Maxwell-Jia/AIME_2024 (ID, Problem, Solution, Answer as int); the
+    # offline copy pads answers to three digits ("025"), so the integer is what is compared.
+    return {"ID": row["id"], "Problem": row["problem"], "Solution": row["solution"], "Answer": int(row["answer"])}
+
+
+_GSM8K_FILES = {"train": "gsm8k/train.jsonl", "test": "gsm8k/test.jsonl"}
+LM_EVAL_LOCAL = {
+    "gsm8k": LocalFiles(_GSM8K_FILES),
+    "gsm8k_cot": LocalFiles(_GSM8K_FILES),
+    "gsm8k_cot_zeroshot": LocalFiles(_GSM8K_FILES),
+    "gsm8k_cot_llama": LocalFiles(_GSM8K_FILES),
+    "aime24": LocalFiles({"train": "aime24/test.jsonl"}, _aime_to_hub),
+    "minerva_math500": LocalFiles({"test": "math500/test.jsonl"}),
+    "mbpp": LocalFiles({"test": "mbpp/test.jsonl", "prompt": "mbpp/prompt.jsonl"}),
+}
+
+
+# --- the paper's setting: <task>_r1 ---------------------------------------------------------------
+@dataclass(frozen=True)
+class R1Task:
+    name: str
+    local_file: str  # under the data directory
+    hub: tuple[str, str | None, str]  # (dataset path, name, split) when no data directory is given
+    to_doc: Callable[[dict], dict]  # a row (local or hub) -> {"question", "gold", ...}
+    correct: Callable[[str, dict], bool]
+    total_tokens: int = R1_TOTAL_TOKENS
+    code: bool = False
+
+
+def _gsm8k_doc(row: dict) -> dict:
+    return {"question": row["question"], "gold": gsm8k_gold(row["answer"])}
+
+
+def _math_doc(row: dict) -> dict:
+    return {"question": row["problem"], "gold": row["answer"]}
+
+
+def _aime_doc(row: dict) -> dict:
+    return {"question": row.get("problem") or row["Problem"], "gold": str(int(str(row.get("answer", row.get("Answer"))).strip()))}
+
+
+def _mbpp_doc(row: dict) -> dict:
+    tests = "\n".join(row["test_list"])
+    question = f"{row['text']}\nYour code should pass these tests:\n{tests}\nWrite the function in a ```python``` code block."
+    return {"question": question, "gold": tests, "test_list": list(row["test_list"]), "test_setup_code": row.get("test_setup_code") or ""}
+
+
+def _mbpp_correct(response: str, doc: dict) -> bool:
+    from kvpress_rl.evaluators.code_execution import score_mbpp
+
+    return score_mbpp(response, doc).passed
+
+
+R1_TASKS = {
+    t.name: t
+    for t in (
+        R1Task("gsm8k_r1", "gsm8k/test.jsonl", ("openai/gsm8k", "main", "test"), _gsm8k_doc, lambda r, d: math_equal(r, d["gold"])),
+        R1Task("math500_r1", "math500/test.jsonl", ("HuggingFaceH4/MATH-500", None, "test"), _math_doc, lambda r, d: math_equal(r, d["gold"])),
+        R1Task("aime24_r1", "aime24/test.jsonl", ("Maxwell-Jia/AIME_2024", None, "train"), _aime_doc,
+               lambda r, d: integer_equal(r, d["gold"]), total_tokens=R1_TOTAL_TOKENS_AIME),
+        R1Task("mbpp_r1", "mbpp/test.jsonl", ("google-research-datasets/mbpp", "full", "test"), _mbpp_doc, _mbpp_correct, code=True),
+    )
+}
+
+CODE_TASKS = {"mbpp", "mbpp_r1"}
+# lm-eval tasks that would exec model code in-process: refused rather than run outside the sandbox
+UNCONTAINED_CODE_TASKS = {"mbpp_plus", "mbpp_instruct", "mbpp_plus_instruct", "humaneval", "humaneval_plus", "humaneval_instruct"}
+MBPP_FEWSHOT_IDS = (2, 3, 4)  # lm-eval's (and the paper's) three MBPP examples
+EMBEDDED = "embedded"
+
+
+@dataclass
+class TaskConfig:
+    """What `simple_evaluate` gets for one task, and how the grid reads its result."""
+
+    name: str
+    spec: str | dict[str, Any]  # a name lm-eval knows, or an inline config
+    metric: str  # the accuracy key in lm-eval's results, e.g. "acc,none"
+    chat_template: bool | None = None  # None: use the grid's choice
+    unsafe_code: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def data_dir_from(value: str | None) -> Path | None:
+    value = value or os.environ.get("KVRL_DATA_DIR")
+    return Path(value) if value else None
+
+
+def _require(data_dir: Path, relative: str, task: str) -> str:
+    path = data_dir / relative
+    if not path.is_file():
+        raise KvrlError(f"task {task!r} needs {relative} in the data directory {data_dir}, which has no such file")
+    return str(path)
+
+
+def _accuracy_metric() -> list[dict]:
+    return [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}]
+
+
+def r1_config(task: R1Task, data_dir: Path | None) -> TaskConfig:
+    def process_docs(dataset):
+        return dataset.map(task.to_doc, remove_columns=dataset.column_names)
+
+    def process_results(doc: dict, results: list[str]) -> dict:
+        return {"acc": float(task.correct(results[0], doc))}
+
+    config: dict[str, Any] = {
+        "task": task.name,
+        "output_type": "generate_until",
+        "test_split": "test",
+        "process_docs": process_docs,
+        "doc_to_text": lambda doc: f"{doc['question']}\n{R1_INSTRUCTION}",
+        "doc_to_target": "{{gold}}",
+        "process_results": process_results,
+        "metric_list": _accuracy_metric(),
+        "generation_kwargs": {"until": [], "do_sample": False, "max_gen_toks": task.total_tokens, "max_total_tokens": task.total_tokens},
+        "num_fewshot": 0,
+        "metadata": {"version": 1.0, "source": "kvpress-rl: the RLKV paper's evaluation setting"},
+    }
+    if data_dir is not None:
+        config.update(dataset_path="json", dataset_kwargs={"data_files": {"test": _require(data_dir, task.local_file, task.name)}})
+    else:
+        path, name, split = task.hub
+        config.update(dataset_path=path, dataset_name=name, test_split=split)
+    if task.code:
+        config["unsafe_code"] = True
+    return TaskConfig(task.name, config, "acc,none", chat_template=True, unsafe_code=task.code)
+
+
+def embedded_config(count: int = EMBEDDED_TEST_PROBLEMS, max_new_tokens: int = 96) -> TaskConfig:
+    from kvpress_rl.embedded.task import Difficulty, extract_answer, problems
+
+    def dataset(**_: Any):
+        import datasets
+
+        rows = [{"prompt": p.prompt(), "answer": p.answer, "seed": p.seed} for p in problems("test", count, Difficulty())]
+        return {"test": datasets.Dataset.from_list(rows)}
+
+    def process_results(doc: dict, results: list[str]) -> dict:
+        return {"acc": float(extract_answer(results[0]) == doc["answer"])}
+
+    config = {
+        "task": EMBEDDED,
+        "custom_dataset": dataset,
+        "output_type": "generate_until",
+        "test_split": "test",
+        "doc_to_text": "{{prompt}}",
+        "doc_to_target": "{{answer}}",
+        "process_results": process_results,
+        "metric_list": _accuracy_metric(),
+        "generation_kwargs": {"until": [], "do_sample": False, "max_gen_toks": max_new_tokens},
+        "num_fewshot": 0,
+        "metadata": {"version": 1.0, "source": "kvpress-rl embedded link-following task"},
+    }
+    return TaskConfig(EMBEDDED, config, "acc,none", chat_template=True)
+
+
+def _mbpp_results(doc: dict, results: list[str]) -> dict:
+    from kvpress_rl.evaluators.code_execution import score_mbpp
+
+    return {"pass_at_1": float(score_mbpp(results[0], doc).passed)}
+
+
+def lm_eval_config(name: str, data_dir: Path | None, task_manager) -> TaskConfig:
+    """lm-eval's own task, pointed at the local files when a data directory is given."""
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    if name in UNCONTAINED_CODE_TASKS:
+        raise KvrlError(f"task {name!r} would run model-written code outside kvpress-rl's sandbox; use mbpp or mbpp_r1")
+    code = name in CODE_TASKS
+    if data_dir is None and not code:
+        return TaskConfig(name, name, "")
+    entry = task_manager.task_index[name]
+    # MBPP's YAML imports a module that fetches `code_eval` from the hub: read it unresolved and
+    # replace the two functions it names (the metric, the few-shot examples) with ours.
+    config = dict(load_yaml(entry.yaml_path, resolve_func=not code))
+    config.pop("tag", None)
+    if data_dir is not None:
+        local = LM_EVAL_LOCAL.get(name)
+        if local is None:
+            raise KvrlError(f"task {name!r} has no offline copy; with --data-dir the tasks are: {', '.join(offline_task_names())}")
+        files = {split: _require(data_dir, path, name) for split, path in local.splits.items()}
+        config.update(dataset_path="json", dataset_name=None, dataset_kwargs={"data_files": files})
+        if local.to_schema is not None:
+            config["process_docs"] = _then(local.to_schema, config.get("process_docs"))
+    if code:  # our contained executor instead of lm-eval's in-process exec
+        config.update(process_results=_mbpp_results, unsafe_code=True,
+                      metric_list=[{"metric": "pass_at_1", "aggregation": "mean", "higher_is_better": True}])
+        config["fewshot_config"] = {"sampler": "first_n", "samples": _mbpp_fewshot(data_dir)}
+    return TaskConfig(name, config, "", unsafe_code=code)
+
+
+def _mbpp_fewshot(data_dir: Path | None) -> list[dict]:
+    if data_dir is not None:
+        import json
+
+        rows = [json.loads(line) for line in Path(_require(data_dir, "mbpp/prompt.jsonl", "mbpp")).read_text().splitlines() if line.strip()]
+    else:
+        import datasets
+
+        rows = list(datasets.load_dataset("google-research-datasets/mbpp", "full", split="prompt"))
+    chosen = [r for r in rows if r["task_id"] in MBPP_FEWSHOT_IDS]
+    return [{**r, "is_fewshot": True} for r in sorted(chosen, key=lambda r: r["task_id"])]
+
+
+def _then(to_schema: Callable[[dict], dict], original: Callable | None) -> Callable:
+    def process_docs(dataset):
+        mapped = dataset.map(to_schema, remove_columns=dataset.column_names)
+        return original(mapped) if original else mapped
+
+    return process_docs
+
+
+def offline_task_names() -> list[str]:
+    return [EMBEDDED, *LM_EVAL_LOCAL, *R1_TASKS]
+
+
+def resolve_task(name: str, data_dir: Path | None, task_manager=None, embedded_tokens: int = 96) -> TaskConfig:
+    """The lm-eval config of task `name`; unknown names get an error that lists the close ones."""
+    if name == EMBEDDED:
+        return embedded_config(max_new_tokens=embedded_tokens)
+    if name in R1_TASKS:
+        return r1_config(R1_TASKS[name], data_dir)
+    if task_manager is None:
+        from lm_eval.tasks import TaskManager
+
+        task_manager = TaskManager()
+    known = set(task_manager.all_tasks)
+    if name not in known:
+        close = difflib.get_close_matches(name, sorted(known | set(offline_task_names())), n=5, cutoff=0.6)
+        hint = f"; close names: {', '.join(close)}" if close else ""
+        raise KvrlError(f"unknown task {name!r}; offline tasks: {', '.join(offline_task_names())}{hint}")
+    return lm_eval_config(name, data_dir, task_manager)
