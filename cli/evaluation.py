@@ -65,7 +65,10 @@ def eval_command(tasks: str | None, strategies: str, sparsities: str, seeds: str
         relaunch_data_parallel(num_processes)
         return
     quiet_lm_eval()
-    console = Console()
+    import os
+
+    main_process = int(os.environ.get("RANK", "0")) == 0  # under `--num-processes`, only rank 0 reports
+    console = Console(quiet=not main_process)
     found = strategies_with_warnings()
     chosen = [(name, get_strategy(name, found)) for name in split_list(strategies, str, "--strategy")]
     levels = [check_sparsity(s) for s in split_list(sparsities, float, "--sparsity")]
@@ -84,7 +87,8 @@ def eval_command(tasks: str | None, strategies: str, sparsities: str, seeds: str
     if tokenizer is None:
         raise KvrlError(f"model {model_spec!r} has no tokenizer; evaluation needs a real model (the embedded one, a directory or a hub id)")
     cells_total = len(task_names) * (1 + sum(len(seed_list) if name == "random" else 1 for name, _ in chosen) * len(levels))
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console) as progress:
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console,
+                  disable=not main_process) as progress:
         cells_bar = progress.add_task("cells", total=cells_total)
         samples_bar = progress.add_task("samples", total=limit or None)
         lm = KvrlLM(lm_model, tokenizer=tokenizer, batch_size=batch_size, on_samples=lambda n: progress.advance(samples_bar, n))
@@ -122,6 +126,20 @@ def relaunch_data_parallel(num_processes: int) -> None:
             skip = True
         elif not arg.startswith("--num-processes="):
             args.append(arg)
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes), "--num_machines", "1",
+    # `--multi_gpu` is accelerate's torchrun path; on a machine without GPUs it runs CPU processes (gloo)
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(num_processes), "--num_machines", "1",
                "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "kvpress_rl.cli.main", *args]
     raise SystemExit(subprocess.call(command))
+
+
+@click.command("report")
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--paper", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="the paper's results CSV (layout of shared/reference/rlkv_paper_results.csv) to draw beside ours")
+@click.option("--paper-model", default=None, help="which of the CSV's models to draw (e.g. Qwen-2.5-7B-R1)")
+def report_command(directory: Path, paper: Path | None, paper_model: str | None) -> None:
+    """Plot accuracy against sparsity per task (report.png) and write report.md, from a `kvrl eval` output."""
+    from kvpress_rl.evaluators.report import write_report
+
+    png, markdown = write_report(directory, paper, paper_model)
+    Console().print(f"wrote {png} and {markdown}", highlight=False)

@@ -174,9 +174,10 @@ def plan_command(heads: Path, sparsity: float, seq_len: int, batch: int, head_di
 
 def _register_subcommands() -> None:
     from kvpress_rl.cli.embedded import embedded_group
-    from kvpress_rl.cli.evaluation import eval_command
+    from kvpress_rl.cli.evaluation import eval_command, report_command
 
     app.add_command(eval_command)
+    app.add_command(report_command)
     app.add_command(embedded_group)
 
 

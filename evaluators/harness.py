@@ -79,7 +79,7 @@ class KvrlLM(HFLM):
             from kvpress_rl.models import load_model
 
             dtype = str(kwargs.pop("dtype", "auto")).replace("torch.", "")
-            model, tokenizer = load_model(pretrained, dtype=dtype, device=str(kwargs.pop("device", "cpu") or "cpu"))
+            model, tokenizer = load_model(pretrained, dtype=dtype, device=available_device(kwargs.pop("device", None)))
             if tokenizer is None:
                 raise ValueError(f"model {pretrained!r} has no tokenizer; lm-eval needs a real model")
         else:
@@ -103,6 +103,17 @@ class KvrlLM(HFLM):
             self.accelerator = Accelerator()
             self._rank = self.accelerator.process_index
             self._world_size = self.accelerator.num_processes
+
+    def get_model_info(self) -> dict:
+        """lm-eval copies this into the results' `config`: the plan and the generation counters."""
+        info = super().get_model_info()
+        plan = self.plan
+        info["kvrl_plan"] = None if plan is None else {
+            "source": plan.source, "sparsity": plan.sparsity, "compressed_kv_heads": plan.num_compressed,
+            "kv_heads": plan.full.numel(), "compressed_policy": plan.policy.describe()}
+        info["kvrl_generation"] = {"sequences": self.stats.sequences, "generated_tokens": self.stats.generated_tokens,
+                                   "repetition_stops": self.stats.repetition_stops, "decode_tokens_per_s": self.stats.tokens_per_second}
+        return info
 
     def generate_until(self, requests: list, disable_tqdm: bool = False) -> list[str]:
         # with a progress callback the caller shows its own bar
@@ -133,6 +144,15 @@ class KvrlLM(HFLM):
         if self.on_samples:
             self.on_samples(out.shape[0])
         return out
+
+
+def available_device(requested: str | None) -> str:
+    """lm-eval's command line asks for `cuda` by default; like HFLM, use the CPU when there is none."""
+    if not requested or (requested.startswith("cuda") and not torch.cuda.is_available()):
+        return "cpu"
+    if requested.startswith("cuda") and ":" not in requested and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return f"cuda:{os.environ.get('LOCAL_RANK', '0')}"  # one model copy per process
+    return requested
 
 
 def plan_for(model: Any, tokenizer: Any, strategy: str, sparsity: float, *, heads: str | None = None, seed: int = 0,

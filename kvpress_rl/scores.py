@@ -101,7 +101,7 @@ class HeadScores:
         path = Path(path)
         rows: list[list[float]] = []
         try:
-            for line_no, line in enumerate(path.read_text().splitlines(), start=1):
+            for line_no, line in enumerate(path.read_text().splitlines(), start=1):  # noqa: B007 (named in the error)
                 if line.strip():
                     rows.append([float(cell) for cell in line.strip().split("\t")])
         except (ValueError, UnicodeDecodeError) as err:

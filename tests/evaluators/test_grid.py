@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from kvpress_rl import HeadScores, KvrlError
-from kvpress_rl.evaluators.grid import Cell, check_task, parse_heads, read_grid, summarize, write_grid
+from kvpress_rl.evaluators.grid import Cell, parse_heads, read_grid, sample_context, summarize, write_grid
 from kvpress_rl.evaluators.plots import gate_heatmap, training_curves
 
 
@@ -27,9 +27,16 @@ def test_summary_averages_seeds_and_compares_with_full():
     assert by_name[("rlkv", 0.6)]["kv_saved"] == pytest.approx(0.3)
 
 
-def test_unknown_task_suggests_close_names():
-    with pytest.raises(KvrlError, match="unknown task 'embeded'; available: embedded; did you mean embedded"):
-        check_task("embeded")
+def test_old_grid_files_without_classification_columns_still_read(tmp_path):
+    (tmp_path / "grid.csv").write_text("task,strategy,sparsity,seed,accuracy,correct,total,kv_fraction,decode_tokens_per_s\n"
+                                       "embedded,full,0.0,0,1.0,10,10,1.0,50.0\n")
+    (only,) = read_grid(tmp_path / "grid.csv")
+    assert only.accuracy == 1.0 and only.overlength == 0 and only.repetition_stops == 0
+
+
+def test_sample_context_reads_both_argument_layouts():
+    assert sample_context({"arguments": [["prompt", {"until": []}]]}) == "prompt"
+    assert sample_context({"arguments": {"gen_args_0": {"arg_0": "prompt", "arg_1": {}}}}) == "prompt"
 
 
 def test_heads_option_forms():

@@ -1,0 +1,114 @@
+"""`kvrl report DIR`: accuracy against sparsity per task (PNG) and a Markdown table, from a grid.
+
+With a paper CSV (the layout of shared/reference/rlkv_paper_results.csv: model, benchmark,
+method, sparsity, accuracy, full_accuracy in percent) the paper's points for one model are drawn
+beside ours, dashed, on the task they correspond to.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+
+from kvpress_rl.errors import KvrlError
+from kvpress_rl.evaluators.grid import FULL, read_grid, summarize
+from kvpress_rl.evaluators.plots import _pyplot, _save
+from kvpress_rl.io import write_atomic
+
+# our task name (prefix) -> the paper's benchmark; our strategy -> the paper's method
+PAPER_BENCHMARKS = {"gsm8k": "GSM8K", "aime24": "AIME24", "mbpp": "MBPP", "math500": "Math500", "minerva_math500": "Math500"}
+PAPER_METHODS = {"rlkv": "RLKV", "h2o": "H2O", "rkv": "R-KV", "duo": "DuoAttention", "kvzip": "KVZip"}
+
+
+@dataclass(frozen=True)
+class PaperPoint:
+    method: str
+    sparsity: float
+    accuracy: float  # fraction, like ours
+    full_accuracy: float
+
+
+def paper_benchmark(task: str) -> str | None:
+    for prefix in sorted(PAPER_BENCHMARKS, key=len, reverse=True):
+        if task == prefix or task.startswith(prefix + "_"):
+            return PAPER_BENCHMARKS[prefix]
+    return None
+
+
+def read_paper(path: Path, model: str) -> dict[str, list[PaperPoint]]:
+    """The paper's points for `model`, by benchmark."""
+    if not path.is_file():
+        raise KvrlError(f"paper results not found: {path}")
+    with path.open() as handle:
+        rows = list(csv.DictReader(handle))
+    needed = {"model", "benchmark", "method", "sparsity", "accuracy", "full_accuracy"}
+    if not rows or not needed <= set(rows[0]):
+        raise KvrlError(f"{path}: expected the columns {', '.join(sorted(needed))}")
+    models = sorted({r["model"] for r in rows})
+    if model not in models:
+        raise KvrlError(f"{path} has no model {model!r}; it has: {', '.join(models)}")
+    points: dict[str, list[PaperPoint]] = {}
+    for r in rows:
+        if r["model"] == model:
+            points.setdefault(r["benchmark"], []).append(
+                PaperPoint(r["method"], float(r["sparsity"]), float(r["accuracy"]) / 100, float(r["full_accuracy"]) / 100))
+    return points
+
+
+def paper_curves(points: list[PaperPoint]) -> dict[str, list[PaperPoint]]:
+    curves: dict[str, list[PaperPoint]] = {}
+    for point in sorted(points, key=lambda p: p.sparsity):
+        curves.setdefault(point.method, []).append(point)
+    return curves
+
+
+def markdown_table(rows: list[dict]) -> str:
+    lines = ["| task | strategy | sparsity | seeds | accuracy (%) | change vs full | KV saved | decode tok/s | overlength | repetitive |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        spread = f" ± {100 * r['accuracy_std']:.1f}" if r["seeds"] > 1 else ""
+        lines.append(f"| {r['task']} | {r['strategy']} | {r['sparsity']:g} | {r['seeds']} | {100 * r['accuracy']:.1f}{spread} | "
+                     f"{100 * r['change']:+.1f} | {100 * r['kv_saved']:.0f}% | {r['decode_tokens_per_s']:.1f} | {r['overlength']} | {r['repetitive']} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(directory: Path, paper: Path | None = None, paper_model: str | None = None) -> tuple[Path, Path]:
+    """`DIR/report.png` and `DIR/report.md` from `DIR/grid.csv`."""
+    cells = read_grid(directory / "grid.csv")
+    if not cells:
+        raise KvrlError(f"no finished cells in {directory / 'grid.csv'}; run `kvrl eval --output {directory}` first")
+    if paper is not None and not paper_model:
+        raise KvrlError("--paper needs --paper-model (one of the CSV's models)")
+    points = read_paper(paper, paper_model) if paper is not None else {}
+    rows = summarize(cells)
+    tasks = sorted({r["task"] for r in rows})
+    plt = _pyplot()
+    columns = min(3, len(tasks))
+    rows_of_plots = -(-len(tasks) // columns)
+    fig, axes = plt.subplots(rows_of_plots, columns, figsize=(5.5 * columns, 4.2 * rows_of_plots), squeeze=False)
+    for ax in axes.flat[len(tasks):]:
+        ax.axis("off")
+    for ax, task in zip(axes.flat, tasks):
+        mine = [r for r in rows if r["task"] == task]
+        full = next((r["accuracy"] for r in mine if r["strategy"] == FULL), None)
+        colors = {}
+        for strategy in sorted({r["strategy"] for r in mine} - {FULL}):
+            line = sorted((r for r in mine if r["strategy"] == strategy), key=lambda r: r["sparsity"])
+            xs = [0.0, *(r["sparsity"] for r in line)] if full is not None else [r["sparsity"] for r in line]
+            ys = [full, *(r["accuracy"] for r in line)] if full is not None else [r["accuracy"] for r in line]
+            colors[PAPER_METHODS.get(strategy, strategy)] = ax.plot(xs, [100 * y for y in ys], marker="o", label=strategy)[0].get_color()
+        for method, curve in paper_curves(points.get(paper_benchmark(task) or "", [])).items():
+            ax.plot([0.0, *(p.sparsity for p in curve)], [100 * curve[0].full_accuracy, *(100 * p.accuracy for p in curve)],
+                    linestyle="--", marker="x", color=colors.get(method), alpha=0.8, label=f"paper {paper_model}: {method}")
+        if full is not None:
+            ax.axhline(100 * full, color="grey", linewidth=0.8, linestyle=":", label="full cache")
+        ax.set_title(task)
+        ax.set_xlabel("sparsity (fraction of KV heads compressed)")
+        ax.set_ylabel("accuracy (%)")
+        ax.set_ylim(-2, 102)
+        ax.legend(fontsize=7)
+    png = _save(fig, directory / "report.png")
+    text = f"# kvrl report: {directory}\n\n![accuracy against sparsity](report.png)\n\n{markdown_table(rows)}"
+    markdown = write_atomic(directory / "report.md", lambda tmp: tmp.write_text(text), overwrite=True)
+    return png, markdown

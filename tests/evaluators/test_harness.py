@@ -1,0 +1,44 @@
+"""The lm-eval model `kvrl`: lm-eval's own command line with it, and the repetition stop."""
+
+import json
+import os
+import subprocess
+import sys
+
+import torch
+
+from kvpress_rl.evaluators.harness import RepetitionStop
+
+
+def test_repetition_stop_fires_on_a_loop_only():
+    prompt = torch.arange(5)[None]
+    looping = torch.cat([prompt, torch.arange(10).repeat(40)[None]], dim=1)
+    varied = torch.cat([prompt, torch.arange(400)[None]], dim=1)
+    stop = RepetitionStop(prompt_length=5)
+    assert stop(torch.cat([looping, varied]), None).tolist() == [True, False]
+    assert stop(looping[:, :300], None).tolist() == [False]
+
+
+def test_lm_eval_command_line_runs_the_kvrl_model(shared_data, tmp_path):
+    task = tmp_path / "gsm8k_local.yaml"
+    task.write_text(
+        "task: gsm8k_local\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+        f"    test: {shared_data / 'gsm8k' / 'test.jsonl'}\n"
+        "output_type: generate_until\ntest_split: test\ndoc_to_text: \"Question: {{question}}\\nAnswer:\"\n"
+        "doc_to_target: \"{{answer.split('####')[-1].strip()}}\"\n"
+        "metric_list:\n  - metric: exact_match\n    aggregation: mean\n    higher_is_better: true\n"
+        "generation_kwargs:\n  until: [\"Question:\"]\n  do_sample: false\n  max_gen_toks: 8\n"
+    )
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    command = [sys.executable, "-m", "kvpress_rl.evaluators.harness", "run", "--model", "kvrl",
+               "--model_args", "pretrained=embedded,strategy=random,sparsity=0.5,seed=1",
+               "--tasks", str(task), "--limit", "2", "--batch_size", "2", "--output_path", str(tmp_path / "out"), "--log_samples"]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (results_file,) = (tmp_path / "out").rglob("results_*.json")
+    results = json.loads(results_file.read_text())
+    assert results["config"]["model"] == "kvrl"
+    assert results["config"]["model_args"]["strategy"] == "random"
+    plan = results["config"]["kvrl_plan"]
+    assert plan["source"] == "random" and plan["compressed_kv_heads"] == 45 and plan["kv_heads"] == 90  # 30 layers x 3 KV heads
+    assert results["n-samples"]["gsm8k_local"]["effective"] == 2

@@ -1,0 +1,58 @@
+import json
+
+import datasets
+import pytest
+
+from kvpress_rl import KvrlError
+from kvpress_rl.evaluators.grid import GridSpec, resolve_tasks
+from kvpress_rl.evaluators.tasks import R1_INSTRUCTION, resolve_task
+
+
+def test_unknown_task_lists_close_names():
+    with pytest.raises(KvrlError, match=r"unknown task 'gsm8kk'.*close names: gsm8k"):
+        resolve_task("gsm8kk", None)
+
+
+def test_a_data_directory_without_the_file_is_refused(tmp_path):
+    with pytest.raises(KvrlError, match=r"task 'aime24_r1' needs aime24/test.jsonl in the data directory"):
+        resolve_task("aime24_r1", tmp_path)
+    with pytest.raises(KvrlError, match=r"task 'gsm8k' needs gsm8k/train.jsonl"):
+        resolve_task("gsm8k", tmp_path)
+
+
+def test_code_tasks_need_permission_to_execute_code(shared_data):
+    spec = GridSpec([], [0.5], [0], tasks=["mbpp_r1"], data_dir=str(shared_data))
+    with pytest.raises(KvrlError, match="pass --allow-code-execution"):
+        resolve_tasks(spec)
+    spec.allow_code_execution = True
+    assert [c.name for c in resolve_tasks(spec)] == ["mbpp_r1"]
+
+
+def test_uncontained_code_tasks_are_refused():
+    with pytest.raises(KvrlError, match="outside kvpress-rl's sandbox"):
+        resolve_task("mbpp_plus", None)
+
+
+def load_docs(config):
+    files = config.spec["dataset_kwargs"]["data_files"]
+    dataset = datasets.load_dataset("json", data_files=files)
+    split = config.spec.get("test_split", "test")
+    return config.spec["process_docs"](dataset[split])
+
+
+def test_local_aime24_takes_lm_eval_schema_with_integer_answers(shared_data):
+    raw = [json.loads(line) for line in (shared_data / "aime24" / "test.jsonl").read_text().splitlines()]
+    padded = {r["id"]: r["answer"] for r in raw if r["answer"].startswith("0")}
+    docs = {d["ID"]: d for d in load_docs(resolve_task("aime24", shared_data))}
+    assert padded and set(next(iter(docs.values()))) >= {"ID", "Problem", "Solution", "Answer"}
+    assert all(docs[i]["Answer"] == int(answer) and str(docs[i]["Answer"]) != answer for i, answer in padded.items())
+
+
+def test_r1_tasks_use_the_r1_prompt_and_score_with_their_verifier(shared_data):
+    config = resolve_task("gsm8k_r1", shared_data)
+    doc = load_docs(config)[0]
+    assert config.spec["doc_to_text"](doc).endswith(R1_INSTRUCTION)
+    assert config.chat_template is True and config.spec["generation_kwargs"]["max_total_tokens"] == 8192
+    assert config.spec["process_results"](doc, [f"... \\boxed{{{doc['gold']}}}"]) == {"acc": 1.0}
+    assert config.spec["process_results"](doc, ["\\boxed{-1}"]) == {"acc": 0.0}
+    assert resolve_task("aime24_r1", shared_data).spec["generation_kwargs"]["max_total_tokens"] == 16384
