@@ -100,7 +100,8 @@ class KvrlLM(HFLM):
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             from accelerate import Accelerator
 
-            self.accelerator = Accelerator()
+            # without a GPU, accelerate joins the processes only when told to use the CPU (gloo)
+            self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
             self._rank = self.accelerator.process_index
             self._world_size = self.accelerator.num_processes
 
@@ -111,6 +112,7 @@ class KvrlLM(HFLM):
         info["kvrl_plan"] = None if plan is None else {
             "source": plan.source, "sparsity": plan.sparsity, "compressed_kv_heads": plan.num_compressed,
             "kv_heads": plan.full.numel(), "compressed_policy": plan.policy.describe()}
+        info["kvrl_processes"] = self.world_size
         info["kvrl_generation"] = {"sequences": self.stats.sequences, "generated_tokens": self.stats.generated_tokens,
                                    "repetition_stops": self.stats.repetition_stops, "decode_tokens_per_s": self.stats.tokens_per_second}
         return info

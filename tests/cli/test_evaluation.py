@@ -98,3 +98,19 @@ def test_heads_of_another_model_are_refused(tmp_path):
                       "--limit", "2", "--output", "out", cwd=tmp_path)
     assert "heads of 'rlkv' do not fit this model" in one_line_error(result)
     assert not (tmp_path / "out" / "grid.csv").exists() or "rlkv" not in (tmp_path / "out" / "grid.csv").read_text()
+
+
+def test_data_parallel_eval_with_two_cpu_processes(tmp_path):
+    args = ("eval", "--strategy", "random", "--sparsity", "0.5", "--seeds", "0", "--limit", "4", "--max-tokens", "64")
+    parallel = run_kvrl(*args, "--num-processes", "2", "--output", "two", cwd=tmp_path, timeout=600)
+    assert parallel.returncode == 0, parallel.stderr[-3000:]
+    results = json.loads((tmp_path / "two" / "results" / "embedded" / "random-s0.5-seed0.json").read_text())
+    assert results["config"]["kvrl_processes"] == 2
+    samples = (tmp_path / "two" / "samples" / "embedded" / "random-s0.5-seed0.jsonl").read_text().splitlines()
+    assert sorted(json.loads(line)["doc_id"] for line in samples) == [0, 1, 2, 3]  # both halves gathered on rank 0
+    single = run_kvrl(*args, "--output", "one", cwd=tmp_path, timeout=600)
+    assert single.returncode == 0, single.stderr[-3000:]
+    def accuracies(name):
+        with (tmp_path / name / "grid.csv").open() as handle:
+            return {(r["strategy"], r["sparsity"]): r["accuracy"] for r in csv.DictReader(handle)}
+    assert accuracies("two") == accuracies("one")
