@@ -1,9 +1,9 @@
 """RLKV's gate learner: GRPO without KL on the model's own reasoning rewards, gates only.
 
 One gate alpha per (layer, KV head) in the executor's gated mixed attention
-(`alpha * full + (1 - alpha) * streaming`), initialised to 1 and clamped to [0, 1] in every
-forward; the model is frozen. Each step samples `group_size` completions per prompt from the
-*gated* model, rewards them with the task's verifier, and minimises
+(`alpha * full + (1 - alpha) * streaming`), initialised to 1 and kept in [0, 1] (projected
+after every optimizer step, so every forward sees clamped gates); the model is frozen. Each step
+samples `group_size` completions per prompt from the *gated* model, rewards them with the task's verifier, and minimises
 
     -clipped_surrogate (token-level mean, epsilon 0.4) + beta' * mean(alpha)
 
@@ -252,7 +252,12 @@ class RLKV(HeadSelector):
         grad_norm = torch.nn.utils.clip_grad_norm_([gates], o.grad_clip).item() if gates.grad is not None else 0.0
         if gates.grad is not None:
             optimizer.step()
-        alpha = gates.detach().clamp(0, 1)
+        with torch.no_grad():
+            # Project the gates back onto [0, 1] after every step. Clamping only inside the forward
+            # would let a gate drift above 1, where neither the reward nor the L1 term has a
+            # gradient any more: it would stay there and keep its head for good.
+            gates.clamp_(0.0, 1.0)
+        alpha = gates.detach()
         return {"mean_reward": mean_reward, "mean_alpha": alpha.mean().item(), "beta_prime": beta_prime, "grad_norm": grad_norm,
                 "gates_below_0.05": (alpha < 0.05).float().mean().item(), "gates_above_0.95": (alpha > 0.95).float().mean().item(),
                 "completion_tokens": int(tokens.item()), "seconds": time.perf_counter() - began}

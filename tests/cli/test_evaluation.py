@@ -114,3 +114,18 @@ def test_data_parallel_eval_with_two_cpu_processes(tmp_path):
         with (tmp_path / name / "grid.csv").open() as handle:
             return {(r["strategy"], r["sparsity"]): r["accuracy"] for r in csv.DictReader(handle)}
     assert accuracies("two") == accuracies("one")
+
+
+def test_gsm8k_on_the_real_model_with_its_chat_template(shared_data, tmp_path):
+    from kvpress_rl.embedded.model import smollm2_gguf
+
+    result = run_kvrl("eval", "--model", str(smollm2_gguf()), "--tasks", "gsm8k", "--data-dir", str(shared_data), "--limit", "20",
+                      "--strategy", "random", "--sparsity", "0.5", "--seeds", "0", "--max-tokens", "16", "--batch-size", "10",
+                      "--output", "out", cwd=tmp_path, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    samples = [json.loads(line) for line in (tmp_path / "out" / "samples" / "gsm8k" / "full-s0-seed0.jsonl").read_text().splitlines()]
+    assert len(samples) == 20
+    prompt = samples[0]["arguments"][0][0] if isinstance(samples[0]["arguments"], list) else samples[0]["arguments"]["gen_args_0"]["arg_0"]
+    assert prompt.count("<|im_start|>user") == 6 and prompt.endswith("<|im_start|>assistant\n")  # 5 shots as turns, then the question
+    results = json.loads((tmp_path / "out" / "results" / "gsm8k" / "random-s0.5-seed0.json").read_text())
+    assert results["config"]["kvrl_plan"]["compressed_kv_heads"] == 45

@@ -56,6 +56,7 @@ def test_rewards_move_the_gates(tiny, data, tmp_path):
     model, tokenizer = tiny
     scores = RLKV(options(data, steps=4)).select(model, tokenizer, SelectionContext(seed=1))
     assert not torch.all(scores.scores == 1.0)
+    assert scores.scores.min() >= 0.0 and scores.scores.max() <= 1.0  # projected onto [0, 1] after every step
 
 
 def test_constant_penalty_lowers_every_gate_when_rewards_carry_no_signal(tiny, tmp_path):
