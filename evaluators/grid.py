@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import statistics
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
@@ -141,7 +142,11 @@ def resolve_tasks(spec: GridSpec) -> list[TaskConfig]:
     manager = TaskManager()
     data_dir = data_dir_from(spec.data_dir)
     configs = [resolve_task(name, data_dir, manager, embedded_tokens=spec.max_new_tokens or 96) for name in spec.tasks]
+    offline = any(os.environ.get(v, "0").lower() in ("1", "true", "yes") for v in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"))
     for config in configs:
+        if offline and config.reads_hub:
+            raise KvrlError(f"task {config.name!r} reads its data from the Hugging Face hub, which is offline here; "
+                            "pass --data-dir (a folder laid out like shared/data)")
         if config.unsafe_code and not spec.allow_code_execution:
             raise KvrlError(f"task {config.name!r} runs model-written code; pass --allow-code-execution to allow it")
     return configs

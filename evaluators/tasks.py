@@ -21,7 +21,7 @@ from __future__ import annotations
 import difflib
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -123,7 +123,12 @@ class TaskConfig:
     metric: str  # the accuracy key in lm-eval's results, e.g. "acc,none"
     chat_template: bool | None = None  # None: use the grid's choice
     unsafe_code: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def reads_hub(self) -> bool:
+        if isinstance(self.spec, str):
+            return True
+        return "custom_dataset" not in self.spec and self.spec.get("dataset_path") != "json"
 
 
 def data_dir_from(value: str | None) -> Path | None:

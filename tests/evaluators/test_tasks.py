@@ -56,3 +56,11 @@ def test_r1_tasks_use_the_r1_prompt_and_score_with_their_verifier(shared_data):
     assert config.spec["process_results"](doc, [f"... \\boxed{{{doc['gold']}}}"]) == {"acc": 1.0}
     assert config.spec["process_results"](doc, ["\\boxed{-1}"]) == {"acc": 0.0}
     assert resolve_task("aime24_r1", shared_data).spec["generation_kwargs"]["max_total_tokens"] == 16384
+
+
+def test_hub_tasks_are_refused_offline_with_the_fix(monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.delenv("KVRL_DATA_DIR", raising=False)
+    with pytest.raises(KvrlError, match=r"task 'gsm8k_r1' reads its data from the Hugging Face hub.*pass --data-dir"):
+        resolve_tasks(GridSpec([], [0.5], [0], tasks=["gsm8k_r1"]))
+    assert [c.name for c in resolve_tasks(GridSpec([], [0.5], [0], tasks=["embedded"]))] == ["embedded"]
