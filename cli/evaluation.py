@@ -47,15 +47,17 @@ def results_table(rows: list[dict]) -> Table:
               help="token policy of the compressed heads of head strategies: streaming, snapkv, h2o, rkv (hybrid plans)")
 @click.option("--allow-code-execution", is_flag=True, help="allow running model-written code (mbpp), in a contained subprocess")
 @click.option("--chat-template/--no-chat-template", default=None, help="apply the tokenizer's chat template (default: when it has one)")
+@click.option("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when there is one, one GPU per process)")
+@click.option("--dtype", default="auto", show_default=True, help="auto (float32 on CPU, bfloat16 on GPU), float32, float16, bfloat16")
 @click.option("--num-processes", default=1, show_default=True, type=int, help="data-parallel processes (accelerate launch)")
 @click.option("--output", default="kvrl-eval", show_default=True, type=click.Path(file_okay=False, path_type=Path))
 def eval_command(tasks: str | None, strategies: str, sparsities: str, seeds: str, model: str | None, heads: str | None, limit: int,
                  batch_size: int, max_tokens: int | None, data_dir: str | None, compressed_policy: str, allow_code_execution: bool,
-                 chat_template: bool | None, num_processes: int, output: Path) -> None:
+                 chat_template: bool | None, device: str | None, dtype: str, num_processes: int, output: Path) -> None:
     """Evaluate strategies at several sparsities with lm-eval (full cache once per task); resumes an interrupted grid."""
     from kvpress_rl.cli.main import strategies_with_warnings
     from kvpress_rl.evaluators.grid import GridSpec, parse_heads, resolve_tasks, run_grid, summarize
-    from kvpress_rl.evaluators.harness import KvrlLM
+    from kvpress_rl.evaluators.harness import KvrlLM, available_device
     from kvpress_rl.executor.policies import BUDGET_BASE, make_policy
     from kvpress_rl.models import DEFAULT_MODEL, load_model
     from kvpress_rl.plan import check_sparsity
@@ -83,7 +85,7 @@ def eval_command(tasks: str | None, strategies: str, sparsities: str, seeds: str
                     compressed_policy, allow_code_execution, chat_template)
     resolve_tasks(spec)  # bad task names, missing files, code execution: refused before the model loads
     with console.status(f"loading model {model_spec}"):
-        lm_model, tokenizer = load_model(model_spec)
+        lm_model, tokenizer = load_model(model_spec, dtype=dtype, device=available_device(device or "cuda"))
     if tokenizer is None:
         raise KvrlError(f"model {model_spec!r} has no tokenizer; evaluation needs a real model (the embedded one, a directory or a hub id)")
     cells_total = len(task_names) * (1 + sum(len(seed_list) if name == "random" else 1 for name, _ in chosen) * len(levels))
