@@ -91,3 +91,18 @@ def test_bad_options_are_refused(tiny, data):
         RLKV(options("nonsense")).select(model, tokenizer, SelectionContext())
     with pytest.raises(KvrlError, match="solves none"):
         RLKV(options(data, self_distillation=True, pool_size=4)).select(model, tokenizer, SelectionContext())
+
+
+def test_unset_options_take_the_paper_values_or_the_embedded_ones(tiny):
+    model, _ = tiny
+    paper = RLKV(RLKVOptions())
+    paper.resolve(model)
+    assert (paper.options.steps, paper.options.lr, paper.options.beta, paper.options.window) == (185, 0.01, 1e-3, 256)
+    embedded = RLKV(RLKVOptions(lr=0.2))
+    original = model.name_or_path
+    model.name_or_path = "embedded"
+    try:
+        embedded.resolve(model)
+    finally:
+        model.name_or_path = original
+    assert (embedded.options.steps, embedded.options.lr, embedded.options.beta, embedded.options.window) == (40, 0.2, 1e-2, 64)
