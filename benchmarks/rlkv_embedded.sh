@@ -5,7 +5,7 @@
 #   2. greedy, LIMIT test problems: full cache; rlkv at 0.5 (the 97%-of-full bar); rlkv, retrieval,
 #      duo and random (3 seeds) at 0.6 and 0.8 (the "beats every head strategy" bar);
 #   3. the rest of the grid (0.2, 0.4) and the ablations at 0.6 on SMALL_LIMIT problems;
-#   4. the reports (PNG + markdown).
+#   4. the reports (PNG + markdown) and paired sign tests of rlkv against retrieval and duo.
 # Resumable: every step skips what is already there (kvrl eval resumes its grid cell by cell).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -36,3 +36,8 @@ for ablation in rlkv-constant-l1 rlkv-no-sd; do
 done
 $KVRL report "$OUT/grid-$LIMIT"
 $KVRL report "$OUT/grid-$SMALL_LIMIT"
+SAMPLES="$OUT/grid-$LIMIT/samples/embedded"
+for pair in "rlkv-s0.6 retrieval-s0.6" "rlkv-s0.6 duo-s0.6" "rlkv-s0.8 retrieval-s0.8" "rlkv-s0.8 duo-s0.8"; do
+    set -- $pair
+    .venv/bin/python benchmarks/paired.py "$SAMPLES/$1-seed0.jsonl" "$SAMPLES/$2-seed0.jsonl"
+done
