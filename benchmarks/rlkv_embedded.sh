@@ -5,7 +5,9 @@
 #   2. greedy, LIMIT test problems: full cache; rlkv at 0.5 (the 97%-of-full bar); rlkv, retrieval,
 #      duo and random (3 seeds) at 0.6 and 0.8 (the "beats every head strategy" bar);
 #   3. the rest of the grid (0.2, 0.4) and the ablations at 0.6 on SMALL_LIMIT problems;
-#   4. the reports (PNG + markdown) and paired sign tests of rlkv against retrieval and duo.
+#   4. the reports (PNG + markdown) and paired sign tests of rlkv against retrieval and duo;
+#   5. rlkv trained with seeds 1 and 2 (other training problems and rollouts), at 0.6 and 0.8 on
+#      LIMIT problems: how much of a grid cell is the training seed (about 50 minutes more).
 # Resumable: every step skips what is already there (kvrl eval resumes its grid cell by cell).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -41,3 +43,21 @@ for pair in "rlkv-s0.6 retrieval-s0.6" "rlkv-s0.6 duo-s0.6" "rlkv-s0.8 retrieval
     set -- $pair
     .venv/bin/python benchmarks/paired.py "$SAMPLES/$1-seed0.jsonl" "$SAMPLES/$2-seed0.jsonl"
 done
+
+for seed in 1 2; do
+    select_heads "rlkv-seed$seed" --strategy rlkv --seed "$seed"
+    mkdir -p "$OUT/rlkv-seed$seed-$LIMIT"
+    grid="$OUT/rlkv-seed$seed-$LIMIT/grid.csv"  # starts with the full-cache cell, already measured
+    [ -f "$grid" ] || { head -1 "$OUT/grid-$LIMIT/grid.csv"; grep '^embedded,full,' "$OUT/grid-$LIMIT/grid.csv"; } > "$grid"
+    $KVRL eval --strategy rlkv --heads "$OUT/heads-rlkv-seed$seed.safetensors" --sparsity 0.6,0.8 --limit "$LIMIT" --batch-size 32 \
+        --output "$OUT/rlkv-seed$seed-$LIMIT"
+done
+.venv/bin/python - "$OUT" <<'PY'
+import sys
+from kvpress_rl.evaluators.plots import gate_heatmaps
+from kvpress_rl.scores import HeadScores
+out = sys.argv[1]
+files = [("rlkv, training seed 0", "rlkv"), ("rlkv, training seed 1", "rlkv-seed1"), ("rlkv, training seed 2", "rlkv-seed2"), ("retrieval", "retrieval")]
+panels = [(title, HeadScores.load(f"{out}/heads-{name}.safetensors")) for title, name in files]
+print(gate_heatmaps(panels, f"{out}/rlkv_gates_seeds.png", kept_at=0.8))
+PY

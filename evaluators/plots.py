@@ -27,16 +27,29 @@ def _save(fig, path: Path) -> Path:
 
 def gate_heatmap(scores: HeadScores, path: str | Path, title: str | None = None) -> Path:
     """Layers x KV heads, clipped to [0, 1] as the plan sees them."""
+    return gate_heatmaps([(title or f"{scores.strategy} gates ({scores.model_id})", scores)], path)
+
+
+def gate_heatmaps(panels: list[tuple[str, HeadScores]], path: str | Path, kept_at: float | None = None) -> Path:
+    """One heat map per `(title, scores)`, side by side; with `kept_at`, red dots on the heads that
+    keep their full cache at that sparsity (the plan's global ranking)."""
+    from kvpress_rl.plan import plan_from_scores
+
     plt = _pyplot()
-    values = scores.scores.clamp(0, 1).numpy()
-    layers, heads = values.shape
-    fig, ax = plt.subplots(figsize=(max(3.0, 0.5 * heads + 2), max(3.0, 0.22 * layers + 1)))
-    image = ax.imshow(values, aspect="auto", cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
-    ax.set_xlabel("KV head")
-    ax.set_ylabel("layer")
-    ax.set_xticks(range(heads))
-    ax.set_title(title or f"{scores.strategy} gates ({scores.model_id})")
-    fig.colorbar(image, ax=ax, label="score (1 = full cache)")
+    layers, heads = panels[0][1].shape
+    fig, axes = plt.subplots(1, len(panels), figsize=(len(panels) * max(3.0, 0.5 * heads + 2), max(3.0, 0.22 * layers + 1)), squeeze=False)
+    for ax, (title, scores) in zip(axes[0], panels):
+        image = ax.imshow(scores.scores.clamp(0, 1).numpy(), aspect="auto", cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
+        if kept_at is not None:
+            rows, cols = plan_from_scores(scores, kept_at).full.nonzero(as_tuple=True)
+            ax.scatter(cols.numpy(), rows.numpy(), s=12, c="red", label=f"full cache at s = {kept_at}")
+        ax.set_xlabel("KV head")
+        ax.set_xticks(range(heads))
+        ax.set_title(title)
+    axes[0][0].set_ylabel("layer")
+    fig.colorbar(image, ax=list(axes[0]), label="score (1 = full cache)")
+    if kept_at is not None:
+        axes[0][0].legend(loc="lower left", fontsize="small")
     return _save(fig, Path(path))
 
 

@@ -40,7 +40,7 @@ from kvpress_rl.strategies.rlkv.problems import Problem, load_problems
 
 @dataclass
 class RLKVOptions:
-    data: str = field(default="embedded", metadata={"help": "training problems: embedded, gsm8k, math500 (with --data-dir) or a .jsonl file"})
+    data: str = field(default="embedded", metadata={"help": "training problems: embedded, embedded-mixed (4 to 10 hops), gsm8k, math500 (with --data-dir) or a .jsonl file"})
     steps: int | None = field(default=None, metadata={"help": "RL steps (default: the paper's 185; 40 on the embedded model)"})
     prompts_per_step: int | None = field(default=None, metadata={"help": "prompts per step (default: the paper's 32; 4 on the embedded model)"})
     group_size: int = field(default=4, metadata={"help": "samples per prompt, G"})
@@ -104,6 +104,17 @@ def all_mean(value: torch.Tensor) -> torch.Tensor:
     return value
 
 
+def shared_prefill(model, ids: torch.Tensor, mask: torch.Tensor, copies: int):
+    """The KV cache of `ids[:, :-1]`, each row repeated `copies` times (`generate` then feeds the last token)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    position = (mask.cumsum(-1) - 1).clamp_min(0)
+    model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=position[:, :-1], cache=cache, use_cache=True, logits_to_keep=1)
+    cache.batch_repeat_interleave(copies)
+    return cache
+
+
 class RLKV(HeadSelector):
     __doc__ = __doc__
     name = "rlkv"
@@ -126,15 +137,23 @@ class RLKV(HeadSelector):
         defaults = self.EMBEDDED if getattr(model, "name_or_path", "") == "embedded" else self.PAPER
         self.options = replace(self.options, **{k: v for k, v in defaults.items() if getattr(self.options, k) is None})
 
-    def generate(self, model, tokenizer, prompts: list[list[int]], sample: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """`(sequences, attention_mask, completion_start)` for left-padded prompts."""
+    def generate(self, model, tokenizer, prompts: list[list[int]], sample: bool, copies: int = 1) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """`(sequences, attention_mask, completion_start)` for left-padded prompts, each sampled `copies` times.
+
+        The copies of a prompt share one prefill: its cache (all but the last prompt token) is computed
+        once and repeated, so a group of G rollouts costs one prompt forward instead of G.
+        """
         ids, mask = left_pad(prompts, tokenizer.pad_token_id)
+        ids, mask = ids.to(model.device), mask.to(model.device)
         kwargs = dict(do_sample=True, temperature=self.options.temperature, top_k=0, top_p=1.0) if sample else dict(do_sample=False)
         with torch.no_grad():
-            out = model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device), max_new_tokens=self.options.max_new_tokens,
+            if copies > 1:
+                kwargs["cache"] = shared_prefill(model, ids, mask, copies)
+                ids, mask = ids.repeat_interleave(copies, dim=0), mask.repeat_interleave(copies, dim=0)
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=self.options.max_new_tokens,
                                  eos_token_id=end_ids(tokenizer), pad_token_id=tokenizer.pad_token_id, **kwargs)
         completions = out[:, ids.shape[1]:]
-        full_mask = torch.cat([mask.to(out.device), completion_mask(completions, end_ids(tokenizer))], dim=1)
+        full_mask = torch.cat([mask, completion_mask(completions, end_ids(tokenizer))], dim=1)
         return out, full_mask, ids.shape[1]
 
     def self_distill(self, model, tokenizer, pool: list[Problem], count: int, rng: random.Random) -> list[Problem]:
@@ -222,9 +241,9 @@ class RLKV(HeadSelector):
         began = time.perf_counter()
         rank, size = world()
         problems = problems[rank::size] or problems[:1]  # data parallel: each process samples its share
-        prompts = [chat_ids(tokenizer, p.prompt) for p in problems for _ in range(o.group_size)]
+        prompts = [chat_ids(tokenizer, p.prompt) for p in problems]
         with gated(model, gates, sink=sink, window=window):  # rollouts come from the gated model
-            sequences, mask, offset = self.generate(model, tokenizer, prompts, sample=True)
+            sequences, mask, offset = self.generate(model, tokenizer, prompts, sample=True, copies=o.group_size)
         completions = sequences[:, offset:]
         comp_mask = mask[:, offset:].float()
         texts = [tokenizer.decode(row[m.bool()], skip_special_tokens=True) for row, m in zip(completions, comp_mask)]
@@ -236,7 +255,7 @@ class RLKV(HeadSelector):
         tokens = comp_mask.sum().clamp_min(1.0)
         optimizer.zero_grad()
         with gated(model, gates, sink=sink, window=window):
-            for start in range(0, len(prompts), o.micro_batch):
+            for start in range(0, len(sequences), o.micro_batch):
                 part = slice(start, start + o.micro_batch)
                 if not advantages[part].any():
                     continue  # no learning signal in these groups

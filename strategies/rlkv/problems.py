@@ -40,6 +40,16 @@ def embedded_problems(count: int, seed: int) -> list[Problem]:
     return [Problem(p.prompt(), p.answer, verify_embedded, f"embedded:{p.seed}") for p in problems("train", count, offset=seed * 100_000)]
 
 
+def embedded_mixed_problems(count: int, seed: int) -> list[Problem]:
+    """The embedded task at the difficulties the embedded model was trained on (4 to 10 hops, 20 to
+    40 links), so its solutions vary in length and self-distillation has lengths to stratify."""
+    from kvpress_rl.embedded.train import TrainConfig, curriculum_problem
+
+    config = TrainConfig(seed=1 + seed)  # seed streams 1, 2, ...: disjoint from the adapter's own (0)
+    drawn = (curriculum_problem(i, config) for i in range(count))
+    return [Problem(p.prompt(), p.answer, verify_embedded, f"embedded-mixed:{p.seed}") for p in drawn]
+
+
 R1_SUFFIX = "\nPlease reason step by step, and put your final answer within \\boxed{}."
 
 
@@ -70,13 +80,15 @@ NAMED_SETS = {"gsm8k": "gsm8k/train.jsonl", "math500": "math500/test.jsonl"}
 
 
 def load_problems(data: str, count: int, seed: int, data_dir: str | None) -> list[Problem]:
-    """`embedded`, a named set under `data_dir` (gsm8k, math500), or a JSON Lines path."""
+    """`embedded`, `embedded-mixed`, a named set under `data_dir` (gsm8k, math500), or a JSON Lines path."""
     if data == "embedded":
         return embedded_problems(count, seed)
+    if data == "embedded-mixed":
+        return embedded_mixed_problems(count, seed)
     if data in NAMED_SETS:
         if not data_dir:
             raise KvrlError(f"training set {data!r} needs --data-dir (a folder laid out like shared/data)")
         return jsonl_problems(Path(data_dir) / NAMED_SETS[data], count)
     if re.search(r"\.jsonl?$", data):
         return jsonl_problems(Path(data), count)
-    raise KvrlError(f"unknown training data {data!r}; accepted: embedded, {', '.join(NAMED_SETS)}, or a .jsonl file")
+    raise KvrlError(f"unknown training data {data!r}; accepted: embedded, embedded-mixed, {', '.join(NAMED_SETS)}, or a .jsonl file")

@@ -106,3 +106,17 @@ def test_unset_options_take_the_paper_values_or_the_embedded_ones(tiny):
     finally:
         model.name_or_path = original
     assert (embedded.options.steps, embedded.options.lr, embedded.options.beta, embedded.options.window) == (40, 0.2, 1e-2, 64)
+
+
+def test_copies_of_a_prompt_share_one_prefill_and_generate_what_separate_rows_would(tiny):
+    model, tokenizer = tiny
+    from kvpress_rl.executor.gated import gated, new_gates
+
+    learner = RLKV(RLKVOptions(max_new_tokens=6))
+    prompts = [tokenizer("12+0=")["input_ids"], tokenizer("3+0=")["input_ids"]]  # unequal lengths: left padding
+    gates = new_gates(model, 0.5)
+    with gated(model, gates, sink=1, window=2):
+        separate = learner.generate(model, tokenizer, [p for p in prompts for _ in range(3)], sample=False)
+        shared = learner.generate(model, tokenizer, prompts, sample=False, copies=3)
+    assert shared[2] == separate[2]
+    assert torch.equal(shared[0], separate[0]) and torch.equal(shared[1], separate[1])
