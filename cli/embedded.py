@@ -40,21 +40,32 @@ def train_command(output: str, examples: int, batch_size: int, lr: float, seed: 
 @click.option("--split", default="test", show_default=True, type=click.Choice(["train", "validation", "test"]))
 @click.option("--adapter", default=None, type=click.Path(file_okay=False, path_type=Path), help="adapter directory (default: the shipped one)")
 @click.option("--batch-size", default=16, show_default=True, type=int)
-def evaluate_command(limit: int, split: str, adapter: Path | None, batch_size: int) -> None:
-    """Full-cache greedy accuracy, and the prompt / chain-of-thought lengths in tokens."""
+@click.option("--heads", default=None, type=click.Path(dir_okay=False, path_type=Path),
+              help="a HeadScores file: compress its lowest-scored heads (16 sink + 64 recent) instead of the full cache")
+@click.option("--sparsity", default=None, type=float, help="fraction of KV heads to compress (with --heads)")
+def evaluate_command(limit: int, split: str, adapter: Path | None, batch_size: int, heads: Path | None, sparsity: float | None) -> None:
+    """Greedy accuracy (full cache, or a head plan with --heads and --sparsity), and the prompt /
+    chain-of-thought lengths in tokens. `--split validation` compares selections without touching the test problems."""
     import statistics
 
     from kvpress_rl.embedded.evaluate import evaluate
     from kvpress_rl.embedded.model import ADAPTER_DIR, load_embedded
     from kvpress_rl.embedded.task import problems
+    from kvpress_rl.errors import KvrlError
+    from kvpress_rl.plan import plan_from_scores
+    from kvpress_rl.scores import HeadScores
 
+    if (heads is None) != (sparsity is None):
+        raise KvrlError("--heads and --sparsity go together: give both (a head plan) or neither (the full cache)")
+    plan = plan_from_scores(HeadScores.load(heads), sparsity) if heads else None
     model, tokenizer = load_embedded(adapter=adapter or ADAPTER_DIR)
     items = problems(split, limit)
     with Progress(TextColumn("evaluating"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()) as progress:
         bar = progress.add_task("eval", total=limit)
-        result = evaluate(model, tokenizer, items, batch_size=batch_size, on_batch=lambda n: progress.advance(bar, n))
+        result = evaluate(model, tokenizer, items, plan=plan, batch_size=batch_size, max_new_tokens=96, on_batch=lambda n: progress.advance(bar, n))
     console = Console()
-    console.print(f"accuracy {100 * result.accuracy:.1f}% ({result.correct}/{result.total}) on {split}, full cache, greedy", highlight=False)
+    setting = f"{heads.name} at sparsity {sparsity:g}" if heads else "full cache"
+    console.print(f"accuracy {100 * result.accuracy:.1f}% ({result.correct}/{result.total}) on {split}, {setting}, greedy", highlight=False)
     for label, values in (("prompt tokens", result.prompt_lengths), ("chain-of-thought tokens", result.output_lengths)):
         q = statistics.quantiles(values, n=20)
         console.print(f"{label}: min {min(values)}, p5 {q[0]:.0f}, median {statistics.median(values):.0f}, p95 {q[-1]:.0f}, max {max(values)}", highlight=False)

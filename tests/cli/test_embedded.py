@@ -1,0 +1,38 @@
+"""`kvrl embedded evaluate` as a user runs it: the full cache, or a head plan, on a chosen split."""
+
+import re
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from kvpress_rl import HeadScores
+from kvpress_rl.cli.main import app
+
+
+@pytest.fixture
+def cli(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    runner = CliRunner()
+    return lambda *args: runner.invoke(app, list(args), catch_exceptions=False)
+
+
+def accuracy_line(result) -> tuple[int, str]:
+    assert result.exit_code == 0, result.output
+    line = next(line for line in result.output.splitlines() if line.startswith("accuracy"))
+    return int(re.search(r"\((\d+)/", line).group(1)), line
+
+
+def test_a_head_plan_is_evaluated_on_the_validation_split(cli, tmp_path):
+    HeadScores(torch.zeros(30, 3), strategy="constant").save(tmp_path / "heads.safetensors")
+    split = ("embedded", "evaluate", "--split", "validation", "--limit", "4", "--batch-size", "4")
+    full, full_line = accuracy_line(cli(*split))
+    none, none_line = accuracy_line(cli(*split, "--heads", "heads.safetensors", "--sparsity", "1"))
+    assert "(4/4) on validation, full cache" in full_line or "(3/4) on validation, full cache" in full_line
+    assert "on validation, heads.safetensors at sparsity 1" in none_line
+    assert none < full  # every head compressed to 16 + 64 tokens breaks the look-ups
+
+
+def test_heads_and_sparsity_go_together(cli, tmp_path):
+    result = cli("embedded", "evaluate", "--limit", "2", "--sparsity", "0.5")
+    assert result.exit_code == 2 and "--heads and --sparsity go together" in result.output.splitlines()[-1]
