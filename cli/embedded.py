@@ -65,7 +65,7 @@ def evaluate_command(limit: int, split: str, adapter: Path | None, batch_size: i
         result = evaluate(model, tokenizer, items, plan=plan, batch_size=batch_size, max_new_tokens=96, on_batch=lambda n: progress.advance(bar, n))
     console = Console()
     setting = f"{heads.name} at sparsity {sparsity:g}" if heads else "full cache"
-    console.print(f"accuracy {100 * result.accuracy:.1f}% ({result.correct}/{result.total}) on {split}, {setting}, greedy", highlight=False)
+    console.print(f"accuracy {100 * result.accuracy:.1f}% ({result.correct}/{result.total}) on {split}, {setting}, greedy", highlight=False, soft_wrap=True)
     for label, values in (("prompt tokens", result.prompt_lengths), ("chain-of-thought tokens", result.output_lengths)):
         q = statistics.quantiles(values, n=20)
         console.print(f"{label}: min {min(values)}, p5 {q[0]:.0f}, median {statistics.median(values):.0f}, p95 {q[-1]:.0f}, max {max(values)}", highlight=False)
