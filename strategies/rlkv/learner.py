@@ -60,7 +60,7 @@ class RLKVOptions:
     bin_proportions: tuple[float, ...] = field(default=(600.0, 600.0, 1000.0, 800.0), metadata={"help": "draw per bin (paper: 600/600/1000/800)"})
     sink: int | None = field(default=None, metadata={"help": "streaming sink in training (default: the paper's 128; 16 on the embedded model)"})
     window: int | None = field(default=None, metadata={"help": "streaming window in training (default: the paper's 256; 64 on the embedded model)"})
-    micro_batch: int = field(default=8, metadata={"help": "sequences per backward pass (memory only)"})
+    micro_batch: int = field(default=8, metadata={"help": "sequences per backward pass, rounded down to whole groups (memory only)"})
     checkpoint_every: int = field(default=4, metadata={"help": "steps between checkpoints"})
 
 
@@ -183,11 +183,24 @@ class RLKV(HeadSelector):
         self.solved_fraction = len(solved) / len(pool)
         return drawn
 
-    def token_logprobs(self, model, sequences: torch.Tensor, mask: torch.Tensor, offset: int) -> torch.Tensor:
-        """Log-probabilities `(sequences, completion_tokens)` of the completion tokens under `model`."""
+    def group_logprobs(self, model, sequences: torch.Tensor, mask: torch.Tensor, offset: int, copies: int) -> torch.Tensor:
+        """Log-probabilities `(rows, completion_tokens)` of the completion tokens under `model`, for rows in
+        groups of `copies` that share their prompt (the rollouts of one prompt).
+
+        The prompt goes through the model once per group and its cache is repeated for the completions,
+        instead of once per row: with G = 4 and 220-token prompts under 50-token completions, the
+        backward sees about 2.5 times fewer tokens. Gradients flow through the shared prompt.
+        """
+        from transformers import DynamicCache
+
         position = (mask.cumsum(-1) - 1).clamp_min(0)
-        keep = sequences.shape[1] - offset + 1
-        logits = model(input_ids=sequences, attention_mask=mask, position_ids=position, logits_to_keep=keep).logits[:, :-1]
+        cache = DynamicCache(config=model.config)
+        prompt = model(input_ids=sequences[::copies, :offset], attention_mask=mask[::copies, :offset],
+                       position_ids=position[::copies, :offset], cache=cache, use_cache=True, logits_to_keep=1)
+        cache.batch_repeat_interleave(copies)
+        first = prompt.logits[:, -1:].repeat_interleave(copies, dim=0)  # predicts the first completion token
+        rest = model(input_ids=sequences[:, offset:], attention_mask=mask, position_ids=position[:, offset:], cache=cache, use_cache=True).logits
+        logits = torch.cat([first, rest[:, :-1]], dim=1)
         return torch.log_softmax(logits.float(), dim=-1).gather(-1, sequences[:, offset:, None]).squeeze(-1)
 
     # --- the loop -------------------------------------------------------------------------------
@@ -255,11 +268,12 @@ class RLKV(HeadSelector):
         tokens = comp_mask.sum().clamp_min(1.0)
         optimizer.zero_grad()
         with gated(model, gates, sink=sink, window=window):
-            for start in range(0, len(sequences), o.micro_batch):
-                part = slice(start, start + o.micro_batch)
+            rows = max(1, o.micro_batch // o.group_size) * o.group_size  # whole groups: they share a prompt
+            for start in range(0, len(sequences), rows):
+                part = slice(start, start + rows)
                 if not advantages[part].any():
                     continue  # no learning signal in these groups
-                logp = self.token_logprobs(model, sequences[part], mask[part], offset)
+                logp = self.group_logprobs(model, sequences[part], mask[part], offset, o.group_size)
                 # one update per batch: the sampling policy is the current one, so old = new (detached)
                 surrogate = clipped_surrogate(logp, logp.detach(), advantages[part].to(logp.device), comp_mask[part].to(logp.device), o.epsilon)
                 (-surrogate / tokens).backward()

@@ -120,3 +120,36 @@ def test_copies_of_a_prompt_share_one_prefill_and_generate_what_separate_rows_wo
         shared = learner.generate(model, tokenizer, prompts, sample=False, copies=3)
     assert shared[2] == separate[2]
     assert torch.equal(shared[0], separate[0]) and torch.equal(shared[1], separate[1])
+
+
+def test_rollouts_of_a_prompt_share_its_forward_in_the_backward_with_the_same_logprobs_and_gradients(tiny):
+    model, tokenizer = tiny
+    from kvpress_rl.executor.gated import gated, new_gates
+
+    learner = RLKV(RLKVOptions(max_new_tokens=8))
+    prompts = [tokenizer("12+0=")["input_ids"], tokenizer("3+0=")["input_ids"], tokenizer("456+78=")["input_ids"]]
+    torch.manual_seed(0)
+    gates = new_gates(model, 1.0)
+    with torch.no_grad():
+        gates.uniform_(0.0, 1.0)
+    with gated(model, gates, sink=1, window=2):
+        sequences, mask, offset = learner.generate(model, tokenizer, prompts, sample=True, copies=4)
+    completion = mask[:, offset:]
+    assert completion.sum(1).min() < completion.shape[1]  # some rows stop early: right padding is exercised
+    results = []
+    model.requires_grad_(False)
+    for shared in (False, True):
+        gates.grad = None
+        with gated(model, gates, sink=1, window=2):
+            if shared:
+                logp = learner.group_logprobs(model, sequences, mask, offset, copies=4)
+            else:  # every row through the model on its own: the plain teacher-forced forward
+                position = (mask.cumsum(-1) - 1).clamp_min(0)
+                logits = model(input_ids=sequences, attention_mask=mask, position_ids=position).logits[:, offset - 1:-1]
+                logp = torch.log_softmax(logits.float(), -1).gather(-1, sequences[:, offset:, None]).squeeze(-1)
+            (logp * completion).sum().backward()
+        results.append((logp.detach() * completion, gates.grad.clone()))
+    model.requires_grad_(True)
+    assert results[0][1].abs().max() > 0
+    assert torch.allclose(results[0][0], results[1][0], atol=1e-5)
+    assert torch.allclose(results[0][1], results[1][1], atol=1e-5)
