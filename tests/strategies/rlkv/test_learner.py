@@ -98,6 +98,7 @@ def test_unset_options_take_the_paper_values_or_the_embedded_ones(tiny):
     paper = RLKV(RLKVOptions())
     paper.resolve(model)
     assert (paper.options.steps, paper.options.lr, paper.options.beta, paper.options.window) == (185, 0.01, 1e-3, 256)
+    assert (paper.options.prompts_per_step, paper.options.max_new_tokens) == (32, 7168)
     embedded = RLKV(RLKVOptions(lr=0.2))
     original = model.name_or_path
     model.name_or_path = "embedded"
@@ -106,6 +107,7 @@ def test_unset_options_take_the_paper_values_or_the_embedded_ones(tiny):
     finally:
         model.name_or_path = original
     assert (embedded.options.steps, embedded.options.lr, embedded.options.beta, embedded.options.window) == (40, 0.2, 1e-2, 64)
+    assert (embedded.options.prompts_per_step, embedded.options.max_new_tokens) == (6, 64)
 
 
 def test_copies_of_a_prompt_share_one_prefill_and_generate_what_separate_rows_would(tiny):
