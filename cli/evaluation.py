@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 
 import click
@@ -37,7 +38,7 @@ def results_table(rows: list[dict]) -> Table:
 @click.option("--strategy", "strategies", default="random,streaming", show_default=True, help="comma-separated strategies")
 @click.option("--sparsity", "sparsities", default="0.2,0.4,0.6,0.8", show_default=True, help="comma-separated sparsities in [0, 1]")
 @click.option("--seeds", default="0,1,2", show_default=True, help="seeds (random strategies are averaged over them)")
-@click.option("--model", default=None, help="model (default: the embedded model)")
+@click.option("--model", default=None, envvar="KVRL_MODEL", help="model (default: $KVRL_MODEL, else the embedded model)")
 @click.option("--heads", default=None, help="scores file of the head strategy (FILE, or NAME=FILE,...) instead of running select")
 @click.option("--limit", default=100, show_default=True, type=int, help="problems per task (0: all)")
 @click.option("--batch-size", default=16, show_default=True, type=int)
@@ -45,66 +46,157 @@ def results_table(rows: list[dict]) -> Table:
 @click.option("--data-dir", default=None, envvar="KVRL_DATA_DIR", help="local data directory laid out like shared/data (offline tasks)")
 @click.option("--compressed-policy", default="streaming", show_default=True,
               help="token policy of the compressed heads of head strategies: streaming, snapkv, h2o, rkv (hybrid plans)")
+@click.option("--plan-rule", type=click.Choice(["official", "round"]), default="official", show_default=True,
+              help="how head scores become a plan: official (RLKV's quantile threshold, seeded tie-break) or round (round(n * s) heads)")
+@click.option("--decoding-simulation", type=click.IntRange(min=0), default=None,
+              help="prompt tokens fed one at a time through the compressed cache before generating (RLKV's decoding "
+                   "simulation; 0 = off); default: the task's own (50 for the *_r1 tasks, 0 for the others)")
 @click.option("--allow-code-execution", is_flag=True, help="allow running model-written code (mbpp), in a contained subprocess")
 @click.option("--chat-template/--no-chat-template", default=None, help="apply the tokenizer's chat template (default: when it has one)")
 @click.option("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when there is one, one GPU per process)")
 @click.option("--dtype", default="auto", show_default=True, help="auto (float32 on CPU, bfloat16 on GPU), float32, float16, bfloat16")
 @click.option("--num-processes", default=1, show_default=True, type=int, help="data-parallel processes (accelerate launch)")
 @click.option("--output", default="kvrl-eval", show_default=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--recompute", is_flag=True, help="redo the finished cells of --output that were made with other settings (else refused)")
 def eval_command(tasks: str | None, strategies: str, sparsities: str, seeds: str, model: str | None, heads: str | None, limit: int,
-                 batch_size: int, max_tokens: int | None, data_dir: str | None, compressed_policy: str, allow_code_execution: bool,
-                 chat_template: bool | None, device: str | None, dtype: str, num_processes: int, output: Path) -> None:
+                 batch_size: int, max_tokens: int | None, data_dir: str | None, compressed_policy: str, plan_rule: str, decoding_simulation: int | None, allow_code_execution: bool,
+                 chat_template: bool | None, device: str | None, dtype: str, num_processes: int, output: Path, recompute: bool) -> None:
     """Evaluate strategies at several sparsities with lm-eval (full cache once per task); resumes an interrupted grid."""
-    from kvpress_rl.cli.main import strategies_with_warnings
-    from kvpress_rl.evaluators.grid import GridSpec, parse_heads, resolve_tasks, run_grid, summarize
-    from kvpress_rl.evaluators.harness import KvrlLM, available_device
-    from kvpress_rl.executor.policies import BUDGET_BASE, make_policy
-    from kvpress_rl.models import DEFAULT_MODEL, load_model
-    from kvpress_rl.plan import check_sparsity
-    from kvpress_rl.plugins import get_strategy
-
-    if num_processes > 1:
-        relaunch_data_parallel(num_processes)
-        return
-    quiet_lm_eval()
     import os
 
-    main_process = int(os.environ.get("RANK", "0")) == 0  # under `--num-processes`, only rank 0 reports
-    console = Console(quiet=not main_process)
-    found = strategies_with_warnings()
+    from kvpress_rl.cli.main import distributed_rank, launch_select, report_rank_error
+    from kvpress_rl.evaluators.grid import LOCK_HELD_ENV, lock_output, plan_resume
+
+    settings = dict(tasks=tasks, strategies=strategies, sparsities=sparsities, seeds=seeds, model=model, heads=heads, limit=limit,
+                    batch_size=batch_size, max_tokens=max_tokens, data_dir=data_dir, compressed_policy=compressed_policy, plan_rule=plan_rule,
+                    decoding_simulation=decoding_simulation, allow_code_execution=allow_code_execution, chat_template=chat_template,
+                    device=device, dtype=dtype)
+    if num_processes < 1:
+        raise KvrlError(f"--num-processes must be >= 1, got {num_processes}")
+    rank, world_size = distributed_rank()
+    if num_processes > 1:
+        if world_size > 1:
+            raise KvrlError("--num-processes cannot be used inside `accelerate launch` (it launches the processes itself)")
+        spec, _ = eval_inputs(**settings)  # every input that needs no model, refused once, before launching anything
+        lock = lock_output(output)  # held here while the ranks write
+        plan_resume(spec, output, recompute)
+        os.environ[LOCK_HELD_ENV] = str(output.resolve())
+        try:
+            launch_select(num_processes)  # relaunches this command; a rank's KvrlError comes back as one line
+        finally:
+            os.environ.pop(LOCK_HELD_ENV, None)
+            lock.close()
+        return
+    if world_size <= 1:
+        run_eval(settings, output, recompute)
+        return
+    try:
+        run_eval(settings, output, recompute)
+    except KvrlError as err:
+        report_rank_error(err)
+
+
+def eval_inputs(*, tasks, strategies, sparsities, seeds, model, heads, limit, batch_size, max_tokens, data_dir, compressed_policy,
+                plan_rule, decoding_simulation, allow_code_execution, chat_template, device, dtype, quiet: bool = False):
+    """`(GridSpec, device)`: every input checked before any model loads (and before any process is launched)."""
+    import warnings
+
+    from kvpress_rl.cli.main import strategies_with_warnings
+    from kvpress_rl.evaluators.grid import GridSpec, check_heads, parse_heads, resolve_tasks
+    from kvpress_rl.evaluators.harness import available_device
+    from kvpress_rl.executor.policies import BUDGET_BASE, make_policy
+    from kvpress_rl.models import _DTYPES, DEFAULT_MODEL, check_device, check_seed, looks_like_path
+    from kvpress_rl.plan import check_sparsity
+    from kvpress_rl.plugins import discover_strategies, get_strategy
+
+    if quiet:  # a rank of a data-parallel run: the launching process showed any plugin warning
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            found = discover_strategies()
+    else:
+        found = strategies_with_warnings()
     chosen = [(name, get_strategy(name, found)) for name in split_list(strategies, str, "--strategy")]
     levels = [check_sparsity(s) for s in split_list(sparsities, float, "--sparsity")]
-    seed_list = split_list(seeds, int, "--seeds") or [0]
+    seed_list = [check_seed(s, "--seeds") for s in split_list(seeds, int, "--seeds")] or [0]
     head_files = parse_heads(heads, [name for name, _ in chosen])
     make_policy(compressed_policy, fixed_budget=BUDGET_BASE)  # refuse an unknown policy before loading anything
     if limit < 0 or batch_size < 1 or (max_tokens is not None and max_tokens < 1):
         raise KvrlError("--limit must be >= 0, --batch-size and --max-tokens positive")
+    if dtype != "auto" and dtype not in _DTYPES:
+        raise KvrlError(f"unknown dtype {dtype!r}; accepted: auto, {', '.join(_DTYPES)}")
+    device = available_device(check_device(device) if device else "cuda")
     model_spec = model or DEFAULT_MODEL
+    if model_spec != DEFAULT_MODEL and not model_spec.startswith("random:") and (looks_like_path(model_spec) or Path(model_spec).expanduser().exists()):
+        if not Path(model_spec).expanduser().exists():
+            raise KvrlError(f"model path does not exist: {model_spec}")
+        identity = str(Path(model_spec).expanduser().resolve())
+    else:
+        identity = model_spec
     task_names = split_list(tasks, str, "--tasks") if tasks else ["embedded" if model_spec == DEFAULT_MODEL else "gsm8k_r1"]
     spec = GridSpec(chosen, levels, seed_list, limit or None, batch_size, max_tokens, head_files, task_names, data_dir,
-                    compressed_policy, allow_code_execution, chat_template)
+                    compressed_policy, plan_rule, allow_code_execution, chat_template, decoding_simulation=decoding_simulation,
+                    model=identity, dtype=dtype if dtype != "auto" else ("float32" if device == "cpu" else "bfloat16"))
+    check_heads(spec)  # every --heads file exists and loads; its shape is checked once the model is loaded
     resolve_tasks(spec)  # bad task names, missing files, code execution: refused before the model loads
-    with console.status(f"loading model {model_spec}"):
-        lm_model, tokenizer = load_model(model_spec, dtype=dtype, device=available_device(device or "cuda"))
+    return spec, device
+
+
+def run_eval(settings: dict, output: Path, recompute: bool) -> None:
+    """One process of `kvrl eval` (the only one, or a rank of a data-parallel run, where rank 0 alone reports)."""
+    import os
+
+    from kvpress_rl.cli.main import distributed_rank
+    from kvpress_rl.evaluators.grid import LOCK_HELD_ENV, check_head_shapes, lock_output, plan_resume, run_grid, summarize
+    from kvpress_rl.evaluators.harness import KvrlLM
+    from kvpress_rl.models import DEFAULT_MODEL, load_model
+
+    quiet_lm_eval()
+    rank, world_size = distributed_rank()
+    main_process = rank == 0  # under `--num-processes`, only rank 0 reports
+    console = Console(quiet=not main_process)
+    spec, device = eval_inputs(**settings, quiet=not main_process)
+    lock = None
+    if main_process and os.environ.get(LOCK_HELD_ENV) != str(output.resolve()):
+        lock = lock_output(output)  # a second writer into the same folder is refused here, before the model loads
+    plan_resume(spec, output, recompute)  # cells made with other settings: refused before the model loads
+    model_spec = settings["model"] or DEFAULT_MODEL
+    terminal = console.is_terminal
+    with console.status(f"loading model {model_spec}") if terminal else nullcontext():
+        lm_model, tokenizer = load_model(model_spec, dtype=settings["dtype"], device=device)
     if tokenizer is None:
         raise KvrlError(f"model {model_spec!r} has no tokenizer; evaluation needs a real model (the embedded one, a directory or a hub id)")
-    cells_total = len(task_names) * (1 + sum(len(seed_list) if name == "random" else 1 for name, _ in chosen) * len(levels))
+    check_head_shapes(spec, lm_model)  # --heads of another model shape: refused before any cell runs
+    task_count, limit = len(spec.tasks), spec.limit
+    cells_total = task_count * (1 + sum(len(spec.seeds) if name == "random" else 1 for name, _ in spec.strategies) * len(spec.sparsities))
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console,
-                  disable=not main_process) as progress:
+                  disable=not (main_process and terminal)) as progress:
         cells_bar = progress.add_task("cells", total=cells_total)
-        samples_bar = progress.add_task("samples", total=limit or None)
-        lm = KvrlLM(lm_model, tokenizer=tokenizer, batch_size=batch_size, on_samples=lambda n: progress.advance(samples_bar, n))
+        samples_bar = progress.add_task("samples", total=limit)
+        lm = KvrlLM(lm_model, tokenizer=tokenizer, batch_size=spec.batch_size, on_samples=lambda n: progress.advance(samples_bar, n))
 
         def on_cell(cell):
             progress.advance(cells_bar)
-            progress.reset(samples_bar, total=limit or None)
-            progress.console.print(f"{cell.task} {cell.strategy} s={cell.sparsity:g} seed={cell.seed}: accuracy {100 * cell.accuracy:.1f}%", highlight=False)
+            progress.reset(samples_bar, total=limit)
+            line = f"{cell.task} {cell.strategy} s={cell.sparsity:g} seed={cell.seed}: accuracy {100 * cell.accuracy:.1f}%"
+            if terminal:
+                progress.console.print(line, highlight=False)
+            elif main_process:
+                print(line, flush=True)  # a log file gets one plain line per cell
 
-        cells = run_grid(lm, spec, output, on_cell=on_cell)
+        cells = run_grid(lm, spec, output, on_cell=on_cell, recompute=recompute)
         progress.update(cells_bar, completed=cells_total)
-    if cells:
-        console.print(results_table(summarize(cells)))
-        console.print(f"grid: {output / 'grid.csv'}; plot it with `kvrl report {output}`", highlight=False)
+    if cells and main_process:
+        rows = summarize(cells)
+        if terminal:
+            console.print(results_table(rows))
+            console.print(f"grid: {output / 'grid.csv'}; plot it with `kvrl report {output}`", highlight=False)
+        else:  # a log file: a plain Markdown table, whatever its width
+            from kvpress_rl.evaluators.report import markdown_table
+
+            print("accuracy by strategy and sparsity\n\n" + markdown_table(rows), flush=True)
+            print(f"grid: {output / 'grid.csv'}; plot it with `kvrl report {output}`", flush=True)
+    if lock is not None:
+        lock.close()
 
 
 def quiet_lm_eval() -> None:

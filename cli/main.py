@@ -9,8 +9,10 @@ from pathlib import Path
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 import kvpress_rl
 from kvpress_rl.cli.options import describe_options, parse_strategy_options
@@ -36,7 +38,7 @@ def strategies_with_warnings() -> dict[str, StrategyEntry]:
         warnings.simplefilter("always")
         found = discover_strategies()
     for warning in caught:
-        err_console.print(f"[yellow]kvrl: warning:[/] {warning.message}", highlight=False)
+        err_console.print(f"[yellow]kvrl: warning:[/] {escape(str(warning.message))}", highlight=False)
     return found
 
 
@@ -57,24 +59,98 @@ def strategies_command(name: str | None) -> None:
             table.add_column(column)
         for key in sorted(found):
             entry = found[key]
-            table.add_row(key, entry.cls.kind, entry.origin, entry.cls.description)
+            table.add_row(*(Text(str(cell)) for cell in (key, entry.cls.kind, entry.origin, entry.cls.description)))
         console.print(table)
         return
     entry = get_strategy(name, found)
-    console.print(f"[bold]{name}[/] ({entry.cls.kind} strategy, {entry.origin}): {entry.cls.description}", highlight=False)
-    doc = inspect.cleandoc(entry.cls.__doc__ or "")
+    # user text (a plugin's names, description, doc and option help) is printed as is, never read as markup
+    console.print(f"[bold]{escape(name)}[/] ({escape(entry.cls.kind)} strategy, {escape(entry.origin)}): {escape(entry.cls.description)}",
+                  highlight=False)
+    doc = inspect.cleandoc(entry.cls.__doc__ or "") if isinstance(entry.cls.__doc__, str) else ""
     if doc:
-        console.print(doc, highlight=False)
+        console.print(doc, highlight=False, markup=False)
     rows = describe_options(entry.cls)
     if not rows:
         console.print("options: none")
         return
-    table = Table(title=f"options of {name}")
+    table = Table(title=Text(f"options of {name}"))
     for column in ("option", "type", "default", "help"):
         table.add_column(column)
     for row in rows:
-        table.add_row(*row)
+        table.add_row(*(Text(cell) for cell in row))
     console.print(table)
+
+
+# Under `kvrl select --num-processes N`, the launching process points its ranks at a folder where a rank
+# that hits a KvrlError leaves the message (and exits 0, so the launcher prints no failure report of its
+# own); the launching process then shows the first message once, as one line, with exit code 2.
+RANK_ERRORS_ENV = "KVRL_SELECT_RANK_ERRORS"
+
+
+def distributed_rank() -> tuple[int, int]:
+    """`(rank, world_size)` from the launcher's environment (`(0, 1)` outside `accelerate launch`)."""
+    import os
+
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def join_process_group(device: str) -> str:
+    """Join torch.distributed under `accelerate launch` (WORLD_SIZE > 1); returns this process's device.
+
+    On GPUs each process takes `cuda:LOCAL_RANK`, and the group has a gloo backend for CPU tensors next to
+    NCCL for CUDA ones (the learner all-reduces its gate gradients on the GPU and r_bar on the CPU).
+    """
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    if distributed_rank()[1] <= 1:
+        return device
+    on_gpu = device.startswith("cuda") and torch.cuda.is_available()
+    if on_gpu:
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        device = f"cuda:{local_rank}"
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="cpu:gloo,cuda:nccl" if on_gpu else "gloo")
+    return device
+
+
+def launch_select(num_processes: int) -> None:
+    """Run this same `kvrl select` under `accelerate launch`; show a rank's error once."""
+    import os
+    import tempfile
+
+    from kvpress_rl.cli.evaluation import relaunch_data_parallel
+
+    with tempfile.TemporaryDirectory(prefix="kvrl-select-") as folder:
+        os.environ[RANK_ERRORS_ENV] = folder
+        try:
+            relaunch_data_parallel(num_processes)
+            code = 0
+        except SystemExit as done:
+            code = done.code
+        finally:
+            os.environ.pop(RANK_ERRORS_ENV, None)
+        reports = sorted(Path(folder).glob("rank-*"), key=lambda path: int(path.name.split("-")[1]))
+        if reports:
+            raise KvrlError(reports[0].read_text())
+    raise SystemExit(code)
+
+
+def report_rank_error(err: KvrlError) -> None:
+    """A KvrlError on one rank of a data-parallel select: left for the launching process, or shown by rank 0."""
+    import os
+
+    rank, _ = distributed_rank()
+    folder = os.environ.get(RANK_ERRORS_ENV)
+    if folder and Path(folder).is_dir():
+        (Path(folder) / f"rank-{rank}").write_text(str(err))
+        return
+    if rank == 0:
+        raise err
+    raise SystemExit(2)
 
 
 @app.command("select", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
@@ -85,55 +161,186 @@ def strategies_command(name: str | None) -> None:
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--data-dir", default=None, help="local data directory (layout of shared/data)")
 @click.option("--dtype", default="auto", show_default=True, help="auto, float32, float16, bfloat16")
-@click.option("--device", default="cpu", show_default=True)
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda (under --num-processes: cuda:LOCAL_RANK per process)")
 @click.option("--trust-remote-code", is_flag=True, help="allow model code from the hub (off by default)")
 @click.option("--overwrite", is_flag=True, help="replace an existing output file")
 @click.option("--resume", is_flag=True, help="continue a training strategy from its last checkpoint (OUTPUT.run/)")
+@click.option("--num-processes", default=1, show_default=True, type=int,
+              help="data-parallel processes (accelerate launch): rlkv splits each step's prompts and averages gate gradients")
 @click.pass_context
 def select_command(ctx: click.Context, strategy_name: str, model: str | None, gguf_file: str | None, output: Path | None,
-                   seed: int, data_dir: str | None, dtype: str, device: str, trust_remote_code: bool, overwrite: bool, resume: bool) -> None:
+                   seed: int, data_dir: str | None, dtype: str, device: str, trust_remote_code: bool, overwrite: bool, resume: bool,
+                   num_processes: int) -> None:
     """Score every (layer, KV head) with a strategy and write a HeadScores file.
 
     Strategy options follow as `--option value` (see `kvrl strategies NAME`).
     """
-    from kvpress_rl.io import check_writable
-    from kvpress_rl.models import load_model, model_id
-    from kvpress_rl.selector import SelectionContext
+    if num_processes < 1:
+        raise KvrlError(f"--num-processes must be >= 1, got {num_processes}")
+    rank, world_size = distributed_rank()
+    if num_processes > 1:
+        if world_size > 1:
+            raise KvrlError("--num-processes cannot be used inside `accelerate launch` (it launches the processes itself)")
+        select_inputs(strategy_name, ctx.args, output, overwrite, seed=seed, device=device, resume=resume)  # refuse bad input once, before launching anything
+        launch_select(num_processes)
+        return
+    if world_size <= 1:
+        run_select(ctx.args, strategy_name, model, gguf_file, output, seed, data_dir, dtype, device, trust_remote_code, overwrite, resume)
+        return
+    try:
+        run_select(ctx.args, strategy_name, model, gguf_file, output, seed, data_dir, dtype, device, trust_remote_code, overwrite, resume)
+    except KvrlError as err:
+        report_rank_error(err)
+    finally:
+        import torch.distributed as dist
 
-    entry = get_strategy(strategy_name, strategies_with_warnings())
-    options = parse_strategy_options(entry.cls, ctx.args)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+# What a training strategy keeps in the work folder OUTPUT.run/ (a fresh run starts without them; --resume keeps them).
+RUN_FILES = ("train_log.jsonl", "checkpoint.pt", "checkpoint.pt.tmp", "train_set.jsonl", "training.png", "gates.png")
+
+
+def work_dir_of(output: Path) -> Path:
+    return output.with_suffix(".run")
+
+
+def earlier_run_files(work_dir: Path) -> list[str]:
+    return [name for name in RUN_FILES if (work_dir / name).exists()]
+
+
+def select_inputs(strategy_name: str, args: list[str], output: Path | None, overwrite: bool, quiet: bool = False, *,
+                  seed: int = 0, device: str = "cpu", resume: bool = False):
+    """`(entry, options, output, device)`, checked before any model loads: the strategy and its options, the
+    seed, the device, and that the output file and its work folder can be written."""
+    from kvpress_rl.io import check_folder_writable, check_writable
+    from kvpress_rl.models import check_device, check_seed
+
+    if quiet:  # the launching process already showed any plugin warning
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            entry = get_strategy(strategy_name, discover_strategies())
+    else:
+        entry = get_strategy(strategy_name, strategies_with_warnings())
+    options = parse_strategy_options(entry.cls, args)
+    check_seed(seed)
+    device = check_device(device)
     output = output or Path(f"heads-{strategy_name}.safetensors")
     if output.suffix not in (".safetensors", ".tsv"):
         raise KvrlError(f"output {output} must end in .safetensors or .tsv")
     check_writable(output, overwrite)  # fail before loading a model or training anything
-    with console.status(f"loading model {model or '(default)'}"):
+    work_dir = work_dir_of(output)
+    if work_dir.exists():
+        if not work_dir.is_dir():
+            raise KvrlError(f"cannot write the work folder {work_dir}: it is a file, not a folder")
+        check_folder_writable(work_dir)
+        earlier = earlier_run_files(work_dir)
+        if earlier and not resume and not overwrite:
+            raise KvrlError(f"{work_dir} holds an earlier run ({', '.join(earlier)}); pass --resume to continue it "
+                            "or --overwrite to start afresh")
+    return entry, options, output, device
+
+
+def clear_earlier_run(work_dir: Path) -> None:
+    """A fresh run starts with a clean work folder: the log, checkpoint and training set of an earlier run go."""
+    for name in earlier_run_files(work_dir):
+        try:
+            (work_dir / name).unlink()
+        except OSError as err:
+            raise KvrlError(f"cannot remove {work_dir / name} of an earlier run: {err.strerror or type(err).__name__}") from None
+
+
+def check_result(scores, entry: StrategyEntry, lm) -> None:
+    """Refuse what a strategy's select returned unless it is a HeadScores of this model's shape."""
+    import torch
+
+    from kvpress_rl.models import ModelShape
+    from kvpress_rl.scores import HeadScores
+
+    who = f"strategy {entry.cls.name!r} ({entry.origin})"
+    if not isinstance(scores, HeadScores):
+        raise KvrlError(f"{who} returned {type(scores).__name__}, not HeadScores; nothing was written")
+    values = scores.scores
+    if not isinstance(values, torch.Tensor) or values.ndim != 2 or not torch.isfinite(values).all():
+        raise KvrlError(f"{who} returned scores that are not a finite [layers, kv_heads] matrix; nothing was written")
+    try:
+        scores.check_shape(ModelShape.from_config(lm.config))
+    except KvrlError as err:
+        raise KvrlError(f"{who} returned the wrong shape: {err}; nothing was written") from None
+
+
+def step_line(name: str, step: int, total: int, metrics: dict) -> str:
+    """One plain progress line (stdout not a terminal): step k/n, reward, mean alpha, loss, seconds."""
+    parts = [f"{name} step {step}/{total}"]
+    for key, label in (("mean_reward", "reward"), ("mean_alpha", "mean alpha"), ("loss", "loss")):
+        if isinstance(metrics.get(key), (int, float)):
+            parts.append(f"{label} {metrics[key]:.4g}")
+    if isinstance(metrics.get("seconds"), (int, float)):
+        parts.append(f"{metrics['seconds']:.1f} s")
+    return ", ".join(parts)
+
+
+def run_select(args: list[str], strategy_name: str, model: str | None, gguf_file: str | None, output: Path | None, seed: int,
+               data_dir: str | None, dtype: str, device: str, trust_remote_code: bool, overwrite: bool, resume: bool) -> None:
+    """One process of `kvrl select`; under a data-parallel launch only rank 0 prints and writes files."""
+    from kvpress_rl.models import load_model, model_id
+    from kvpress_rl.selector import SelectionContext
+
+    rank, world_size = distributed_rank()
+    show = console if rank == 0 else Console(quiet=True)
+    if rank > 0:  # only rank 0 prints: no warnings or loading bars from the others
+        from transformers.utils import logging as hf_logging
+
+        warnings.simplefilter("ignore")
+        hf_logging.disable_progress_bar()
+    entry, options, output, device = select_inputs(strategy_name, args, output, overwrite, quiet=rank > 0, seed=seed, device=device,
+                                                   resume=resume)
+    device = join_process_group(device)
+    with show.status(escape(f"loading model {model or '(default)'}")):
         lm, tokenizer = load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code, gguf_file=gguf_file)
     selector = entry.cls(options)
-    work_dir = output.with_suffix(".run")
-    with Progress(TextColumn(f"{strategy_name}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[metrics]}"),
-                  TimeElapsedColumn(), console=console) as progress:
+    show.print(selector.resolved_options(lm), highlight=False, markup=False)
+    work_dir = work_dir_of(output)  # shared by the ranks: the strategy writes from rank 0 and resumes every rank from it
+    if not resume and rank == 0:
+        clear_earlier_run(work_dir)
+    # on a terminal a progress bar; elsewhere (a log file, a pipe) one plain line per step, flushed
+    plain = rank == 0 and not show.is_terminal
+    with Progress(TextColumn(strategy_name, markup=False), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[metrics]}", markup=False),
+                  TimeElapsedColumn(), console=show, disable=rank > 0 or plain) as progress:
         bar = progress.add_task(strategy_name, total=None, metrics="")
 
         def on_step(step: int, total: int, metrics) -> None:
             shown = metrics if isinstance(metrics, dict) else {"loss": metrics}
+            if plain:
+                show.print(step_line(strategy_name, step, total, shown), highlight=False, markup=False, soft_wrap=True)
+                show.file.flush()
+                return
             text = " ".join(f"{k}={v:.3g}" for k, v in shown.items() if isinstance(v, float) and k in ("mean_reward", "mean_alpha", "beta_prime", "seconds", "loss"))
             progress.update(bar, completed=step, total=total, metrics=text)
 
         context = SelectionContext(seed=seed, data_dir=data_dir, device=device, model_id=model_id(lm), work_dir=str(work_dir),
                                    resume=resume, on_step=on_step)
-        scores = selector.select(lm, tokenizer, context)
+        try:
+            scores = selector.select(lm, tokenizer, context)
+        except SystemExit as exit_:  # a strategy must not end kvrl (quietly, with exit 0) in the middle of a select
+            raise KvrlError(f"strategy {strategy_name!r} ({entry.origin}) called exit({exit_.code!r}) in select; nothing was written") from None
+    if rank > 0:
+        return
+    check_result(scores, entry, lm)
     if output.suffix == ".tsv":
         scores.to_tsv(output, overwrite=overwrite)
     else:
         scores.save(output, overwrite=overwrite)
-    console.print(f"wrote {output}: {scores.shape[0]} layers x {scores.shape[1]} KV heads, strategy {strategy_name}, "
-                  f"{scores.wall_time_s or 0:.2f} s", highlight=False)
+    processes = f", {world_size} processes" if world_size > 1 else ""
+    show.print(f"wrote {output}: {scores.shape[0]} layers x {scores.shape[1]} KV heads, strategy {strategy_name}, "
+               f"{scores.wall_time_s or 0:.2f} s{processes}", highlight=False, markup=False)
     if (work_dir / "train_log.jsonl").is_file():
         from kvpress_rl.evaluators.plots import gate_heatmap, training_curves
 
         curves = training_curves(work_dir / "train_log.jsonl", work_dir / "training.png")
         heatmap = gate_heatmap(scores, work_dir / "gates.png")
-        console.print(f"training log {work_dir / 'train_log.jsonl'}, plots {curves} and {heatmap}", highlight=False)
+        show.print(f"training log {work_dir / 'train_log.jsonl'}, plots {curves} and {heatmap}", highlight=False, markup=False)
 
 
 @app.command("plan")
@@ -144,7 +351,9 @@ def select_command(ctx: click.Context, strategy_name: str, model: str | None, gg
 @click.option("--head-dim", default=128, show_default=True, type=int)
 @click.option("--dtype", "dtype_name", default="bfloat16", show_default=True, help="float32, float16, bfloat16")
 @click.option("--compressed-policy", default="streaming", show_default=True, help="token policy of compressed heads")
-def plan_command(heads: Path, sparsity: float, seq_len: int, batch: int, head_dim: int, dtype_name: str, compressed_policy: str) -> None:
+@click.option("--rule", "rule", type=click.Choice(["official", "round"]), default="official", show_default=True,
+              help="official: RLKV's quantile threshold with seeded tie-breaking noise; round: exactly round(n * s) heads")
+def plan_command(heads: Path, sparsity: float, seq_len: int, batch: int, head_dim: int, dtype_name: str, compressed_policy: str, rule: str) -> None:
     """Print the plan for a scores file and its KV memory against the full cache."""
     import torch
 
@@ -159,9 +368,9 @@ def plan_command(heads: Path, sparsity: float, seq_len: int, batch: int, head_di
         raise KvrlError("--seq-len, --batch and --head-dim must be positive")
     scores = HeadScores.load(heads)
     policy = make_policy(compressed_policy, fixed_budget=BUDGET_BASE)  # same memory as 16 + 64 whatever the policy
-    plan = plan_from_scores(scores, sparsity, policy)
+    plan = plan_from_scores(scores, sparsity, policy, rule)
     dtype: torch.dtype = _DTYPES[dtype_name]
-    console.print(plan.summary(), highlight=False)
+    console.print(plan.summary(), highlight=False, markup=False)
     planned = plan.kv_bytes(seq_len, batch, head_dim=head_dim, dtype=dtype)
     full = plan.full_kv_bytes(seq_len, batch, head_dim=head_dim, dtype=dtype)
     table = Table(title=f"KV memory at {seq_len} tokens, batch {batch}, head dim {head_dim}, {dtype_name}")

@@ -3,11 +3,20 @@
 Every cell is one lm-eval run (`simple_evaluate`) of the `kvrl` model under the cell's plan.
 Each finished cell is appended to `grid.csv` in the output directory, its lm-eval results JSON
 to `results/` and its samples to `samples/`, so an interrupted grid resumes from the cells done.
+
+A cell is resumed only when it was made with the same settings: every row records its `definition`
+(model, dtype, task data, limit, token limit, chat template, package version and, for strategy
+cells, the strategy's version, heads, token policy, plan rule and decoding simulation). A row
+whose definition differs, or an old row without one, is refused with one line unless the user
+asks to recompute it. One `kvrl eval` at a time writes an output folder (`lock_output`).
 """
 
 from __future__ import annotations
 
 import csv
+import fcntl
+import functools
+import hashlib
 import json
 import os
 import statistics
@@ -44,19 +53,49 @@ class Cell:
     repetitive: int = 0  # wrong answers caught by the repetition rule
     incorrect: int = 0  # other wrong answers
     repetition_stops: int = 0  # generations the repetition early stop ended
+    definition: str = ""  # JSON of the settings that made the cell (`cell_definition`); "" in grids from before it was recorded
 
     @property
     def key(self) -> tuple[str, str, float, int]:
         return (self.task, self.strategy, round(self.sparsity, 6), self.seed)
 
 
+GRID_REQUIRED = ("task", "strategy", "sparsity", "seed", "accuracy", "correct", "total", "kv_fraction", "decode_tokens_per_s")
+
+
 def read_grid(path: Path) -> list[Cell]:
-    if not path.is_file():
+    """The cells of a `grid.csv`; a damaged file (cut short, edited by hand) is a one-line `KvrlError`."""
+    if not path.exists():
         return []
     kinds = {f.name: f.type for f in fields(Cell)}
-    with path.open() as handle:
-        return [Cell(**{k: (float(v) if kinds[k] in ("float", float) else int(v) if kinds[k] in ("int", int) else v) for k, v in row.items()})
-                for row in csv.DictReader(handle)]
+
+    def damaged(why: str) -> KvrlError:
+        return KvrlError(f"{path} is damaged ({why}); repair it, or move it away and run again (kvrl will not overwrite it)")
+
+    try:
+        with path.open(newline="") as handle:
+            reader = csv.DictReader(handle)
+            header = reader.fieldnames or []
+            missing = [c for c in GRID_REQUIRED if c not in header]
+            unknown = [c for c in header if c not in kinds]
+            if not header:
+                raise damaged("the file is empty")
+            if missing or unknown:
+                raise damaged("header " + "; ".join(part for part in (
+                    f"misses {', '.join(missing)}" if missing else "", f"has unknown {', '.join(unknown)}" if unknown else "") if part))
+            cells = []
+            for row in reader:
+                if None in row or any(v is None for v in row.values()):
+                    raise damaged(f"line {reader.line_num} has {len(header) + len(row.get(None) or []) - sum(v is None for v in row.values())} "
+                                  f"fields, the header {len(header)}")
+                try:
+                    cells.append(Cell(**{k: (float(v) if kinds[k] in ("float", float) else int(v) if kinds[k] in ("int", int) else v)
+                                         for k, v in row.items()}))
+                except ValueError as err:
+                    raise damaged(f"line {reader.line_num}: {err}") from None
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        raise damaged(str(err).splitlines()[0] if str(err) else type(err).__name__) from None
+    return cells
 
 
 def write_grid(path: Path, cells: list[Cell]) -> None:
@@ -97,20 +136,69 @@ class GridSpec:
     tasks: list[str] = field(default_factory=lambda: [EMBEDDED])
     data_dir: str | None = None
     compressed_policy: str = "streaming"  # token policy of the compressed heads of head strategies (hybrid plans)
+    plan_rule: str = "official"  # how head strategies turn scores into a plan (`kvpress_rl.plan.PLAN_RULES`)
     allow_code_execution: bool = False
     chat_template: bool | None = None  # None: when the tokenizer has one
+    decoding_simulation: int | None = None  # prompt tokens fed one at a time before generating; None: each task's default
+    model: str = "embedded"  # what identifies the model (the --model value, a path resolved), recorded in every cell
+    dtype: str = "float32"  # the dtype the model runs in (resolved from `auto`)
+
+
+def file_digest(path: str | Path) -> str:
+    """sha256 of a file's content (first 16 hex digits), memoised per (path, size, mtime)."""
+    stat = Path(path).stat()
+    return _file_digest(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=256)
+def _file_digest(path: str, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def short_hash(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def check_heads(spec: GridSpec) -> dict[str, HeadScores]:
+    """Every `--heads` file loaded (exists, readable) before the model loads."""
+    return {name: HeadScores.load(path) for name, path in spec.heads.items()}
+
+
+def check_head_shapes(spec: GridSpec, model) -> None:
+    """`--heads` files made for another model shape: refused after the model loads, before any cell runs."""
+    shape = ModelShape.from_config(model.config)
+    for name, scores in check_heads(spec).items():
+        try:
+            scores.check_shape(shape)
+        except KvrlError as err:
+            raise KvrlError(f"heads of {name!r} do not fit this model: {err}") from None
+
+
+def selection_key(spec: GridSpec, name: str, entry: StrategyEntry, seed: int) -> str:
+    """What a `select` run inside the grid depends on: its cached scores are kept per key (so per model)."""
+    import kvpress_rl
+
+    data_dir = data_dir_from(spec.data_dir)
+    return short_hash({"model": spec.model, "dtype": spec.dtype, "strategy": name, "strategy_version": entry.cls.version,
+                       "seed": seed, "data_dir": str(data_dir.resolve()) if data_dir else None, "kvrl": kvpress_rl.__version__})
 
 
 def scores_for(entry: StrategyEntry, name: str, spec: GridSpec, model, tokenizer, seed: int, out: Path) -> HeadScores:
-    """The strategy's scores: from `--heads`, from an earlier run in `out`, or by running `select`."""
+    """The strategy's scores: from `--heads`, from an earlier run in `out` on the same model, or by running `select`."""
+    from kvpress_rl.models import model_id
+
     if name in spec.heads:
         scores = HeadScores.load(spec.heads[name])
     else:
-        cached = out / "heads" / f"{name}-seed{seed}.safetensors"
+        cached = out / "heads" / f"{name}-seed{seed}-{selection_key(spec, name, entry, seed)}.safetensors"
         if cached.is_file():
             scores = HeadScores.load(cached)
         else:
-            scores = entry.cls().select(model, tokenizer, SelectionContext(seed=seed, data_dir=spec.data_dir))
+            scores = entry.cls().select(model, tokenizer, SelectionContext(seed=seed, data_dir=spec.data_dir, model_id=model_id(model)))
             if is_main_process():
                 scores.save(cached, overwrite=True)
     try:
@@ -118,6 +206,139 @@ def scores_for(entry: StrategyEntry, name: str, spec: GridSpec, model, tokenizer
     except KvrlError as err:
         raise KvrlError(f"heads of {name!r} do not fit this model: {err}") from None
     return scores
+
+
+def task_data(config: TaskConfig, spec: GridSpec) -> Any:
+    """What identifies a task's data: the content hash of its local files, else the data folder (or none: built in / hub)."""
+    if config.name == EMBEDDED:
+        return "built in"  # generated by the package (its version is recorded)
+    files = []
+    if isinstance(config.spec, dict):
+        data_files = (config.spec.get("dataset_kwargs") or {}).get("data_files") or {}
+        files = sorted(data_files.values()) if isinstance(data_files, dict) else [data_files] if isinstance(data_files, str) else list(data_files)
+    if files:
+        return {Path(f).name if len(files) == 1 else str(f): file_digest(f) for f in files if Path(f).is_file()}
+    data_dir = data_dir_from(spec.data_dir)
+    return str(data_dir.resolve()) if data_dir and config.reads_hub is False else None
+
+
+def cell_definition(spec: GridSpec, config: TaskConfig, name: str, entry: StrategyEntry | None, seed: int) -> dict[str, Any]:
+    """The settings a cell's result depends on; a finished cell is reused only under the same definition."""
+    import kvpress_rl
+
+    definition: dict[str, Any] = {
+        "kvrl": kvpress_rl.__version__, "model": spec.model, "dtype": spec.dtype, "task": config.name, "data": task_data(config, spec),
+        "limit": spec.limit, "max_tokens": spec.max_new_tokens,
+        "chat_template": config.chat_template if config.chat_template is not None else spec.chat_template,
+    }
+    if entry is not None:
+        definition.update(strategy_version=entry.cls.version, decoding_simulation=spec.decoding_simulation)
+        if entry.cls.kind == "head":
+            heads = f"file:{file_digest(spec.heads[name])}" if name in spec.heads else f"select:{selection_key(spec, name, entry, seed)}"
+            definition.update(heads=heads, compressed_policy=spec.compressed_policy, plan_rule=spec.plan_rule)
+    return definition
+
+
+FLAG_OF = {"kvrl": "kvrl version", "model": "--model", "dtype": "--dtype", "data": "task data (--data-dir)", "limit": "--limit",
+           "max_tokens": "--max-tokens", "chat_template": "--chat-template", "strategy_version": "strategy version",
+           "decoding_simulation": "--decoding-simulation", "heads": "--heads", "compressed_policy": "--compressed-policy",
+           "plan_rule": "--plan-rule"}
+
+
+def describe_change(old: dict[str, Any], new: dict[str, Any]) -> str:
+    changed = [k for k in new if old.get(k) != new[k]] + [k for k in old if k not in new]
+    def show(value: Any) -> str:
+        text = json.dumps(value, sort_keys=True, default=str) if isinstance(value, (dict, list)) else str(value)
+        return text if len(text) <= 40 else text[:37] + "..."
+    return ", ".join(f"{FLAG_OF.get(k, k)} {show(old.get(k))} -> {show(new.get(k))}" for k in changed[:4]) + (
+        f" and {len(changed) - 4} more" if len(changed) > 4 else "")
+
+
+def plan_resume(spec: GridSpec, out: Path, recompute: bool = False, configs: list[TaskConfig] | None = None) -> tuple[list[Cell], list[tuple]]:
+    """`(cells kept, cells to run)`: a finished cell is kept only when its definition is today's.
+
+    A row made with other settings (or an old row that recorded none) is refused with one line,
+    unless `recompute`: then every such row is dropped and the cells this run covers run again.
+    Rows of cells outside this run are kept when their task-level settings (model, data, limits,
+    version) match this run's, since they are compared against its full-cache cell.
+    """
+    configs = configs if configs is not None else resolve_tasks(spec)
+    grid_path = out / "grid.csv"
+    cells = read_grid(grid_path)
+    wanted: dict[tuple, tuple[TaskConfig, str, float, int, StrategyEntry | None, dict]] = {}
+    common: dict[str, dict] = {}
+    for config in configs:
+        common[config.name] = cell_definition(spec, config, FULL, None, 0)
+        for name, sparsity, seed, entry in grid_cells(spec):
+            wanted[(config.name, name, round(sparsity, 6), seed)] = (config, name, sparsity, seed, entry, cell_definition(spec, config, name, entry, seed))
+    kept, stale = [], []
+    for cell in cells:
+        if cell.key in wanted:
+            expected = wanted[cell.key][5]
+        elif cell.task in common:
+            expected = common[cell.task]
+        else:
+            kept.append(cell)  # another task: nothing of this run is compared with it
+            continue
+        try:
+            recorded = json.loads(cell.definition) if cell.definition else None
+        except json.JSONDecodeError:
+            recorded = {"definition": "unreadable"}
+        if cell.key not in wanted and recorded is not None:
+            recorded = {k: recorded.get(k) for k in expected}  # only the task-level settings matter for cells outside this run
+        if recorded == expected:
+            kept.append(cell)
+        else:
+            stale.append((cell, recorded, expected))
+    if stale and not recompute:
+        cell, recorded, expected = stale[0]
+        what = "was made by an older kvrl that did not record its settings" if recorded is None else \
+            f"was made with other settings ({describe_change(recorded, expected)})"
+        others = f" (and {len(stale) - 1} more)" if len(stale) > 1 else ""
+        raise KvrlError(f"{grid_path}: cell {cell.task} {cell.strategy} s={cell.sparsity:g} seed={cell.seed} {what}{others}; "
+                        f"pass --recompute to redo what differs, or use a new --output")
+    done = {c.key for c in kept}
+    todo = [item[:5] for key, item in wanted.items() if key not in done]
+    return kept, todo
+
+
+OUTPUT_LOCK = ".kvrl-eval.lock"
+LOCK_HELD_ENV = "KVRL_EVAL_LOCK_HELD"  # set by a launching process that holds the lock for its ranks
+
+
+def check_output(out: Path) -> None:
+    """The output folder exists (created) and takes files: refused with one line before the model loads."""
+    if out.exists() and not out.is_dir():
+        raise KvrlError(f"--output {out} is a file, not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".kvrl-probe-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise KvrlError(f"--output {out} is not writable: {err.strerror or err}") from None
+
+
+def lock_output(out: Path):
+    """Hold `out/.kvrl-eval.lock` (flock) for this process's lifetime, or refuse a second writer with one line.
+
+    Returns the open lock file (keep it referenced; closing it releases the lock).
+    """
+    check_output(out)
+    handle = (out / OUTPUT_LOCK).open("a+")
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip()
+        handle.close()
+        raise KvrlError(f"{out} is being written by another `kvrl eval`{f' (pid {holder})' if holder else ''}; "
+                        "wait for it to finish or pass another --output") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(str(os.getpid()))
+    handle.flush()
+    return handle
 
 
 def is_main_process() -> bool:
@@ -135,11 +356,17 @@ def grid_cells(spec: GridSpec) -> list[tuple[str, float, int, StrategyEntry | No
     return todo
 
 
-def resolve_tasks(spec: GridSpec) -> list[TaskConfig]:
-    """Every task's config, checked (names, data files, code execution) before any model work."""
+@functools.lru_cache(maxsize=1)
+def task_manager():
+    """lm-eval's task index (slow to build: once per process)."""
     from lm_eval.tasks import TaskManager
 
-    manager = TaskManager()
+    return TaskManager()
+
+
+def resolve_tasks(spec: GridSpec) -> list[TaskConfig]:
+    """Every task's config, checked (names, data files, code execution) before any model work."""
+    manager = task_manager()
     data_dir = data_dir_from(spec.data_dir)
     configs = [resolve_task(name, data_dir, manager, embedded_tokens=spec.max_new_tokens or 96) for name in spec.tasks]
     offline = any(os.environ.get(v, "0").lower() in ("1", "true", "yes") for v in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"))
@@ -152,32 +379,32 @@ def resolve_tasks(spec: GridSpec) -> list[TaskConfig]:
     return configs
 
 
-def run_grid(lm, spec: GridSpec, out: Path, on_cell: Callable[[Cell], None] | None = None) -> list[Cell]:
-    """Evaluate every cell not already in `out/grid.csv` with lm-eval; returns all cells.
+def run_grid(lm, spec: GridSpec, out: Path, on_cell: Callable[[Cell], None] | None = None, recompute: bool = False) -> list[Cell]:
+    """Evaluate every cell not already in `out/grid.csv` (under today's definition) with lm-eval; returns all cells.
 
     `lm` is a `KvrlLM`; its plan is set per cell. Per cell: lm-eval's results JSON in
     `results/`, the samples (with each answer's classification) in `samples/`.
     """
     configs = resolve_tasks(spec)
+    check_head_shapes(spec, lm.model)  # before any cell: a wrong --heads file costs no full-cache run
     grid_path = out / "grid.csv"
-    cells = read_grid(grid_path)
-    done = {c.key for c in cells}
-    for config in configs:
-        for name, sparsity, seed, entry in grid_cells(spec):
-            if (config.name, name, round(sparsity, 6), seed) in done:
-                continue
-            plan = None
-            if entry is not None:
-                selector = entry.cls()
-                policy = make_policy(spec.compressed_policy, fixed_budget=BUDGET_BASE)  # 80 tokens, as 16 + 64
-                plan = selector.plan(scores_for(entry, name, spec, lm.model, lm.tokenizer, seed, out), sparsity, policy)
-            cell = run_cell(lm, config, spec, plan, (name, sparsity, seed), out)
-            if cell is None:  # not the main process of a data-parallel run
-                continue
-            cells.append(cell)
-            write_grid(grid_path, cells)
-            if on_cell:
-                on_cell(cell)
+    cells, todo = plan_resume(spec, out, recompute, configs)
+    if recompute and is_main_process() and len(cells) != len(read_grid(grid_path)):
+        write_grid(grid_path, cells)  # the stale rows go now, whether or not this run redoes them
+    for config, name, sparsity, seed, entry in todo:
+        plan = None
+        if entry is not None:
+            selector = entry.cls()
+            policy = make_policy(spec.compressed_policy, fixed_budget=BUDGET_BASE)  # 80 tokens, as 16 + 64
+            plan = selector.plan(scores_for(entry, name, spec, lm.model, lm.tokenizer, seed, out), sparsity, policy, spec.plan_rule)
+        cell = run_cell(lm, config, spec, plan, (name, sparsity, seed), out)
+        if cell is None:  # not the main process of a data-parallel run
+            continue
+        cell.definition = json.dumps(cell_definition(spec, config, name, entry, seed), sort_keys=True, default=str)
+        cells.append(cell)
+        write_grid(grid_path, cells)
+        if on_cell:
+            on_cell(cell)
     return cells
 
 
@@ -187,6 +414,8 @@ def run_cell(lm, config: TaskConfig, spec: GridSpec, plan, key: tuple[str, float
 
     name, sparsity, seed = key
     lm.plan = plan
+    if spec.decoding_simulation is not None:
+        lm.decoding_simulation = spec.decoding_simulation
     before = (lm.stats.generated_tokens, lm.stats.seconds, lm.stats.repetition_stops)
     chat = config.chat_template if config.chat_template is not None else (
         spec.chat_template if spec.chat_template is not None else bool(getattr(lm.tokenizer, "chat_template", None)))

@@ -10,9 +10,19 @@ copy per process; lm-eval splits the requests and gathers the results).
 
 Model arguments besides lm-eval's HF ones: `strategy` (any registered strategy; none = full
 cache), `heads` (a scores file; without it the strategy's `select` runs), `sparsity`, `seed`,
-`compressed_policy` (token policy of the compressed heads of head strategies), `data_dir`.
+`compressed_policy` (token policy of the compressed heads of head strategies), `plan_rule`
+(`official`, the RLKV evaluation's quantile threshold, or `round`), `data_dir`,
+`decoding_simulation` (prompt tokens; see below).
 Generation adds the repetition early stop (the last 400 tokens hold fewer than 40 distinct ids),
 counted in `stats`, and honours a `max_total_tokens` generation argument (prompt + answer).
+
+Decoding simulation (RLKV's `eval/bench/pred.py`, `--decoding_simulation_length 50`): under a plan,
+the prompt is prefilled without its last N tokens, those N are fed one at a time through the
+cache (the compressed heads act as in decoding), then generation continues. N comes from the
+task's `decoding_simulation` generation argument (50 for the paper's `*_r1` tasks, absent = 0
+for the others) unless the `decoding_simulation` model argument overrides it for every task. A
+full-cache run skips it (it would not change the result). The setting and the lengths used are
+recorded in the results' `config` (`kvrl_decoding_simulation`).
 """
 
 from __future__ import annotations
@@ -28,6 +38,7 @@ import torch
 from lm_eval.models.huggingface import HFLM
 from transformers import StoppingCriteria, StoppingCriteriaList
 
+from kvpress_rl.errors import KvrlError
 from kvpress_rl.evaluators.scoring import REPETITION_DISTINCT, REPETITION_WINDOW
 from kvpress_rl.executor import compressed
 from kvpress_rl.plan import CompressionPlan
@@ -73,15 +84,18 @@ class KvrlLM(HFLM):
     """
 
     def __init__(self, pretrained: Any = "embedded", strategy: str | None = None, heads: str | None = None,
-                 sparsity: float = 0.0, seed: int = 0, compressed_policy: str = "streaming", data_dir: str | None = None,
+                 sparsity: float = 0.0, seed: int = 0, compressed_policy: str = "streaming", data_dir: str | None = None, plan_rule: str = "official",
+                 decoding_simulation: int | str | None = None,
                  tokenizer: Any = None, plan: CompressionPlan | None = None, on_samples: Any = None, **kwargs: Any) -> None:
+        self.decoding_simulation = parse_decoding_simulation(decoding_simulation)
+        self.decoding_simulation_used: set[int] = set()
         if isinstance(pretrained, str):
             from kvpress_rl.models import load_model
 
             dtype = str(kwargs.pop("dtype", "auto")).replace("torch.", "")
             model, tokenizer = load_model(pretrained, dtype=dtype, device=available_device(kwargs.pop("device", None)))
             if tokenizer is None:
-                raise ValueError(f"model {pretrained!r} has no tokenizer; lm-eval needs a real model")
+                raise KvrlError(f"model {pretrained!r} has no tokenizer; lm-eval needs a real model")
         else:
             model = pretrained
         kwargs.pop("device", None)
@@ -91,8 +105,8 @@ class KvrlLM(HFLM):
         self.on_samples = on_samples
         self.plan = plan
         if plan is None and strategy:
-            self.plan = plan_for(model, tokenizer, strategy, float(sparsity), heads=heads, seed=int(seed),
-                                 compressed_policy=compressed_policy, data_dir=data_dir)
+            self.plan = plan_for(model, tokenizer, strategy, model_arg(sparsity, float, "sparsity"), heads=heads, seed=model_arg(seed, int, "seed"),
+                                 compressed_policy=compressed_policy, data_dir=data_dir, rule=plan_rule)
 
     def _join_data_parallel(self) -> None:
         """Under `accelerate launch`, take this process's share of the requests (HFLM does this only
@@ -111,7 +125,10 @@ class KvrlLM(HFLM):
         plan = self.plan
         info["kvrl_plan"] = None if plan is None else {
             "source": plan.source, "sparsity": plan.sparsity, "compressed_kv_heads": plan.num_compressed,
-            "kv_heads": plan.full.numel(), "compressed_policy": plan.policy.describe()}
+            "kv_heads": plan.full.numel(), "compressed_policy": plan.policy.describe(), "plan_rule": plan.rule}
+        info["kvrl_decoding_simulation"] = {
+            "setting": "task default" if self.decoding_simulation is None else self.decoding_simulation,
+            "lengths_used": sorted(self.decoding_simulation_used)}
         info["kvrl_processes"] = self.world_size
         info["kvrl_generation"] = {"sequences": self.stats.sequences, "generated_tokens": self.stats.generated_tokens,
                                    "repetition_stops": self.stats.repetition_stops, "decode_tokens_per_s": self.stats.tokens_per_second}
@@ -122,6 +139,8 @@ class KvrlLM(HFLM):
         return super().generate_until(requests, disable_tqdm=disable_tqdm or self.on_samples is not None)
 
     def _model_generate(self, context: torch.Tensor, max_length: int, stop: list[str], **generation_kwargs: Any) -> torch.Tensor:
+        task_simulation = int(generation_kwargs.pop("decoding_simulation", 0) or 0)
+        simulation = task_simulation if self.decoding_simulation is None else self.decoding_simulation
         total = generation_kwargs.pop("max_total_tokens", None)
         if total:
             max_length = min(max_length, int(total))
@@ -134,7 +153,9 @@ class KvrlLM(HFLM):
             generation_kwargs.pop("temperature", None)
             generation_kwargs["do_sample"] = False
         began = time.perf_counter()
-        with torch.inference_mode(), (compressed(self.model, self.plan) if self.plan is not None else nullcontext()):
+        if self.plan is not None:
+            self.decoding_simulation_used.add(simulation)
+        with torch.inference_mode(), (compressed(self.model, self.plan, simulation) if self.plan is not None else nullcontext()):
             out = self.model.generate(input_ids=context, max_length=max_length, stopping_criteria=criteria,
                                       pad_token_id=self.tokenizer.pad_token_id, use_cache=True, **generation_kwargs)
         self.stats.seconds += time.perf_counter() - began
@@ -148,6 +169,27 @@ class KvrlLM(HFLM):
         return out
 
 
+def parse_decoding_simulation(value: int | str | None) -> int | None:
+    """The `decoding_simulation` model argument: None (or "", "task") = each task's own default."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "task")):
+        return None
+    try:
+        tokens = int(value)
+    except (TypeError, ValueError):
+        raise KvrlError(f"decoding_simulation must be a number of prompt tokens (0 = off), got {value!r}") from None
+    if tokens < 0:
+        raise KvrlError(f"decoding_simulation must be >= 0, got {tokens}")
+    return tokens
+
+
+def model_arg(value: Any, kind: type, name: str) -> Any:
+    """A model argument as `kind` (lm-eval passes them as text), or a one-line `KvrlError`."""
+    try:
+        return kind(value)
+    except (TypeError, ValueError):
+        raise KvrlError(f"model argument {name} must be a {kind.__name__}, got {value!r}") from None
+
+
 def available_device(requested: str | None) -> str:
     """lm-eval's command line asks for `cuda` by default; like HFLM, use the CPU when there is none."""
     if not requested or (requested.startswith("cuda") and not torch.cuda.is_available()):
@@ -158,7 +200,7 @@ def available_device(requested: str | None) -> str:
 
 
 def plan_for(model: Any, tokenizer: Any, strategy: str, sparsity: float, *, heads: str | None = None, seed: int = 0,
-             compressed_policy: str = "streaming", data_dir: str | None = None) -> CompressionPlan:
+             compressed_policy: str = "streaming", data_dir: str | None = None, rule: str = "official") -> CompressionPlan:
     """The plan of `strategy` at `sparsity`: from a scores file, else by running its `select`."""
     from kvpress_rl.executor.policies import BUDGET_BASE, make_policy
     from kvpress_rl.models import ModelShape, model_id
@@ -173,7 +215,7 @@ def plan_for(model: Any, tokenizer: Any, strategy: str, sparsity: float, *, head
     else:
         scores = selector.select(model, tokenizer, SelectionContext(seed=seed, data_dir=data_dir, model_id=model_id(model)))
     scores.check_shape(ModelShape.from_config(model.config))
-    return selector.plan(scores, sparsity, make_policy(compressed_policy, fixed_budget=BUDGET_BASE))
+    return selector.plan(scores, sparsity, make_policy(compressed_policy, fixed_budget=BUDGET_BASE), rule)
 
 
 def register() -> None:

@@ -8,7 +8,11 @@ Three kinds, one name space:
   pointed at the local JSON Lines instead of the hub, so it runs offline.
 - the paper's setting, `<task>_r1`: the R1 prompt (`Please reason step by step, and put your final
   answer within \\boxed{}`), chat template, greedy, a cap on the total length (8,192 tokens; 16,384
-  for AIME24), scored with math-verify (integers for AIME, the MBPP sandbox for code).
+  for AIME24), scored with math-verify (integers for AIME, the MBPP sandbox for code), and RLKV's
+  decoding simulation: the prompt's last 50 tokens are fed one at a time through the compressed
+  cache before generating (`decoding_simulation` in the generation arguments, read by the `kvrl`
+  model; `kvrl eval --decoding-simulation N` overrides it). lm-eval's own tasks and `embedded`
+  have none (0).
 - `embedded`: the embedded model's link-following task (500 generated test problems).
 
 MBPP, in every variant, runs code through `kvpress_rl.evaluators.code_execution` (a contained
@@ -32,6 +36,7 @@ R1_INSTRUCTION = "Please reason step by step, and put your final answer within \
 R1_TOTAL_TOKENS = 8192
 R1_TOTAL_TOKENS_AIME = 16384
 EMBEDDED_TEST_PROBLEMS = 500
+R1_DECODING_SIMULATION = 50  # RLKV eval/bench/pred.py: --decoding_simulation_length 50
 
 
 @dataclass(frozen=True)
@@ -163,7 +168,8 @@ def r1_config(task: R1Task, data_dir: Path | None) -> TaskConfig:
         "doc_to_target": "{{gold}}",
         "process_results": process_results,
         "metric_list": _accuracy_metric(),
-        "generation_kwargs": {"until": [], "do_sample": False, "max_gen_toks": task.total_tokens, "max_total_tokens": task.total_tokens},
+        "generation_kwargs": {"until": [], "do_sample": False, "max_gen_toks": task.total_tokens, "max_total_tokens": task.total_tokens,
+                              "decoding_simulation": R1_DECODING_SIMULATION},
         "num_fewshot": 0,
         "metadata": {"version": 1.0, "source": "kvpress-rl: the RLKV paper's evaluation setting"},
     }

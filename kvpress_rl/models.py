@@ -47,6 +47,45 @@ class ModelShape:
         return self.num_query_heads // self.num_kv_heads
 
 
+DEVICES = "cpu, cuda, cuda:N, mps"
+
+
+def check_device(name: str) -> str:
+    """The normalised device name (`cpu`, `cuda`, `cuda:N`, `mps`), or a one-line `KvrlError` for an unknown
+    name or a device this machine does not have (no GPU, or N out of range)."""
+    text = str(name).strip().lower()
+    kind, sep, index = text.partition(":")
+    if kind == "cpu" and not sep:
+        return "cpu"
+    if kind == "mps" and not sep:
+        backend = getattr(torch.backends, "mps", None)
+        if backend is None or not backend.is_available():
+            raise KvrlError("--device mps: MPS is not available on this machine; use --device cpu")
+        return "mps"
+    if kind == "cuda" and (not sep or (index.isdigit() and index.isascii())):
+        if not torch.cuda.is_available():
+            raise KvrlError(f"--device {name}: no CUDA GPU is available on this machine; use --device cpu")
+        if not sep:
+            return "cuda"
+        count = torch.cuda.device_count()
+        if int(index) >= count:
+            raise KvrlError(f"--device {name}: this machine has {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}")
+        return f"cuda:{int(index)}"
+    raise KvrlError(f"unknown device {name!r}; accepted: {DEVICES}")
+
+
+def check_seed(seed: int, flag: str = "--seed") -> int:
+    """Refuse a seed that torch and numpy do not accept: 0 <= seed < 2**32 (numpy's limit, the smaller one)."""
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**32:
+        raise KvrlError(f"{flag} must be an integer with 0 <= seed < 2**32 (= {2**32}), got {seed}")
+    return seed
+
+
+def looks_like_path(spec: str) -> bool:
+    """A --model value that is meant as a local path rather than a hub id."""
+    return spec.endswith(".gguf") or ("/" in spec and spec.startswith((".", "/", "~")))
+
+
 def check_supported(config: Any) -> None:
     """Raise `KvrlError` unless the executor supports this model's architecture."""
     model_type = getattr(config, "model_type", None)
@@ -124,6 +163,10 @@ def load_model(
         lm.name_or_path = spec
         return lm.to(device), None
 
+    if looks_like_path(spec) and not Path(spec).expanduser().exists():  # not "Repo id must be in the form ..."
+        what = "GGUF file not found" if spec.endswith(".gguf") else "the path does not exist"
+        raise KvrlError(f"cannot load model {spec!r}: {what}")
+    spec = str(Path(spec).expanduser()) if spec.startswith("~") else spec
     path = Path(spec)
     if spec.endswith(".gguf"):
         if not path.is_file():

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from kvpress_rl.errors import KvrlError
@@ -31,6 +33,7 @@ class CompressionPlan:
     policy: TokenPolicy
     sparsity: float = 0.0
     source: str = ""
+    rule: str = ""  # how heads were chosen: a `PLAN_RULES` name, or "" for a hand-made plan
 
     def __post_init__(self) -> None:
         if self.full.dtype != torch.bool or self.full.ndim != 2:
@@ -68,8 +71,8 @@ class CompressionPlan:
     def summary(self) -> str:
         """Per layer, which KV heads keep the full cache (`F`) and which are compressed (`.`)."""
         lines = [
-            f"plan: {self.num_compressed}/{self.full.numel()} KV heads compressed (sparsity {self.sparsity:g}), "
-            f"compressed heads keep {self.policy.describe()}"
+            f"plan: {self.num_compressed}/{self.full.numel()} KV heads compressed (sparsity {self.sparsity:g}"
+            f"{', rule ' + self.rule if self.rule else ''}), compressed heads keep {self.policy.describe()}"
         ]
         width = len(str(self.shape[0] - 1))
         for layer, row in enumerate(self.full.tolist()):
@@ -78,8 +81,45 @@ class CompressionPlan:
         return "\n".join(lines)
 
 
+# How `plan_from_scores` turns scores into full / compressed heads.
+#   official: the rule of the RLKV and DuoAttention evaluation code (`sparsify_attention_heads`) and of
+#             RLKV's SGLang head-mask loader: clip to [0, 1], add uniform noise in [0, 1e-6) drawn from
+#             NumPy's seed 42 (ties break at random, not by position), threshold at
+#             `numpy.quantile(scores, s)` (linear interpolation) over every (layer, KV head), and keep
+#             the full cache where `score >= threshold`: `ceil((n - 1) * s)` heads compressed.
+#   round:    compress exactly `round(n * s)` heads, lowest clipped score first, ties by raw score and
+#             then by (layer, head) order (this project's rule before the official one was adopted).
+PLAN_RULES = ("official", "round")
+OFFICIAL_NOISE_SEED = 42
+OFFICIAL_NOISE_SCALE = 1e-6
+
+
+def check_rule(rule: str) -> str:
+    if rule not in PLAN_RULES:
+        raise KvrlError(f"unknown plan rule {rule!r}; accepted: {', '.join(PLAN_RULES)}")
+    return rule
+
+
+CLIP_TOLERANCE = 0.02  # how far outside [0, 1] a score may lie before `official_full_heads` warns (published
+# gates stray up to 0.0107: Qwen-3-4B-Thinking rlkv.tsv has -0.0106)
+
+
+def official_full_heads(values: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Bool mask of the heads that keep the full cache under the official RLKV rule (see `PLAN_RULES`)."""
+    raw = values.detach().cpu().double().numpy()
+    outside = int(((raw < -CLIP_TOLERANCE) | (raw > 1.0 + CLIP_TOLERANCE)).sum())
+    if outside:  # published gates stray at most ~0.011 from [0, 1]; other scales lose their order here
+        warnings.warn(f"{outside} of {raw.size} head scores lie outside [0, 1] by more than {CLIP_TOLERANCE:g}; the official "
+                      "rule clips them to [0, 1], losing their order: rescale the scores to [0, 1] first", stacklevel=2)
+    scores = np.clip(raw, 0.0, 1.0)
+    noise = np.random.RandomState(OFFICIAL_NOISE_SEED).uniform(0.0, OFFICIAL_NOISE_SCALE, scores.shape)
+    scores = scores + noise
+    threshold = np.quantile(scores, sparsity)
+    return torch.from_numpy(scores >= threshold)
+
+
 def rank_heads(scores: torch.Tensor) -> torch.Tensor:
-    """Flat head indices from lowest to highest clipped score.
+    """Flat head indices from lowest to highest clipped score (the `round` rule's order).
 
     Ties (e.g. several gates clipped at 1) break by the raw score, then toward the earlier
     (layer, head): stable sorts make the order deterministic on every platform.
@@ -90,25 +130,34 @@ def rank_heads(scores: torch.Tensor) -> torch.Tensor:
     return by_raw[torch.sort(clipped, stable=True).indices]
 
 
+def round_full_heads(values: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Bool mask of the heads that keep the full cache under the `round` rule."""
+    full = torch.ones(values.numel(), dtype=torch.bool)
+    full[rank_heads(values)[: int(round(sparsity * values.numel()))]] = False
+    return full.reshape(values.shape)
+
+
 def plan_from_scores(
     scores: HeadScores | torch.Tensor,
     sparsity: float,
     policy: TokenPolicy | None = None,
+    rule: str = "official",
 ) -> CompressionPlan:
-    """Rank all KV heads of the model globally and compress the lowest fraction `sparsity`.
+    """Rank all KV heads of the model globally (no per-layer quota) and compress the lowest fraction `sparsity`.
 
-    The number of compressed heads is `round(sparsity * num_heads)`; no per-layer quota.
-    Scores are clipped to [0, 1] first, as the paper does with its gates (see `rank_heads`).
+    `rule="official"` (default) is the RLKV evaluation's quantile threshold with seeded tie-breaking
+    noise; `rule="round"` compresses exactly `round(sparsity * num_heads)`. See `PLAN_RULES`.
     """
     sparsity = check_sparsity(sparsity)
     values = scores.scores if isinstance(scores, HeadScores) else torch.as_tensor(scores, dtype=torch.float32)
-    num_compressed = int(round(sparsity * values.numel()))
-    full = torch.ones(values.numel(), dtype=torch.bool)
-    full[rank_heads(values)[:num_compressed]] = False
+    if check_rule(rule) == "official" and sparsity < 1.0:
+        full = official_full_heads(values, sparsity)
+    else:  # s = 1 compresses every head (the official threshold would keep the single highest one)
+        full = round_full_heads(values, sparsity)
     source = scores.strategy if isinstance(scores, HeadScores) else ""
-    return CompressionPlan(full.reshape(values.shape), policy or Streaming(), sparsity, source)
+    return CompressionPlan(full.reshape(values.shape), policy or Streaming(), sparsity, source, rule)
 
 
 def token_plan(shape: tuple[int, int], sparsity: float, policy: TokenPolicy) -> CompressionPlan:
     """Every head compressed by a token policy (SnapKV, H2O, R-KV, StreamingLLM)."""
-    return CompressionPlan(torch.zeros(shape, dtype=torch.bool), policy, check_sparsity(sparsity), policy.name)
+    return CompressionPlan(torch.zeros(shape, dtype=torch.bool), policy, check_sparsity(sparsity), policy.name, "token")

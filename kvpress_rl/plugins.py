@@ -8,6 +8,7 @@ Our built-in strategies are found the same way. Nothing is cached in a global: e
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from dataclasses import dataclass
 from importlib.metadata import entry_points
@@ -70,7 +71,9 @@ def discover_strategies(extra_plugins: list[tuple[str, ModuleType | Any]] | None
                 continue
             manager.register(plugin, name=name)
             origins[name] = origin
-        except Exception as err:  # a third party's import error must not break kvrl
+        except KeyboardInterrupt:
+            raise
+        except BaseException as err:  # noqa: B036 -- a third party's import error (or sys.exit) must not break kvrl
             warnings.warn(f"plugin {ep.name!r} from {origin} failed to load and was skipped: {type(err).__name__}: {err}", PluginWarning, stacklevel=2)
     for origin, plugin in extra_plugins or []:
         name = f"{origin}:{getattr(plugin, '__name__', id(plugin))}"
@@ -85,17 +88,39 @@ def discover_strategies(extra_plugins: list[tuple[str, ModuleType | Any]] | None
         origin = origins[impl.plugin_name]
         try:
             classes = list(impl.function())
-        except Exception as err:
+        except KeyboardInterrupt:
+            raise
+        except BaseException as err:  # noqa: B036 -- SystemExit included: a plugin must not end kvrl
             warnings.warn(f"plugin from {origin} raised in kvrl_strategies and was skipped: {type(err).__name__}: {err}", PluginWarning, stacklevel=2)
             continue
         for cls in classes:
-            if not (isinstance(cls, type) and issubclass(cls, HeadSelector) and cls.name):
+            if not (isinstance(cls, type) and issubclass(cls, HeadSelector) and isinstance(cls.name, str) and cls.name):
                 warnings.warn(f"plugin from {origin} returned {cls!r}, not a named HeadSelector subclass; skipped", PluginWarning, stacklevel=2)
+            elif (problem := _class_problem(cls)) is not None:
+                warnings.warn(f"strategy {cls.name!r} from {origin} is unusable and was skipped: {problem}", PluginWarning, stacklevel=2)
             elif cls.name in found:
                 warnings.warn(f"strategy {cls.name!r} from {origin} is already provided by {found[cls.name].origin}; skipped", PluginWarning, stacklevel=2)
             else:
                 found[cls.name] = StrategyEntry(cls, origin)
     return found
+
+
+def _class_problem(cls: type[HeadSelector]) -> str | None:
+    """Why a strategy class cannot be listed (None: it can): its text attributes must be strings and the
+    type hints of its options dataclass must resolve."""
+    for attribute in ("kind", "version", "description"):
+        if not isinstance(getattr(cls, attribute, None), str):
+            return f"{attribute} is {type(getattr(cls, attribute, None)).__name__}, not str"
+    try:
+        from kvpress_rl.cli.options import field_types
+
+        if dataclasses.is_dataclass(cls.Options):
+            field_types(cls.Options)
+    except KeyboardInterrupt:
+        raise
+    except BaseException as err:  # noqa: B036
+        return f"its Options cannot be used ({type(err).__name__}: {err})"
+    return None
 
 
 def get_strategy(name: str, strategies: dict[str, StrategyEntry] | None = None) -> StrategyEntry:

@@ -92,27 +92,65 @@ class HeadScores:
             provenance = json.loads(metadata.get("provenance", "{}"))
         except Exception as err:  # safetensors raises several types for a damaged file
             raise KvrlError(f"{path} is not a readable head-scores file (.safetensors with a 'scores' tensor, or .tsv)") from err
-        known = {k: provenance[k] for k in ("model_id", "strategy", "strategy_version", "options", "data", "seed", "wall_time_s", "extra") if k in provenance}
-        return cls(scores=scores, **known)
+        return cls(scores=scores, **_checked_provenance(path, provenance))
 
     # --- published TSV form ------------------------------------------------------------------
     @classmethod
     def from_tsv(cls, path: str | Path) -> HeadScores:
         path = Path(path)
-        rows: list[list[float]] = []
         try:
-            for line_no, line in enumerate(path.read_text().splitlines(), start=1):  # noqa: B007 (named in the error)
-                if line.strip():
-                    rows.append([float(cell) for cell in line.strip().split("\t")])
-        except (ValueError, UnicodeDecodeError) as err:
-            raise KvrlError(f"{path}: not a TSV of numbers (line {line_no})") from err
-        if not rows or len({len(r) for r in rows}) != 1:
+            raw = path.read_bytes()
+        except OSError as err:
+            raise KvrlError(f"{path}: cannot read it ({err.strerror or type(err).__name__})") from None
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise KvrlError(f"{path}: not a TSV of numbers (not UTF-8 text)") from None
+        rows: list[list[float]] = []
+        for line_no, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                rows.append([float(cell) for cell in line.strip().split("\t")])
+            except ValueError:
+                raise KvrlError(f"{path}: not a TSV of numbers (line {line_no})") from None
+        if not rows:
+            raise KvrlError(f"{path}: the head pattern is empty (no row of numbers)")
+        if len({len(r) for r in rows}) != 1:
             raise KvrlError(f"{path}: a head pattern needs the same number of columns on every row")
         return cls(scores=torch.tensor(rows), strategy="file", data=str(path))
 
     def to_tsv(self, path: str | Path, *, overwrite: bool = False) -> Path:
         text = "\n".join("\t".join(_fmt(v) for v in row) for row in self.scores.tolist()) + "\n"
         return write_atomic(path, lambda tmp: tmp.write_text(text), overwrite=overwrite)
+
+
+# the type each provenance field must have in a file (None is accepted for every field)
+_PROVENANCE_TYPES: dict[str, tuple[type, ...]] = {
+    "model_id": (str,), "strategy": (str,), "strategy_version": (str,), "options": (dict,), "data": (str,),
+    "seed": (int,), "wall_time_s": (int, float), "extra": (dict,),
+}
+
+
+def _checked_provenance(path: Path, provenance: Any) -> dict[str, Any]:
+    """The known provenance fields of a file, refused in one line when the metadata is not a JSON object or a
+    field has the wrong type."""
+    if not isinstance(provenance, dict):
+        raise KvrlError(f"{path}: its provenance metadata is not a JSON object (got {type(provenance).__name__})")
+    known: dict[str, Any] = {}
+    for key, types in _PROVENANCE_TYPES.items():
+        if key not in provenance or provenance[key] is None:
+            continue
+        value = provenance[key]
+        if isinstance(value, bool) or not isinstance(value, types):
+            raise KvrlError(f"{path}: provenance field {key!r} should be {' or '.join(t.__name__ for t in types)}, "
+                            f"got {type(value).__name__}")
+        known[key] = value
+    for key in ("model_id", "strategy", "strategy_version", "data"):  # the dataclass defaults of these are ""
+        known.setdefault(key, "")
+    known.setdefault("options", {})
+    known.setdefault("extra", {})
+    return known
 
 
 def _fmt(value: float) -> str:

@@ -53,8 +53,15 @@ class HeadSelector:
     def select(self, model: Any, tokenizer: Any, context: SelectionContext) -> HeadScores:
         raise NotImplementedError
 
-    def plan(self, scores: HeadScores, sparsity: float, policy: TokenPolicy | None = None) -> CompressionPlan:
-        return plan_from_scores(scores, sparsity, policy or Streaming())
+    def plan(self, scores: HeadScores, sparsity: float, policy: TokenPolicy | None = None, rule: str = "official") -> CompressionPlan:
+        """The global ranking of `plan_from_scores` (`rule`: "official" quantile threshold, or "round")."""
+        return plan_from_scores(scores, sparsity, policy or Streaming(), rule)
+
+    def resolved_options(self, model: Any) -> str:
+        """The options `select` will run with on `model`, as text for the user (printed by `kvrl select`
+        before the work starts). Strategies whose unset options depend on the model override this."""
+        values = self.option_values()
+        return f"{self.name} options: " + (", ".join(f"{k}={v!r}" for k, v in values.items()) if values else "none")
 
     def option_values(self) -> dict[str, Any]:
         return dataclasses.asdict(self.options) if dataclasses.is_dataclass(self.options) else {}
@@ -112,7 +119,7 @@ class TokenSelector(HeadSelector):
         shape = ModelShape.from_config(model.config)
         return self.scores(torch.zeros(shape.num_layers, shape.num_kv_heads), model_id(model), context, 0.0)
 
-    def plan(self, scores: HeadScores, sparsity: float, policy: TokenPolicy | None = None) -> CompressionPlan:
+    def plan(self, scores: HeadScores, sparsity: float, policy: TokenPolicy | None = None, rule: str = "official") -> CompressionPlan:
         from kvpress_rl.plan import check_sparsity, token_plan
 
         return token_plan(scores.shape, sparsity, self.make_policy(check_sparsity(sparsity)))

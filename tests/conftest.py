@@ -17,7 +17,10 @@ SHARED_DATA = Path(os.environ.get("KVRL_SHARED_DATA", REPO_ROOT.parent / "shared
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
-        pytest.fail(f"offline data not found at {SHARED_DATA}; set KVRL_SHARED_DATA")
+        message = f"offline data not found at {SHARED_DATA}; set KVRL_SHARED_DATA to a folder laid out like shared/data"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(message)  # CI always has it: a missing folder is a broken set-up, not a skip
+        pytest.skip(message)
     return SHARED_DATA
 
 

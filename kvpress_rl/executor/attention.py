@@ -3,7 +3,9 @@
 Each head group attends over its own cache: full heads over the whole history, compressed heads
 over the slots their policy kept. Under GQA every query head follows its KV head; outputs return
 in head order. A prefill attends fully for every head (as the RLKV paper evaluates), then the
-compressed heads are cut to their budget.
+compressed heads are cut to their budget. A decoding step appends the new token first, attends
+over the held slots and the new one (16 + 64 + 1 for RLKV's streaming heads, as the official
+patch does), lets attention policies observe those probabilities, and only then trims the head.
 """
 
 from __future__ import annotations
@@ -67,19 +69,22 @@ def _compressed_attention(module, layer: HeadwiseLayer, query, attention_mask, s
 
 
 def _decode_step(module, layer: HeadwiseLayer, query, scaling):
-    """One new query per sequence over the kept slots (already cut to the budget in `update`)."""
+    """One new query per sequence over the kept slots and itself (budget + 1, or more under a
+    policy's slack), then the head is trimmed back to its budget, the new token included."""
     keys = repeat_kv(layer.compressed_keys, layer.groups)
     values = repeat_kv(layer.compressed_values, layer.groups)
     mask = None if layer.all_valid else layer.valid.repeat_interleave(layer.groups, dim=1)[:, :, None, :]
     if not layer.policy.needs_attention:
         out = torch.nn.functional.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scaling)
-        return out.transpose(1, 2)
-    logits = (query @ keys.transpose(-1, -2)).float() * scaling
-    if mask is not None:
-        logits = logits.masked_fill(~mask, float("-inf"))
-    probs = logits.softmax(dim=-1)
-    layer.policy.observe(layer.stats, _sum_groups(probs, layer.groups))
-    return (probs.to(values.dtype) @ values).transpose(1, 2)
+    else:
+        logits = (query @ keys.transpose(-1, -2)).float() * scaling
+        if mask is not None:
+            logits = logits.masked_fill(~mask, float("-inf"))
+        probs = logits.softmax(dim=-1)
+        layer.policy.observe(layer.stats, _sum_groups(probs, layer.groups))  # over the slots attended
+        out = probs.to(values.dtype) @ values
+    layer.compress(slack=layer.policy.slack())
+    return out.transpose(1, 2)
 
 
 def _observe_prefill(layer: HeadwiseLayer, query, mask, scaling) -> None:

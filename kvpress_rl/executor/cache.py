@@ -1,7 +1,9 @@
 """`HeadwiseCache`: per layer, full-cache KV heads and compressed KV heads in separate tensors.
 
 Compressed heads hold at most their budget of tokens (plus a policy's slack), so the memory is
-really freed, unlike masking a full-length cache. Slots stay in chronological order, so "sink" and
+really freed, unlike masking a full-length cache. During a decoding step a head holds one slot
+more while the new query attends (as RLKV's streaming heads do: concatenate, attend over all 81,
+then trim to 16 sink + 64 recent); after the step it is back to its budget. Slots stay in chronological order, so "sink" and
 "recent" are slot positions; attention over a set of keys does not depend on their order.
 """
 
@@ -102,9 +104,9 @@ class HeadwiseLayer(CacheLayerMixin):
             # New slots have no statistics yet: zeros along the slot dimension (always last).
             self.stats = {name: torch.nn.functional.pad(stat, (0, new_tokens)) for name, stat in self.stats.items()}
         self.seen += new_tokens
-        if new_tokens == 1:
-            # Decoding: evict before attending, so the new query sees exactly the budget.
-            self.compress(slack=self.policy.slack())
+        # Eviction happens in the attention function, after the new queries attended (prefill: cut
+        # to the budget; decoding: the new token joins the held budget, the query attends over
+        # budget + 1 slots, then the head is trimmed back to its budget, the new token included).
         view = LayerView(self, new_tokens)
         return view, view
 
@@ -117,12 +119,13 @@ class HeadwiseLayer(CacheLayerMixin):
         self.all_valid = self.all_valid and bool(new_valid.all())
 
     def compress(self, slack: int = 0) -> None:
-        """Keep the `budget` best slots of each compressed head once it holds more than budget + slack."""
+        """Keep the `budget` best slots of each compressed head once it holds more than its budget and
+        at least budget + slack (R-KV's buffer: compression fires when the head reaches budget + buffer)."""
         if not self.has_compressed:
             return
         budget = self.policy.budget(self.seen)
         slots = self.compressed_keys.shape[2]
-        if slots <= budget + slack:
+        if slots <= budget or slots < budget + slack:
             return
         scores = self.policy.keep_scores(self.compressed_keys, self.valid, self.stats)
         keep = scores.topk(budget, dim=-1, sorted=False).indices.sort(dim=-1).values  # (batch, heads, budget)
@@ -135,13 +138,18 @@ class HeadwiseLayer(CacheLayerMixin):
             self.stats[name] = stat.gather(-1, index)
 
     # --- transformers' Cache protocol ---------------------------------------------------------
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+    def get_mask_sizes(self, query_length: int | torch.Tensor) -> tuple[int, int]:
+        if isinstance(query_length, torch.Tensor):  # transformers < 5.3 passes the cache positions
+            query_length = query_length.shape[0]
         return self.seen + query_length, 0
 
     def get_seq_length(self) -> int:
         return self.seen
 
     def get_max_length(self) -> int:
+        return -1
+
+    def get_max_cache_shape(self) -> int:  # abstract in transformers < 5.3 (benchmarks/kvpress_crosscheck.py)
         return -1
 
     def reset(self) -> None:

@@ -1,10 +1,22 @@
 """Gated mixed attention for training head gates (RLKV, DuoAttention).
 
 Per KV head, `alpha * full + (1 - alpha) * streaming`, both from the same queries, keys and values
-(after RoPE). The streaming branch sees the first `sink` real keys and the last `window` keys
-(causal). `alpha` is a trainable `[layers, kv_heads]` tensor, clamped to [0, 1] in every forward;
+(after RoPE). `alpha` is a trainable `[layers, kv_heads]` tensor, clamped to [0, 1] in every forward;
 the model's own weights are untouched, so gradients reach the gates alone when the model is frozen.
 Works in teacher-forced forward passes and inside `generate` (rollouts from the gated model).
+
+What the streaming branch sees (always causal, never padding), by `mask`:
+
+- `"token"`: the first `sink` real keys and the last `window` keys up to the query (a token-exact
+  sink + window, as evaluation compresses).
+- `"block"`: the official RLKV training kernel (Block-Sparse-Attention's streaming mask): keys in
+  blocks of `block_size` tokens; the first `ceil(sink / block_size)` blocks, and the last
+  `ceil(window / block_size)` blocks counted back from the query's own block, which is included
+  (causally, up to the query). At sink 128 / window 256 / blocks of 128 a query therefore sees
+  between 257 and 384 keys (block 0, the previous block, and its own block up to itself).
+
+Positions are counted over real tokens: a key's position is its rank among the row's real keys and a
+query's position is its own rank, so left padding shifts no block boundary and no window.
 """
 
 from __future__ import annotations
@@ -23,33 +35,50 @@ from kvpress_rl.models import ModelShape, check_supported
 
 TRAIN_SINK = 128
 TRAIN_WINDOW = 256
+BLOCK_SIZE = 128
+MASKS = ("token", "block")
 _names = itertools.count()
 
 
-def streaming_mask(attention_mask: torch.Tensor | None, q_len: int, kv_len: int, sink: int, window: int, device) -> torch.Tensor:
-    """Bool `(batch or 1, 1, q_len, kv_len)`: causal, not padding, and a sink or within the window."""
-    query_pos = torch.arange(kv_len - q_len, kv_len, device=device)[:, None]
-    key_pos = torch.arange(kv_len, device=device)[None, :]
+def streaming_mask(attention_mask: torch.Tensor | None, q_len: int, kv_len: int, sink: int, window: int, device,
+                   *, mode: str = "token", block_size: int = BLOCK_SIZE) -> torch.Tensor:
+    """Bool `(batch or 1, 1, q_len, kv_len)`: causal, not padding, and a sink or recent key (see the module)."""
+    key_pos = torch.arange(kv_len, device=device)
     if attention_mask is None:
-        allowed = (key_pos <= query_pos)[None, None]
-        rank = key_pos[None, None]
+        allowed = (key_pos[None, :] <= key_pos[kv_len - q_len:, None])[None, None]
+        rank = key_pos.view(1, 1, 1, kv_len)
     else:
         allowed = attention_mask.bool()
         key_valid = allowed[:, :, -1:, :]  # the last query sees every real key
-        rank = key_valid.long().cumsum(-1) - 1
-    near = (query_pos - key_pos < window)[None, None]
-    mask = allowed & ((rank < sink) | near)
+        rank = key_valid.long().cumsum(-1) - 1  # position among the row's real tokens
+    query_rank = rank[..., kv_len - q_len:].transpose(-1, -2)  # (batch, 1, q_len, 1)
+    if mode == "token":
+        recent = query_rank - rank < window
+        first = rank < sink
+    elif mode == "block":
+        query_block, key_block = query_rank // block_size, rank // block_size
+        recent = query_block - key_block < -(-window // block_size)
+        first = key_block < -(-sink // block_size)
+    else:
+        raise KvrlError(f"streaming mask must be one of {', '.join(MASKS)}, got {mode!r}")
+    mask = allowed & (first | recent)
     if attention_mask is not None:  # rows that would be empty (padding queries) keep the model's own row
         mask = torch.where(mask.any(-1, keepdim=True), mask, allowed)
     return mask
 
 
-def mixed_attention(gates: torch.Tensor, sink: int, window: int):
+def mixed_attention(gates: torch.Tensor, sink: int, window: int, mode: str = "token", block_size: int = BLOCK_SIZE):
     """The attention function for a given gate tensor."""
+    last: list = []  # (attention_mask, shape, streaming mask) of the previous call: every layer of a forward shares it
 
     def attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None, **kwargs):
         full, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-        mask = streaming_mask(attention_mask, query.shape[2], key.shape[2], sink, window, query.device)
+        shape = (query.shape[2], key.shape[2], query.device)
+        if last and last[0] is attention_mask and last[1] == shape:
+            mask = last[2]
+        else:
+            mask = streaming_mask(attention_mask, query.shape[2], key.shape[2], sink, window, query.device, mode=mode, block_size=block_size)
+            last[:] = [attention_mask, shape, mask]
         stream, _ = sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
         alpha = gates[module.layer_idx].clamp(0.0, 1.0).repeat_interleave(module.num_key_value_groups)
         alpha = alpha.to(full.dtype)[None, None, :, None]  # output layout: (batch, q_len, heads, head_dim)
@@ -59,22 +88,34 @@ def mixed_attention(gates: torch.Tensor, sink: int, window: int):
 
 
 def new_gates(model, init: float = 1.0) -> torch.nn.Parameter:
-    """A trainable `[layers, kv_heads]` gate tensor, initialised to `init` (the paper: 1.0)."""
+    """A trainable float32 `[layers, kv_heads]` gate tensor, initialised to `init` (the paper: 1.0).
+
+    The gates stay float32 whatever the model's dtype; the mixed output is cast to the model's.
+    """
     shape = ModelShape.from_config(model.config)
-    return torch.nn.Parameter(torch.full((shape.num_layers, shape.num_kv_heads), float(init), device=model.device))
+    return torch.nn.Parameter(torch.full((shape.num_layers, shape.num_kv_heads), float(init), device=model.device, dtype=torch.float32))
 
 
 @contextmanager
-def gated(model, gates: torch.Tensor, *, sink: int = TRAIN_SINK, window: int = TRAIN_WINDOW) -> Iterator[torch.Tensor]:
-    """Run `model` with gated mixed attention; restores the model's attention on exit."""
+def gated(model, gates: torch.Tensor, *, sink: int = TRAIN_SINK, window: int = TRAIN_WINDOW, mask: str = "token",
+          block_size: int = BLOCK_SIZE) -> Iterator[torch.Tensor]:
+    """Run `model` with gated mixed attention; restores the model's attention on exit.
+
+    `mask`: the streaming branch's mask, `"token"` (exact sink + window) or `"block"` (the official
+    training kernel's blocks of `block_size`); see the module docstring.
+    """
     check_supported(model.config)
     shape = ModelShape.from_config(model.config)
     if tuple(gates.shape) != (shape.num_layers, shape.num_kv_heads):
         raise KvrlError(f"gates have shape {tuple(gates.shape)}, the model needs ({shape.num_layers}, {shape.num_kv_heads})")
     if sink < 0 or window < 1:
         raise KvrlError(f"gated attention needs sink >= 0 and window >= 1, got {sink}, {window}")
+    if mask not in MASKS:
+        raise KvrlError(f"gated attention mask must be one of {', '.join(MASKS)}, got {mask!r}")
+    if block_size < 1:
+        raise KvrlError(f"gated attention needs block_size >= 1, got {block_size}")
     name = f"kvrl_gated_{next(_names)}"
-    AttentionInterface.register(name, mixed_attention(gates, sink, window))
+    AttentionInterface.register(name, mixed_attention(gates, sink, window, mask, block_size))
     AttentionMaskInterface.register(name, sdpa_mask)
     previous = model.config._attn_implementation
     model.config._attn_implementation = name

@@ -98,6 +98,19 @@ def _recent(valid: torch.Tensor, n: int, count: int) -> torch.Tensor:
     return _slot_index(valid, n) >= n - count
 
 
+def _pool(pool, score: torch.Tensor, kernel: int) -> torch.Tensor:
+    """1-D pooling of `(batch, heads, slots)` along the slots (stride 1, zero padding kernel // 2)."""
+    b, h, n = score.shape
+    if n == 0:
+        return score
+    return pool(score.reshape(b * h, 1, n), kernel, stride=1, padding=kernel // 2).reshape(b, h, n)
+
+
+def _pad_window(score: torch.Tensor, n: int) -> torch.Tensor:
+    """Pre-window scores `(batch, heads, before)` padded with zeros to all `n` slots (the window is protected)."""
+    return F.pad(score, (0, n - score.shape[-1]))
+
+
 @dataclass(frozen=True)
 class Streaming(TokenPolicy):
     """StreamingLLM (Xiao et al. 2024, arXiv 2309.17453): the first `sink` tokens + the most recent.
@@ -138,9 +151,14 @@ def _check_budget(budget: Budget, minimum: int, name: str) -> None:
 class SnapKV(TokenPolicy):
     """SnapKV (Li et al. 2024, arXiv 2404.14469): keep the tokens the last `window` queries attend to.
 
-    Scores are the attention of the observation window (summed over the query heads of the KV
-    group), smoothed by average pooling with `kernel`; the observation window itself is always kept.
-    During decoding the window slides with the newest queries.
+    As the reference code (FasterDecoding/SnapKV) defines it: the slots *before* the observation
+    window are scored by the attention the last `window` queries pay them, average-pooled with
+    `kernel` (zero padding of `kernel // 2`, stride 1) over those pre-window slots only, and the
+    best `budget - window` of them are kept together with the whole observation window (always
+    kept, so its own attention never leaks into the pooling). Scores are per KV head: the
+    probabilities are summed over the query heads of the KV group (kvpress averages over the
+    group and over the window queries; sums and means rank alike). During decoding the window
+    slides with the newest queries.
     """
 
     name: ClassVar[str] = "snapkv"
@@ -166,12 +184,12 @@ class SnapKV(TokenPolicy):
         stats["window_attention"] = rows[:, :, -self.window :]
 
     def keep_scores(self, keys, valid, stats):
-        n = keys.shape[2]
+        b, h, n, _ = keys.shape
         valid = valid.expand(keys.shape[:3])
-        score = stats["window_attention"].sum(dim=2)
-        b, h, _ = score.shape
-        score = F.avg_pool1d(score.reshape(b * h, 1, n), self.kernel, stride=1, padding=self.kernel // 2).reshape(b, h, n)
-        return _protect(score, _recent(valid, n, self.window), valid)
+        before = max(0, n - self.window)  # slots before the observation window
+        score = stats["window_attention"][..., :before].sum(dim=2)
+        score = _pool(F.avg_pool1d, score, self.kernel)
+        return _protect(_pad_window(score, n), _recent(valid, n, self.window), valid)
 
 
 @dataclass(frozen=True)
@@ -211,10 +229,25 @@ class H2O(TokenPolicy):
 class RKV(TokenPolicy):
     """R-KV (Cai et al. 2025, arXiv 2505.24133): importance mixed with key redundancy.
 
-    importance = max-pooled attention of the last `window` queries; redundancy = mean cosine
-    similarity of a key to the other keys of its head (softmax-normalised); score =
-    `mix * importance - (1 - mix) * redundancy`. Compression runs when a head holds `buffer`
-    tokens above its budget (paper's baseline: window 8, kernel 7, mix 0.1, buffer 128).
+    As the reference code (Zefan-Cai/R-KV, `rkv/compression/r1_kv.py`) defines it, over the slots
+    *before* the observation window of the last `window` queries:
+
+    - importance: the window queries' attention renormalised over the pre-window slots (their
+      softmax over the pre-window keys only), averaged over the window queries, max-pooled with
+      `kernel` (zero padding `kernel // 2`, stride 1) over the pre-window slots only;
+    - redundancy: cosine similarity between the head's keys (all of them, window included), the
+      diagonal zeroed, and in each row the *last* key with a similarity above 0.5 zeroed too (so
+      of a group of near-copies the newest survives); then the mean over the rows, a softmax over
+      the keys, and the pre-window part;
+    - score = `mix * importance - (1 - mix) * redundancy`; the best `budget - window` pre-window
+      slots are kept with the whole window.
+
+    Compression runs once a head holds `budget + buffer` tokens (paper's baseline: window 8,
+    kernel 7, mix 0.1, buffer 128). GQA: scoring is per KV head; the attention probabilities are
+    summed over the query heads of the KV group and renormalised over the pre-window slots (an
+    average of the group's distributions). The reference code instead takes the maximum of the
+    group's pre-softmax logits; we keep probability sums because the executor already observes
+    them for every attention policy, and they rank the heavy tokens of any head of the group.
     """
 
     name: ClassVar[str] = "rkv"
@@ -224,6 +257,7 @@ class RKV(TokenPolicy):
     kernel: int = 7
     mix: float = 0.1
     buffer: int = 128
+    threshold: ClassVar[float] = 0.5  # the reference's redundancy threshold (retain direction "last")
 
     def __post_init__(self) -> None:
         _check_budget(self.budget_spec, self.window + 1, self.name)
@@ -244,19 +278,34 @@ class RKV(TokenPolicy):
     def keep_scores(self, keys, valid, stats):
         b, h, n, _ = keys.shape
         valid = valid.expand(keys.shape[:3])
-        attention = stats["window_attention"]
-        importance = attention.mean(dim=2) if attention.shape[2] else attention.new_zeros((b, h, n))
-        importance = F.max_pool1d(importance.reshape(b * h, 1, n), self.kernel, stride=1, padding=self.kernel // 2).reshape(b, h, n)
-        importance = importance / importance.sum(-1, keepdim=True).clamp_min(1e-12)
-        unit = F.normalize(keys.float(), dim=-1)
+        before = max(0, n - self.window)
+        attention = stats["window_attention"][..., :before]
+        if attention.shape[2]:
+            attention = attention / attention.sum(-1, keepdim=True).clamp_min(1e-12)
+            importance = attention.mean(dim=2)
+        else:
+            importance = attention.new_zeros((b, h, before))
+        importance = _pool(F.max_pool1d, importance, self.kernel)
+        redundancy = self.redundancy(keys, valid)[..., :before]
+        score = self.mix * importance - (1.0 - self.mix) * redundancy
+        return _protect(_pad_window(score, n), _recent(valid, n, self.window), valid)
+
+    def redundancy(self, keys: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """`(batch, heads, slots)`: softmax over the keys of their mean similarity to the other keys."""
+        n = keys.shape[2]
+        unit = keys.float() / (keys.float().norm(dim=-1, keepdim=True) + 1e-8)
         similarity = unit @ unit.transpose(-1, -2)
-        similarity.diagonal(dim1=-2, dim2=-1).zero_()
         pair_valid = valid[..., :, None] & valid[..., None, :]
         similarity = similarity.masked_fill(~pair_valid, 0.0)
-        redundancy = similarity.sum(-1) / (valid.sum(-1, keepdim=True) - 1).clamp_min(1)
-        redundancy = torch.softmax(redundancy.masked_fill(~valid, -math.inf), dim=-1).nan_to_num(0.0)
-        score = self.mix * importance - (1.0 - self.mix) * redundancy
-        return _protect(score, _recent(valid, n, self.window), valid)
+        similarity.diagonal(dim1=-2, dim2=-1).zero_()
+        # in each row, the last column above the threshold is zeroed (row without one: column 0, as
+        # the reference's argmax over an all-zero row picks index 0; its similarity there is <= 0.5)
+        above = torch.where(similarity > self.threshold, _slot_index(valid, n)[..., None, :].expand_as(similarity), 0)
+        last = above.max(dim=-1).values
+        similarity = similarity.scatter(-1, last[..., None], 0.0)
+        rows = valid.sum(-1, keepdim=True).clamp_min(1)
+        mean = similarity.sum(dim=-2) / rows
+        return torch.softmax(mean.masked_fill(~valid, -math.inf), dim=-1).nan_to_num(0.0)
 
 
 POLICIES: dict[str, type[TokenPolicy]] = {cls.name: cls for cls in (Streaming, SnapKV, H2O, RKV)}

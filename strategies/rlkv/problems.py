@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -76,7 +77,80 @@ def jsonl_problems(path: Path, count: int) -> list[Problem]:
     return rows
 
 
+VERIFIERS = {"verify_embedded": verify_embedded, "verify_math": verify_math}  # by name, for a saved training set
+
 NAMED_SETS = {"gsm8k": "gsm8k/train.jsonl", "math500": "math500/test.jsonl"}
+
+
+# Splits that an evaluation task scores (evaluators/tasks.py; strategies do not import evaluators):
+# training on them would leak the test problems into the gates.
+EVAL_SETS = {"math500": "math500_r1 and minerva_math500"}
+EVAL_FILES = {"math500/test.jsonl": "math500_r1", "gsm8k/test.jsonl": "gsm8k_r1", "aime24/test.jsonl": "aime24_r1",
+              "mbpp/test.jsonl": "mbpp_r1"}
+
+
+def check_not_eval_data(data: str, allow: bool) -> None:
+    """Refuse a training set that an evaluation task evaluates, unless `allow` (`--allow-eval-data`)."""
+    if allow:
+        return
+    task = EVAL_SETS.get(data) or next((t for f, t in EVAL_FILES.items() if data.replace("\\", "/").endswith(f)), None)
+    if task:
+        raise KvrlError(f"--data {data} is a test split that the evaluation task {task} scores: training on it leaks "
+                        "the test problems into the gates. Train on DeepScaleR problems (what the paper trained on) "
+                        "with --data FILE.jsonl, or pass --allow-eval-data to train on it anyway")
+
+
+def bin_quotas(available: list[int], weights: list[float], total: int) -> list[int]:
+    """Problems to take per bin: `total` (at most what there is) split in proportion to `weights`; a bin
+    with too few gives all it has and its shortfall goes to the other bins, in proportion again."""
+    quotas = [0] * len(available)
+    remaining = min(total, sum(a for a, w in zip(available, weights) if w > 0))
+    open_bins = [i for i, (a, w) in enumerate(zip(available, weights)) if a > 0 and w > 0]
+    while remaining > 0 and open_bins:
+        weight_sum = sum(weights[i] for i in open_bins)
+        share = {i: remaining * weights[i] / weight_sum for i in open_bins}
+        short = [i for i in open_bins if share[i] >= available[i] - quotas[i]]
+        if short:  # these bins give everything; the rest is shared again
+            for i in short:
+                remaining -= available[i] - quotas[i]
+                quotas[i] = available[i]
+            open_bins = [i for i in open_bins if i not in short]
+            continue
+        floors = {i: int(share[i]) for i in open_bins}  # largest remainders take the leftover units
+        leftover = remaining - sum(floors.values())
+        for i in sorted(open_bins, key=lambda i: (floors[i] - share[i], i))[:leftover]:
+            floors[i] += 1
+        for i in open_bins:
+            quotas[i] += floors[i]
+        remaining = 0
+    return quotas
+
+
+def training_set(solved: list[tuple[Problem, int]], size: int, edges: tuple[int, ...], proportions: tuple[float, ...],
+                 rng: random.Random) -> list[Problem]:
+    """The fixed set of distinct training problems, chosen once from `(problem, solution length)` pairs:
+    stratified by length bins (`edges`; longer solutions count in the last bin) with `bin_quotas`."""
+    bins: list[list[Problem]] = [[] for _ in range(len(edges) - 1)]
+    for problem, length in solved:
+        index = next((i for i in range(len(edges) - 1) if edges[i] <= length < edges[i + 1]), len(edges) - 2)
+        bins[index].append(problem)
+    weights = [float(w) for w in proportions[: len(bins)]] + [0.0] * max(0, len(bins) - len(proportions))
+    quotas = bin_quotas([len(b) for b in bins], weights, size)
+    return [problem for bin_, quota in zip(bins, quotas) for problem in rng.sample(bin_, quota)]
+
+
+def step_batch(size: int, batch: int, step: int, seed: int) -> list[int]:
+    """Indices into a fixed set of `size` problems for a 0-based `step`: epochs of a seeded shuffle, each
+    cut into consecutive batches of `batch`, the last incomplete batch of an epoch dropped (the official
+    code's StatefulDataLoader with shuffle and drop_last)."""
+    per_epoch = size // batch
+    if per_epoch < 1:
+        raise KvrlError(f"the training set has {size} problems, fewer than one step's {batch} prompts; "
+                        "lower --prompts-per-step or give more problems (--pool-size, --train-set-size)")
+    epoch, index = divmod(step, per_epoch)
+    order = list(range(size))
+    random.Random(f"rlkv-epoch:{seed}:{epoch}").shuffle(order)
+    return order[index * batch:(index + 1) * batch]
 
 
 def load_problems(data: str, count: int, seed: int, data_dir: str | None) -> list[Problem]:

@@ -97,7 +97,7 @@ def test_heads_of_another_model_are_refused(tmp_path):
     result = run_kvrl("eval", "--strategy", "rlkv", "--heads", str(tmp_path / "other.safetensors"), "--sparsity", "0.5",
                       "--limit", "2", "--output", "out", cwd=tmp_path)
     assert "heads of 'rlkv' do not fit this model" in one_line_error(result)
-    assert not (tmp_path / "out" / "grid.csv").exists() or "rlkv" not in (tmp_path / "out" / "grid.csv").read_text()
+    assert not (tmp_path / "out" / "grid.csv").exists() and not (tmp_path / "out" / "results").exists()  # refused before the full-cache cell
 
 
 def test_data_parallel_eval_with_two_cpu_processes(tmp_path):

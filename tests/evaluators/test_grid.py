@@ -27,6 +27,13 @@ def test_summary_averages_seeds_and_compares_with_full():
     assert by_name[("rlkv", 0.6)]["kv_saved"] == pytest.approx(0.3)
 
 
+def test_grid_rows_keep_their_definition(tmp_path):
+    made = cell("random", 0.5, 0, 0.5)
+    made.definition = '{"limit": 4, "model": "embedded, with a comma"}'
+    write_grid(tmp_path / "grid.csv", [made])
+    assert read_grid(tmp_path / "grid.csv") == [made]
+
+
 def test_old_grid_files_without_classification_columns_still_read(tmp_path):
     (tmp_path / "grid.csv").write_text("task,strategy,sparsity,seed,accuracy,correct,total,kv_fraction,decode_tokens_per_s\n"
                                        "embedded,full,0.0,0,1.0,10,10,1.0,50.0\n")

@@ -42,3 +42,38 @@ def test_lm_eval_command_line_runs_the_kvrl_model(shared_data, tmp_path):
     plan = results["config"]["kvrl_plan"]
     assert plan["source"] == "random" and plan["compressed_kv_heads"] == 45 and plan["kv_heads"] == 90  # 30 layers x 3 KV heads
     assert results["n-samples"]["gsm8k_local"]["effective"] == 2
+
+
+def test_decoding_simulation_comes_from_the_task_unless_overridden(monkeypatch):
+    import pytest
+
+    from kvpress_rl import plan_from_scores
+    from kvpress_rl.evaluators import harness
+    from kvpress_rl.evaluators.harness import GenerationStats, KvrlLM, parse_decoding_simulation
+    from kvpress_rl.executor.policies import Streaming
+    from kvpress_rl.models import random_model, small_config
+
+    assert parse_decoding_simulation(None) is None and parse_decoding_simulation("task") is None
+    assert parse_decoding_simulation("50") == 50 and parse_decoding_simulation(0) == 0
+    with pytest.raises(ValueError, match="decoding_simulation"):
+        parse_decoding_simulation("-3")
+    seen = []
+    real = harness.compressed
+
+    def recording(model, plan, decoding_simulation=0):
+        seen.append(decoding_simulation)
+        return real(model, plan, decoding_simulation)
+
+    monkeypatch.setattr(harness, "compressed", recording)
+    lm = KvrlLM.__new__(KvrlLM)  # no lm-eval set-up: only `_model_generate` runs
+    model = random_model(small_config("llama"), seed=0)
+    lm.__dict__.update(_model=model, tokenizer=type("Tok", (), {"pad_token_id": 0})(), stats=GenerationStats(), on_samples=None,
+                       plan=plan_from_scores(torch.rand(4, 4), 1.0, Streaming(2, 3)), decoding_simulation=None, decoding_simulation_used=set())
+    ids = torch.randint(1, 256, (2, 30), generator=torch.Generator().manual_seed(0))
+    outputs = {}
+    for override, task in ((None, 12), (None, None), (0, 12)):
+        lm.decoding_simulation = override
+        extra = {} if task is None else {"decoding_simulation": task}
+        outputs[(override, task)] = lm._model_generate(ids, 40, [], attention_mask=torch.ones_like(ids), do_sample=False, **extra)
+    assert seen == [12, 0, 0] and lm.decoding_simulation_used == {0, 12}
+    assert torch.equal(outputs[(None, None)], outputs[(0, 12)]) and not torch.equal(outputs[(None, 12)], outputs[(0, 12)])

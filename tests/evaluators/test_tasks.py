@@ -64,3 +64,14 @@ def test_hub_tasks_are_refused_offline_with_the_fix(monkeypatch):
     with pytest.raises(KvrlError, match=r"task 'gsm8k_r1' reads its data from the Hugging Face hub.*pass --data-dir"):
         resolve_tasks(GridSpec([], [0.5], [0], tasks=["gsm8k_r1"]))
     assert [c.name for c in resolve_tasks(GridSpec([], [0.5], [0], tasks=["embedded"]))] == ["embedded"]
+
+
+def test_decoding_simulation_is_the_r1_default_only(shared_data):
+    from kvpress_rl.evaluators.tasks import R1_DECODING_SIMULATION
+
+    assert R1_DECODING_SIMULATION == 50
+    for name in ("gsm8k_r1", "math500_r1", "aime24_r1"):
+        assert resolve_task(name, shared_data).spec["generation_kwargs"]["decoding_simulation"] == 50
+    assert "decoding_simulation" not in resolve_task("embedded", None).spec["generation_kwargs"]
+    gsm8k = resolve_task("gsm8k", shared_data).spec
+    assert "decoding_simulation" not in (gsm8k.get("generation_kwargs") or {})

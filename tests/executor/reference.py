@@ -1,5 +1,7 @@
 """An independent reference for the executor: full attention over a full-length cache, with an
-explicit per-head mask (sink + window) for compressed heads during decoding."""
+explicit per-head mask for compressed heads during decoding: the first `sink` real keys, the
+`window` keys held before the step and the new one (RLKV's streaming heads attend over 16 + 64 + 1
+and trim afterwards)."""
 
 from __future__ import annotations
 
@@ -14,14 +16,14 @@ from transformers.modeling_utils import AttentionInterface
 def reference_mask(valid: torch.Tensor, compressed: torch.Tensor, sink: int, window: int) -> torch.Tensor:
     """`valid (batch, kv)` real tokens, `compressed (kv_heads,)` bool -> `(batch, kv_heads, kv)` allowed keys
     for the newest query: every real key for a full head; for a compressed head the first `sink` real
-    keys and the keys among the last `window` positions."""
+    keys and the keys among the last `window + 1` positions (the held window and the new token)."""
     batch, kv = valid.shape
     allowed = torch.zeros(batch, len(compressed), kv, dtype=torch.bool)
     for b in range(batch):
         real = [j for j in range(kv) if valid[b, j]]
         for h, is_compressed in enumerate(compressed.tolist()):
             for j in real:
-                if not is_compressed or real.index(j) < sink or j > kv - 1 - window:
+                if not is_compressed or real.index(j) < sink or j >= kv - 1 - window:
                     allowed[b, h, j] = True
     return allowed
 

@@ -152,3 +152,53 @@ def test_unsupported_architecture_is_refused():
     gpt2 = AutoModelForCausalLM.from_config(AutoConfig.for_model("gpt2", n_layer=1, n_embd=16, n_head=2))
     with pytest.raises(KvrlError, match="supported: llama, mistral, qwen2, qwen3"), compressed(gpt2, plan_from_scores(torch.rand(1, 2), 0.5)):
         pass
+
+
+def test_first_decode_step_attends_over_sink_held_window_and_the_new_token():
+    # sink 2, window 3: the first decode query sees 2 sinks + the 3 held recent keys + itself = 6 keys
+    # (RLKV's streaming heads concatenate, attend, then trim); evicting first would give 5
+    from tests.executor.reference import reference_mask
+
+    assert int(reference_mask(torch.ones(1, 12, dtype=torch.bool), torch.tensor([True]), 2, 3).sum()) == 6
+    model = make_model("llama")
+    plan = plan_from_scores(torch.rand(4, 4), 1.0, Streaming(sink=2, window=3))
+    ids = torch.randint(1, 256, (1, 11), generator=torch.Generator().manual_seed(7))
+    mask = torch.ones_like(ids)
+    step = torch.randint(1, 256, (1, 1), generator=torch.Generator().manual_seed(8))
+    with masked_reference(model, plan.full, 2, 3):
+        expected = teacher_forced_logits(model, ids, mask, step, DynamicCache())
+    with compressed(model, plan) as session:
+        cache = session.new_cache()
+        actual = teacher_forced_logits(model, ids, mask, step, cache)
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)
+    assert all(layer.compressed_keys.shape[2] == 5 for layer in cache.layers)  # trimmed back after the step
+
+
+def test_decoding_simulation_is_a_no_op_without_compressed_heads():
+    model = make_model("qwen2")
+    ids, mask = left_padded_batch(3, 40)
+    plain = model.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=False, pad_token_id=0)
+    with compressed(model, plan_from_scores(torch.rand(4, 4), 0.0), decoding_simulation=12):
+        simulated = model.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=False, pad_token_id=0)
+    assert torch.equal(simulated, plain)
+
+
+def test_decoding_simulation_feeds_the_prompt_tail_one_token_at_a_time():
+    model = make_model("llama")
+    plan = plan_from_scores(torch.rand(4, 4, generator=torch.Generator().manual_seed(3)), 1.0, Streaming(sink=2, window=3))
+    ids, mask = left_padded_batch(2, 30)
+    with compressed(model, plan, decoding_simulation=10) as session:
+        simulated = model.generate(ids, attention_mask=mask, max_new_tokens=15, do_sample=False, pad_token_id=0)
+        assert session.last_cache.get_seq_length() == 30 + 14
+    with compressed(model, plan):
+        plain = model.generate(ids, attention_mask=mask, max_new_tokens=15, do_sample=False, pad_token_id=0)
+    assert not torch.equal(simulated, plain)
+    # the same as prefilling 20 tokens, then teacher-forcing the last 10 (the compressed heads decode them)
+    with compressed(model, plan) as session:
+        logits = teacher_forced_logits(model, ids[:, :20], mask[:, :20], ids[:, 20:], session.new_cache())
+    assert torch.equal(logits[:, -1].argmax(-1), simulated[:, 30])
+
+
+def test_decoding_simulation_must_not_be_negative():
+    with pytest.raises(KvrlError, match="decoding_simulation"), compressed(make_model("llama"), plan_from_scores(torch.rand(4, 4), 0.5), decoding_simulation=-1):
+        pass

@@ -44,6 +44,83 @@ def test_snapkv_pooling_spreads_scores_to_neighbours():
     assert kept_positions(layer) == [5, 6, 11]
 
 
+def test_snapkv_pools_only_the_slots_before_the_observation_window():
+    # the window's attention to itself must not leak into the slot before it (the old pooling kept slot 9)
+    policy = SnapKV(budget_spec=Budget(fixed=3), window=2, kernel=3)
+    layer = layer_with(policy, 12)
+    attention = torch.zeros(1, 1, 2, 12)
+    attention[..., 3], attention[..., 4], attention[..., 5] = 0.05, 0.1, 0.05
+    attention[..., 10] = 0.5  # the window queries attend to themselves
+    attention[..., 11] = 0.3
+    policy.observe(layer.stats, attention)
+    layer.compress()
+    assert kept_positions(layer) == [4, 10, 11]
+
+
+def test_rkv_pools_and_normalises_only_the_slots_before_the_window():
+    policy = RKV(budget_spec=Budget(fixed=5), window=2, kernel=3, mix=1.0, buffer=0)
+    layer = layer_with(policy, 12)
+    attention = torch.zeros(1, 1, 2, 12)
+    attention[..., 3] = 0.05  # pooled by max: 2, 3 and 4 share its score
+    attention[..., 7] = 0.01
+    attention[..., 10], attention[..., 11] = 0.6, 0.34  # the window's self-attention
+    policy.observe(layer.stats, attention)
+    layer.compress()
+    assert kept_positions(layer) == [2, 3, 4, 10, 11]  # the old pooling over all slots kept 9
+
+
+def test_rkv_redundancy_keeps_the_last_of_near_copies():
+    # slots 1, 3, 5 are near-copies (cos > 0.5); in every row the last similar key is zeroed, so the
+    # copy at 5 gets no redundancy and 1 and 3 go; the old symmetric mean dropped 5 (most similar)
+    policy = RKV(budget_spec=Budget(fixed=8), window=2, kernel=1, mix=0.0, buffer=0)
+    layer = HeadwiseLayer(torch.tensor([], dtype=torch.long), torch.arange(1), policy, groups=1)
+    keys = torch.zeros(1, 1, 10, 16)
+    for slot, dim in zip((0, 2, 4, 6, 7, 8, 9), (3, 4, 5, 6, 7, 8, 9)):
+        keys[0, 0, slot, dim] = 1.0
+    keys[0, 0, (1, 3, 5), 0] = 1.0
+    keys[0, 0, 1, 10] = keys[0, 0, 3, 11] = 0.3
+    keys[..., 15] = torch.arange(10) * 1e-3  # distinguishable slots (cosines stay far from 0.5)
+    layer.update(keys, keys.clone())
+    layer.compress()
+    kept = [int(torch.nonzero((keys[0, 0] == row).all(-1))[0]) for row in layer.compressed_keys[0, 0]]
+    assert kept == [0, 2, 4, 5, 6, 7, 8, 9]
+
+
+def test_rkv_redundancy_follows_the_threshold_rule():
+    policy = RKV(budget_spec=Budget(fixed=4), window=2)
+    keys = torch.randn(1, 2, 9, 8, generator=torch.Generator().manual_seed(5))
+    keys[0, 0, 4] = keys[0, 0, 1] + 0.05
+    valid = torch.ones(1, 2, 9, dtype=torch.bool)
+    unit = keys / (keys.norm(dim=-1, keepdim=True) + 1e-8)
+    sim = unit @ unit.transpose(-1, -2)
+    for h in range(2):
+        sim[0, h].fill_diagonal_(0.0)
+        for row in range(9):
+            above = [j for j in range(9) if sim[0, h, row, j] > 0.5]
+            sim[0, h, row, above[-1] if above else 0] = 0.0
+    torch.testing.assert_close(policy.redundancy(keys, valid), sim.mean(dim=-2).softmax(dim=-1))
+
+
+def test_decode_attention_is_observed_over_budget_plus_one_then_trimmed():
+    seen = []
+
+    class Recording(H2O):
+        def observe(self, stats, probs):
+            seen.append(probs.shape[-1])
+            super().observe(stats, probs)
+
+    model = random_model(small_config("llama"), seed=0)
+    policy = Recording(budget_spec=Budget(fixed=20))
+    with compressed(model, token_plan((4, 4), 0.5, policy)) as session:
+        cache = session.new_cache()
+        ids = torch.randint(0, 256, (1, 40))
+        model(input_ids=ids, cache=cache, use_cache=True)
+        seen.clear()
+        model(input_ids=ids[:, :1], cache=cache, use_cache=True)
+        assert all(layer.compressed_keys.shape[2] == 20 for layer in cache.layers)
+    assert seen and set(seen) == {21}
+
+
 def test_h2o_keeps_half_heavy_hitters_half_recent():
     policy = H2O(budget_spec=Budget(fixed=6))
     layer = layer_with(policy, 20)
@@ -115,7 +192,8 @@ def test_rkv_buffer_lets_the_cache_grow_then_cuts_back_to_budget():
         for step in range(40):
             model(input_ids=ids[:, step : step + 1], cache=cache, use_cache=True)
             sizes.append(cache.layers[0].compressed_keys.shape[2])
-    assert max(sizes) == 116 and sizes.count(100) >= 2 and sizes[0] == 101
+    # compression fires once a head holds budget + buffer (after that step's attention over 116 slots)
+    assert max(sizes) == 115 and sizes.count(100) >= 2 and sizes[0] == 101
 
 
 def test_generate_runs_with_every_policy():

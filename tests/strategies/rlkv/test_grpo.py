@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from kvpress_rl.strategies.rlkv.grpo import batch_advantages, clipped_surrogate, group_advantages, penalty_weight
+from kvpress_rl.strategies.rlkv.grpo import batch_advantages, clipped_surrogate, group_advantages, level_weight, penalty_weight
 from kvpress_rl.strategies.rlkv.learner import completion_mask
 
 
@@ -15,11 +15,26 @@ def test_group_advantages_are_z_scores_within_each_group():
 
 
 def test_batch_advantages_follow_the_official_code():
-    rewards = torch.tensor([[1.0, 0.0], [0.0, 0.0]])
-    adv = batch_advantages(rewards)
-    scaled = torch.tensor([5.0, -5.0, -5.0, -5.0])
-    expected = (scaled - scaled.mean()) / scaled.std(unbiased=False)
-    torch.testing.assert_close(adv.flatten(), expected, atol=1e-4, rtol=0)
+    # rewards 1, 0, 0 with 2, 1, 3 completion tokens: +5 on 2 tokens, -5 on 4 tokens
+    adv = batch_advantages(torch.tensor([1.0, 0.0, 0.0]), torch.tensor([2, 1, 3]))
+    mean = (2 * 5 - 4 * 5) / 6  # -5/3, token-weighted
+    var = (2 * (5 - mean) ** 2 + 4 * (-5 - mean) ** 2) / 5  # unbiased over the 6 tokens
+    expected = torch.tensor([5 - mean, -5 - mean, -5 - mean]) / (math.sqrt(var) + 1e-5)
+    torch.testing.assert_close(adv, expected, atol=1e-6, rtol=1e-6)
+    # hand values: mean -1.6667, std 5.1640; a per-sequence biased z-score would give +1.4142 / -0.7071
+    assert adv.tolist() == pytest.approx([1.2910, -0.6455, -0.6455], abs=1e-4)
+    assert torch.all(batch_advantages(torch.ones(4), torch.tensor([3, 1, 2, 5])) == 0)  # no signal
+
+
+def test_l1_weight_by_reward_level():
+    rewards = torch.tensor([1.0, 1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0])  # groups of 4: r_bar 0.5 and 1.0
+    e = math.exp
+    assert level_weight(rewards, "batch", 1.0, 0.5) == pytest.approx(e(0.75) - 1)
+    assert level_weight(rewards, "group", 1.0, 0.5, group_size=4) == pytest.approx((0.0 + e(1.0) - 1) / 2)  # 0.5 is not above tau
+    parts, tokens = [slice(0, 2), slice(2, 8)], torch.tensor([1, 1, 3, 3, 1, 1, 1, 1])  # micro-batches: r_bar 1.0 (2 tokens), 4/6 (10)
+    expected = ((e(1.0) - 1) * 2 + (e(4 / 6) - 1) * 10) / 12
+    assert level_weight(rewards, "micro-batch", 1.0, 0.5, parts=parts, tokens=tokens) == pytest.approx(expected)
+    assert level_weight(rewards, "group", 2.0, 0.5, adaptive=False, group_size=4) == 2.0
 
 
 def test_adaptive_penalty_weight():

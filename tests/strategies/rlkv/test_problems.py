@@ -1,10 +1,12 @@
 import json
+import random
 import re
 
 import pytest
 
 from kvpress_rl import KvrlError
-from kvpress_rl.strategies.rlkv.problems import load_problems, verify_embedded, verify_math
+from kvpress_rl.strategies.rlkv.problems import (Problem, bin_quotas, check_not_eval_data, load_problems, step_batch, training_set,
+                                                verify_embedded, verify_math)
 
 
 def hops_of(problem) -> int:
@@ -54,3 +56,41 @@ def test_unknown_or_unlocated_data_is_refused(data, message):
 def test_verifiers():
     assert verify_embedded("1. a -> b\nAnswer: b", "b") and not verify_embedded("Answer: c", "b")
     assert verify_math("\\boxed{\\frac{1}{2}}", "0.5") and not verify_math("\\boxed{3}", "2")
+
+
+def test_bin_quotas_follow_the_proportions_and_pass_a_shortfall_on():
+    assert bin_quotas([5000, 5000, 5000, 5000], [600, 600, 1000, 800], 3000) == [600, 600, 1000, 800]  # the paper's set
+    # bin 0 has only 100: it gives all, its 500 go to the others in proportion 600:1000:800
+    assert bin_quotas([100, 5000, 5000, 5000], [600, 600, 1000, 800], 3000) == [100, 725, 1208, 967]
+    assert bin_quotas([63, 0, 0, 0], [600, 600, 1000, 800], 64) == [63, 0, 0, 0]  # all there is
+    assert bin_quotas([3, 3, 3, 3], [1, 1, 1, 1], 6) == [2, 2, 1, 1] and sum(bin_quotas([7, 9, 2, 5], [3, 1, 1, 2], 17)) == 17
+
+
+def test_the_training_set_is_distinct_and_stratified_by_solution_length():
+    solved = [(Problem(f"p{i}", "", verify_math, f"s{i}"), length) for i, length in
+              enumerate([100] * 50 + [2500] * 3 + [4500] * 40 + [9000] * 40)]  # 9000: counted in the last bin
+    chosen = training_set(solved, 20, (0, 2000, 4000, 6000, 8000), (600, 600, 1000, 800), random.Random(0))
+    assert len(chosen) == len({p.source for p in chosen}) == 20
+    lengths = dict((p.source, n) for p, n in solved)
+    by_bin = [sum(1 for p in chosen if lo <= min(lengths[p.source], 7999) < hi) for lo, hi in ((0, 2000), (2000, 4000), (4000, 6000), (6000, 8000))]
+    assert by_bin[1] == 3 and sum(by_bin) == 20 and by_bin == bin_quotas([50, 3, 40, 40], [600, 600, 1000, 800], 20)
+
+
+def test_steps_take_consecutive_slices_of_a_fresh_shuffle_each_epoch():
+    batches = [step_batch(7, 3, step, seed=1) for step in range(6)]  # 2 steps an epoch, 1 problem dropped each epoch
+    for epoch in range(3):
+        drawn = batches[2 * epoch] + batches[2 * epoch + 1]
+        assert len(set(drawn)) == 6 and set(drawn) <= set(range(7))
+    assert len({tuple(b) for b in batches}) > 2 and batches == [step_batch(7, 3, s, seed=1) for s in range(6)]  # seeded
+    with pytest.raises(KvrlError, match="fewer than one step"):
+        step_batch(2, 3, 0, seed=1)
+
+
+def test_evaluation_splits_are_refused_for_training_unless_allowed():
+    with pytest.raises(KvrlError, match="math500_r1.*--data FILE.jsonl.*--allow-eval-data"):
+        check_not_eval_data("math500", allow=False)
+    with pytest.raises(KvrlError, match="gsm8k_r1"):
+        check_not_eval_data("../shared/data/gsm8k/test.jsonl", allow=False)
+    check_not_eval_data("math500", allow=True)
+    check_not_eval_data("gsm8k", allow=False)
+    check_not_eval_data("deepscaler.jsonl", allow=False)
