@@ -46,9 +46,6 @@ done
 
 for seed in 1 2; do
     select_heads "rlkv-seed$seed" --strategy rlkv --seed "$seed"
-    mkdir -p "$OUT/rlkv-seed$seed-$LIMIT"
-    grid="$OUT/rlkv-seed$seed-$LIMIT/grid.csv"  # starts with the full-cache cell, already measured
-    [ -f "$grid" ] || { head -1 "$OUT/grid-$LIMIT/grid.csv"; grep '^embedded,full,' "$OUT/grid-$LIMIT/grid.csv"; } > "$grid"
     $KVRL eval --strategy rlkv --heads "$OUT/heads-rlkv-seed$seed.safetensors" --sparsity 0.6,0.8 --limit "$LIMIT" --batch-size 32 \
         --output "$OUT/rlkv-seed$seed-$LIMIT"
 done

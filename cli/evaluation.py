@@ -59,30 +59,27 @@ def results_table(rows: list[dict]) -> Table:
 @click.option("--output", default="kvrl-eval", show_default=True, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--recompute", is_flag=True, help="redo the finished cells of --output that were made with other settings (else refused)")
 def eval_command(tasks: str | None, strategies: str, sparsities: str, seeds: str, model: str | None, heads: str | None, limit: int,
-                 batch_size: int, max_tokens: int | None, data_dir: str | None, compressed_policy: str, plan_rule: str, decoding_simulation: int | None, allow_code_execution: bool,
+                 batch_size: int, max_tokens: int | None, data_dir: str | None, compressed_policy: str, plan_rule: str,
+                 decoding_simulation: int | None, allow_code_execution: bool,
                  chat_template: bool | None, device: str | None, dtype: str, num_processes: int, output: Path, recompute: bool) -> None:
     """Evaluate strategies at several sparsities with lm-eval (full cache once per task); resumes an interrupted grid."""
     import os
 
-    from kvpress_rl.cli.main import distributed_rank, launch_select, report_rank_error
+    from kvpress_rl.cli.launch import check_num_processes, launch_data_parallel, report_rank_error
     from kvpress_rl.evaluators.grid import LOCK_HELD_ENV, lock_output, plan_resume
 
     settings = dict(tasks=tasks, strategies=strategies, sparsities=sparsities, seeds=seeds, model=model, heads=heads, limit=limit,
                     batch_size=batch_size, max_tokens=max_tokens, data_dir=data_dir, compressed_policy=compressed_policy, plan_rule=plan_rule,
                     decoding_simulation=decoding_simulation, allow_code_execution=allow_code_execution, chat_template=chat_template,
                     device=device, dtype=dtype)
-    if num_processes < 1:
-        raise KvrlError(f"--num-processes must be >= 1, got {num_processes}")
-    rank, world_size = distributed_rank()
+    rank, world_size = check_num_processes(num_processes)
     if num_processes > 1:
-        if world_size > 1:
-            raise KvrlError("--num-processes cannot be used inside `accelerate launch` (it launches the processes itself)")
         spec, _ = eval_inputs(**settings)  # every input that needs no model, refused once, before launching anything
         lock = lock_output(output)  # held here while the ranks write
         plan_resume(spec, output, recompute)
         os.environ[LOCK_HELD_ENV] = str(output.resolve())
         try:
-            launch_select(num_processes)  # relaunches this command; a rank's KvrlError comes back as one line
+            launch_data_parallel(num_processes)  # relaunches this command; a rank's KvrlError comes back as one line
         finally:
             os.environ.pop(LOCK_HELD_ENV, None)
             lock.close()
@@ -145,7 +142,7 @@ def run_eval(settings: dict, output: Path, recompute: bool) -> None:
     """One process of `kvrl eval` (the only one, or a rank of a data-parallel run, where rank 0 alone reports)."""
     import os
 
-    from kvpress_rl.cli.main import distributed_rank
+    from kvpress_rl.cli.launch import distributed_rank
     from kvpress_rl.evaluators.grid import LOCK_HELD_ENV, check_head_shapes, lock_output, plan_resume, run_grid, summarize
     from kvpress_rl.evaluators.harness import KvrlLM
     from kvpress_rl.models import DEFAULT_MODEL, load_model
@@ -204,26 +201,6 @@ def quiet_lm_eval() -> None:
     import logging
 
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
-
-
-def relaunch_data_parallel(num_processes: int) -> None:
-    """Run this same `kvrl eval` under `accelerate launch` with N processes (lm-eval's data-parallel path:
-    each process loads the model, takes its share of every cell's requests; rank 0 writes the results)."""
-    import subprocess
-    import sys
-
-    args, skip = [], False
-    for arg in sys.argv[1:]:
-        if skip:
-            skip = False
-        elif arg == "--num-processes":
-            skip = True
-        elif not arg.startswith("--num-processes="):
-            args.append(arg)
-    # `--multi_gpu` is accelerate's torchrun path; on a machine without GPUs it runs CPU processes (gloo)
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(num_processes), "--num_machines", "1",
-               "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "kvpress_rl.cli.main", *args]
-    raise SystemExit(subprocess.call(command))
 
 
 @click.command("report")

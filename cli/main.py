@@ -15,6 +15,7 @@ from rich.table import Table
 from rich.text import Text
 
 import kvpress_rl
+from kvpress_rl.cli.launch import check_num_processes, distributed_rank, join_process_group, launch_data_parallel, report_rank_error
 from kvpress_rl.cli.options import describe_options, parse_strategy_options
 from kvpress_rl.errors import KvrlError
 from kvpress_rl.plugins import StrategyEntry, discover_strategies, get_strategy
@@ -84,75 +85,6 @@ def strategies_command(name: str | None) -> None:
 # Under `kvrl select --num-processes N`, the launching process points its ranks at a folder where a rank
 # that hits a KvrlError leaves the message (and exits 0, so the launcher prints no failure report of its
 # own); the launching process then shows the first message once, as one line, with exit code 2.
-RANK_ERRORS_ENV = "KVRL_SELECT_RANK_ERRORS"
-
-
-def distributed_rank() -> tuple[int, int]:
-    """`(rank, world_size)` from the launcher's environment (`(0, 1)` outside `accelerate launch`)."""
-    import os
-
-    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def join_process_group(device: str) -> str:
-    """Join torch.distributed under `accelerate launch` (WORLD_SIZE > 1); returns this process's device.
-
-    On GPUs each process takes `cuda:LOCAL_RANK`, and the group has a gloo backend for CPU tensors next to
-    NCCL for CUDA ones (the learner all-reduces its gate gradients on the GPU and r_bar on the CPU).
-    """
-    import os
-
-    import torch
-    import torch.distributed as dist
-
-    if distributed_rank()[1] <= 1:
-        return device
-    on_gpu = device.startswith("cuda") and torch.cuda.is_available()
-    if on_gpu:
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        device = f"cuda:{local_rank}"
-        torch.cuda.set_device(local_rank)
-    if not dist.is_initialized():
-        dist.init_process_group(backend="cpu:gloo,cuda:nccl" if on_gpu else "gloo")
-    return device
-
-
-def launch_select(num_processes: int) -> None:
-    """Run this same `kvrl select` under `accelerate launch`; show a rank's error once."""
-    import os
-    import tempfile
-
-    from kvpress_rl.cli.evaluation import relaunch_data_parallel
-
-    with tempfile.TemporaryDirectory(prefix="kvrl-select-") as folder:
-        os.environ[RANK_ERRORS_ENV] = folder
-        try:
-            relaunch_data_parallel(num_processes)
-            code = 0
-        except SystemExit as done:
-            code = done.code
-        finally:
-            os.environ.pop(RANK_ERRORS_ENV, None)
-        reports = sorted(Path(folder).glob("rank-*"), key=lambda path: int(path.name.split("-")[1]))
-        if reports:
-            raise KvrlError(reports[0].read_text())
-    raise SystemExit(code)
-
-
-def report_rank_error(err: KvrlError) -> None:
-    """A KvrlError on one rank of a data-parallel select: left for the launching process, or shown by rank 0."""
-    import os
-
-    rank, _ = distributed_rank()
-    folder = os.environ.get(RANK_ERRORS_ENV)
-    if folder and Path(folder).is_dir():
-        (Path(folder) / f"rank-{rank}").write_text(str(err))
-        return
-    if rank == 0:
-        raise err
-    raise SystemExit(2)
-
-
 @app.command("select", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
 @click.option("--strategy", "strategy_name", required=True, help="strategy name (see `kvrl strategies`)")
 @click.option("--model", default=None, help="hub id, local directory, .gguf file or random:ARCH (default: the embedded model)")
@@ -166,7 +98,7 @@ def report_rank_error(err: KvrlError) -> None:
 @click.option("--overwrite", is_flag=True, help="replace an existing output file")
 @click.option("--resume", is_flag=True, help="continue a training strategy from its last checkpoint (OUTPUT.run/)")
 @click.option("--num-processes", default=1, show_default=True, type=int,
-              help="data-parallel processes (accelerate launch): rlkv splits each step's prompts and averages gate gradients")
+              help="data-parallel processes (accelerate launch): rlkv splits each step's prompts and sums gate gradients over them")
 @click.pass_context
 def select_command(ctx: click.Context, strategy_name: str, model: str | None, gguf_file: str | None, output: Path | None,
                    seed: int, data_dir: str | None, dtype: str, device: str, trust_remote_code: bool, overwrite: bool, resume: bool,
@@ -175,14 +107,10 @@ def select_command(ctx: click.Context, strategy_name: str, model: str | None, gg
 
     Strategy options follow as `--option value` (see `kvrl strategies NAME`).
     """
-    if num_processes < 1:
-        raise KvrlError(f"--num-processes must be >= 1, got {num_processes}")
-    rank, world_size = distributed_rank()
+    rank, world_size = check_num_processes(num_processes)
     if num_processes > 1:
-        if world_size > 1:
-            raise KvrlError("--num-processes cannot be used inside `accelerate launch` (it launches the processes itself)")
         select_inputs(strategy_name, ctx.args, output, overwrite, seed=seed, device=device, resume=resume)  # refuse bad input once, before launching anything
-        launch_select(num_processes)
+        launch_data_parallel(num_processes)
         return
     if world_size <= 1:
         run_select(ctx.args, strategy_name, model, gguf_file, output, seed, data_dir, dtype, device, trust_remote_code, overwrite, resume)

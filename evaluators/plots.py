@@ -64,5 +64,7 @@ def training_curves(log_path: str | Path, path: str | Path) -> Path:
     ax.set_xlabel("step")
     ax.set_ylim(-0.02, 1.02)
     ax.legend()
-    ax.set_title("RLKV training")
+    levels = sorted({r["reward_level"] for r in records if "reward_level" in r})
+    # which r_bar the adaptive L1 weight used (batch, group or micro-batch): the curves differ with it
+    ax.set_title("RLKV training" + (f" (L1 weight from r_bar per {', '.join(levels)})" if levels else ""))
     return _save(fig, Path(path))

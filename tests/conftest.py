@@ -37,3 +37,15 @@ def smollm2():
     from kvpress_rl.models import load_model
 
     return load_model(str(smollm2_gguf()))
+
+
+@pytest.fixture
+def cli(tmp_path, monkeypatch):
+    """`kvrl` in-process (click's CliRunner) in a fresh working folder: `cli("select", "--strategy", ...)`."""
+    from click.testing import CliRunner
+
+    from kvpress_rl.cli.main import app
+
+    monkeypatch.chdir(tmp_path)
+    runner = CliRunner()
+    return lambda *args: runner.invoke(app, list(args), catch_exceptions=False)

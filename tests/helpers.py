@@ -36,3 +36,35 @@ def write_distribution(root: Path, name: str, module: str, entry_name: str, code
     )
     (root / f"{module}.py").write_text(code)
     return root
+
+
+def only_error_line(result: subprocess.CompletedProcess) -> str:
+    """The one line a refused `kvrl` subprocess prints: exit 2, no traceback, the message shown once."""
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and "ChildFailedError" not in result.stderr, result.stderr[-3000:]
+    errors = [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1, result.stdout + result.stderr
+    return errors[0]
+
+
+def error_line(result) -> str:
+    """The last line of a refused in-process `kvrl` run (click's CliRunner): exit 2, no traceback."""
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    return lines[-1]
+
+
+def tiny_model_and_tokenizer():
+    """A random Llama over a character vocabulary: its samples are random digit strings, so rewards vary."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from kvpress_rl.models import random_model, small_config
+
+    chars = list("0123456789+=? ") + ["<pad>", "<eos>"]
+    raw = Tokenizer(models.WordLevel({c: i for i, c in enumerate(chars)}, unk_token="?"))
+    raw.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=raw, pad_token="<pad>", eos_token="<eos>")
+    model = random_model(small_config("llama", vocab_size=len(chars), num_hidden_layers=2), seed=0)
+    return model, tokenizer

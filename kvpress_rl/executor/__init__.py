@@ -17,9 +17,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
+from kvpress_rl.errors import KvrlError
 from kvpress_rl.executor.attention import register
 from kvpress_rl.executor.cache import HeadwiseCache
-from kvpress_rl.errors import KvrlError
 from kvpress_rl.executor.gated import gated, new_gates
 from kvpress_rl.models import ModelShape, check_supported
 

@@ -53,17 +53,15 @@ import torch
 
 from kvpress_rl.embedded.data import left_pad
 from kvpress_rl.errors import KvrlError
-from kvpress_rl.io import write_atomic
 from kvpress_rl.executor.gated import MASKS, gated, new_gates
+from kvpress_rl.io import write_atomic
 from kvpress_rl.models import model_id
 from kvpress_rl.scores import HeadScores
 from kvpress_rl.selector import HeadSelector, SelectionContext
 from kvpress_rl.strategies.rlkv import presets
 from kvpress_rl.strategies.rlkv.backward import checkpointed_layers, completion_logprobs, join_rollouts, pack_groups
-from kvpress_rl.strategies.rlkv.grpo import (REWARD_LEVELS, batch_advantages, clipped_surrogate, group_advantages, level_weight,
-                                             penalty_weight)
-from kvpress_rl.strategies.rlkv.problems import (VERIFIERS, Problem, check_not_eval_data, load_problems, step_batch,
-                                                 training_set)
+from kvpress_rl.strategies.rlkv.grpo import REWARD_LEVELS, batch_advantages, clipped_surrogate, group_advantages, level_weight, penalty_weight
+from kvpress_rl.strategies.rlkv.problems import VERIFIERS, Problem, check_not_eval_data, load_problems, step_batch, training_set
 
 TRAIN_SET = "train_set.jsonl"  # the chosen training set, in the work folder: a resumed run reads it back
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from kvpress_rl import HeadScores
-from tests.helpers import KVRL
+from tests.helpers import KVRL, only_error_line
 
 LINE_CUT = "\u2026"  # rich's ellipsis when a column is cut
 
@@ -21,12 +21,6 @@ def kvrl(*args, cwd, timeout=120, **env):
     return subprocess.run([KVRL, *args], cwd=cwd, env=environment, capture_output=True, text=True, timeout=timeout)
 
 
-def only_error_line(result) -> str:
-    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-3000:]
-    assert "Traceback" not in result.stderr and "ChildFailedError" not in result.stderr, result.stderr[-3000:]
-    errors = [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("Error:")]
-    assert len(errors) == 1, result.stdout + result.stderr
-    return errors[0]
 
 
 @pytest.mark.parametrize("processes", ["1", "2"])

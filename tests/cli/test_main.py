@@ -1,26 +1,10 @@
 import pytest
 import torch
-from click.testing import CliRunner
 from transformers import AutoConfig
 
 import kvpress_rl
 from kvpress_rl import HeadScores
-from kvpress_rl.cli.main import app
-from tests.helpers import run_kvrl
-
-
-@pytest.fixture
-def cli(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    runner = CliRunner()
-    return lambda *args: runner.invoke(app, list(args), catch_exceptions=False)
-
-
-def error_line(result) -> str:
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output
-    return lines[-1]
+from tests.helpers import error_line, run_kvrl
 
 
 def test_version(cli):

@@ -3,18 +3,11 @@
 import torch
 
 from kvpress_rl import HeadScores
-from tests.helpers import run_kvrl
+from tests.helpers import only_error_line, run_kvrl
 
 TINY = ("--steps", "1", "--prompts-per-step", "2", "--group-size", "2", "--max-new-tokens", "64", "--no-self-distillation")
 
 
-def only_error_line(result) -> str:
-    """The one line a refused command prints: exit 2, no traceback, the message shown once."""
-    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-3000:]
-    assert "Traceback" not in result.stderr and "ChildFailedError" not in result.stderr, result.stderr[-3000:]
-    errors = [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("Error:")]
-    assert len(errors) == 1, result.stdout + result.stderr
-    return errors[0]
 
 
 def test_rlkv_select_on_two_processes_writes_one_file(tmp_path):

@@ -6,30 +6,12 @@ import os
 
 import pytest
 import torch
-from click.testing import CliRunner
 
 import kvpress_rl.cli.main as main
 import kvpress_rl.plugins as plugins
 from kvpress_rl import HeadSelector, hookimpl
-from kvpress_rl.cli.main import app
 from kvpress_rl.plugins import StrategyEntry
-from tests.helpers import run_kvrl
-from tests.strategies.rlkv.test_learner import tiny_model_and_tokenizer
-
-
-@pytest.fixture
-def cli(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    runner = CliRunner()
-    return lambda *args: runner.invoke(app, list(args), catch_exceptions=False)
-
-
-def error_line(result) -> str:
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output
-    return lines[-1]
-
+from tests.helpers import error_line, run_kvrl, tiny_model_and_tokenizer
 
 RANDOM = ("select", "--strategy", "random", "--model", "random:llama")
 

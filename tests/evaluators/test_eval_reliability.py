@@ -7,8 +7,7 @@ import pytest
 import torch
 
 from kvpress_rl import HeadScores, KvrlError
-from kvpress_rl.evaluators.grid import (Cell, GridSpec, cell_definition, lock_output, plan_resume, read_grid, resolve_tasks,
-                                        selection_key, write_grid)
+from kvpress_rl.evaluators.grid import Cell, GridSpec, cell_definition, lock_output, plan_resume, read_grid, resolve_tasks, selection_key, write_grid
 from kvpress_rl.evaluators.harness import model_arg, parse_decoding_simulation
 from kvpress_rl.plugins import discover_strategies
 

@@ -6,7 +6,6 @@ import torch
 from kvpress_rl import KvrlError
 from kvpress_rl.executor import gated, new_gates
 from kvpress_rl.executor.gated import streaming_mask
-from transformers.masking_utils import sdpa_mask
 from kvpress_rl.models import SUPPORTED_ARCHITECTURES, random_model, small_config
 
 

@@ -23,7 +23,7 @@ def worker(rank: int, world_size: int, port: int, data: str, out: str) -> None:
     try:
         from kvpress_rl import SelectionContext
         from kvpress_rl.strategies.rlkv import RLKV, RLKVOptions
-        from tests.strategies.rlkv.test_learner import tiny_model_and_tokenizer
+        from tests.helpers import tiny_model_and_tokenizer
 
         model, tokenizer = tiny_model_and_tokenizer()
         options = RLKVOptions(data=data, steps=3, prompts_per_step=4, group_size=4, max_new_tokens=3, self_distillation=False,
@@ -57,7 +57,7 @@ def backward_worker(rank: int, world_size: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
-        from tests.strategies.rlkv.test_learner import tiny_model_and_tokenizer
+        from tests.helpers import tiny_model_and_tokenizer
 
         model, _ = tiny_model_and_tokenizer()
         part = torch.load(f"{out}/part-{rank}.pt")
@@ -75,7 +75,7 @@ def backward_worker(rank: int, world_size: int, port: int, out: str) -> None:
 def test_two_processes_with_uneven_tokens_take_the_gradient_of_one_process_over_the_union(tmp_path):
     from kvpress_rl.executor.gated import gated, new_gates
     from kvpress_rl.strategies.rlkv.backward import join_rollouts
-    from tests.strategies.rlkv.test_learner import tiny_model_and_tokenizer
+    from tests.helpers import tiny_model_and_tokenizer
 
     model, tokenizer = tiny_model_and_tokenizer()
     torch.manual_seed(0)

@@ -4,23 +4,12 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
 
 from kvpress_rl import KvrlError, SelectionContext
 from kvpress_rl.executor.gated import gated, new_gates
 from kvpress_rl.models import random_model, small_config
 from kvpress_rl.strategies.rlkv import RLKV, RLKVOptions
-
-
-def tiny_model_and_tokenizer():
-    """A random Llama over a character vocabulary: its samples are random digit strings, so rewards vary."""
-    chars = list("0123456789+=? ") + ["<pad>", "<eos>"]
-    raw = Tokenizer(models.WordLevel({c: i for i, c in enumerate(chars)}, unk_token="?"))
-    raw.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=raw, pad_token="<pad>", eos_token="<eos>")
-    model = random_model(small_config("llama", vocab_size=len(chars), num_hidden_layers=2), seed=0)
-    return model, tokenizer
+from tests.helpers import tiny_model_and_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -183,18 +172,21 @@ def test_copies_of_a_prompt_share_one_prefill_and_generate_what_separate_rows_wo
     assert torch.equal(shared[0], separate[0]) and torch.equal(shared[1], separate[1])
 
 
-def test_rollouts_of_a_prompt_share_its_forward_in_the_backward_with_the_same_logprobs_and_gradients(tiny):
-    model, tokenizer = tiny
-    from kvpress_rl.executor.gated import gated, new_gates
-
-    learner = RLKV(RLKVOptions(max_new_tokens=8))
-    prompts = [tokenizer("12+0=")["input_ids"], tokenizer("3+0=")["input_ids"], tokenizer("456+78=")["input_ids"]]
-    torch.manual_seed(0)
+def random_gates_and_rollouts(model, tokenizer, learner, seed: int):
+    """Gates drawn uniformly in [0, 1] and 4 sampled rollouts of each of 3 prompts under them (sink 1, window 2)."""
+    prompts = [tokenizer(t)["input_ids"] for t in ("12+0=", "3+0=", "456+78=")]
+    torch.manual_seed(seed)
     gates = new_gates(model, 1.0)
     with torch.no_grad():
         gates.uniform_(0.0, 1.0)
     with gated(model, gates, sink=1, window=2):
-        sequences, mask, offset = learner.generate(model, tokenizer, prompts, sample=True, copies=4)
+        return gates, learner.generate(model, tokenizer, prompts, sample=True, copies=4)
+
+
+def test_rollouts_of_a_prompt_share_its_forward_in_the_backward_with_the_same_logprobs_and_gradients(tiny):
+    model, tokenizer = tiny
+    learner = RLKV(RLKVOptions(max_new_tokens=8))
+    gates, (sequences, mask, offset) = random_gates_and_rollouts(model, tokenizer, learner, seed=0)
     completion = mask[:, offset:]
     assert completion.sum(1).min() < completion.shape[1]  # some rows stop early: right padding is exercised
     results = []
@@ -437,14 +429,7 @@ def test_the_output_head_in_chunks_gives_the_logprobs_and_gradients_of_one_call(
     from kvpress_rl.strategies.rlkv import backward
 
     model, tokenizer = tiny
-    learner = RLKV(RLKVOptions(max_new_tokens=8))
-    prompts = [tokenizer(t)["input_ids"] for t in ("12+0=", "3+0=", "456+78=")]
-    torch.manual_seed(1)
-    gates = new_gates(model, 1.0)
-    with torch.no_grad():
-        gates.uniform_(0.0, 1.0)
-    with gated(model, gates, sink=1, window=2):
-        sequences, mask, offset = learner.generate(model, tokenizer, prompts, sample=True, copies=4)
+    gates, (sequences, mask, offset) = random_gates_and_rollouts(model, tokenizer, RLKV(RLKVOptions(max_new_tokens=8)), seed=1)
     calls = []
     head = model.get_output_embeddings()
     hook = head.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))

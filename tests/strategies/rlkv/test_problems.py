@@ -5,8 +5,7 @@ import re
 import pytest
 
 from kvpress_rl import KvrlError
-from kvpress_rl.strategies.rlkv.problems import (Problem, bin_quotas, check_not_eval_data, load_problems, step_batch, training_set,
-                                                verify_embedded, verify_math)
+from kvpress_rl.strategies.rlkv.problems import Problem, bin_quotas, check_not_eval_data, load_problems, step_batch, training_set, verify_embedded, verify_math
 
 
 def hops_of(problem) -> int:
