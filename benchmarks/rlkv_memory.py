@@ -50,7 +50,8 @@ def child(layers: int, seq_len: int, checkpointing: bool) -> dict:
 
     torch.manual_seed(0)
     model = build_model(MEASURED_LAYOUT, layers, torch.bfloat16, "cpu")
-    learner = make_learner(group_size=1, micro_batch_tokens=seq_len, gradient_checkpointing=checkpointing)
+    # one sequence measured: the options need G >= 2, the backward is called with a group of 1 (last argument)
+    learner = make_learner(group_size=2, micro_batch_tokens=seq_len, gradient_checkpointing=checkpointing)
     learner.resolve(model)
     o = learner.options
     gates = new_gates(model, 1.0)
