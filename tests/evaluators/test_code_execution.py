@@ -139,7 +139,10 @@ def test_the_callers_environment_cannot_be_read_through_proc(tmp_path):
 
 
 def test_a_straggler_writing_into_the_folder_does_not_abort_the_run():
+    # a detached grandchild that lets go of every inherited pipe and keeps writing into the folder
     straggler = ("import os, time\nif os.fork() == 0:\n    os.setsid()\n    if os.fork() == 0:\n        here = os.getcwd()\n"
+                 "        null = os.open(os.devnull, os.O_RDWR)\n        for fd in (0, 1, 2):\n            os.dup2(null, fd)\n"
+                 "        os.closerange(3, 4096)\n"
                  "        end = time.time() + 4\n        n = 0\n        while time.time() < end:\n            n = (n + 1) % 20\n"
                  "            try:\n                os.makedirs(os.path.join(here, 'd', str(n)), exist_ok=True)\n"
                  "                open(os.path.join(here, 'd', str(n), 'f'), 'w').write('x')\n                time.sleep(0.001)\n            except OSError:\n"
