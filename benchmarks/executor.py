@@ -24,9 +24,9 @@ import torch
 from transformers import DynamicCache
 
 from kvpress_rl.executor import HeadwiseCache, compressed
-from kvpress_rl.executor.policies import Streaming
 from kvpress_rl.models import ModelShape, random_model, small_config
 from kvpress_rl.plan import CompressionPlan, plan_from_scores
+from kvpress_rl.policies import Streaming
 
 LAYOUTS = {  # public head layouts of the Qwen2.5 family
     "qwen2.5-0.5b": dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_attention_heads=14,

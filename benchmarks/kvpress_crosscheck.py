@@ -51,9 +51,9 @@ def main() -> None:
     from transformers import DynamicCache
 
     from kvpress_rl.executor import compressed
-    from kvpress_rl.executor.policies import Budget, SnapKV, Streaming
     from kvpress_rl.models import random_model, small_config
     from kvpress_rl.plan import token_plan
+    from kvpress_rl.policies import Budget, SnapKV, Streaming
 
     # a wider initialisation than the default so that attention is peaked, not near-uniform (no ties)
     model = random_model(small_config("llama", initializer_range=0.2), seed=args.seed)

@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from executor import LAYOUTS, synchronize  # noqa: E402  (benchmarks/executor.py: the same layouts)
 
 from kvpress_rl.executor.gated import gated, new_gates  # noqa: E402
-from kvpress_rl.strategies.rlkv.learner import RLKV, RLKVOptions  # noqa: E402
+from kvpress_rl.strategies.rlkv import RLKV, RLKVOptions  # noqa: E402
 
 GiB = 2**30
 

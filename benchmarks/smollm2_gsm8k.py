@@ -21,8 +21,9 @@ from rich.progress import Progress
 
 from kvpress_rl.embedded.model import smollm2_gguf
 from kvpress_rl.models import load_model
-from kvpress_rl.strategies.rlkv.learner import RLKV, RLKVOptions, chat_ids
+from kvpress_rl.strategies.rlkv import RLKVOptions
 from kvpress_rl.strategies.rlkv.problems import jsonl_problems
+from kvpress_rl.strategies.rlkv.rollouts import chat_ids, generate
 
 
 def main() -> None:
@@ -43,13 +44,13 @@ def main() -> None:
     state = json.loads(progress_file.read_text()) if progress_file.is_file() else {"done": 0, "solved": 0, "seconds": 0.0}
     target.parent.mkdir(parents=True, exist_ok=True)
     model, tokenizer = load_model(str(smollm2_gguf()))
-    learner = RLKV(RLKVOptions(max_new_tokens=args.max_new_tokens))
+    options = RLKVOptions(max_new_tokens=args.max_new_tokens)
     with Progress() as bar:
         task = bar.add_task(f"gsm8k {args.split}", total=len(problems), completed=state["done"])
         for start in range(state["done"], len(problems), args.batch_size):
             began = time.perf_counter()
             chunk = problems[start:start + args.batch_size]
-            out, mask, offset = learner.generate(model, tokenizer, [chat_ids(tokenizer, p.prompt) for p in chunk], sample=False)
+            out, mask, offset = generate(model, tokenizer, [chat_ids(tokenizer, p.prompt) for p in chunk], options, sample=False)
             solved = []
             for index, (problem, row, row_mask) in enumerate(zip(chunk, out[:, offset:], mask[:, offset:]), start=start):
                 text = tokenizer.decode(row[row_mask.bool()], skip_special_tokens=True)

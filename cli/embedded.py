@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
 
 import click
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from kvpress_rl.embedded.model import ADAPTER_DIR, load_embedded
+from kvpress_rl.embedded.task import EMBEDDED_MAX_NEW_TOKENS, problems
+from kvpress_rl.embedded.train import TrainConfig, train_adapter
+from kvpress_rl.errors import KvrlError
+from kvpress_rl.plan import plan_from_scores
+from kvpress_rl.scores import HeadScores
 
 
 @click.group("embedded")
@@ -25,8 +33,6 @@ def embedded_group() -> None:
 @click.option("--resume", is_flag=True, help="continue from OUTPUT/checkpoint")
 def train_command(output: str, examples: int, batch_size: int, lr: float, seed: int, checkpoint_every: int, max_steps: int, resume: bool) -> None:
     """Fine-tune the LoRA adapter of SmolLM2-135M-Instruct on the link-following task."""
-    from kvpress_rl.embedded.train import TrainConfig, train_adapter
-
     config = TrainConfig(output=output, examples=examples, batch_size=batch_size, lr=lr, seed=seed, checkpoint_every=checkpoint_every, max_steps=max_steps)
     with Progress(TextColumn("training"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]:.4f}"),
                   TimeElapsedColumn(), TimeRemainingColumn()) as progress:
@@ -46,14 +52,7 @@ def train_command(output: str, examples: int, batch_size: int, lr: float, seed: 
 def evaluate_command(limit: int, split: str, adapter: Path | None, batch_size: int, heads: Path | None, sparsity: float | None) -> None:
     """Greedy accuracy (full cache, or a head plan with --heads and --sparsity), and the prompt /
     chain-of-thought lengths in tokens. `--split validation` compares selections without touching the test problems."""
-    import statistics
-
-    from kvpress_rl.embedded.evaluate import evaluate
-    from kvpress_rl.embedded.model import ADAPTER_DIR, load_embedded
-    from kvpress_rl.embedded.task import problems
-    from kvpress_rl.errors import KvrlError
-    from kvpress_rl.plan import plan_from_scores
-    from kvpress_rl.scores import HeadScores
+    from kvpress_rl.embedded.evaluate import evaluate  # the executor (transformers): loaded when the command runs
 
     if (heads is None) != (sparsity is None):
         raise KvrlError("--heads and --sparsity go together: give both (a head plan) or neither (the full cache)")
@@ -62,7 +61,7 @@ def evaluate_command(limit: int, split: str, adapter: Path | None, batch_size: i
     items = problems(split, limit)
     with Progress(TextColumn("evaluating"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()) as progress:
         bar = progress.add_task("eval", total=limit)
-        result = evaluate(model, tokenizer, items, plan=plan, batch_size=batch_size, max_new_tokens=96, on_batch=lambda n: progress.advance(bar, n))
+        result = evaluate(model, tokenizer, items, plan=plan, batch_size=batch_size, max_new_tokens=EMBEDDED_MAX_NEW_TOKENS, on_batch=lambda n: progress.advance(bar, n))
     console = Console()
     setting = f"{heads.name} at sparsity {sparsity:g}" if heads else "full cache"
     console.print(f"accuracy {100 * result.accuracy:.1f}% ({result.correct}/{result.total}) on {split}, {setting}, greedy", highlight=False, soft_wrap=True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import os
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -10,7 +12,29 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from kvpress_rl.cli.launch import check_num_processes, distributed_rank, launch_data_parallel, report_rank_error
+from kvpress_rl.cli.output import strategies_with_warnings
 from kvpress_rl.errors import KvrlError
+from kvpress_rl.evaluators.grid import (
+    LOCK_HELD_ENV,
+    GridSpec,
+    check_head_shapes,
+    check_heads,
+    check_training_strategies,
+    grid_cells,
+    lock_output,
+    parse_heads,
+    plan_resume,
+    resolve_tasks,
+    run_grid,
+    summarize,
+)
+from kvpress_rl.evaluators.report import markdown_table, write_report
+from kvpress_rl.models import _DTYPES, DEFAULT_MODEL, available_device, check_device, check_seed, load_model, looks_like_path
+from kvpress_rl.plan import check_sparsity
+from kvpress_rl.plugins import get_strategy
+from kvpress_rl.policies import compressed_head_policy
+from kvpress_rl.profiles import EMBEDDED_PROFILE
 
 
 def split_list(value: str, kind, flag: str) -> list:
@@ -62,12 +86,9 @@ def eval_command(tasks: str | None, strategies: str, sparsities: str, seeds: str
                  batch_size: int, max_tokens: int | None, data_dir: str | None, compressed_policy: str, plan_rule: str,
                  decoding_simulation: int | None, allow_code_execution: bool,
                  chat_template: bool | None, device: str | None, dtype: str, num_processes: int, output: Path, recompute: bool) -> None:
-    """Evaluate strategies at several sparsities with lm-eval (full cache once per task); resumes an interrupted grid."""
-    import os
+    """Evaluate strategies at several sparsities with lm-eval (full cache once per task); resumes an interrupted grid.
 
-    from kvpress_rl.cli.launch import check_num_processes, launch_data_parallel, report_rank_error
-    from kvpress_rl.evaluators.grid import LOCK_HELD_ENV, lock_output, plan_resume
-
+    A strategy that trains (rlkv, duo) needs its scores from `kvrl select`, passed with --heads."""
     settings = dict(tasks=tasks, strategies=strategies, sparsities=sparsities, seeds=seeds, model=model, heads=heads, limit=limit,
                     batch_size=batch_size, max_tokens=max_tokens, data_dir=data_dir, compressed_policy=compressed_policy, plan_rule=plan_rule,
                     decoding_simulation=decoding_simulation, allow_code_execution=allow_code_execution, chat_template=chat_template,
@@ -96,27 +117,13 @@ def eval_command(tasks: str | None, strategies: str, sparsities: str, seeds: str
 def eval_inputs(*, tasks, strategies, sparsities, seeds, model, heads, limit, batch_size, max_tokens, data_dir, compressed_policy,
                 plan_rule, decoding_simulation, allow_code_execution, chat_template, device, dtype, quiet: bool = False):
     """`(GridSpec, device)`: every input checked before any model loads (and before any process is launched)."""
-    import warnings
-
-    from kvpress_rl.cli.main import strategies_with_warnings
-    from kvpress_rl.evaluators.grid import GridSpec, check_heads, parse_heads, resolve_tasks
-    from kvpress_rl.evaluators.harness import available_device
-    from kvpress_rl.executor.policies import BUDGET_BASE, make_policy
-    from kvpress_rl.models import _DTYPES, DEFAULT_MODEL, check_device, check_seed, looks_like_path
-    from kvpress_rl.plan import check_sparsity
-    from kvpress_rl.plugins import discover_strategies, get_strategy
-
-    if quiet:  # a rank of a data-parallel run: the launching process showed any plugin warning
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            found = discover_strategies()
-    else:
-        found = strategies_with_warnings()
+    found = strategies_with_warnings(quiet)  # quiet: a rank of a data-parallel run (the launching process showed them)
     chosen = [(name, get_strategy(name, found)) for name in split_list(strategies, str, "--strategy")]
     levels = [check_sparsity(s) for s in split_list(sparsities, float, "--sparsity")]
     seed_list = [check_seed(s, "--seeds") for s in split_list(seeds, int, "--seeds")] or [0]
-    head_files = parse_heads(heads, [name for name, _ in chosen])
-    make_policy(compressed_policy, fixed_budget=BUDGET_BASE)  # refuse an unknown policy before loading anything
+    head_files = parse_heads(heads, chosen)
+    check_training_strategies(chosen, head_files)
+    compressed_head_policy(compressed_policy)  # refuse an unknown policy before loading anything
     if limit < 0 or batch_size < 1 or (max_tokens is not None and max_tokens < 1):
         raise KvrlError("--limit must be >= 0, --batch-size and --max-tokens positive")
     if dtype != "auto" and dtype not in _DTYPES:
@@ -129,7 +136,8 @@ def eval_inputs(*, tasks, strategies, sparsities, seeds, model, heads, limit, ba
         identity = str(Path(model_spec).expanduser().resolve())
     else:
         identity = model_spec
-    task_names = split_list(tasks, str, "--tasks") if tasks else ["embedded" if model_spec == DEFAULT_MODEL else "gsm8k_r1"]
+    default_task = EMBEDDED_PROFILE.default_task if model_spec == DEFAULT_MODEL else "gsm8k_r1"  # before the model loads
+    task_names = split_list(tasks, str, "--tasks") if tasks else [default_task]
     spec = GridSpec(chosen, levels, seed_list, limit or None, batch_size, max_tokens, head_files, task_names, data_dir,
                     compressed_policy, plan_rule, allow_code_execution, chat_template, decoding_simulation=decoding_simulation,
                     model=identity, dtype=dtype if dtype != "auto" else ("float32" if device == "cpu" else "bfloat16"))
@@ -140,12 +148,7 @@ def eval_inputs(*, tasks, strategies, sparsities, seeds, model, heads, limit, ba
 
 def run_eval(settings: dict, output: Path, recompute: bool) -> None:
     """One process of `kvrl eval` (the only one, or a rank of a data-parallel run, where rank 0 alone reports)."""
-    import os
-
-    from kvpress_rl.cli.launch import distributed_rank
-    from kvpress_rl.evaluators.grid import LOCK_HELD_ENV, check_head_shapes, lock_output, plan_resume, run_grid, summarize
-    from kvpress_rl.evaluators.harness import KvrlLM
-    from kvpress_rl.models import DEFAULT_MODEL, load_model
+    from kvpress_rl.evaluators.harness import KvrlLM  # lm-eval's model stack: loaded when an evaluation runs
 
     quiet_lm_eval()
     rank, world_size = distributed_rank()
@@ -164,7 +167,7 @@ def run_eval(settings: dict, output: Path, recompute: bool) -> None:
         raise KvrlError(f"model {model_spec!r} has no tokenizer; evaluation needs a real model (the embedded one, a directory or a hub id)")
     check_head_shapes(spec, lm_model)  # --heads of another model shape: refused before any cell runs
     task_count, limit = len(spec.tasks), spec.limit
-    cells_total = task_count * (1 + sum(len(spec.seeds) if name == "random" else 1 for name, _ in spec.strategies) * len(spec.sparsities))
+    cells_total = task_count * len(grid_cells(spec))
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console,
                   disable=not (main_process and terminal)) as progress:
         cells_bar = progress.add_task("cells", total=cells_total)
@@ -188,8 +191,6 @@ def run_eval(settings: dict, output: Path, recompute: bool) -> None:
             console.print(results_table(rows))
             console.print(f"grid: {output / 'grid.csv'}; plot it with `kvrl report {output}`", highlight=False)
         else:  # a log file: a plain Markdown table, whatever its width
-            from kvpress_rl.evaluators.report import markdown_table
-
             print("accuracy by strategy and sparsity\n\n" + markdown_table(rows), flush=True)
             print(f"grid: {output / 'grid.csv'}; plot it with `kvrl report {output}`", flush=True)
     if lock is not None:
@@ -198,8 +199,6 @@ def run_eval(settings: dict, output: Path, recompute: bool) -> None:
 
 def quiet_lm_eval() -> None:
     """Our progress bars and table replace lm-eval's informational logging."""
-    import logging
-
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
 
 
@@ -210,7 +209,5 @@ def quiet_lm_eval() -> None:
 @click.option("--paper-model", default=None, help="which of the CSV's models to draw (e.g. Qwen-2.5-7B-R1)")
 def report_command(directory: Path, paper: Path | None, paper_model: str | None) -> None:
     """Plot accuracy against sparsity per task (report.png) and write report.md, from a `kvrl eval` output."""
-    from kvpress_rl.evaluators.report import write_report
-
     png, markdown = write_report(directory, paper, paper_model)
     Console().print(f"wrote {png} and {markdown}", highlight=False)

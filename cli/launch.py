@@ -3,7 +3,14 @@ process group, and bring a rank's input error back to the launching process as o
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
+
+import torch
+import torch.distributed as dist
 
 from kvpress_rl.errors import KvrlError
 
@@ -12,8 +19,6 @@ RANK_ERRORS_ENV = "KVRL_RANK_ERRORS"
 
 def distributed_rank() -> tuple[int, int]:
     """`(rank, world_size)` from the launcher's environment (`(0, 1)` outside `accelerate launch`)."""
-    import os
-
     return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
@@ -33,11 +38,6 @@ def join_process_group(device: str) -> str:
     On GPUs each process takes `cuda:LOCAL_RANK`, and the group has a gloo backend for CPU tensors next to
     NCCL for CUDA ones (the learner all-reduces its gate gradients on the GPU and r_bar on the CPU).
     """
-    import os
-
-    import torch
-    import torch.distributed as dist
-
     if distributed_rank()[1] <= 1:
         return device
     on_gpu = device.startswith("cuda") and torch.cuda.is_available()
@@ -52,9 +52,6 @@ def join_process_group(device: str) -> str:
 
 def launch_data_parallel(num_processes: int) -> None:
     """Run this same `kvrl` command (select or eval) under `accelerate launch`; show a rank's error once."""
-    import os
-    import tempfile
-
     with tempfile.TemporaryDirectory(prefix="kvrl-ranks-") as folder:
         os.environ[RANK_ERRORS_ENV] = folder
         try:
@@ -72,8 +69,6 @@ def launch_data_parallel(num_processes: int) -> None:
 
 def report_rank_error(err: KvrlError) -> None:
     """A KvrlError on one rank of a data-parallel run: left for the launching process, or shown by rank 0."""
-    import os
-
     rank, _ = distributed_rank()
     folder = os.environ.get(RANK_ERRORS_ENV)
     if folder and Path(folder).is_dir():
@@ -87,9 +82,6 @@ def report_rank_error(err: KvrlError) -> None:
 def relaunch_data_parallel(num_processes: int) -> None:
     """Run this same `kvrl` command under `accelerate launch` with N processes (lm-eval's data-parallel path:
     each process loads the model, takes its share of every cell's requests; rank 0 writes the results)."""
-    import subprocess
-    import sys
-
     args, skip = [], False
     for arg in sys.argv[1:]:
         if skip:

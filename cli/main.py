@@ -8,6 +8,8 @@ import warnings
 from pathlib import Path
 
 import click
+import torch
+import torch.distributed as dist
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -15,13 +17,19 @@ from rich.table import Table
 from rich.text import Text
 
 import kvpress_rl
+from kvpress_rl.cli.embedded import embedded_group
+from kvpress_rl.cli.evaluation import eval_command, report_command
 from kvpress_rl.cli.launch import check_num_processes, distributed_rank, join_process_group, launch_data_parallel, report_rank_error
 from kvpress_rl.cli.options import describe_options, parse_strategy_options
+from kvpress_rl.cli.output import console, strategies_with_warnings
 from kvpress_rl.errors import KvrlError
-from kvpress_rl.plugins import StrategyEntry, discover_strategies, get_strategy
-
-console = Console()
-err_console = Console(stderr=True)
+from kvpress_rl.evaluators.plots import gate_heatmap, training_curves
+from kvpress_rl.io import check_folder_writable, check_writable
+from kvpress_rl.models import _DTYPES, ModelShape, check_device, check_seed, load_model, model_id
+from kvpress_rl.plan import plan_from_scores
+from kvpress_rl.plugins import StrategyEntry, get_strategy
+from kvpress_rl.scores import HeadScores
+from kvpress_rl.selector import SelectionContext
 
 
 class KvrlGroup(click.Group):
@@ -32,15 +40,6 @@ class KvrlGroup(click.Group):
             return super().invoke(ctx)
         except KvrlError as err:
             raise click.UsageError(str(err)) from None
-
-
-def strategies_with_warnings() -> dict[str, StrategyEntry]:
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        found = discover_strategies()
-    for warning in caught:
-        err_console.print(f"[yellow]kvrl: warning:[/] {escape(str(warning.message))}", highlight=False)
-    return found
 
 
 @click.group(cls=KvrlGroup)
@@ -120,8 +119,6 @@ def select_command(ctx: click.Context, strategy_name: str, model: str | None, gg
     except KvrlError as err:
         report_rank_error(err)
     finally:
-        import torch.distributed as dist
-
         if dist.is_initialized():
             dist.destroy_process_group()
 
@@ -142,15 +139,7 @@ def select_inputs(strategy_name: str, args: list[str], output: Path | None, over
                   seed: int = 0, device: str = "cpu", resume: bool = False):
     """`(entry, options, output, device)`, checked before any model loads: the strategy and its options, the
     seed, the device, and that the output file and its work folder can be written."""
-    from kvpress_rl.io import check_folder_writable, check_writable
-    from kvpress_rl.models import check_device, check_seed
-
-    if quiet:  # the launching process already showed any plugin warning
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            entry = get_strategy(strategy_name, discover_strategies())
-    else:
-        entry = get_strategy(strategy_name, strategies_with_warnings())
+    entry = get_strategy(strategy_name, strategies_with_warnings(quiet))  # quiet: the launching process showed the warnings
     options = parse_strategy_options(entry.cls, args)
     check_seed(seed)
     device = check_device(device)
@@ -181,11 +170,6 @@ def clear_earlier_run(work_dir: Path) -> None:
 
 def check_result(scores, entry: StrategyEntry, lm) -> None:
     """Refuse what a strategy's select returned unless it is a HeadScores of this model's shape."""
-    import torch
-
-    from kvpress_rl.models import ModelShape
-    from kvpress_rl.scores import HeadScores
-
     who = f"strategy {entry.cls.name!r} ({entry.origin})"
     if not isinstance(scores, HeadScores):
         raise KvrlError(f"{who} returned {type(scores).__name__}, not HeadScores; nothing was written")
@@ -212,9 +196,6 @@ def step_line(name: str, step: int, total: int, metrics: dict) -> str:
 def run_select(args: list[str], strategy_name: str, model: str | None, gguf_file: str | None, output: Path | None, seed: int,
                data_dir: str | None, dtype: str, device: str, trust_remote_code: bool, overwrite: bool, resume: bool) -> None:
     """One process of `kvrl select`; under a data-parallel launch only rank 0 prints and writes files."""
-    from kvpress_rl.models import load_model, model_id
-    from kvpress_rl.selector import SelectionContext
-
     rank, world_size = distributed_rank()
     show = console if rank == 0 else Console(quiet=True)
     if rank > 0:  # only rank 0 prints: no warnings or loading bars from the others
@@ -264,8 +245,6 @@ def run_select(args: list[str], strategy_name: str, model: str | None, gguf_file
     show.print(f"wrote {output}: {scores.shape[0]} layers x {scores.shape[1]} KV heads, strategy {strategy_name}, "
                f"{scores.wall_time_s or 0:.2f} s{processes}", highlight=False, markup=False)
     if (work_dir / "train_log.jsonl").is_file():
-        from kvpress_rl.evaluators.plots import gate_heatmap, training_curves
-
         curves = training_curves(work_dir / "train_log.jsonl", work_dir / "training.png")
         heatmap = gate_heatmap(scores, work_dir / "gates.png")
         show.print(f"training log {work_dir / 'train_log.jsonl'}, plots {curves} and {heatmap}", highlight=False, markup=False)
@@ -283,20 +262,12 @@ def run_select(args: list[str], strategy_name: str, model: str | None, gguf_file
               help="official: RLKV's quantile threshold with seeded tie-breaking noise; round: exactly round(n * s) heads")
 def plan_command(heads: Path, sparsity: float, seq_len: int, batch: int, head_dim: int, dtype_name: str, compressed_policy: str, rule: str) -> None:
     """Print the plan for a scores file and its KV memory against the full cache."""
-    import torch
-
-    from kvpress_rl.executor.policies import BUDGET_BASE, make_policy
-    from kvpress_rl.models import _DTYPES
-    from kvpress_rl.plan import plan_from_scores
-    from kvpress_rl.scores import HeadScores
-
     if dtype_name not in _DTYPES:
         raise KvrlError(f"unknown dtype {dtype_name!r}; accepted: {', '.join(_DTYPES)}")
     if seq_len < 1 or batch < 1 or head_dim < 1:
         raise KvrlError("--seq-len, --batch and --head-dim must be positive")
     scores = HeadScores.load(heads)
-    policy = make_policy(compressed_policy, fixed_budget=BUDGET_BASE)  # same memory as 16 + 64 whatever the policy
-    plan = plan_from_scores(scores, sparsity, policy, rule)
+    plan = plan_from_scores(scores, sparsity, compressed_policy, rule)  # 80 tokens per compressed head whatever the policy
     dtype: torch.dtype = _DTYPES[dtype_name]
     console.print(plan.summary(), highlight=False, markup=False)
     planned = plan.kv_bytes(seq_len, batch, head_dim=head_dim, dtype=dtype)
@@ -309,16 +280,9 @@ def plan_command(heads: Path, sparsity: float, seq_len: int, batch: int, head_di
     console.print(table)
 
 
-def _register_subcommands() -> None:
-    from kvpress_rl.cli.embedded import embedded_group
-    from kvpress_rl.cli.evaluation import eval_command, report_command
-
-    app.add_command(eval_command)
-    app.add_command(report_command)
-    app.add_command(embedded_group)
-
-
-_register_subcommands()
+app.add_command(eval_command)
+app.add_command(report_command)
+app.add_command(embedded_group)
 
 
 def main() -> None:

@@ -2,31 +2,15 @@
 
 from __future__ import annotations
 
-import dataclasses
-import types
 import typing
 from typing import Any
 
 from kvpress_rl.errors import KvrlError
-from kvpress_rl.selector import HeadSelector, default_of, option_fields
+from kvpress_rl.selector import HeadSelector, default_of, field_types, option_fields
 
 
 def flag_of(field_name: str) -> str:
     return "--" + field_name.replace("_", "-")
-
-
-def _base_type(annotation: Any) -> Any:
-    """`int | None` -> int; string annotations resolved by the dataclass machinery."""
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(annotation) if a is not type(None)]
-        return args[0] if len(args) == 1 else str
-    return annotation
-
-
-def field_types(options_cls: type) -> dict[str, Any]:
-    hints = typing.get_type_hints(options_cls)
-    return {f.name: _base_type(hints.get(f.name, str)) for f in dataclasses.fields(options_cls)}
 
 
 def _convert(raw: str, kind: Any, flag: str) -> Any:

@@ -50,7 +50,9 @@ from __future__ import annotations
 
 import functools
 import os
+import pwd
 import re
+import resource
 import secrets
 import selectors
 import shutil
@@ -118,8 +120,6 @@ def _sandbox_ids() -> tuple[int, int] | None:
     """(uid, gid) to run programs as: `nobody` when we are root, else None (run as ourselves)."""
     if os.geteuid() != 0:
         return None
-    import pwd
-
     try:
         entry = pwd.getpwnam(SANDBOX_USER)
     except KeyError:
@@ -128,8 +128,6 @@ def _sandbox_ids() -> tuple[int, int] | None:
 
 
 def _limit_and_drop(memory_bytes: int, cpu_seconds: int, ids: tuple[int, int] | None) -> None:  # in the child, before exec
-    import resource
-
     resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
     resource.setrlimit(resource.RLIMIT_CPU, (cpu_seconds, cpu_seconds))
     resource.setrlimit(resource.RLIMIT_FSIZE, (FILE_SIZE_LIMIT_BYTES, FILE_SIZE_LIMIT_BYTES))

@@ -25,12 +25,15 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import kvpress_rl
+from kvpress_rl.distributed import is_main_process
+from kvpress_rl.embedded.task import EMBEDDED_MAX_NEW_TOKENS, EMBEDDED_TASK
 from kvpress_rl.errors import KvrlError
 from kvpress_rl.evaluators.scoring import classify
-from kvpress_rl.evaluators.tasks import EMBEDDED, TaskConfig, data_dir_from, resolve_task
-from kvpress_rl.executor.policies import BUDGET_BASE, make_policy
+from kvpress_rl.evaluators.tasks import TaskConfig, data_dir_from, resolve_task
 from kvpress_rl.io import write_atomic
-from kvpress_rl.models import ModelShape
+from kvpress_rl.models import ModelShape, model_id
+from kvpress_rl.plan import build_plan
 from kvpress_rl.plugins import StrategyEntry
 from kvpress_rl.scores import HeadScores
 from kvpress_rl.selector import SelectionContext
@@ -108,20 +111,29 @@ def write_grid(path: Path, cells: list[Cell]) -> None:
     write_atomic(path, write, overwrite=True)
 
 
-def parse_heads(value: str | None, strategies: list[str]) -> dict[str, str]:
-    """`--heads FILE` (one learned head strategy) or `--heads NAME=FILE,NAME=FILE`."""
+def parse_heads(value: str | None, strategies: list[tuple[str, StrategyEntry]]) -> dict[str, str]:
+    """`--heads FILE` (one head strategy that is not a seeded draw) or `--heads NAME=FILE,NAME=FILE`."""
     if not value:
         return {}
     if "=" not in value:
-        learned = [s for s in strategies if s not in ("random", "streaming", "snapkv", "h2o", "rkv")]
+        learned = [name for name, entry in strategies if entry.cls.kind == "head" and not entry.cls.averaged_over_seeds]
         if len(learned) != 1:
             raise KvrlError(f"--heads FILE needs exactly one head strategy besides random, got {learned or 'none'}; use --heads NAME=FILE,...")
         return {learned[0]: value}
     pairs = dict(part.split("=", 1) for part in value.split(",") if part)
-    unknown = sorted(set(pairs) - set(strategies))
+    unknown = sorted(set(pairs) - {name for name, _ in strategies})
     if unknown:
         raise KvrlError(f"--heads names {', '.join(unknown)}, which --strategy does not list")
     return pairs
+
+
+def check_training_strategies(strategies: list[tuple[str, StrategyEntry]], heads: dict[str, str]) -> None:
+    """A strategy whose `select` is a training run needs its scores from `kvrl select`: evaluation does not train."""
+    for name, entry in strategies:
+        if entry.cls.trains and name not in heads:
+            raise KvrlError(f"strategy {name!r} trains its scores (minutes to hours, with progress and checkpoints in `kvrl select`): "
+                            f"run `kvrl select --strategy {name} --output heads-{name}.safetensors` first, then pass "
+                            f"--heads {name}=heads-{name}.safetensors")
 
 
 @dataclass
@@ -133,7 +145,7 @@ class GridSpec:
     batch_size: int = 16
     max_new_tokens: int | None = None  # overrides the task's own limit (max_gen_toks)
     heads: dict[str, str] = field(default_factory=dict)  # strategy name -> scores file
-    tasks: list[str] = field(default_factory=lambda: [EMBEDDED])
+    tasks: list[str] = field(default_factory=lambda: [EMBEDDED_TASK])
     data_dir: str | None = None
     compressed_policy: str = "streaming"  # token policy of the compressed heads of head strategies (hybrid plans)
     plan_rule: str = "official"  # how head strategies turn scores into a plan (`kvpress_rl.plan.PLAN_RULES`)
@@ -180,17 +192,14 @@ def check_head_shapes(spec: GridSpec, model) -> None:
 
 def selection_key(spec: GridSpec, name: str, entry: StrategyEntry, seed: int) -> str:
     """What a `select` run inside the grid depends on: its cached scores are kept per key (so per model)."""
-    import kvpress_rl
-
     data_dir = data_dir_from(spec.data_dir)
     return short_hash({"model": spec.model, "dtype": spec.dtype, "strategy": name, "strategy_version": entry.cls.version,
                        "seed": seed, "data_dir": str(data_dir.resolve()) if data_dir else None, "kvrl": kvpress_rl.__version__})
 
 
 def scores_for(entry: StrategyEntry, name: str, spec: GridSpec, model, tokenizer, seed: int, out: Path) -> HeadScores:
-    """The strategy's scores: from `--heads`, from an earlier run in `out` on the same model, or by running `select`."""
-    from kvpress_rl.models import model_id
-
+    """The strategy's scores: from `--heads`, from an earlier run in `out` on the same model, or by running `select`
+    (strategies that do not train)."""
     if name in spec.heads:
         scores = HeadScores.load(spec.heads[name])
     else:
@@ -210,7 +219,7 @@ def scores_for(entry: StrategyEntry, name: str, spec: GridSpec, model, tokenizer
 
 def task_data(config: TaskConfig, spec: GridSpec) -> Any:
     """What identifies a task's data: the content hash of its local files, else the data folder (or none: built in / hub)."""
-    if config.name == EMBEDDED:
+    if config.name == EMBEDDED_TASK:
         return "built in"  # generated by the package (its version is recorded)
     files = []
     if isinstance(config.spec, dict):
@@ -224,8 +233,6 @@ def task_data(config: TaskConfig, spec: GridSpec) -> Any:
 
 def cell_definition(spec: GridSpec, config: TaskConfig, name: str, entry: StrategyEntry | None, seed: int) -> dict[str, Any]:
     """The settings a cell's result depends on; a finished cell is reused only under the same definition."""
-    import kvpress_rl
-
     definition: dict[str, Any] = {
         "kvrl": kvpress_rl.__version__, "model": spec.model, "dtype": spec.dtype, "task": config.name, "data": task_data(config, spec),
         "limit": spec.limit, "max_tokens": spec.max_new_tokens,
@@ -341,17 +348,11 @@ def lock_output(out: Path):
     return handle
 
 
-def is_main_process() -> bool:
-    from kvpress_rl.strategies.rlkv.learner import world
-
-    return world()[0] == 0
-
-
 def grid_cells(spec: GridSpec) -> list[tuple[str, float, int, StrategyEntry | None]]:
-    """Full cache once, then strategy x seed (random only) x sparsity."""
+    """Full cache once, then strategy x seed (every seed for strategies `averaged_over_seeds`) x sparsity."""
     todo: list[tuple[str, float, int, StrategyEntry | None]] = [(FULL, 0.0, 0, None)]
     for name, entry in spec.strategies:
-        for seed in spec.seeds if name == "random" else spec.seeds[:1]:
+        for seed in spec.seeds if entry.cls.averaged_over_seeds else spec.seeds[:1]:
             todo.extend((name, sparsity, seed, entry) for sparsity in spec.sparsities)
     return todo
 
@@ -368,7 +369,7 @@ def resolve_tasks(spec: GridSpec) -> list[TaskConfig]:
     """Every task's config, checked (names, data files, code execution) before any model work."""
     manager = task_manager()
     data_dir = data_dir_from(spec.data_dir)
-    configs = [resolve_task(name, data_dir, manager, embedded_tokens=spec.max_new_tokens or 96) for name in spec.tasks]
+    configs = [resolve_task(name, data_dir, manager, embedded_tokens=spec.max_new_tokens or EMBEDDED_MAX_NEW_TOKENS) for name in spec.tasks]
     offline = any(os.environ.get(v, "0").lower() in ("1", "true", "yes") for v in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"))
     for config in configs:
         if offline and config.reads_hub:
@@ -394,9 +395,8 @@ def run_grid(lm, spec: GridSpec, out: Path, on_cell: Callable[[Cell], None] | No
     for config, name, sparsity, seed, entry in todo:
         plan = None
         if entry is not None:
-            selector = entry.cls()
-            policy = make_policy(spec.compressed_policy, fixed_budget=BUDGET_BASE)  # 80 tokens, as 16 + 64
-            plan = selector.plan(scores_for(entry, name, spec, lm.model, lm.tokenizer, seed, out), sparsity, policy, spec.plan_rule)
+            scores = scores_for(entry, name, spec, lm.model, lm.tokenizer, seed, out)
+            plan = build_plan(entry.cls(), scores, sparsity, spec.compressed_policy, spec.plan_rule)
         cell = run_cell(lm, config, spec, plan, (name, sparsity, seed), out)
         if cell is None:  # not the main process of a data-parallel run
             continue

@@ -30,18 +30,22 @@ from __future__ import annotations
 import os
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from lm_eval.models.huggingface import HFLM
+from lm_eval.models.utils_hf import stop_sequences_criteria
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from kvpress_rl.errors import KvrlError
 from kvpress_rl.evaluators.scoring import REPETITION_DISTINCT, REPETITION_WINDOW
-from kvpress_rl.executor import compressed
-from kvpress_rl.plan import CompressionPlan
+from kvpress_rl.executor import generate
+from kvpress_rl.models import ModelShape, available_device, load_model, model_id
+from kvpress_rl.plan import CompressionPlan, build_plan
+from kvpress_rl.plugins import discover_strategies, get_strategy
+from kvpress_rl.scores import HeadScores
+from kvpress_rl.selector import SelectionContext
 
 MODEL_NAME = "kvrl"
 
@@ -90,8 +94,6 @@ class KvrlLM(HFLM):
         self.decoding_simulation = parse_decoding_simulation(decoding_simulation)
         self.decoding_simulation_used: set[int] = set()
         if isinstance(pretrained, str):
-            from kvpress_rl.models import load_model
-
             dtype = str(kwargs.pop("dtype", "auto")).replace("torch.", "")
             model, tokenizer = load_model(pretrained, dtype=dtype, device=available_device(kwargs.pop("device", None)))
             if tokenizer is None:
@@ -146,8 +148,6 @@ class KvrlLM(HFLM):
             max_length = min(max_length, int(total))
         repetition = RepetitionStop(context.shape[1])
         criteria = StoppingCriteriaList([repetition])
-        from lm_eval.models.utils_hf import stop_sequences_criteria
-
         criteria.extend(stop_sequences_criteria(self.tokenizer, stop, context.shape[1], context.shape[0]))
         if generation_kwargs.get("temperature", 0.0) == 0.0 and not generation_kwargs.get("do_sample"):
             generation_kwargs.pop("temperature", None)
@@ -155,9 +155,9 @@ class KvrlLM(HFLM):
         began = time.perf_counter()
         if self.plan is not None:
             self.decoding_simulation_used.add(simulation)
-        with torch.inference_mode(), (compressed(self.model, self.plan, simulation) if self.plan is not None else nullcontext()):
-            out = self.model.generate(input_ids=context, max_length=max_length, stopping_criteria=criteria,
-                                      pad_token_id=self.tokenizer.pad_token_id, use_cache=True, **generation_kwargs)
+        with torch.inference_mode():
+            out = generate(self.model, self.plan, context, decoding_simulation=simulation, max_length=max_length, stopping_criteria=criteria,
+                           pad_token_id=self.tokenizer.pad_token_id, use_cache=True, **generation_kwargs)
         self.stats.seconds += time.perf_counter() - began
         new = out[:, context.shape[1]:]
         self.stats.generated_tokens += int((new != self.tokenizer.pad_token_id).sum())
@@ -190,32 +190,21 @@ def model_arg(value: Any, kind: type, name: str) -> Any:
         raise KvrlError(f"model argument {name} must be a {kind.__name__}, got {value!r}") from None
 
 
-def available_device(requested: str | None) -> str:
-    """lm-eval's command line asks for `cuda` by default; like HFLM, use the CPU when there is none."""
-    if not requested or (requested.startswith("cuda") and not torch.cuda.is_available()):
-        return "cpu"
-    if requested.startswith("cuda") and ":" not in requested and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        return f"cuda:{os.environ.get('LOCAL_RANK', '0')}"  # one model copy per process
-    return requested
-
-
 def plan_for(model: Any, tokenizer: Any, strategy: str, sparsity: float, *, heads: str | None = None, seed: int = 0,
              compressed_policy: str = "streaming", data_dir: str | None = None, rule: str = "official") -> CompressionPlan:
-    """The plan of `strategy` at `sparsity`: from a scores file, else by running its `select`."""
-    from kvpress_rl.executor.policies import BUDGET_BASE, make_policy
-    from kvpress_rl.models import ModelShape, model_id
-    from kvpress_rl.plugins import discover_strategies, get_strategy
-    from kvpress_rl.scores import HeadScores
-    from kvpress_rl.selector import SelectionContext
-
+    """The plan of `strategy` at `sparsity`: from a scores file, else by running its `select` (strategies that
+    do not train; a training strategy needs `heads`, made by `kvrl select`)."""
     entry = get_strategy(strategy, discover_strategies())
     selector = entry.cls()
     if heads:
         scores = HeadScores.load(heads)
+    elif entry.cls.trains:
+        raise KvrlError(f"strategy {strategy!r} trains its scores: run `kvrl select --strategy {strategy} --output heads-{strategy}.safetensors` "
+                        f"and pass heads=heads-{strategy}.safetensors")
     else:
         scores = selector.select(model, tokenizer, SelectionContext(seed=seed, data_dir=data_dir, model_id=model_id(model)))
     scores.check_shape(ModelShape.from_config(model.config))
-    return selector.plan(scores, sparsity, make_policy(compressed_policy, fixed_budget=BUDGET_BASE), rule)
+    return build_plan(selector, scores, sparsity, compressed_policy, rule)
 
 
 def register() -> None:

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from kvpress_rl.io import write_atomic
+from kvpress_rl.plan import plan_from_scores
 from kvpress_rl.scores import HeadScores
 
 
@@ -33,7 +34,6 @@ def gate_heatmap(scores: HeadScores, path: str | Path, title: str | None = None)
 def gate_heatmaps(panels: list[tuple[str, HeadScores]], path: str | Path, kept_at: float | None = None) -> Path:
     """One heat map per `(title, scores)`, side by side; with `kept_at`, red dots on the heads that
     keep their full cache at that sparsity (the plan's global ranking)."""
-    from kvpress_rl.plan import plan_from_scores
 
     plt = _pyplot()
     layers, heads = panels[0][1].shape

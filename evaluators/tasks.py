@@ -23,14 +23,17 @@ subprocess) rather than lm-eval's in-process `exec`, and only when code executio
 from __future__ import annotations
 
 import difflib
+import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kvpress_rl.answers import embedded_equal, gsm8k_gold, integer_equal, math_equal
+from kvpress_rl.embedded.task import EMBEDDED_MAX_NEW_TOKENS, EMBEDDED_TASK, Difficulty, problems
 from kvpress_rl.errors import KvrlError
-from kvpress_rl.evaluators.scoring import gsm8k_gold, integer_equal, math_equal
+from kvpress_rl.evaluators.code_execution import score_mbpp
 
 R1_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 R1_TOTAL_TOKENS = 8192
@@ -96,8 +99,6 @@ def _mbpp_doc(row: dict) -> dict:
 
 
 def _mbpp_correct(response: str, doc: dict) -> bool:
-    from kvpress_rl.evaluators.code_execution import score_mbpp
-
     return score_mbpp(response, doc).passed
 
 
@@ -116,7 +117,6 @@ CODE_TASKS = {"mbpp", "mbpp_r1"}
 # lm-eval tasks that would exec model code in-process: refused rather than run outside the sandbox
 UNCONTAINED_CODE_TASKS = {"mbpp_plus", "mbpp_instruct", "mbpp_plus_instruct", "humaneval", "humaneval_plus", "humaneval_instruct"}
 MBPP_FEWSHOT_IDS = (2, 3, 4)  # lm-eval's (and the paper's) three MBPP examples
-EMBEDDED = "embedded"
 
 
 @dataclass
@@ -183,9 +183,7 @@ def r1_config(task: R1Task, data_dir: Path | None) -> TaskConfig:
     return TaskConfig(task.name, config, "acc,none", chat_template=True, unsafe_code=task.code)
 
 
-def embedded_config(count: int = EMBEDDED_TEST_PROBLEMS, max_new_tokens: int = 96) -> TaskConfig:
-    from kvpress_rl.embedded.task import Difficulty, extract_answer, problems
-
+def embedded_config(count: int = EMBEDDED_TEST_PROBLEMS, max_new_tokens: int = EMBEDDED_MAX_NEW_TOKENS) -> TaskConfig:
     def dataset(**_: Any):
         import datasets
 
@@ -193,10 +191,10 @@ def embedded_config(count: int = EMBEDDED_TEST_PROBLEMS, max_new_tokens: int = 9
         return {"test": datasets.Dataset.from_list(rows)}
 
     def process_results(doc: dict, results: list[str]) -> dict:
-        return {"acc": float(extract_answer(results[0]) == doc["answer"])}
+        return {"acc": float(embedded_equal(results[0], doc["answer"]))}
 
     config = {
-        "task": EMBEDDED,
+        "task": EMBEDDED_TASK,
         "custom_dataset": dataset,
         "output_type": "generate_until",
         "test_split": "test",
@@ -208,12 +206,10 @@ def embedded_config(count: int = EMBEDDED_TEST_PROBLEMS, max_new_tokens: int = 9
         "num_fewshot": 0,
         "metadata": {"version": 1.0, "source": "kvpress-rl embedded link-following task"},
     }
-    return TaskConfig(EMBEDDED, config, "acc,none", chat_template=True)
+    return TaskConfig(EMBEDDED_TASK, config, "acc,none", chat_template=True)
 
 
 def _mbpp_results(doc: dict, results: list[str]) -> dict:
-    from kvpress_rl.evaluators.code_execution import score_mbpp
-
     return {"pass_at_1": float(score_mbpp(results[0], doc).passed)}
 
 
@@ -248,8 +244,6 @@ def lm_eval_config(name: str, data_dir: Path | None, task_manager) -> TaskConfig
 
 def _mbpp_fewshot(data_dir: Path | None) -> list[dict]:
     if data_dir is not None:
-        import json
-
         rows = [json.loads(line) for line in Path(_require(data_dir, "mbpp/prompt.jsonl", "mbpp")).read_text().splitlines() if line.strip()]
     else:
         import datasets
@@ -268,12 +262,12 @@ def _then(to_schema: Callable[[dict], dict], original: Callable | None) -> Calla
 
 
 def offline_task_names() -> list[str]:
-    return [EMBEDDED, *LM_EVAL_LOCAL, *R1_TASKS]
+    return [EMBEDDED_TASK, *LM_EVAL_LOCAL, *R1_TASKS]
 
 
-def resolve_task(name: str, data_dir: Path | None, task_manager=None, embedded_tokens: int = 96) -> TaskConfig:
+def resolve_task(name: str, data_dir: Path | None, task_manager=None, embedded_tokens: int = EMBEDDED_MAX_NEW_TOKENS) -> TaskConfig:
     """The lm-eval config of task `name`; unknown names get an error that lists the close ones."""
-    if name == EMBEDDED:
+    if name == EMBEDDED_TASK:
         return embedded_config(max_new_tokens=embedded_tokens)
     if name in R1_TASKS:
         return r1_config(R1_TASKS[name], data_dir)

@@ -6,12 +6,15 @@ Only architectures whose attention the executor understands are accepted (`SUPPO
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from kvpress_rl.embedded.model import EMBEDDED_MODEL, dequantized_copy, load_embedded
 from kvpress_rl.errors import KvrlError
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
@@ -19,8 +22,7 @@ SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
 # `random:ARCH` builds a small random-weight model of that architecture (what unit tests and
 # benchmarks build offline); `embedded` is the shipped reasoning model, the default.
 RANDOM_PREFIX = "random:"
-EMBEDDED = "embedded"
-DEFAULT_MODEL = EMBEDDED
+DEFAULT_MODEL = EMBEDDED_MODEL
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -72,6 +74,16 @@ def check_device(name: str) -> str:
             raise KvrlError(f"--device {name}: this machine has {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}")
         return f"cuda:{int(index)}"
     raise KvrlError(f"unknown device {name!r}; accepted: {DEVICES}")
+
+
+def available_device(requested: str | None) -> str:
+    """The device to load on: `cuda` falls back to the CPU when there is no GPU (lm-eval's command line asks for
+    `cuda` by default; HFLM does the same); under a data-parallel launch, plain `cuda` is this process's GPU."""
+    if not requested or (requested.startswith("cuda") and not torch.cuda.is_available()):
+        return "cpu"
+    if requested.startswith("cuda") and ":" not in requested and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return f"cuda:{os.environ.get('LOCAL_RANK', '0')}"  # one model copy per process
+    return requested
 
 
 def check_seed(seed: int, flag: str = "--seed") -> int:
@@ -154,9 +166,7 @@ def load_model(
         raise KvrlError(f"unknown dtype {dtype!r}; accepted: auto, {', '.join(_DTYPES)}")
     torch_dtype = _DTYPES.get(dtype, torch.float32 if device == "cpu" else torch.bfloat16)
 
-    if spec == EMBEDDED:
-        from kvpress_rl.embedded.model import load_embedded
-
+    if spec == EMBEDDED_MODEL:
         return load_embedded(dtype=torch_dtype, device=device)
     if spec.startswith(RANDOM_PREFIX):
         lm = random_model(small_config(spec[len(RANDOM_PREFIX):]), dtype=torch_dtype)
@@ -175,8 +185,6 @@ def load_model(
     elif gguf_file is not None and not (path / gguf_file).is_file():
         raise KvrlError(f"GGUF file not found: {path / gguf_file}")
     if gguf_file:  # de-quantise once, then load the cached safetensors copy like any directory
-        from kvpress_rl.embedded.model import dequantized_copy
-
         label = str(Path(spec) / gguf_file)
         spec, gguf_file = str(dequantized_copy(Path(spec) / gguf_file)), None
         lm, tokenizer = load_model(spec, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
@@ -201,3 +209,29 @@ def load_model(
 def model_id(model: Any) -> str:
     """The name recorded in provenance: the hub id or path the model was loaded from."""
     return str(getattr(model, "name_or_path", "") or getattr(model.config, "_name_or_path", "") or "unknown")
+
+
+@contextmanager
+def frozen(model: Any) -> Iterator[Any]:
+    """The model's own weights take no gradient inside (gates trained around it still do); each parameter's
+    `requires_grad` is given back on exit."""
+    flags = [p.requires_grad for p in model.parameters()]
+    model.requires_grad_(False)
+    try:
+        yield model
+    finally:
+        for param, flag in zip(model.parameters(), flags):
+            param.requires_grad_(flag)
+
+
+@contextmanager
+def using_attention(model: Any, implementation: str) -> Iterator[Any]:
+    """The model runs `implementation` (a name transformers' `AttentionInterface` knows: "sdpa", "eager", or
+    one kvrl registered) inside the block, set through transformers' public `set_attn_implementation`; the
+    previous one is set back on exit."""
+    previous = model.config._attn_implementation  # the only read of the private field: transformers has no getter
+    model.set_attn_implementation(implementation)
+    try:
+        yield model
+    finally:
+        model.set_attn_implementation(previous)

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
 from kvpress_rl.errors import KvrlError
-from kvpress_rl.executor.policies import Streaming, TokenPolicy
 from kvpress_rl.models import ModelShape
+from kvpress_rl.policies import TokenPolicy, compressed_head_policy
 from kvpress_rl.scores import HeadScores
 
 
@@ -140,13 +141,16 @@ def round_full_heads(values: torch.Tensor, sparsity: float) -> torch.Tensor:
 def plan_from_scores(
     scores: HeadScores | torch.Tensor,
     sparsity: float,
-    policy: TokenPolicy | None = None,
+    compressed_policy: str | TokenPolicy = "streaming",
     rule: str = "official",
 ) -> CompressionPlan:
     """Rank all KV heads of the model globally (no per-layer quota) and compress the lowest fraction `sparsity`.
 
-    `rule="official"` (default) is the RLKV evaluation's quantile threshold with seeded tie-breaking
-    noise; `rule="round"` compresses exactly `round(sparsity * num_heads)`. See `PLAN_RULES`.
+    The compressed heads keep what `compressed_policy` chooses: a policy name gives the paper's 80 tokens
+    (`streaming`: 16 sink + 64 recent; another name: 80 tokens picked by that policy, a hybrid plan), or
+    pass a `TokenPolicy` object. `rule="official"` (default) is the RLKV evaluation's quantile threshold
+    with seeded tie-breaking noise; `rule="round"` compresses exactly `round(sparsity * num_heads)`.
+    See `PLAN_RULES`. This is the one place a head plan is built.
     """
     sparsity = check_sparsity(sparsity)
     values = scores.scores if isinstance(scores, HeadScores) else torch.as_tensor(scores, dtype=torch.float32)
@@ -155,7 +159,21 @@ def plan_from_scores(
     else:  # s = 1 compresses every head (the official threshold would keep the single highest one)
         full = round_full_heads(values, sparsity)
     source = scores.strategy if isinstance(scores, HeadScores) else ""
-    return CompressionPlan(full.reshape(values.shape), policy or Streaming(), sparsity, source, rule)
+    policy = compressed_head_policy(compressed_policy) if isinstance(compressed_policy, str) else compressed_policy
+    return CompressionPlan(full.reshape(values.shape), policy, sparsity, source, rule)
+
+
+def build_plan(selector: Any, scores: HeadScores, sparsity: float, compressed_policy: str | TokenPolicy = "streaming",
+               rule: str = "official") -> CompressionPlan:
+    """The plan of a strategy at `sparsity`, the one place plans are built from a strategy's scores.
+
+    A token strategy (`selector.kind == "token"`) compresses every head with `selector.make_policy(sparsity)`
+    (its budget matches head sparsity in KV memory); a head strategy ranks its scores globally with
+    `plan_from_scores`, its compressed heads keeping 80 tokens chosen by `compressed_policy`.
+    """
+    if selector.kind == "token":
+        return token_plan(scores.shape, sparsity, selector.make_policy(check_sparsity(sparsity)))
+    return plan_from_scores(scores, sparsity, compressed_policy, rule)
 
 
 def token_plan(shape: tuple[int, int], sparsity: float, policy: TokenPolicy) -> CompressionPlan:

@@ -18,7 +18,7 @@ from typing import Any
 import pluggy
 
 from kvpress_rl.errors import KvrlError
-from kvpress_rl.selector import HeadSelector
+from kvpress_rl.selector import HeadSelector, field_types
 
 PROJECT = "kvpress_rl"
 ENTRY_POINT_GROUP = "kvpress_rl"
@@ -112,8 +112,6 @@ def _class_problem(cls: type[HeadSelector]) -> str | None:
         if not isinstance(getattr(cls, attribute, None), str):
             return f"{attribute} is {type(getattr(cls, attribute, None)).__name__}, not str"
     try:
-        from kvpress_rl.cli.options import field_types
-
         if dataclasses.is_dataclass(cls.Options):
             field_types(cls.Options)
     except KeyboardInterrupt:

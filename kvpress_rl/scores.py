@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from kvpress_rl.errors import KvrlError
 from kvpress_rl.io import write_atomic
@@ -70,8 +72,6 @@ class HeadScores:
 
     # --- safetensors -------------------------------------------------------------------------
     def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
-        from safetensors.torch import save_file
-
         metadata = {"format": _FORMAT, "provenance": json.dumps(self.provenance(), default=str)}
         return write_atomic(path, lambda tmp: save_file({"scores": self.scores}, str(tmp), metadata=metadata), overwrite=overwrite)
 
@@ -83,8 +83,6 @@ class HeadScores:
             raise KvrlError(f"head scores file not found: {path}")
         if path.suffix in (".tsv", ".txt"):
             return cls.from_tsv(path)
-        from safetensors import safe_open
-
         try:
             with safe_open(str(path), framework="pt") as handle:
                 metadata = handle.metadata() or {}

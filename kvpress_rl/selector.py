@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
+import time
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from kvpress_rl.executor.policies import Streaming, TokenPolicy
-from kvpress_rl.plan import CompressionPlan, plan_from_scores
+import torch
+
+from kvpress_rl.models import ModelShape, model_id
+from kvpress_rl.plan import CompressionPlan, build_plan
+from kvpress_rl.policies import Budget, TokenPolicy
 from kvpress_rl.scores import HeadScores
 
 
@@ -33,7 +39,10 @@ class HeadSelector:
     """A strategy: `select` scores every (layer, KV head); `plan` turns scores into a `CompressionPlan`.
 
     Subclasses set `name`, `kind` ("head" or "token"), `version`, `description`, and `Options`
-    (a dataclass whose fields, with defaults and `metadata={"help": ...}`, become CLI options).
+    (a dataclass whose fields, with defaults and `metadata={"help": ...}`, become CLI options), and
+    declare what evaluation must know: `trains` (select is a training run, minutes to hours: evaluation
+    wants its scores from `kvrl select` rather than running it inside) and `averaged_over_seeds` (the
+    scores are a seeded draw: the grid evaluates every seed and reports the mean).
     Head strategies inherit the global ranking of `plan`; token strategies override it.
     """
 
@@ -41,7 +50,8 @@ class HeadSelector:
     kind: ClassVar[str] = "head"
     version: ClassVar[str] = "1"
     description: ClassVar[str] = ""
-    needs_model: ClassVar[bool] = True
+    trains: ClassVar[bool] = False
+    averaged_over_seeds: ClassVar[bool] = False
     Options: ClassVar[type] = NoOptions
 
     def __init__(self, options: Any = None) -> None:
@@ -53,9 +63,12 @@ class HeadSelector:
     def select(self, model: Any, tokenizer: Any, context: SelectionContext) -> HeadScores:
         raise NotImplementedError
 
-    def plan(self, scores: HeadScores, sparsity: float, policy: TokenPolicy | None = None, rule: str = "official") -> CompressionPlan:
-        """The global ranking of `plan_from_scores` (`rule`: "official" quantile threshold, or "round")."""
-        return plan_from_scores(scores, sparsity, policy or Streaming(), rule)
+    def plan(self, scores: HeadScores, sparsity: float, compressed_policy: str | TokenPolicy = "streaming",
+             rule: str = "official") -> CompressionPlan:
+        """`kvpress_rl.plan.build_plan` for this strategy: the global ranking for a head strategy (compressed heads
+        keep 80 tokens chosen by `compressed_policy`; `rule`: "official" quantile threshold, or "round"), every
+        head under `make_policy(sparsity)` for a token strategy."""
+        return build_plan(self, scores, sparsity, compressed_policy, rule)
 
     def resolved_options(self, model: Any) -> str:
         """The options `select` will run with on `model`, as text for the user (printed by `kvrl select`
@@ -81,6 +94,20 @@ class HeadSelector:
         )
 
 
+def field_types(options_cls: type) -> dict[str, Any]:
+    """Each option's type with `| None` removed (`int | None` -> int), resolved from the dataclass's hints."""
+    hints = typing.get_type_hints(options_cls)
+    return {f.name: _base_type(hints.get(f.name, str)) for f in dataclasses.fields(options_cls)}
+
+
+def _base_type(annotation: Any) -> Any:
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return args[0] if len(args) == 1 else str
+    return annotation
+
+
 def option_fields(selector_cls: type[HeadSelector]) -> list[dataclasses.Field]:
     return list(dataclasses.fields(selector_cls.Options)) if dataclasses.is_dataclass(selector_cls.Options) else []
 
@@ -97,35 +124,24 @@ def default_of(f: dataclasses.Field) -> Any:
     return None
 
 
-__all__ = ["HeadSelector", "NoOptions", "SelectionContext", "default_of", "field", "help_of", "option_fields"]
-
-
 class TokenSelector(HeadSelector):
     """Base of token-dropping strategies: no head ranks above another; every head is compressed by
     the strategy's token policy at the budget that matches head sparsity `s` in KV memory,
     `int(seq_len * (1 - s)) + 80` tokens per head (or a fixed budget)."""
 
     kind: ClassVar[str] = "token"
-    needs_model: ClassVar[bool] = True
 
     def make_policy(self, sparsity: float) -> TokenPolicy:
         raise NotImplementedError
 
     def select(self, model: Any, tokenizer: Any, context: SelectionContext) -> HeadScores:
-        import torch
-
-        from kvpress_rl.models import ModelShape, model_id
-
+        started = time.perf_counter()
         shape = ModelShape.from_config(model.config)
-        return self.scores(torch.zeros(shape.num_layers, shape.num_kv_heads), model_id(model), context, 0.0)
+        return self.scores(torch.zeros(shape.num_layers, shape.num_kv_heads), model_id(model), context, time.perf_counter() - started)
 
-    def plan(self, scores: HeadScores, sparsity: float, policy: TokenPolicy | None = None, rule: str = "official") -> CompressionPlan:
-        from kvpress_rl.plan import check_sparsity, token_plan
-
-        return token_plan(scores.shape, sparsity, self.make_policy(check_sparsity(sparsity)))
-
-    def budget(self, sparsity: float):
-        from kvpress_rl.executor.policies import Budget
-
+    def budget(self, sparsity: float) -> Budget:
         fixed = getattr(self.options, "fixed_budget", None)
         return Budget(fixed=fixed) if fixed else Budget(sparsity=sparsity)
+
+
+__all__ = ["HeadSelector", "NoOptions", "SelectionContext", "TokenSelector", "default_of", "field", "field_types", "help_of", "option_fields"]

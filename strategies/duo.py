@@ -17,10 +17,11 @@ from dataclasses import dataclass, field
 import torch
 
 from kvpress_rl.executor.gated import gated, new_gates
-from kvpress_rl.models import model_id
+from kvpress_rl.haystack import token_pool
+from kvpress_rl.models import frozen, model_id
+from kvpress_rl.policies import SINK_TOKENS, WINDOW_TOKENS
 from kvpress_rl.scores import HeadScores
 from kvpress_rl.selector import HeadSelector, SelectionContext
-from kvpress_rl.strategies.retrieval import token_pool
 
 
 @dataclass
@@ -31,8 +32,8 @@ class DuoOptions:
     context_length: int = field(default=256, metadata={"help": "haystack tokens per passkey context"})
     passkey_length: int = field(default=8, metadata={"help": "tokens in the passkey"})
     batch_size: int = field(default=2, metadata={"help": "contexts per step"})
-    sink: int = field(default=16, metadata={"help": "sink tokens of the streaming branch"})
-    window: int = field(default=64, metadata={"help": "recent tokens of the streaming branch"})
+    sink: int = field(default=SINK_TOKENS, metadata={"help": "sink tokens of the streaming branch"})
+    window: int = field(default=WINDOW_TOKENS, metadata={"help": "recent tokens of the streaming branch"})
 
 
 class DuoGates(HeadSelector):
@@ -40,6 +41,7 @@ class DuoGates(HeadSelector):
     name = "duo"
     kind = "head"
     description = "DuoAttention gates trained by distillation on passkey retrieval"
+    trains = True
     Options = DuoOptions
 
     def passkey_batch(self, pool: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -61,10 +63,8 @@ class DuoGates(HeadSelector):
         pool = token_pool(model, tokenizer)
         gates = new_gates(model, 1.0)
         optimizer = torch.optim.AdamW([gates], lr=o.lr, weight_decay=0.0)
-        was_training = [p.requires_grad for p in model.parameters()]
-        model.requires_grad_(False)
         losses = []
-        try:
+        with frozen(model):
             for step in range(o.steps):
                 ids, answer = self.passkey_batch(pool, generator)
                 ids = ids.to(model.device)
@@ -82,8 +82,5 @@ class DuoGates(HeadSelector):
                 losses.append(distill.item())
                 if context.on_step:
                     context.on_step(step + 1, o.steps, {"loss": distill.item()})
-        finally:
-            for param, flag in zip(model.parameters(), was_training):
-                param.requires_grad_(flag)
         return self.scores(gates.detach().clamp(0, 1), model_id(model), context, time.perf_counter() - start,
                            final_distill_loss=losses[-1] if losses else None)

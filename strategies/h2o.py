@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from kvpress_rl.executor.policies import H2O
+from kvpress_rl.policies import H2O
 from kvpress_rl.selector import TokenSelector
 
 

@@ -20,6 +20,7 @@ class RandomHeads(HeadSelector):
 
     name = "random"
     kind = "head"
+    averaged_over_seeds = True
     description = "random head scores (seeded by --seed): the floor a learned selection must beat"
 
     def select(self, model, tokenizer, context: SelectionContext) -> HeadScores:

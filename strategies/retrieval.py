@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 import torch
 
 from kvpress_rl.errors import KvrlError
-from kvpress_rl.models import ModelShape, model_id
+from kvpress_rl.haystack import token_pool
+from kvpress_rl.models import ModelShape, model_id, using_attention
 from kvpress_rl.scores import HeadScores
 from kvpress_rl.selector import HeadSelector, SelectionContext
 
@@ -49,18 +50,6 @@ def copy_hits(attentions: list[torch.Tensor], tokens: torch.Tensor, needle_span:
     return hits
 
 
-def token_pool(model, tokenizer) -> torch.Tensor:
-    """Token ids to build haystacks and needles from."""
-    if getattr(model, "name_or_path", "") == "embedded" and tokenizer is not None:
-        from kvpress_rl.embedded.task import WORDS
-
-        return torch.tensor([tokenizer(" " + w, add_special_tokens=False)["input_ids"][0] for w in WORDS])
-    vocab = model.config.vocab_size
-    special = set(getattr(tokenizer, "all_special_ids", []) or [])
-    low, high = (0, vocab) if tokenizer is None else (min(256, vocab // 4), vocab)
-    return torch.tensor([i for i in range(low, high) if i not in special])
-
-
 class RetrievalHeads(HeadSelector):
     __doc__ = __doc__
     name = "retrieval"
@@ -80,9 +69,7 @@ class RetrievalHeads(HeadSelector):
         generator = torch.Generator().manual_seed(context.seed)
         total = torch.zeros(shape.num_layers, shape.num_query_heads)
         successes = samples = 0
-        previous = model.config._attn_implementation
-        model.config._attn_implementation = "eager"  # attention maps are needed; restored below
-        try:
+        with using_attention(model, "eager"):  # attention maps are needed
             for length in o.lengths:
                 for depth in o.depths:
                     for _ in range(o.needles):
@@ -91,8 +78,6 @@ class RetrievalHeads(HeadSelector):
                         if copied:
                             successes += 1
                             total += hits / o.needle_length
-        finally:
-            model.config._attn_implementation = previous
         per_query_head = total / max(successes, 1)
         grouped = per_query_head.reshape(shape.num_layers, shape.num_kv_heads, shape.num_groups)
         values = grouped.mean(-1) if o.aggregate == "mean" else grouped.amax(-1)

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from kvpress_rl.executor.policies import RKV
+from kvpress_rl.policies import RKV
 from kvpress_rl.selector import TokenSelector
 
 
 @dataclass
 class RKVOptions:
-    window: int = field(default=8, metadata={"help": "observation window of recent queries"})
-    kernel: int = field(default=7, metadata={"help": "max-pooling kernel over importance (odd)"})
-    mix: float = field(default=0.1, metadata={"help": "weight of importance against redundancy"})
-    buffer: int = field(default=128, metadata={"help": "tokens gathered above the budget before each compression"})
+    window: int = field(default=RKV.window, metadata={"help": "observation window of recent queries"})
+    kernel: int = field(default=RKV.kernel, metadata={"help": "max-pooling kernel over importance (odd)"})
+    mix: float = field(default=RKV.mix, metadata={"help": "weight of importance against redundancy"})
+    buffer: int = field(default=RKV.buffer, metadata={"help": "tokens gathered above the budget before each compression"})
     fixed_budget: int = field(default=0, metadata={"help": "tokens per head (0: int(L*(1-s)) + 80)"})
 
 

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from kvpress_rl.executor.policies import Streaming
+from kvpress_rl.policies import Streaming
 from kvpress_rl.selector import TokenSelector
 
 
 @dataclass
 class StreamingOptions:
-    sink: int = field(default=16, metadata={"help": "attention-sink tokens kept at the start"})
+    sink: int = field(default=Streaming.sink, metadata={"help": "attention-sink tokens kept at the start"})
     fixed_budget: int = field(default=0, metadata={"help": "tokens per head (0: int(L*(1-s)) + 80, as the paper's token baselines)"})
 
 

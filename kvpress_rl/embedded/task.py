@@ -19,6 +19,8 @@ from dataclasses import dataclass
 # Short common words that SmolLM2's tokenizer encodes as one token with a leading space.
 WORDS = ["cat", "dog", "sun", "map", "cup", "pen", "box", "hat", "key", "car", "bus", "fox", "owl", "bee", "ant", "cow", "pig", "hen", "egg", "ice", "oak", "elm", "ash", "fig", "jam", "tea", "pie", "bun", "rye", "oat", "pea", "bean", "corn", "rice", "salt", "milk", "wine", "beer", "soup", "cake", "bread", "fish", "bird", "frog", "duck", "goat", "lamb", "wolf", "bear", "deer", "lion", "seal", "crab", "moth", "wasp", "rose", "lily", "fern", "moss", "reed", "vine", "leaf", "root", "seed", "tree", "bush", "hill", "lake", "pond", "sea", "bay", "reef", "rock", "sand", "clay", "mud", "dust", "snow", "rain", "hail", "wind", "fog", "mist", "star", "moon", "cloud", "storm", "wave", "tide", "gold", "iron", "lead", "zinc", "tin", "copper", "silk", "wool", "lace", "rope", "wire", "nail", "bolt", "gear", "lamp", "desk", "door", "wall", "roof", "gate", "fence", "road", "path", "bridge", "tower", "castle", "farm", "barn", "mill", "shop", "bank", "park", "zoo", "school", "church", "club", "hall", "room", "bed", "chair", "table", "shelf", "drum", "horn", "bell", "flute", "harp", "piano", "song", "poem", "book", "page", "note", "letter", "word", "name", "king", "queen", "duke", "lord", "knight", "judge", "nurse", "chef", "poet", "monk", "baker", "ship", "boat", "train", "plane", "truck", "bike", "kite", "ball", "doll", "game", "card", "coin", "ring", "belt", "coat", "shoe", "sock", "glove", "mask"]
 
+EMBEDDED_TASK = "embedded"  # the task's name in `kvrl eval --tasks`
+EMBEDDED_MAX_NEW_TOKENS = 96  # an evaluation's answer limit: the chains take 49 to 52 tokens
 SPLIT_SEEDS = {"train": 0, "validation": 10_000_000, "test": 20_000_000}
 INSTRUCTION = "Follow the links in the table, one hop at a time."
 
@@ -77,6 +79,16 @@ def problems(split: str, count: int, difficulty: Difficulty = Difficulty(), offs
         raise ValueError(f"unknown split {split!r}; accepted: {', '.join(SPLIT_SEEDS)}")
     base = SPLIT_SEEDS[split] + offset
     return [make_problem(base + i, difficulty) for i in range(count)]
+
+
+def mixed_problem(index: int, stream: int, hops: tuple[int, int] = (4, 10), links: tuple[int, int] = (20, 40)) -> Problem:
+    """Problem `index` of training stream `stream`, its difficulty drawn from its seed: `hops` and then
+    `links` (at least hops + 4) uniform in the given inclusive ranges. Streams use disjoint seeds."""
+    seed = SPLIT_SEEDS["train"] + stream * 1_000_000 + index
+    rng = random.Random(seed)
+    drawn_hops = rng.randint(*hops)
+    drawn_links = rng.randint(max(links[0], drawn_hops + 4), links[1])
+    return make_problem(seed, Difficulty(hops=drawn_hops, links=drawn_links))
 
 
 _ANSWER = re.compile(r"answer\s*[:=]?\s*\**\s*([a-z]+)", re.IGNORECASE)

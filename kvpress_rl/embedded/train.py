@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import random
 import shutil
 import time
 from collections.abc import Callable
@@ -20,7 +19,7 @@ import torch
 
 from kvpress_rl.embedded.data import right_pad, training_example
 from kvpress_rl.embedded.model import load_embedded
-from kvpress_rl.embedded.task import SPLIT_SEEDS, Difficulty, make_problem
+from kvpress_rl.embedded.task import mixed_problem
 
 
 @dataclass
@@ -43,11 +42,7 @@ class TrainConfig:
 
 def curriculum_problem(index: int, config: TrainConfig):
     """Problem `index` of the training stream: difficulty drawn per example from the seed."""
-    seed = SPLIT_SEEDS["train"] + config.seed * 1_000_000 + index
-    rng = random.Random(seed)
-    hops = rng.randint(config.min_hops, config.max_hops)
-    links = rng.randint(max(config.min_links, hops + 4), config.max_links)
-    return make_problem(seed, Difficulty(hops=hops, links=links))
+    return mixed_problem(index, config.seed, (config.min_hops, config.max_hops), (config.min_links, config.max_links))
 
 
 def _lr_at(step: int, total: int, config: TrainConfig) -> float:

@@ -1,10 +1,24 @@
 """`HeadwiseCache`: per layer, full-cache KV heads and compressed KV heads in separate tensors.
 
 Compressed heads hold at most their budget of tokens (plus a policy's slack), so the memory is
-really freed, unlike masking a full-length cache. During a decoding step a head holds one slot
-more while the new query attends (as RLKV's streaming heads do: concatenate, attend over all 81,
-then trim to 16 sink + 64 recent); after the step it is back to its budget. Slots stay in chronological order, so "sink" and
+really freed, unlike masking a full-length cache. Slots stay in chronological order, so "sink" and
 "recent" are slot positions; attention over a set of keys does not depend on their order.
+
+The protocol, all of it owned by `HeadwiseLayer`:
+
+1. `update(keys, values)` (called by the model's attention module, as for any transformers cache)
+   appends the new tokens to both groups and returns a `LayerView` in place of key/value tensors;
+   the new slots count as real tokens and get empty policy statistics.
+2. The attention function (`attention.headwise_attention`) attends the full heads over `layer.keys`
+   and hands the compressed heads' queries to `layer.attend_compressed`, which
+   - on a prefill (several new tokens): reads the padding flags of the new tokens from the model's
+     attention mask, attends with that mask (the whole history: the paper evaluates with a full
+     prefill), lets the policy observe the last `policy.observed_queries()` queries if it ranks by
+     attention, and cuts each head to its budget;
+   - on a decoding step (one new token): attends over the held slots and the new one (budget + 1:
+     16 + 64 + 1 for RLKV's streaming heads, as the official patch does), lets the policy observe
+     those probabilities, and trims the head back to its budget, the new token included (or only
+     once it holds budget + `policy.slack()`, R-KV's buffer).
 """
 
 from __future__ import annotations
@@ -14,9 +28,12 @@ from typing import TYPE_CHECKING
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 
-from kvpress_rl.executor.policies import TokenPolicy
 from kvpress_rl.models import ModelShape
+from kvpress_rl.policies import TokenPolicy
+
+_OBSERVE_CHUNK = 256  # query rows per chunk when a policy observes the attention of a long prefill
 
 if TYPE_CHECKING:
     from kvpress_rl.plan import CompressionPlan
@@ -104,11 +121,69 @@ class HeadwiseLayer(CacheLayerMixin):
             # New slots have no statistics yet: zeros along the slot dimension (always last).
             self.stats = {name: torch.nn.functional.pad(stat, (0, new_tokens)) for name, stat in self.stats.items()}
         self.seen += new_tokens
-        # Eviction happens in the attention function, after the new queries attended (prefill: cut
-        # to the budget; decoding: the new token joins the held budget, the query attends over
-        # budget + 1 slots, then the head is trimmed back to its budget, the new token included).
-        view = LayerView(self, new_tokens)
+        view = LayerView(self, new_tokens)  # eviction follows in `attend_compressed`, after the new queries attended
         return view, view
+
+    def attend_compressed(self, module, query: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float,
+                          dropout: float = 0.0, **kwargs) -> torch.Tensor:
+        """Attention of the compressed heads' queries `(batch, heads, q_len, head_dim)` over their slots, then
+        eviction (see the module docstring). Returns `(batch, q_len, heads, head_dim)`."""
+        q_len = query.shape[2]
+        if q_len == 1:
+            return self._decode_step(query, scaling)
+        if attention_mask is not None:
+            self.mark_padding(attention_mask[:, 0, -1, -q_len:])
+        old = self.compressed_keys.shape[2] - q_len
+        if old == 0:
+            mask = attention_mask  # a fresh prefill: the model's own causal + padding mask
+        else:  # a prefill continuing a compressed history: kept slots, then causal over the new tokens
+            new_part = attention_mask[..., -q_len:] if attention_mask is not None else torch.ones(q_len, q_len, dtype=torch.bool, device=query.device).tril()
+            kept = self.valid[:, :, None, :old].expand(-1, -1, q_len, -1)
+            mask = torch.cat([kept, new_part.expand(kept.shape[0], kept.shape[1], -1, -1)], dim=-1)
+            mask = mask.repeat_interleave(self.groups, dim=1)
+        out, _ = sdpa_attention_forward(module, query, self.compressed_keys, self.compressed_values, mask, dropout=dropout, scaling=scaling, **kwargs)
+        if self.policy.needs_attention:
+            self._observe_prefill(query, mask, scaling)
+        self.compress()
+        return out
+
+    def _decode_step(self, query: torch.Tensor, scaling: float) -> torch.Tensor:
+        keys = repeat_kv(self.compressed_keys, self.groups)
+        values = repeat_kv(self.compressed_values, self.groups)
+        mask = None if self.all_valid else self.valid.repeat_interleave(self.groups, dim=1)[:, :, None, :]
+        if not self.policy.needs_attention:
+            out = torch.nn.functional.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scaling)
+        else:
+            logits = (query @ keys.transpose(-1, -2)).float() * scaling
+            if mask is not None:
+                logits = logits.masked_fill(~mask, float("-inf"))
+            probs = logits.softmax(dim=-1)
+            self.policy.observe(self.stats, self._sum_groups(probs))  # over the slots attended
+            out = probs.to(values.dtype) @ values
+        self.compress(slack=self.policy.slack())
+        return out.transpose(1, 2)
+
+    def _observe_prefill(self, query: torch.Tensor, mask: torch.Tensor | None, scaling: float) -> None:
+        """Feed the policy the attention probabilities of the prefill queries it observes, in chunks of rows."""
+        q_len = query.shape[2]
+        window = self.policy.observed_queries()
+        first = 0 if window is None else max(0, q_len - window)
+        keys = repeat_kv(self.compressed_keys, self.groups)
+        offset = keys.shape[2] - q_len
+        for start in range(first, q_len, _OBSERVE_CHUNK):
+            stop = min(q_len, start + _OBSERVE_CHUNK)
+            logits = (query[:, :, start:stop] @ keys.transpose(-1, -2)).float() * scaling
+            if mask is not None:
+                logits = logits.masked_fill(~mask[:, :, start:stop], float("-inf"))
+            else:
+                rows = torch.arange(start, stop, device=query.device)[:, None] + offset
+                logits = logits.masked_fill(torch.arange(keys.shape[2], device=query.device)[None, :] > rows, float("-inf"))
+            self.policy.observe(self.stats, self._sum_groups(logits.softmax(dim=-1).nan_to_num(0.0)))
+
+    def _sum_groups(self, probs: torch.Tensor) -> torch.Tensor:
+        """`(batch, kv_heads * groups, q, slots)` -> `(batch, kv_heads, q, slots)`: a KV head's query heads summed."""
+        batch, heads, q_len, slots = probs.shape
+        return probs.reshape(batch, heads // self.groups, self.groups, q_len, slots).sum(dim=2)
 
     def mark_padding(self, new_valid: torch.Tensor) -> None:
         """Record which of the newest tokens are padding; `new_valid` is `(batch, new_tokens)` bool."""

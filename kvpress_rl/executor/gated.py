@@ -17,27 +17,34 @@ What the streaming branch sees (always causal, never padding), by `mask`:
 
 Positions are counted over real tokens: a key's position is its rank among the row's real keys and a
 query's position is its own rank, so left padding shifts no block boundary and no window.
+
+How the gates reach the attention function: transformers passes no per-call argument through
+`generate` to it, so on entry `gated()` registers the block's `Gating.attention` (a bound method:
+the gates travel with it, also into autograd's backward threads when checkpointed layers replay)
+under the one name `GATED_ATTENTION`, through the public `AttentionInterface.register`, and sets the
+model to it with the public `set_attn_implementation`. On exit the model's attention is set back and
+the name points to a function that refuses to run. One `gated()` block at a time.
 """
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-from transformers.modeling_utils import AttentionInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
 from kvpress_rl.errors import KvrlError
-from kvpress_rl.models import ModelShape, check_supported
+from kvpress_rl.models import ModelShape, check_supported, using_attention
 
-TRAIN_SINK = 128
+TRAIN_SINK = 128  # the official training's streaming branch: 128 sink + 256 recent tokens, in blocks of 128
 TRAIN_WINDOW = 256
 BLOCK_SIZE = 128
 MASKS = ("token", "block")
-_names = itertools.count()
+GATED_ATTENTION = "kvrl_gated"
 
 
 def streaming_mask(attention_mask: torch.Tensor | None, q_len: int, kv_len: int, sink: int, window: int, device,
@@ -67,24 +74,37 @@ def streaming_mask(attention_mask: torch.Tensor | None, q_len: int, kv_len: int,
     return mask
 
 
-def mixed_attention(gates: torch.Tensor, sink: int, window: int, mode: str = "token", block_size: int = BLOCK_SIZE):
-    """The attention function for a given gate tensor."""
-    last: list = []  # (attention_mask, shape, streaming mask) of the previous call: every layer of a forward shares it
+@dataclass
+class Gating:
+    """The gates of one `gated()` block, its streaming branch's settings, and its attention function."""
 
-    def attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None, **kwargs):
+    gates: torch.Tensor
+    sink: int
+    window: int
+    mode: str = "token"
+    block_size: int = BLOCK_SIZE
+    open: bool = True
+    last_mask: list = field(default_factory=list)  # (attention_mask, shape, streaming mask): every layer of a forward shares it
+
+    def streaming_mask_for(self, attention_mask, q_len: int, kv_len: int, device) -> torch.Tensor:
+        shape = (q_len, kv_len, device)
+        if not (self.last_mask and self.last_mask[0] is attention_mask and self.last_mask[1] == shape):
+            mask = streaming_mask(attention_mask, q_len, kv_len, self.sink, self.window, device, mode=self.mode, block_size=self.block_size)
+            self.last_mask[:] = [attention_mask, shape, mask]
+        return self.last_mask[2]
+
+    def attention(self, module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None, **kwargs):
+        """`alpha * full + (1 - alpha) * streaming` per KV head."""
         full, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-        shape = (query.shape[2], key.shape[2], query.device)
-        if last and last[0] is attention_mask and last[1] == shape:
-            mask = last[2]
-        else:
-            mask = streaming_mask(attention_mask, query.shape[2], key.shape[2], sink, window, query.device, mode=mode, block_size=block_size)
-            last[:] = [attention_mask, shape, mask]
+        mask = self.streaming_mask_for(attention_mask, query.shape[2], key.shape[2], query.device)
         stream, _ = sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
-        alpha = gates[module.layer_idx].clamp(0.0, 1.0).repeat_interleave(module.num_key_value_groups)
+        alpha = self.gates[module.layer_idx].clamp(0.0, 1.0).repeat_interleave(module.num_key_value_groups)
         alpha = alpha.to(full.dtype)[None, None, :, None]  # output layout: (batch, q_len, heads, head_dim)
         return alpha * full + (1.0 - alpha) * stream, None
 
-    return attention
+
+def outside_gated(*args, **kwargs):
+    raise KvrlError(f"the {GATED_ATTENTION!r} attention runs only inside kvpress_rl.gated(model, gates)")
 
 
 def new_gates(model, init: float = 1.0) -> torch.nn.Parameter:
@@ -114,14 +134,15 @@ def gated(model, gates: torch.Tensor, *, sink: int = TRAIN_SINK, window: int = T
         raise KvrlError(f"gated attention mask must be one of {', '.join(MASKS)}, got {mask!r}")
     if block_size < 1:
         raise KvrlError(f"gated attention needs block_size >= 1, got {block_size}")
-    name = f"kvrl_gated_{next(_names)}"
-    AttentionInterface.register(name, mixed_attention(gates, sink, window, mask, block_size))
-    AttentionMaskInterface.register(name, sdpa_mask)
-    previous = model.config._attn_implementation
-    model.config._attn_implementation = name
+    current = ALL_ATTENTION_FUNCTIONS.get(GATED_ATTENTION)
+    if isinstance(getattr(current, "__self__", None), Gating) and current.__self__.open:
+        raise KvrlError("gated() blocks do not nest: one set of gates at a time")
+    gating = Gating(gates, sink, window, mask, block_size)
+    AttentionInterface.register(GATED_ATTENTION, gating.attention)
+    AttentionMaskInterface.register(GATED_ATTENTION, sdpa_mask)
     try:
-        yield gates
+        with using_attention(model, GATED_ATTENTION):
+            yield gates
     finally:
-        model.config._attn_implementation = previous
-        AttentionInterface._global_mapping.pop(name, None)
-        AttentionMaskInterface._global_mapping.pop(name, None)
+        gating.open = False
+        AttentionInterface.register(GATED_ATTENTION, outside_gated)

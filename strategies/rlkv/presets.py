@@ -1,14 +1,17 @@
-"""Values of RLKV's unset options, per model: the official training's, or the embedded model's.
+"""Values of RLKV's unset options, per model: its profile's, or the official training's.
 
-`resolve_values(model, options)` fills every option left at None from, in order: the embedded
-preset (the packaged model, recognised by `name_or_path == "embedded"`; its config says llama), or
-the per-family values of the paper (chosen from `config.model_type`) over the official training's
-common values. It also says where each value came from, for the printed table and provenance.
+`resolve_values(model, options)` fills every option left at None from, in order: the RLKV defaults of
+the model's profile (`kvpress_rl.profiles.profile_of(model).defaults_for("rlkv")`: the embedded model's
+are `EMBEDDED_RLKV`, sized for its task and a CPU), or the per-family values of the paper (chosen from
+`config.model_type`) over the official training's common values. It also says where each value came
+from, for the printed table and provenance.
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+from kvpress_rl.profiles import profile_of
 
 # The official training (the paper and its AReaL fork): 2 epochs over 3,000 problems at 32 prompts a step
 # (floor(3000 / 32) = 93 steps an epoch, so 186; the paper rounds to 185), the block-sparse streaming
@@ -27,30 +30,18 @@ FAMILIES: dict[str, dict[str, Any]] = {
     "qwen3": {"beta": 2.5e-3, "tau": 0.5, "temperature": 0.6},
 }
 
-# The embedded model: sized for a 2-core CPU and its ~300-token problems (a 256-token window would
-# cover them whole, leaving no signal). With 40 steps instead of 186, beta 1e-3 leaves mean alpha still
-# falling at the last step (0.51); at 1e-2 it settles near 0.3 with the reward back at 1.0. Its chains
-# take 51 tokens, so 64 new tokens end only rambling rollouts, and the time saved buys 6 prompts a step
-# instead of 4. Its task needs a token-exact window (the one it is evaluated with), every solved problem
-# of its 64-problem pool (train_set_size None = the pool size), and one generate call per step.
-EMBEDDED: dict[str, Any] = {
-    "steps": 40, "prompts_per_step": 6, "max_new_tokens": 64, "lr": 0.1, "beta": 1e-2, "tau": 0.5,
-    "temperature": 1.0, "sink": 16, "window": 64, "train_mask": "token", "reward_level": "batch",
-    "pool_size": 64, "train_set_size": None, "gradient_checkpointing": False, "rollout_batch": None,
-}
-
-
-def family_of(model) -> str:
-    if getattr(model, "name_or_path", "") == "embedded":
-        return "embedded"
-    return str(getattr(getattr(model, "config", None), "model_type", "") or "unknown")
-
 
 def preset_of(model) -> tuple[str, dict[str, tuple[Any, str]]]:
-    """`(family, {option: (value, source)})` for this model."""
-    family = family_of(model)
-    if family == "embedded":
-        return family, {k: (v, "embedded") for k, v in EMBEDDED.items()}
+    """`(family, {option: (value, source)})` for this model: its profile's RLKV defaults where it has any
+    (family: the profile's name), else the official values with those of its `model_type` over them.
+
+    A profile's value None is derived in `resolve_values`: `train_set_size` the pool size (every solved
+    problem), `rollout_batch` the prompts of a step (one generate call a step)."""
+    profile = profile_of(model)
+    defaults = profile.defaults_for("rlkv")
+    if defaults:
+        return profile.family, {k: (v, f"profile {profile.family}") for k, v in defaults.items()}
+    family = str(getattr(getattr(model, "config", None), "model_type", "") or "unknown")
     values = {k: (v, "official") for k, v in OFFICIAL.items()}
     values.update({k: (v, f"official {family}") for k, v in FAMILIES.get(family, {}).items()})
     return family, values
@@ -64,13 +55,13 @@ def resolve_values(model, options) -> tuple[str, dict[str, Any], dict[str, str]]
     for name, (value, source) in preset.items():
         if getattr(options, name) is None:
             values[name], sources[name] = value, source
-    # derived: the embedded model trains on every solved problem of its pool, one generate call a step
+    # derived from a preset's None: every solved problem of the pool, one generate call a step
     pool = values.get("pool_size", options.pool_size)
     steps_prompts = values.get("prompts_per_step", options.prompts_per_step)
-    if values.get("train_set_size", 0) is None:
+    if "train_set_size" in values and values["train_set_size"] is None:
         values["train_set_size"] = pool
-        sources["train_set_size"] = "embedded: the whole pool"
+        sources["train_set_size"] += ": the whole pool"
     if "rollout_batch" in values and values["rollout_batch"] is None:
         values["rollout_batch"] = steps_prompts
-        sources["rollout_batch"] = "embedded: the whole step"
+        sources["rollout_batch"] += ": the whole step"
     return family, values, sources

@@ -9,6 +9,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from kvpress_rl.answers import embedded_equal, gsm8k_gold, math_equal
+from kvpress_rl.embedded.task import mixed_problem, problems
 from kvpress_rl.errors import KvrlError
 
 
@@ -20,34 +22,25 @@ class Problem:
     source: str = ""
 
 
+# The verifiers keep their own names: a saved training set records its verifier by name (VERIFIERS).
 def verify_embedded(text: str, answer: str) -> bool:
-    from kvpress_rl.embedded.task import extract_answer
-
-    return extract_answer(text) == answer
+    """The embedded task's answer check (`kvpress_rl.answers.embedded_equal`)."""
+    return embedded_equal(text, answer)
 
 
 def verify_math(text: str, answer: str) -> bool:
-    """Symbolic equivalence of the last boxed (or final) answer with math-verify."""
-    from math_verify import parse, verify
-
-    gold = parse(answer.replace(",", ""))
-    predicted = parse(text)
-    return bool(gold) and bool(predicted) and verify(gold, predicted)
+    """The math answer check that evaluation uses too (`kvpress_rl.answers.math_equal`)."""
+    return math_equal(text, answer)
 
 
 def embedded_problems(count: int, seed: int) -> list[Problem]:
-    from kvpress_rl.embedded.task import problems
-
     return [Problem(p.prompt(), p.answer, verify_embedded, f"embedded:{p.seed}") for p in problems("train", count, offset=seed * 100_000)]
 
 
 def embedded_mixed_problems(count: int, seed: int) -> list[Problem]:
     """The embedded task at the difficulties the embedded model was trained on (4 to 10 hops, 20 to
     40 links), so its solutions vary in length and self-distillation has lengths to stratify."""
-    from kvpress_rl.embedded.train import TrainConfig, curriculum_problem
-
-    config = TrainConfig(seed=1 + seed)  # seed streams 1, 2, ...: disjoint from the adapter's own (0)
-    drawn = (curriculum_problem(i, config) for i in range(count))
+    drawn = (mixed_problem(i, 1 + seed) for i in range(count))  # streams 1, 2, ...: disjoint from the adapter's own (0)
     return [Problem(p.prompt(), p.answer, verify_embedded, f"embedded-mixed:{p.seed}") for p in drawn]
 
 
@@ -70,7 +63,7 @@ def jsonl_problems(path: Path, count: int) -> list[Problem]:
             except (json.JSONDecodeError, KeyError, AttributeError):
                 raise KvrlError(f"{path}:{line_no}: expected a JSON object with 'question' (or 'problem') and 'answer'") from None
             if "####" in answer:
-                answer = answer.split("####")[-1].strip()
+                answer = gsm8k_gold(answer)
             rows.append(Problem(question + R1_SUFFIX, answer, verify_math, f"{path.name}:{line_no}"))
             if len(rows) == count:
                 break

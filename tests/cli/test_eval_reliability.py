@@ -29,6 +29,7 @@ def kvrl(*args, cwd, timeout=120, **env):
     (("--strategy", "rlkv", "--heads", "missing.safetensors"), {}, "head scores file not found: missing.safetensors"),
     (("--output", "a-file/out"), {}, "--output a-file/out is not writable"),
     (("--device", "tpu"), {}, "unknown device 'tpu'"),
+    (("--strategy", "random,rlkv"), {}, "run `kvrl select --strategy rlkv --output heads-rlkv.safetensors` first"),
     ((), {"KVRL_MODEL": "./no-such-model"}, "model path does not exist: ./no-such-model"),
 ])
 def test_bad_input_is_one_line_before_the_model_loads(tmp_path, processes, args, env, message):

@@ -7,8 +7,8 @@ import torch
 from click.testing import CliRunner
 
 from kvpress_rl import HeadScores, KvrlError, plan_from_scores
-from kvpress_rl.executor.policies import H2O, Budget, Streaming
 from kvpress_rl.plan import token_plan
+from kvpress_rl.policies import H2O, Budget, Streaming
 
 
 def official_rule(path, sparsity: float) -> np.ndarray:

@@ -1,6 +1,8 @@
+import hashlib
+
 import pytest
 
-from kvpress_rl.embedded.task import WORDS, Difficulty, extract_answer, make_problem, problems, score
+from kvpress_rl.embedded.task import WORDS, Difficulty, extract_answer, make_problem, mixed_problem, problems, score
 
 
 def test_generation_is_deterministic_and_splits_are_disjoint():
@@ -58,3 +60,26 @@ def test_scorer_accepts_exactly_the_right_answers(text, ok):
 
 def test_extract_answer_none_without_answer():
     assert extract_answer("no final line") is None
+
+
+@pytest.mark.parametrize(("index", "stream", "seed", "hops", "links", "answer", "prompt_sha256"), [
+    # computed with the adapter's former curriculum_problem(index, TrainConfig(seed=stream))
+    (0, 0, 0, 10, 32, "knight", "136d32e6462cace3"),
+    (1, 0, 1, 5, 38, "room", "088b0fbb5a8df45a"),
+    (0, 1, 1_000_000, 4, 24, "gold", "8424e8cb69189cec"),
+    (1, 1, 1_000_001, 5, 31, "snow", "f057465a0c0967b6"),
+    (2, 1, 1_000_002, 4, 37, "nail", "0daeb5981a481864"),
+    (3, 1, 1_000_003, 8, 30, "name", "b26ed5fffbc99101"),
+    (4, 1, 1_000_004, 7, 25, "storm", "b89a91b889409706"),
+    (1, 2, 2_000_001, 10, 21, "wire", "6c8dbfd8e26f8013"),
+])
+def test_mixed_problems_are_the_training_curriculum_draws(index, stream, seed, hops, links, answer, prompt_sha256):
+    problem = mixed_problem(index, stream)
+    assert (problem.seed, problem.hops, len(problem.table), problem.answer) == (seed, hops, links, answer)
+    assert hashlib.sha256(problem.prompt().encode()).hexdigest()[:16] == prompt_sha256
+
+
+def test_mixed_problem_difficulty_ranges():
+    drawn = [mixed_problem(i, 3, hops=(2, 3), links=(5, 9)) for i in range(50)]
+    assert {p.hops for p in drawn} == {2, 3}
+    assert all(max(5, p.hops + 4) <= len(p.table) <= 9 for p in drawn)

@@ -4,8 +4,19 @@ import pytest
 import torch
 
 from kvpress_rl import HeadScores, KvrlError
-from kvpress_rl.evaluators.grid import Cell, parse_heads, read_grid, sample_context, summarize, write_grid
+from kvpress_rl.evaluators.grid import (
+    Cell,
+    GridSpec,
+    check_training_strategies,
+    grid_cells,
+    parse_heads,
+    read_grid,
+    sample_context,
+    summarize,
+    write_grid,
+)
 from kvpress_rl.evaluators.plots import gate_heatmap, gate_heatmaps, training_curves
+from kvpress_rl.plugins import discover_strategies
 
 
 def cell(strategy, sparsity, seed, accuracy):
@@ -46,13 +57,32 @@ def test_sample_context_reads_both_argument_layouts():
     assert sample_context({"arguments": {"gen_args_0": {"arg_0": "prompt", "arg_1": {}}}}) == "prompt"
 
 
+def chosen(*names):
+    found = discover_strategies()
+    return [(name, found[name]) for name in names]
+
+
 def test_heads_option_forms():
-    assert parse_heads("h.safetensors", ["rlkv", "random"]) == {"rlkv": "h.safetensors"}
-    assert parse_heads("rlkv=a,duo=b", ["rlkv", "duo"]) == {"rlkv": "a", "duo": "b"}
+    assert parse_heads("h.safetensors", chosen("rlkv", "random", "snapkv")) == {"rlkv": "h.safetensors"}
+    assert parse_heads("rlkv=a,duo=b", chosen("rlkv", "duo")) == {"rlkv": "a", "duo": "b"}
     with pytest.raises(KvrlError, match="exactly one head strategy"):
-        parse_heads("h.safetensors", ["rlkv", "duo"])
+        parse_heads("h.safetensors", chosen("rlkv", "duo"))
     with pytest.raises(KvrlError, match="does not list"):
-        parse_heads("duo=b", ["rlkv"])
+        parse_heads("duo=b", chosen("rlkv"))
+
+
+def test_a_training_strategy_needs_its_scores_from_select():
+    check_training_strategies(chosen("retrieval", "random", "snapkv"), {})  # these score without training
+    check_training_strategies(chosen("rlkv"), {"rlkv": "heads.safetensors"})
+    for name in ("rlkv", "duo"):
+        with pytest.raises(KvrlError, match=f"kvrl select --strategy {name} --output heads-{name}.safetensors"):
+            check_training_strategies(chosen("random", name), {})
+
+
+def test_the_grid_draws_every_seed_only_for_seeded_strategies():
+    spec = GridSpec(chosen("random", "retrieval", "streaming"), [0.5], [0, 1, 2])
+    cells = [(name, seed) for name, _, seed, _ in grid_cells(spec)]
+    assert cells == [("full", 0), ("random", 0), ("random", 1), ("random", 2), ("retrieval", 0), ("streaming", 0)]
 
 
 def test_plots_are_written(tmp_path):

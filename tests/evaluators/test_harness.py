@@ -50,8 +50,8 @@ def test_decoding_simulation_comes_from_the_task_unless_overridden(monkeypatch):
     from kvpress_rl import plan_from_scores
     from kvpress_rl.evaluators import harness
     from kvpress_rl.evaluators.harness import GenerationStats, KvrlLM, parse_decoding_simulation
-    from kvpress_rl.executor.policies import Streaming
     from kvpress_rl.models import random_model, small_config
+    from kvpress_rl.policies import Streaming
 
     assert parse_decoding_simulation(None) is None and parse_decoding_simulation("task") is None
     assert parse_decoding_simulation("50") == 50 and parse_decoding_simulation(0) == 0

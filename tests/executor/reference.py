@@ -12,6 +12,8 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_utils import AttentionInterface
 
+from kvpress_rl.models import using_attention
+
 
 def reference_mask(valid: torch.Tensor, compressed: torch.Tensor, sink: int, window: int) -> torch.Tensor:
     """`valid (batch, kv)` real tokens, `compressed (kv_heads,)` bool -> `(batch, kv_heads, kv)` allowed keys
@@ -45,9 +47,28 @@ def masked_reference(model, full: torch.Tensor, sink: int, window: int):
 
     AttentionInterface.register("kvrl_test_reference", attention)
     AttentionMaskInterface.register("kvrl_test_reference", sdpa_mask)
-    previous = model.config._attn_implementation
-    model.config._attn_implementation = "kvrl_test_reference"
-    try:
+    with using_attention(model, "kvrl_test_reference"):
         yield
-    finally:
-        model.config._attn_implementation = previous
+
+
+def left_padded_batch(batch: int, length: int, vocab: int = 256, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, vocab, (batch, length), generator=generator)
+    mask = torch.ones(batch, length, dtype=torch.long)
+    for row in range(1, batch):  # rows get 0, 3, 6, ... padding tokens on the left
+        mask[row, : 3 * row] = 0
+        ids[row, : 3 * row] = 0
+    return ids, mask
+
+
+def teacher_forced_logits(model, ids, mask, continuation, cache):
+    """Prefill `ids`, then feed `continuation` one token per step; logits of every step."""
+    position = mask.long().cumsum(-1) - 1
+    out = model(input_ids=ids, attention_mask=mask, position_ids=position.clamp_min(0), cache=cache, use_cache=True)
+    logits = [out.logits[:, -1]]
+    for step in range(continuation.shape[1]):
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        position = position[:, -1:] + 1
+        out = model(input_ids=continuation[:, step : step + 1], attention_mask=mask, position_ids=position, cache=cache, use_cache=True)
+        logits.append(out.logits[:, -1])
+    return torch.stack(logits, dim=1)

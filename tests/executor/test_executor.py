@@ -4,36 +4,13 @@ from transformers import DynamicCache
 
 from kvpress_rl import KvrlError, plan_from_scores
 from kvpress_rl.executor import HeadwiseCache, compressed
-from kvpress_rl.executor.policies import Streaming
 from kvpress_rl.models import SUPPORTED_ARCHITECTURES, ModelShape, random_model, small_config
-from tests.executor.reference import masked_reference
+from kvpress_rl.policies import Streaming
+from tests.executor.reference import left_padded_batch, masked_reference, reference_mask, teacher_forced_logits
 
 
 def make_model(arch: str, **overrides):
     return random_model(small_config(arch, **overrides), seed=1)
-
-
-def left_padded_batch(batch: int, length: int, vocab: int = 256, seed: int = 0):
-    generator = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1, vocab, (batch, length), generator=generator)
-    mask = torch.ones(batch, length, dtype=torch.long)
-    for row in range(1, batch):  # rows get 0, 3, 6, ... padding tokens on the left
-        mask[row, : 3 * row] = 0
-        ids[row, : 3 * row] = 0
-    return ids, mask
-
-
-def teacher_forced_logits(model, ids, mask, continuation, cache):
-    """Prefill `ids`, then feed `continuation` one token per step; logits of every step."""
-    position = mask.long().cumsum(-1) - 1
-    out = model(input_ids=ids, attention_mask=mask, position_ids=position.clamp_min(0), cache=cache, use_cache=True)
-    logits = [out.logits[:, -1]]
-    for step in range(continuation.shape[1]):
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        position = position[:, -1:] + 1
-        out = model(input_ids=continuation[:, step : step + 1], attention_mask=mask, position_ids=position, cache=cache, use_cache=True)
-        logits.append(out.logits[:, -1])
-    return torch.stack(logits, dim=1)
 
 
 @pytest.mark.parametrize("arch", SUPPORTED_ARCHITECTURES)
@@ -43,7 +20,7 @@ def test_sparsity_zero_matches_the_plain_model(arch):
     plain = model.generate(ids, max_new_tokens=30, do_sample=False, output_logits=True, return_dict_in_generate=True)
     plan = plan_from_scores(torch.rand(4, 4), 0.0)
     with compressed(model, plan) as session:
-        ours = model.generate(ids, max_new_tokens=30, do_sample=False, output_logits=True, return_dict_in_generate=True)
+        ours = session.generate(ids, max_new_tokens=30, do_sample=False, output_logits=True, return_dict_in_generate=True)
         assert isinstance(session.last_cache, HeadwiseCache)
     assert torch.equal(plain.sequences, ours.sequences)
     torch.testing.assert_close(torch.stack(ours.logits), torch.stack(plain.logits), rtol=1e-4, atol=1e-4)
@@ -79,8 +56,8 @@ def test_default_window_with_generate_matches_reference():
     ids, mask = left_padded_batch(2, 120)
     with masked_reference(model, plan.full, 16, 64):
         expected = model.generate(ids, attention_mask=mask, max_new_tokens=100, do_sample=False)
-    with compressed(model, plan):
-        actual = model.generate(ids, attention_mask=mask, max_new_tokens=100, do_sample=False)
+    with compressed(model, plan) as session:
+        actual = session.generate(ids, attention_mask=mask, max_new_tokens=100, do_sample=False)
     assert torch.equal(actual, expected)
 
 
@@ -157,8 +134,6 @@ def test_unsupported_architecture_is_refused():
 def test_first_decode_step_attends_over_sink_held_window_and_the_new_token():
     # sink 2, window 3: the first decode query sees 2 sinks + the 3 held recent keys + itself = 6 keys
     # (RLKV's streaming heads concatenate, attend, then trim); evicting first would give 5
-    from tests.executor.reference import reference_mask
-
     assert int(reference_mask(torch.ones(1, 12, dtype=torch.bool), torch.tensor([True]), 2, 3).sum()) == 6
     model = make_model("llama")
     plan = plan_from_scores(torch.rand(4, 4), 1.0, Streaming(sink=2, window=3))
@@ -178,8 +153,8 @@ def test_decoding_simulation_is_a_no_op_without_compressed_heads():
     model = make_model("qwen2")
     ids, mask = left_padded_batch(3, 40)
     plain = model.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=False, pad_token_id=0)
-    with compressed(model, plan_from_scores(torch.rand(4, 4), 0.0), decoding_simulation=12):
-        simulated = model.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=False, pad_token_id=0)
+    with compressed(model, plan_from_scores(torch.rand(4, 4), 0.0), decoding_simulation=12) as session:
+        simulated = session.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=False, pad_token_id=0)
     assert torch.equal(simulated, plain)
 
 
@@ -188,10 +163,10 @@ def test_decoding_simulation_feeds_the_prompt_tail_one_token_at_a_time():
     plan = plan_from_scores(torch.rand(4, 4, generator=torch.Generator().manual_seed(3)), 1.0, Streaming(sink=2, window=3))
     ids, mask = left_padded_batch(2, 30)
     with compressed(model, plan, decoding_simulation=10) as session:
-        simulated = model.generate(ids, attention_mask=mask, max_new_tokens=15, do_sample=False, pad_token_id=0)
+        simulated = session.generate(ids, attention_mask=mask, max_new_tokens=15, do_sample=False, pad_token_id=0)
         assert session.last_cache.get_seq_length() == 30 + 14
-    with compressed(model, plan):
-        plain = model.generate(ids, attention_mask=mask, max_new_tokens=15, do_sample=False, pad_token_id=0)
+    with compressed(model, plan) as session:
+        plain = session.generate(ids, attention_mask=mask, max_new_tokens=15, do_sample=False, pad_token_id=0)
     assert not torch.equal(simulated, plain)
     # the same as prefilling 20 tokens, then teacher-forcing the last 10 (the compressed heads decode them)
     with compressed(model, plan) as session:
@@ -202,3 +177,17 @@ def test_decoding_simulation_feeds_the_prompt_tail_one_token_at_a_time():
 def test_decoding_simulation_must_not_be_negative():
     with pytest.raises(KvrlError, match="decoding_simulation"), compressed(make_model("llama"), plan_from_scores(torch.rand(4, 4), 0.5), decoding_simulation=-1):
         pass
+
+
+def test_generate_with_an_explicit_cache_equals_session_generate_and_a_foreign_cache_is_refused():
+    model = make_model("llama")
+    plan = plan_from_scores(torch.rand(4, 4, generator=torch.Generator().manual_seed(5)), 0.5, Streaming(sink=2, window=3))
+    ids = torch.randint(1, 256, (2, 30), generator=torch.Generator().manual_seed(6))
+    with compressed(model, plan) as session:
+        ours = session.generate(ids, max_new_tokens=12, do_sample=False)
+        explicit = model.generate(ids, cache=session.new_cache(), max_new_tokens=12, do_sample=False)
+        # a cache that is not the plan's would keep every token: refused at the first decoding step
+        with pytest.raises(KvrlError, match="cache=session.new_cache"):
+            model.generate(ids, max_new_tokens=3, do_sample=False)
+    assert torch.equal(ours, explicit)
+    assert "forward" not in model.__dict__ and "generate" not in model.__dict__  # nothing swapped on the instance

@@ -162,3 +162,18 @@ def test_gated_block_mask_at_alpha_zero_is_the_block_streaming_model():
     assert (block[real] - token[real]).abs().max() > 1e-3
     with pytest.raises(KvrlError, match="mask must be one of token, block"), gated(model, new_gates(model), mask="dense"):
         pass
+
+
+def test_gated_blocks_do_not_nest_and_the_attention_refuses_to_run_outside_one():
+    from kvpress_rl.executor.gated import GATED_ATTENTION
+
+    model = random_model(small_config("llama"), seed=0)
+    gates = new_gates(model)
+    ids = torch.randint(0, 256, (1, 20))
+    with gated(model, gates):
+        with pytest.raises(KvrlError, match="do not nest"), gated(model, gates):
+            pass
+    model.set_attn_implementation(GATED_ATTENTION)  # the name stays registered, but its gates are gone
+    with pytest.raises(KvrlError, match="only inside"):
+        model(input_ids=ids)
+    model.set_attn_implementation("sdpa")

@@ -4,9 +4,9 @@ import torch
 from kvpress_rl import KvrlError
 from kvpress_rl.executor import compressed
 from kvpress_rl.executor.cache import HeadwiseLayer
-from kvpress_rl.executor.policies import H2O, RKV, Budget, SnapKV, Streaming, make_policy
 from kvpress_rl.models import random_model, small_config
 from kvpress_rl.plan import token_plan
+from kvpress_rl.policies import H2O, RKV, Budget, SnapKV, Streaming, make_policy
 
 
 def layer_with(policy, slots: int, heads: int = 1) -> HeadwiseLayer:
@@ -134,10 +134,9 @@ def test_h2o_keeps_half_heavy_hitters_half_recent():
 
 
 def test_h2o_accumulates_over_queries_and_group_heads():
-    from kvpress_rl.executor.attention import _sum_groups
-
     probs = torch.rand(1, 4, 3, 10)  # 2 KV heads x 2 query heads each
-    summed = _sum_groups(probs, 2)
+    layer = HeadwiseLayer(torch.tensor([], dtype=torch.long), torch.arange(2), H2O(budget_spec=Budget(fixed=4)), groups=2)
+    summed = layer._sum_groups(probs)
     torch.testing.assert_close(summed[0, 1], probs[0, 2] + probs[0, 3])
     policy = H2O(budget_spec=Budget(fixed=4))
     stats = policy.new_stats(torch.zeros(1, 2, 10, 4))
@@ -200,8 +199,8 @@ def test_generate_runs_with_every_policy():
     model = random_model(small_config("qwen3"), seed=0)
     ids = torch.randint(0, 256, (2, 120))
     for name in ("snapkv", "h2o", "rkv"):
-        with compressed(model, token_plan((4, 4), 0.6, make_policy(name, sparsity=0.6))):
-            out = model.generate(ids, max_new_tokens=10, do_sample=False)
+        with compressed(model, token_plan((4, 4), 0.6, make_policy(name, sparsity=0.6))) as session:
+            out = session.generate(ids, max_new_tokens=10, do_sample=False)
         assert out.shape == (2, 130)
 
 

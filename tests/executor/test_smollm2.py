@@ -5,11 +5,10 @@ import torch
 from transformers import DynamicCache
 
 from kvpress_rl.embedded.data import left_pad
-from kvpress_rl.executor import compressed
-from kvpress_rl.executor.policies import Streaming
+from kvpress_rl.executor import compressed, generate
 from kvpress_rl.plan import plan_from_scores
-from tests.executor.reference import masked_reference
-from tests.executor.test_executor import teacher_forced_logits
+from kvpress_rl.policies import Streaming
+from tests.executor.reference import masked_reference, teacher_forced_logits
 
 PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "Explain what a prime number is in one sentence."]
 
@@ -20,9 +19,8 @@ def chat_batch(tokenizer, prompts=PROMPTS):
     return left_pad([list(i) for i in ids], tokenizer.pad_token_id)
 
 
-def greedy(model, tokenizer, ids, mask, new_tokens):
-    return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
-                          pad_token_id=tokenizer.pad_token_id)
+def greedy(model, tokenizer, ids, mask, new_tokens, plan=None):
+    return generate(model, plan, ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
 
 
 def test_the_gguf_loads_as_the_published_layout(smollm2):
@@ -39,8 +37,7 @@ def test_sparsity_zero_reproduces_the_plain_answers(smollm2):
     model, tokenizer = smollm2
     ids, mask = chat_batch(tokenizer)
     plain = greedy(model, tokenizer, ids, mask, 40)
-    with compressed(model, plan_from_scores(torch.rand(30, 3), 0.0)):
-        ours = greedy(model, tokenizer, ids, mask, 40)
+    ours = greedy(model, tokenizer, ids, mask, 40, plan_from_scores(torch.rand(30, 3), 0.0))
     assert torch.equal(ours, plain)
 
 
@@ -51,8 +48,8 @@ def test_nothing_is_evicted_while_the_sequence_fits_sink_plus_window(smollm2):
     assert new_tokens > 10
     plain = greedy(model, tokenizer, ids, mask, new_tokens)
     for sparsity in (0.5, 1.0):
-        with compressed(model, plan_from_scores(torch.rand(30, 3, generator=torch.Generator().manual_seed(1)), sparsity)):
-            assert torch.equal(greedy(model, tokenizer, ids, mask, new_tokens), plain)
+        plan = plan_from_scores(torch.rand(30, 3, generator=torch.Generator().manual_seed(1)), sparsity)
+        assert torch.equal(greedy(model, tokenizer, ids, mask, new_tokens, plan), plain)
 
 
 def test_compressed_heads_match_the_masked_reference_at_half_sparsity(smollm2):

@@ -34,7 +34,7 @@ def test_token_strategies_compress_every_head_at_the_matching_budget(model, name
     assert plan.policy.budget(1000) == 480  # int(1000 * 0.4) + 80
     ids = torch.randint(0, 256, (2, 150))
     with compressed(model, plan) as session:
-        model.generate(ids, max_new_tokens=30, do_sample=False)
+        session.generate(ids, max_new_tokens=30, do_sample=False)
         cache = session.last_cache
     # the last generated token is never fed back, so the cache saw 179 tokens
     expected = min(179, plan.policy.budget(179))
@@ -82,15 +82,21 @@ def test_duo_lowers_gates_of_heads_whose_streaming_version_changes_nothing(model
 
 
 def test_duo_keeps_heads_that_matter_above_those_that_do_not(model):
-    # long contexts with a tiny window: the streaming branch loses the passkey, so distillation
-    # resists the penalty for some heads; every gate cannot fall as far as in the short-context case
-    long = DuoGates(DuoOptions(steps=15, context_length=120, passkey_length=4, batch_size=1, sink=2, window=4)).select(model, None, SelectionContext())
-    assert long.scores.max() > long.scores.min()
+    # the same training twice; only the window differs. With a 4-token window the streaming branch loses the
+    # passkey, so distillation holds up the gates of the heads that carry it against the L1 pull; with a window
+    # that covers the whole context nothing is lost and every gate falls alike
+    def gates(sink, window):
+        options = DuoOptions(steps=15, context_length=120, passkey_length=4, batch_size=1, sink=sink, window=window)
+        return DuoGates(options).select(model, None, SelectionContext()).scores
+
+    needed, not_needed = gates(2, 4), gates(16, 200)
+    assert not_needed.max() - not_needed.min() < 0.02  # no head matters: no gate is preferred
+    assert needed.max() > not_needed.max() + 0.05  # some heads matter: their gates stay up
 
 
 @pytest.mark.parametrize("policy_name", ["snapkv", "h2o", "rkv"])
 def test_hybrid_plan_head_selection_with_a_token_policy_on_compressed_heads(model, policy_name):
-    from kvpress_rl.executor.policies import BUDGET_BASE, make_policy
+    from kvpress_rl.policies import BUDGET_BASE, make_policy
     from kvpress_rl.strategies.random import RandomHeads
 
     selector = RandomHeads()
@@ -99,7 +105,7 @@ def test_hybrid_plan_head_selection_with_a_token_policy_on_compressed_heads(mode
     plan = selector.plan(scores, 0.5, policy)
     assert plan.num_compressed == 8 and plan.policy.name == policy_name
     with compressed(model, plan) as session:
-        model.generate(torch.randint(0, 256, (1, 150)), max_new_tokens=20, do_sample=False)
+        session.generate(torch.randint(0, 256, (1, 150)), max_new_tokens=20, do_sample=False)
     for layer in session.last_cache.layers:
         if layer.has_compressed:
             assert layer.compressed_keys.shape[2] == BUDGET_BASE  # same memory as 16 + 64

@@ -10,6 +10,13 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from kvpress_rl import SelectionContext
+from kvpress_rl.executor.gated import gated, new_gates
+from kvpress_rl.strategies.rlkv import RLKV, RLKVOptions
+from kvpress_rl.strategies.rlkv.backward import join_rollouts
+from kvpress_rl.strategies.rlkv.rollouts import rollouts
+from tests.helpers import tiny_model_and_tokenizer
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -21,11 +28,7 @@ def worker(rank: int, world_size: int, port: int, data: str, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
-        from kvpress_rl import SelectionContext
-        from kvpress_rl.strategies.rlkv import RLKV, RLKVOptions
-        from tests.helpers import tiny_model_and_tokenizer
-
-        model, tokenizer = tiny_model_and_tokenizer()
+        model, tokenizer = tiny_model_and_tokenizer()  # a subprocess: the plain function, not the `tiny` fixture
         options = RLKVOptions(data=data, steps=3, prompts_per_step=4, group_size=4, max_new_tokens=3, self_distillation=False,
                               lr=0.05, sink=1, window=2, train_mask="token", gradient_checkpointing=False)
         scores = RLKV(options).select(model, tokenizer, SelectionContext(seed=0))  # sampling is seeded with seed + rank
@@ -47,8 +50,6 @@ LEVELS = ("batch", "group", "micro-batch")
 
 
 def backward_learner(level: str):
-    from kvpress_rl.strategies.rlkv import RLKV, RLKVOptions
-
     return RLKV(RLKVOptions(max_new_tokens=8, sink=1, window=2, train_mask="token", gradient_checkpointing=False,
                             micro_batch_tokens=1, reward_level=level, beta=1.0, tau=0.5))
 
@@ -57,8 +58,6 @@ def backward_worker(rank: int, world_size: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
-        from tests.helpers import tiny_model_and_tokenizer
-
         model, _ = tiny_model_and_tokenizer()
         part = torch.load(f"{out}/part-{rank}.pt")
         results = {}
@@ -72,23 +71,17 @@ def backward_worker(rank: int, world_size: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
-def test_two_processes_with_uneven_tokens_take_the_gradient_of_one_process_over_the_union(tmp_path):
-    from kvpress_rl.executor.gated import gated, new_gates
-    from kvpress_rl.strategies.rlkv.backward import join_rollouts
-    from tests.helpers import tiny_model_and_tokenizer
-
-    model, tokenizer = tiny_model_and_tokenizer()
+def test_two_processes_with_uneven_tokens_take_the_gradient_of_one_process_over_the_union(tiny, tmp_path):
+    model, tokenizer = tiny
     torch.manual_seed(0)
     gates = new_gates(model, 1.0)
     with torch.no_grad():
         gates.uniform_(0.2, 0.9)
     parts = []
     for rank, (texts, new_tokens) in enumerate(((("12+0=", "3+0="), 8), (("456+78=", "9+1="), 2))):  # long vs short completions
-        from kvpress_rl.strategies.rlkv import RLKV, RLKVOptions
-
-        sampler = RLKV(RLKVOptions(max_new_tokens=new_tokens))
         with gated(model, gates, sink=1, window=2):
-            sequences, mask, offset = sampler.rollouts(model, tokenizer, [tokenizer(t)["input_ids"] for t in texts], sample=True, copies=4)
+            sequences, mask, offset = rollouts(model, tokenizer, [tokenizer(t)["input_ids"] for t in texts], RLKVOptions(max_new_tokens=new_tokens),
+                                               sample=True, copies=4)
         parts.append(dict(sequences=sequences, mask=mask, offset=offset, gates=gates.detach().clone(),
                           advantages=torch.linspace(-1.0, 1.0, 8) * (rank + 1),
                           rewards=torch.tensor([[1.0, 1, 1, 0, 1, 0, 1, 1], [1.0, 1, 1, 1, 0, 0, 0, 1]][rank])))

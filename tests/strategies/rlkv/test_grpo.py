@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from kvpress_rl.strategies.rlkv.grpo import batch_advantages, clipped_surrogate, group_advantages, level_weight, penalty_weight
-from kvpress_rl.strategies.rlkv.learner import completion_mask
+from kvpress_rl.strategies.rlkv.rollouts import completion_mask
 
 
 def test_group_advantages_are_z_scores_within_each_group():

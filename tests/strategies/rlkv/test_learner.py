@@ -6,15 +6,15 @@ import pytest
 import torch
 
 from kvpress_rl import KvrlError, SelectionContext
+from kvpress_rl.distributed import rng_state
 from kvpress_rl.executor.gated import gated, new_gates
-from kvpress_rl.models import random_model, small_config
+from kvpress_rl.models import frozen, random_model, small_config
+from kvpress_rl.profiles import EMBEDDED_RLKV
 from kvpress_rl.strategies.rlkv import RLKV, RLKVOptions
-from tests.helpers import tiny_model_and_tokenizer
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return tiny_model_and_tokenizer()
+from kvpress_rl.strategies.rlkv import learner as learner_module
+from kvpress_rl.strategies.rlkv.backward import completion_logprobs
+from kvpress_rl.strategies.rlkv.checkpoints import TrainingRun, load_checkpoint, resume, save_checkpoint
+from kvpress_rl.strategies.rlkv.rollouts import generate, rollouts
 
 
 @pytest.fixture
@@ -64,16 +64,20 @@ def test_constant_penalty_lowers_every_gate_when_rewards_carry_no_signal(tiny, t
 def test_resume_continues_from_the_checkpoint(tiny, data, tmp_path):
     model, tokenizer = tiny
     work = tmp_path / "run"
-    full = RLKV(options(data, steps=4)).select(model, tokenizer, SelectionContext(seed=3, work_dir=str(work / "a")))
-    RLKV(options(data, steps=2)).select(model, tokenizer, SelectionContext(seed=3, work_dir=str(work / "b")))
+    # a constant L1 weight: every step has a gradient, so AdamW's moments at the checkpoint shape the next steps
+    given = dict(adaptive_penalty=False, beta=0.05)
+    full = RLKV(options(data, steps=4, **given)).select(model, tokenizer, SelectionContext(seed=3, work_dir=str(work / "a")))
+    RLKV(options(data, steps=2, **given)).select(model, tokenizer, SelectionContext(seed=3, work_dir=str(work / "b")))
     # a run interrupted after 2 steps of 4: the checkpoint says step 2; resume runs steps 3 and 4
     state = torch.load(work / "b" / "checkpoint.pt", weights_only=False)
+    assert state["optimizer"]["state"]  # the optimizer has stepped before the checkpoint
     state["options"]["steps"] = 4
     torch.save(state, work / "b" / "checkpoint.pt")
-    resumed = RLKV(options(data, steps=4)).select(model, tokenizer, SelectionContext(seed=3, work_dir=str(work / "b"), resume=True))
+    resumed = RLKV(options(data, steps=4, **given)).select(model, tokenizer, SelectionContext(seed=3, work_dir=str(work / "b"), resume=True))
     steps = [json.loads(line)["step"] for line in (work / "b" / "train_log.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]
-    assert resumed.shape == full.shape
+    assert not torch.all(full.scores == 1.0)  # the gates moved: the comparison below can fail
+    assert torch.allclose(resumed.scores, full.scores, rtol=0.0, atol=1e-7)  # the RNG and AdamW's moments restored
 
 
 def test_bad_options_are_refused(tiny, data):
@@ -92,8 +96,12 @@ def test_bad_options_are_refused(tiny, data):
         RLKV(options(data, train_set_size=1)).select(model, tokenizer, SelectionContext())
 
 
-def fake_model(model_type: str, name: str = "some/model"):
-    return SimpleNamespace(name_or_path=name, config=SimpleNamespace(model_type=model_type))
+def fake_model(model_type: str, profile: str | None = None):
+    """A model as `resolve` sees it: a config with a `model_type` and, where a loader attached one, a profile."""
+    config = SimpleNamespace(model_type=model_type)
+    if profile is not None:
+        config.kvrl_profile = profile
+    return SimpleNamespace(name_or_path="some/model", config=config)
 
 
 def resolved(model, **given):
@@ -113,11 +121,23 @@ def test_unset_options_take_the_official_values_per_model_family_or_the_embedded
     qwen3 = resolved(fake_model("qwen3"))
     assert (qwen3.beta, qwen3.tau, qwen3.temperature) == (2.5e-3, 0.5, 0.6)
     assert resolved(fake_model("qwen3"), tau=0.7, temperature=1.0).tau == 0.7  # given values win
-    embedded = resolved(fake_model("llama", name="embedded"), lr=0.2)
+    embedded = resolved(fake_model("llama", profile="embedded"), lr=0.2)
     assert (embedded.steps, embedded.lr, embedded.beta, embedded.tau, embedded.sink, embedded.window) == (40, 0.2, 1e-2, 0.5, 16, 64)
     assert (embedded.prompts_per_step, embedded.max_new_tokens, embedded.train_mask, embedded.reward_level) == (6, 64, "token", "batch")
     assert (embedded.pool_size, embedded.train_set_size, embedded.rollout_batch, embedded.gradient_checkpointing) == (64, 64, 6, False)
-    assert resolved(fake_model("llama", name="embedded"), pool_size=10).train_set_size == 10  # every solved problem of its pool
+    assert all(getattr(embedded, k) == v for k, v in EMBEDDED_RLKV.items() if v is not None and k != "lr")  # the profile's values
+    assert resolved(fake_model("llama", profile="embedded"), pool_size=10).train_set_size == 10  # every solved problem of its pool
+    named = SimpleNamespace(name_or_path="embedded", config=SimpleNamespace(model_type="llama"))
+    assert resolved(named).steps == 186  # the name does not matter: only the attached profile
+
+
+def test_the_embedded_profile_s_values_are_printed_with_it_as_their_source():
+    learner = RLKV(RLKVOptions(lr=0.2))
+    learner.resolve(fake_model("llama", profile="embedded"))
+    text = learner.resolved_options_text()
+    assert "model family: embedded" in text and "steps = 40  [profile embedded]" in text and "lr = 0.2\n" in text
+    assert "train_set_size = 64  [profile embedded: the whole pool]" in text
+    assert "rollout_batch = 6  [profile embedded: the whole step]" in text
 
 
 def test_resolved_options_are_printable_with_their_source():
@@ -160,19 +180,17 @@ def test_steps_walk_a_fixed_set_of_distinct_problems_epoch_by_epoch(tiny, data):
 
 def test_copies_of_a_prompt_share_one_prefill_and_generate_what_separate_rows_would(tiny):
     model, tokenizer = tiny
-    from kvpress_rl.executor.gated import gated, new_gates
-
-    learner = RLKV(RLKVOptions(max_new_tokens=6))
+    opts = RLKVOptions(max_new_tokens=6)
     prompts = [tokenizer("12+0=")["input_ids"], tokenizer("3+0=")["input_ids"]]  # unequal lengths: left padding
     gates = new_gates(model, 0.5)
     with gated(model, gates, sink=1, window=2):
-        separate = learner.generate(model, tokenizer, [p for p in prompts for _ in range(3)], sample=False)
-        shared = learner.generate(model, tokenizer, prompts, sample=False, copies=3)
+        separate = generate(model, tokenizer, [p for p in prompts for _ in range(3)], opts, sample=False)
+        shared = generate(model, tokenizer, prompts, opts, sample=False, copies=3)
     assert shared[2] == separate[2]
     assert torch.equal(shared[0], separate[0]) and torch.equal(shared[1], separate[1])
 
 
-def random_gates_and_rollouts(model, tokenizer, learner, seed: int):
+def random_gates_and_rollouts(model, tokenizer, opts, seed: int):
     """Gates drawn uniformly in [0, 1] and 4 sampled rollouts of each of 3 prompts under them (sink 1, window 2)."""
     prompts = [tokenizer(t)["input_ids"] for t in ("12+0=", "3+0=", "456+78=")]
     torch.manual_seed(seed)
@@ -180,29 +198,26 @@ def random_gates_and_rollouts(model, tokenizer, learner, seed: int):
     with torch.no_grad():
         gates.uniform_(0.0, 1.0)
     with gated(model, gates, sink=1, window=2):
-        return gates, learner.generate(model, tokenizer, prompts, sample=True, copies=4)
+        return gates, generate(model, tokenizer, prompts, opts, sample=True, copies=4)
 
 
 def test_rollouts_of_a_prompt_share_its_forward_in_the_backward_with_the_same_logprobs_and_gradients(tiny):
     model, tokenizer = tiny
-    learner = RLKV(RLKVOptions(max_new_tokens=8))
-    gates, (sequences, mask, offset) = random_gates_and_rollouts(model, tokenizer, learner, seed=0)
+    gates, (sequences, mask, offset) = random_gates_and_rollouts(model, tokenizer, RLKVOptions(max_new_tokens=8), seed=0)
     completion = mask[:, offset:]
     assert completion.sum(1).min() < completion.shape[1]  # some rows stop early: right padding is exercised
     results = []
-    model.requires_grad_(False)
     for shared in (False, True):
         gates.grad = None
-        with gated(model, gates, sink=1, window=2):
+        with frozen(model), gated(model, gates, sink=1, window=2):
             if shared:
-                logp = learner.group_logprobs(model, sequences, mask, offset, copies=4)
+                logp = completion_logprobs(model, sequences, mask, offset, 4, shared=True)
             else:  # every row through the model on its own: the plain teacher-forced forward
                 position = (mask.cumsum(-1) - 1).clamp_min(0)
                 logits = model(input_ids=sequences, attention_mask=mask, position_ids=position).logits[:, offset - 1:-1]
                 logp = torch.log_softmax(logits.float(), -1).gather(-1, sequences[:, offset:, None]).squeeze(-1)
             (logp * completion).sum().backward()
         results.append((logp.detach() * completion, gates.grad.clone()))
-    model.requires_grad_(True)
     assert results[0][1].abs().max() > 0
     assert torch.allclose(results[0][0], results[1][0], atol=1e-5)
     assert torch.allclose(results[0][1], results[1][1], atol=1e-5)
@@ -212,7 +227,7 @@ def sampled_step(model, tokenizer, learner, gates):
     prompts = [tokenizer(t)["input_ids"] for t in ("12+0=", "3+0=", "456+78=")]
     torch.manual_seed(0)
     with gated(model, gates, sink=1, window=2):
-        return learner.rollouts(model, tokenizer, prompts, sample=True, copies=4)
+        return rollouts(model, tokenizer, prompts, learner.options, sample=True, copies=4)
 
 
 def backward_options(**extra):
@@ -227,9 +242,8 @@ def test_rollouts_in_batches_of_prompts_join_into_the_batch_one_call_gives(tiny)
     gates = new_gates(model, 0.5)
     results = []
     for batch in (None, 1):
-        learner = RLKV(backward_options(rollout_batch=batch))
         with gated(model, gates, sink=1, window=2):
-            results.append(learner.rollouts(model, tokenizer, prompts, sample=False, copies=2))
+            results.append(rollouts(model, tokenizer, prompts, backward_options(rollout_batch=batch), sample=False, copies=2))
     (seq_a, mask_a, off_a), (seq_b, mask_b, off_b) = results
     assert off_a == off_b and torch.equal(mask_a, mask_b)
     assert torch.equal(seq_a[mask_a.bool()], seq_b[mask_b.bool()])
@@ -337,12 +351,12 @@ class Interrupted(Exception):
 def test_a_resumed_run_reads_its_training_set_back_and_ends_with_the_gates_of_an_uninterrupted_one(tiny, data, tmp_path, monkeypatch):
     model, tokenizer = tiny
 
-    def distill(self, model, tokenizer, pool, rng):  # stands in for self-distillation: a seeded choice
+    def distill(model, tokenizer, pool, options, rng):  # stands in for self-distillation: a seeded choice
         chosen = list(pool)
         rng.shuffle(chosen)
-        return [(p, 10 + i) for i, p in enumerate(chosen[:8])]
+        return [(p, 10 + i) for i, p in enumerate(chosen[:8])], 0.5
 
-    monkeypatch.setattr(RLKV, "self_distill", distill)
+    monkeypatch.setattr(learner_module, "self_distill", distill)
     opts = options(data, steps=5, prompts_per_step=2, self_distillation=True, pool_size=12, train_set_size=8, checkpoint_every=1)
     full = RLKV(opts).select(model, tokenizer, SelectionContext(seed=5, work_dir=str(tmp_path / "a")))
     assert not torch.all(full.scores == 1.0)
@@ -362,11 +376,12 @@ def test_a_resumed_run_reads_its_training_set_back_and_ends_with_the_gates_of_an
     def refuse(*args, **kwargs):
         raise AssertionError("self-distillation ran again on resume")
 
-    monkeypatch.setattr(RLKV, "self_distill", refuse)
+    monkeypatch.setattr(learner_module, "self_distill", refuse)
     with pytest.raises(KvrlError, match="other options \\(steps\\)"):  # refused before any self-distillation
         RLKV(replace_options(opts, steps=6)).select(model, tokenizer, SelectionContext(seed=5, work_dir=str(work), resume=True))
     resumed = RLKV(opts).select(model, tokenizer, SelectionContext(seed=5, work_dir=str(work), resume=True))
     assert torch.equal(resumed.scores, full.scores)
+    assert resumed.extra["solved_fraction"] == full.extra["solved_fraction"] == 0.5  # kept in the checkpoint
     assert [json.loads(line)["step"] for line in (work / "train_log.jsonl").read_text().splitlines()] == [1, 2, 3, 4, 5]
 
     lines = (work / "train_set.jsonl").read_text().splitlines()
@@ -382,44 +397,39 @@ def replace_options(opts, **changes):
 
 
 def test_checkpoints_keep_and_restore_the_cuda_rng_states(tiny, tmp_path, monkeypatch):
-    from kvpress_rl.strategies.rlkv import learner as module
-
     model, _ = tiny
     restored = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [torch.tensor([7, 8], dtype=torch.uint8)])
     monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: restored.append(states))
-    learner = RLKV(backward_options())
-    learner.train_set_sha256, learner.solved_fraction = "abc", None
+    opts = backward_options()
+    run = TrainingRun(opts, tmp_path, started=0.0, train_set_sha256="abc")
     gates = new_gates(model, 0.5)
     optimizer = torch.optim.AdamW([gates], lr=0.1)
-    learner._checkpoint(tmp_path, gates, optimizer, 3, [])
+    save_checkpoint(run, gates, optimizer, 3)
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
     assert torch.equal(state["rng"][0]["cuda"][0], torch.tensor([7, 8], dtype=torch.uint8))
-    assert learner._resume(tmp_path, learner._load_checkpoint(tmp_path), new_gates(model, 1.0), optimizer, []) == 3
+    assert resume(TrainingRun(opts, tmp_path, started=0.0), load_checkpoint(tmp_path, opts), new_gates(model, 1.0), optimizer) == 3
     assert len(restored) == 1 and torch.equal(restored[0][0], torch.tensor([7, 8], dtype=torch.uint8))
-    assert module.rng_state().keys() == {"cpu", "cuda"}
+    assert rng_state().keys() == {"cpu", "cuda"}
 
 
 def test_each_process_samples_its_share_of_the_same_batch_with_its_own_seed(tiny, data, monkeypatch):
-    from kvpress_rl.strategies.rlkv import learner as module
-
     model, tokenizer = tiny
     seen = {}
     for rank in (0, 1):
-        monkeypatch.setattr(module, "world", lambda rank=rank: (rank, 2))
-        learner = RLKV(options(data, prompts_per_step=4))
+        monkeypatch.setattr(learner_module, "world", lambda rank=rank: (rank, 2))
 
-        def rollouts(model, tokenizer, prompts, sample, copies=1, rank=rank):
+        def sample(model, tokenizer, prompts, options, sample, copies=1, rank=rank):
             seen[rank] = (torch.initial_seed(), [tokenizer.decode(p) for p in prompts])
             raise Interrupted
 
-        learner.rollouts = rollouts
+        monkeypatch.setattr(learner_module, "rollouts", sample)
         with pytest.raises(Interrupted):
-            learner.select(model, tokenizer, SelectionContext(seed=7))
+            RLKV(options(data, prompts_per_step=4)).select(model, tokenizer, SelectionContext(seed=7))
     assert seen[0][0] == 7 and seen[1][0] == 8  # sampling seeded with seed + rank
     assert len(seen[0][1]) == len(seen[1][1]) == 2 and not set(seen[0][1]) & set(seen[1][1])  # disjoint halves of one batch
-    monkeypatch.setattr(module, "world", lambda: (0, 3))
+    monkeypatch.setattr(learner_module, "world", lambda: (0, 3))
     with pytest.raises(KvrlError, match="prompts-per-step 4 is not a multiple of the 3 processes"):
         RLKV(options(data, prompts_per_step=4)).select(model, tokenizer, SelectionContext(seed=7))
 
@@ -429,24 +439,22 @@ def test_the_output_head_in_chunks_gives_the_logprobs_and_gradients_of_one_call(
     from kvpress_rl.strategies.rlkv import backward
 
     model, tokenizer = tiny
-    gates, (sequences, mask, offset) = random_gates_and_rollouts(model, tokenizer, RLKV(RLKVOptions(max_new_tokens=8)), seed=1)
+    gates, (sequences, mask, offset) = random_gates_and_rollouts(model, tokenizer, RLKVOptions(max_new_tokens=8), seed=1)
     calls = []
     head = model.get_output_embeddings()
     hook = head.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
-    model.requires_grad_(False)
     results = []
     try:
         for chunk in (10_000, 3):
             monkeypatch.setattr(backward, "LOGPROB_CHUNK", chunk)
             calls.clear()
             gates.grad = None
-            with gated(model, gates, sink=1, window=2):
+            with frozen(model), gated(model, gates, sink=1, window=2):
                 logp = backward.completion_logprobs(model, sequences, mask, offset, 4, shared=shared)
                 logp.sum().backward()
             results.append((logp.detach(), gates.grad.clone(), list(calls)))
     finally:
         hook.remove()
-        model.requires_grad_(True)
     real = int(mask[:, offset:].sum())
     assert max(results[1][2]) <= 3 and sum(results[1][2]) == 2 * real  # chunks of 3 real tokens, each run again in the backward
     assert torch.equal(results[0][0] == 0, mask[:, offset:] == 0)  # padding gets 0, real tokens a log-probability < 0

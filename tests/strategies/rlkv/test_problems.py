@@ -5,7 +5,7 @@ import re
 import pytest
 
 from kvpress_rl import KvrlError
-from kvpress_rl.strategies.rlkv.problems import Problem, bin_quotas, check_not_eval_data, load_problems, step_batch, training_set, verify_embedded, verify_math
+from kvpress_rl.strategies.rlkv.problems import Problem, bin_quotas, check_not_eval_data, load_problems, step_batch, training_set, verify_math
 
 
 def hops_of(problem) -> int:
@@ -50,11 +50,6 @@ def test_a_jsonl_file_needs_question_and_answer(tmp_path):
 def test_unknown_or_unlocated_data_is_refused(data, message):
     with pytest.raises(KvrlError, match=message):
         load_problems(data, 5, 0, None)
-
-
-def test_verifiers():
-    assert verify_embedded("1. a -> b\nAnswer: b", "b") and not verify_embedded("Answer: c", "b")
-    assert verify_math("\\boxed{\\frac{1}{2}}", "0.5") and not verify_math("\\boxed{3}", "2")
 
 
 def test_bin_quotas_follow_the_proportions_and_pass_a_shortfall_on():

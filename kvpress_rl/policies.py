@@ -63,6 +63,10 @@ class TokenPolicy:
     def budget(self, seq_len: int) -> int:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def observed_queries(self) -> int | None:
+        """How many of a prefill's last queries `observe` needs (None: every query). Decoding steps are all observed."""
+        return None
+
     def slack(self) -> int:
         """Tokens a head may hold above its budget before it is compressed (R-KV's buffer)."""
         return 0
@@ -175,6 +179,9 @@ class SnapKV(TokenPolicy):
     def budget(self, seq_len: int) -> int:
         return self.budget_spec.tokens(seq_len)
 
+    def observed_queries(self) -> int:
+        return self.window
+
     def new_stats(self, keys):
         b, h, n, _ = keys.shape
         return {"window_attention": keys.new_zeros((b, h, 0, n), dtype=torch.float32)}
@@ -272,6 +279,7 @@ class RKV(TokenPolicy):
     def slack(self) -> int:
         return self.buffer
 
+    observed_queries = SnapKV.observed_queries
     new_stats = SnapKV.new_stats
     observe = SnapKV.observe
 
@@ -309,6 +317,12 @@ class RKV(TokenPolicy):
 
 
 POLICIES: dict[str, type[TokenPolicy]] = {cls.name: cls for cls in (Streaming, SnapKV, H2O, RKV)}
+
+
+def compressed_head_policy(name: str = "streaming") -> TokenPolicy:
+    """What the compressed heads of a head plan keep: the paper's 16 sink + 64 recent tokens (`streaming`),
+    or the same `BUDGET_BASE` (80) tokens chosen by another policy (a hybrid plan)."""
+    return Streaming() if name == Streaming.name else make_policy(name, fixed_budget=BUDGET_BASE)
 
 
 def make_policy(name: str, *, sparsity: float | None = None, fixed_budget: int | None = None, **options: Any) -> TokenPolicy:

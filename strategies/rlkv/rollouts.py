@@ -1,0 +1,109 @@
+"""Generation for RLKV: prompts in the chat format, sampled rollouts in groups, and the self-distillation pass.
+
+`generate` and `rollouts` run the model as it is: a caller that wants the gated model wraps them in
+`kvpress_rl.executor.gated.gated`. Their sampling settings (`temperature`, `max_new_tokens`,
+`rollout_batch`) come from the options passed in.
+"""
+
+from __future__ import annotations
+
+import random
+
+import torch
+from transformers import DynamicCache
+
+from kvpress_rl.distributed import all_gather, world
+from kvpress_rl.embedded.data import left_pad
+from kvpress_rl.errors import KvrlError
+from kvpress_rl.strategies.rlkv.backward import join_rollouts
+from kvpress_rl.strategies.rlkv.options import RLKVOptions
+from kvpress_rl.strategies.rlkv.problems import Problem, training_set
+
+
+def chat_ids(tokenizer, prompt: str) -> list[int]:
+    """The prompt's token ids as a user turn of the tokenizer's chat template (plain ids without one)."""
+    if getattr(tokenizer, "chat_template", None):
+        messages = [{"role": "user", "content": prompt}]
+        return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
+    return tokenizer(prompt)["input_ids"]
+
+
+def end_ids(tokenizer) -> list[int]:
+    """Token ids that end a completion: the tokenizer's end of sequence and, where it has one, `<|im_end|>`."""
+    ids = {tokenizer.eos_token_id}
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tokenizer.get_vocab() else None
+    return [i for i in ids | {im_end} if i is not None]
+
+
+def completion_mask(completions: torch.Tensor, stops: list[int]) -> torch.Tensor:
+    """1 for generated tokens up to and including the first stop token."""
+    is_stop = torch.isin(completions, torch.tensor(stops, device=completions.device))
+    after = (is_stop.long().cumsum(-1) - is_stop.long()) > 0
+    return (~after).long()
+
+
+def shared_prefill(model, ids: torch.Tensor, mask: torch.Tensor, copies: int):
+    """The KV cache of `ids[:, :-1]`, each row repeated `copies` times (`generate` then feeds the last token)."""
+    cache = DynamicCache(config=model.config)
+    position = (mask.cumsum(-1) - 1).clamp_min(0)
+    model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=position[:, :-1], cache=cache, use_cache=True, logits_to_keep=1)
+    cache.batch_repeat_interleave(copies)
+    return cache
+
+
+def generate(model, tokenizer, prompts: list[list[int]], options: RLKVOptions, sample: bool,
+             copies: int = 1) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """`(sequences, attention_mask, completion_start)` for left-padded prompts, each sampled `copies` times
+    (`options.temperature`, None meaning 1.0) or decoded greedily, `options.max_new_tokens` at most.
+
+    The copies of a prompt share one prefill: its cache (all but the last prompt token) is computed
+    once and repeated, so a group of G rollouts costs one prompt forward instead of G.
+    """
+    ids, mask = left_pad(prompts, tokenizer.pad_token_id)
+    ids, mask = ids.to(model.device), mask.to(model.device)
+    temperature = 1.0 if options.temperature is None else options.temperature
+    kwargs = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if sample else dict(do_sample=False)
+    with torch.no_grad():
+        if copies > 1:
+            kwargs["cache"] = shared_prefill(model, ids, mask, copies)
+            ids, mask = ids.repeat_interleave(copies, dim=0), mask.repeat_interleave(copies, dim=0)
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=options.max_new_tokens,
+                             eos_token_id=end_ids(tokenizer), pad_token_id=tokenizer.pad_token_id, **kwargs)
+    completions = out[:, ids.shape[1]:]
+    full_mask = torch.cat([mask, completion_mask(completions, end_ids(tokenizer))], dim=1)
+    return out, full_mask, ids.shape[1]
+
+
+def rollouts(model, tokenizer, prompts: list[list[int]], options: RLKVOptions, sample: bool,
+             copies: int = 1) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """`generate` over `options.rollout_batch` prompts at a time (None: all at once), joined into one
+    left/right-padded batch."""
+    batch = options.rollout_batch or len(prompts)
+    parts = [generate(model, tokenizer, prompts[i:i + batch], options, sample, copies) for i in range(0, len(prompts), batch)]
+    return join_rollouts(parts, tokenizer.pad_token_id)
+
+
+def self_distill(model, tokenizer, pool: list[Problem], options: RLKVOptions,
+                 rng: random.Random) -> tuple[list[tuple[Problem, int]], float]:
+    """The fixed training set: distinct problems the model solves greedily with the full cache, chosen once
+    stratified by the length of its solution (`training_set`), as `(problem, solution tokens)` pairs; and
+    the fraction of the pool solved. Under data parallelism each process decodes its share of the pool."""
+    o = options
+    rank, size = world()
+    mine: list[tuple[int, int]] = []  # (index in the pool, solution tokens) of what this process solved
+    indices = list(range(rank, len(pool), size))
+    chunk_size = max(16, (o.rollout_batch or 0) * o.group_size)
+    for start in range(0, len(indices), chunk_size):
+        chunk = indices[start:start + chunk_size]
+        out, mask, offset = generate(model, tokenizer, [chat_ids(tokenizer, pool[i].prompt) for i in chunk], o, sample=False)
+        for index, row, row_mask in zip(chunk, out[:, offset:], mask[:, offset:]):
+            text = tokenizer.decode(row[row_mask.bool()], skip_special_tokens=True)
+            if pool[index].verify(text, pool[index].answer):
+                mine.append((index, int(row_mask.sum())))
+    solved = [(pool[index], length) for index, length in sorted(pair for part in all_gather(mine) for pair in part)]
+    if not solved:
+        raise KvrlError("self-distillation kept no problem: the model solves none of the pool at full cache; "
+                        "use a larger --pool-size or --no-self-distillation")
+    lengths = {id(problem): length for problem, length in solved}
+    chosen = training_set(solved, o.train_set_size, tuple(o.length_bins), tuple(o.bin_proportions), rng)
+    return [(problem, lengths[id(problem)]) for problem in chosen], len(solved) / len(pool)
