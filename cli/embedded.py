@@ -46,10 +46,10 @@ def train_command(output: str, examples: int, batch_size: int, lr: float, seed: 
 @click.option("--split", default="test", show_default=True, type=click.Choice(["train", "validation", "test"]))
 @click.option("--adapter", default=None, type=click.Path(file_okay=False, path_type=Path), help="adapter directory (default: the shipped one)")
 @click.option("--batch-size", default=16, show_default=True, type=int)
-@click.option("--heads", default=None, type=click.Path(dir_okay=False, path_type=Path),
-              help="a HeadScores file: compress its lowest-scored heads (16 sink + 64 recent) instead of the full cache")
+@click.option("--heads", default=None,
+              help="a HeadScores file, export folder or hf://OWNER/REPO: compress its lowest-scored heads (16 sink + 64 recent) instead of the full cache")
 @click.option("--sparsity", default=None, type=float, help="fraction of KV heads to compress (with --heads)")
-def evaluate_command(limit: int, split: str, adapter: Path | None, batch_size: int, heads: Path | None, sparsity: float | None) -> None:
+def evaluate_command(limit: int, split: str, adapter: Path | None, batch_size: int, heads: str | None, sparsity: float | None) -> None:
     """Greedy accuracy (full cache, or a head plan with --heads and --sparsity), and the prompt /
     chain-of-thought lengths in tokens. `--split validation` compares selections without touching the test problems."""
     from kvpress_rl.embedded.evaluate import evaluate  # the executor (transformers): loaded when the command runs
@@ -63,7 +63,7 @@ def evaluate_command(limit: int, split: str, adapter: Path | None, batch_size: i
         bar = progress.add_task("eval", total=limit)
         result = evaluate(model, tokenizer, items, plan=plan, batch_size=batch_size, max_new_tokens=EMBEDDED_MAX_NEW_TOKENS, on_batch=lambda n: progress.advance(bar, n))
     console = Console()
-    setting = f"{heads.name} at sparsity {sparsity:g}" if heads else "full cache"
+    setting = f"{heads} at sparsity {sparsity:g}" if heads else "full cache"
     console.print(f"accuracy {100 * result.accuracy:.1f}% ({result.correct}/{result.total}) on {split}, {setting}, greedy", highlight=False, soft_wrap=True)
     for label, values in (("prompt tokens", result.prompt_lengths), ("chain-of-thought tokens", result.output_lengths)):
         q = statistics.quantiles(values, n=20)

@@ -8,9 +8,10 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import click
-from rich.console import Console
+from rich.console import Console, ConsoleOptions, RenderableType, RenderResult
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from kvpress_rl.cli.launch import check_num_processes, distributed_rank, launch_data_parallel, report_rank_error
 from kvpress_rl.cli.output import strategies_with_warnings
@@ -44,16 +45,68 @@ def split_list(value: str, kind, flag: str) -> list:
         raise KvrlError(f"{flag}: {value!r} is not a comma-separated list of {kind.__name__}") from None
 
 
-def results_table(rows: list[dict]) -> Table:
-    table = Table(title="accuracy by strategy and sparsity")
-    for column in ("task", "strategy", "sparsity", "seeds", "accuracy", "change vs full", "KV saved", "decode tok/s", "overlength", "repetitive"):
-        table.add_column(column, justify="right" if column not in ("task", "strategy") else "left")
+def results_table(rows: list[dict]) -> RenderableType:
+    """The results of `kvrl eval`, laid out for the width of the console that prints them.
+
+    With room, every column at its natural width. Narrower, in this order: headers wrap at their
+    spaces, the low-value columns (decode tok/s, overlength, repetitive; all in grid.csv and report.md)
+    give way, named in the caption, header words fold, seeds and KV saved give way, and last the names
+    fold. Numbers stay whole (`36.7 ± 50.3` may wrap at its spaces); no cell ends in an ellipsis.
+    """
+    headers = ("task", "strategy", "sparsity", "seeds", "accuracy", "change vs full", "KV saved", "decode tok/s", "overlength", "repetitive")
+    names = ("task", "strategy")
+    body = []
     for r in rows:
         spread = f" ± {100 * r['accuracy_std']:.1f}" if r["seeds"] > 1 else ""
-        table.add_row(r["task"], r["strategy"], f"{r['sparsity']:g}", str(r["seeds"]), f"{100 * r['accuracy']:.1f}{spread}",
-                      f"{100 * r['change']:+.1f}", f"{100 * r['kv_saved']:.0f}%", f"{r['decode_tokens_per_s']:.1f}",
-                      str(r["overlength"]), str(r["repetitive"]))
-    return table
+        body.append((r["task"], r["strategy"], f"{r['sparsity']:g}", str(r["seeds"]), f"{100 * r['accuracy']:.1f}{spread}",
+                     f"{100 * r['change']:+.1f}", f"{100 * r['kv_saved']:.0f}%", f"{r['decode_tokens_per_s']:.1f}",
+                     str(r["overlength"]), str(r["repetitive"])))
+
+    def longest_word(text: str) -> int:
+        return max((len(word) for word in text.split()), default=0)
+
+    natural = [max([len(h)] + [len(row[i]) for row in body]) for i, h in enumerate(headers)]
+    # the narrowest a column is with whole names and numbers (a number with spaces may wrap there) ...
+    values = [max([1] + [len(row[i]) if h in names else longest_word(row[i]) for row in body]) for i, h in enumerate(headers)]
+    # ... and with whole header words too
+    whole = [max(longest_word(h), values[i]) for i, h in enumerate(headers)]
+    everything = list(range(len(headers)))
+    useful = [i for i in everything if headers[i] not in ("decode tok/s", "overlength", "repetitive")]
+    core = [i for i in useful if headers[i] not in ("seeds", "KV saved")]
+    layouts = ((everything, whole), (useful, whole), (useful, values), (core, whole), (core, values))
+
+    def width_of(shown: list[int], widths: list[int]) -> int:
+        return sum(widths[i] + 3 for i in shown) + 1  # each column: 2 of padding and a border; plus the last border
+
+    def table(room: int) -> Table:
+        shown, least = next(((shown, least) for shown, least in layouts if width_of(shown, least) <= room), layouts[-1])
+        widths = {i: least[i] for i in shown}
+        left = room - width_of(shown, least)
+        if left < 0:  # the names fold, sharing what the numbers leave
+            task, strategy = (i for i in shown if headers[i] in names)
+            room_for_names = max(2, widths[task] + widths[strategy] + left)
+            short, long = sorted((task, strategy), key=lambda i: values[i])
+            widths[short] = min(values[short], room_for_names // 2)
+            widths[long] = room_for_names - widths[short]
+            left = 0
+        for target in (whole, natural):  # spare room: unfold header words first, then up to the natural widths
+            for i in sorted(shown, key=lambda i: target[i] - widths[i]):
+                grow = max(0, min(left, target[i] - widths[i]))
+                widths[i] += grow
+                left -= grow
+        hidden = [h for i, h in enumerate(headers) if i not in shown]
+        built = Table(title="accuracy by strategy and sparsity", caption=f"not shown at this width: {', '.join(hidden)}" if hidden else None)
+        for i in shown:
+            built.add_column(headers[i], justify="left" if headers[i] in names else "right", width=widths[i], overflow="fold")
+        for row in body:
+            built.add_row(*(Text(row[i]) for i in shown))
+        return built
+
+    class Fitted:
+        def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+            yield table(options.max_width)
+
+    return Fitted()
 
 
 @click.command("eval")

@@ -19,6 +19,7 @@ from rich.text import Text
 import kvpress_rl
 from kvpress_rl.cli.embedded import embedded_group
 from kvpress_rl.cli.evaluation import eval_command, report_command
+from kvpress_rl.cli.export import export_command
 from kvpress_rl.cli.launch import check_num_processes, distributed_rank, join_process_group, launch_data_parallel, report_rank_error
 from kvpress_rl.cli.options import describe_options, parse_strategy_options
 from kvpress_rl.cli.output import console, strategies_with_warnings
@@ -54,12 +55,23 @@ def strategies_command(name: str | None) -> None:
     """List the strategies, or show one strategy's options."""
     found = strategies_with_warnings()
     if name is None:
+        rows = [(key, str(found[key].cls.kind), str(found[key].origin), str(found[key].cls.description)) for key in sorted(found)]
+        # name, kind and origin whole, the description wrapped beside them; where that would leave the
+        # description under 24 columns, two columns: the name, then "kind, origin: description". A cell
+        # too wide even so folds onto the next line; none is cut to an ellipsis.
+        widths = [max([len(header)] + [len(row[i]) for row in rows]) for i, header in enumerate(("name", "kind", "origin"))]
         table = Table(title="strategies")
-        for column in ("name", "kind", "origin", "description"):
-            table.add_column(column)
-        for key in sorted(found):
-            entry = found[key]
-            table.add_row(*(Text(str(cell)) for cell in (key, entry.cls.kind, entry.origin, entry.cls.description)))
+        if console.width - sum(widths) - 13 >= 24:  # 4 columns of 2 padding and a border each, and the last border
+            for column, width in zip(("name", "kind", "origin"), widths):
+                table.add_column(column, width=width, overflow="fold")
+            table.add_column("description", overflow="fold")
+            for row in rows:
+                table.add_row(*(Text(cell) for cell in row))
+        else:
+            table.add_column("name", width=max(1, min(widths[0], max(console.width - 7 - 24, (console.width - 7) // 2))), overflow="fold")
+            table.add_column("kind, origin: description", overflow="fold")
+            for key, kind, origin, description in rows:
+                table.add_row(Text(key), Text(f"{kind}, {origin}: {description}"))
         console.print(table)
         return
     entry = get_strategy(name, found)
@@ -283,6 +295,7 @@ def plan_command(heads: Path, sparsity: float, seq_len: int, batch: int, head_di
 app.add_command(eval_command)
 app.add_command(report_command)
 app.add_command(embedded_group)
+app.add_command(export_command)
 
 
 def main() -> None:

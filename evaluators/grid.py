@@ -31,11 +31,12 @@ from kvpress_rl.embedded.task import EMBEDDED_MAX_NEW_TOKENS, EMBEDDED_TASK
 from kvpress_rl.errors import KvrlError
 from kvpress_rl.evaluators.scoring import classify
 from kvpress_rl.evaluators.tasks import TaskConfig, data_dir_from, resolve_task
+from kvpress_rl.hub import is_hub_ref
 from kvpress_rl.io import write_atomic
 from kvpress_rl.models import ModelShape, model_id
 from kvpress_rl.plan import build_plan
 from kvpress_rl.plugins import StrategyEntry
-from kvpress_rl.scores import HeadScores
+from kvpress_rl.scores import SCORES_FILE, HeadScores
 from kvpress_rl.selector import SelectionContext
 
 FULL = "full"
@@ -171,6 +172,15 @@ def _file_digest(path: str, size: int, mtime_ns: int) -> str:
     return digest.hexdigest()[:16]
 
 
+def heads_identity(heads: str) -> str:
+    """What identifies a `--heads` value in a cell's definition: the content hash of the scores file (a folder's
+    `head_scores.safetensors`), or the `hf://` reference itself (pin a revision with `@REV` to make it exact)."""
+    if is_hub_ref(heads):
+        return str(heads)
+    path = Path(heads)
+    return f"file:{file_digest(path / SCORES_FILE if path.is_dir() else path)}"
+
+
 def short_hash(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -241,7 +251,7 @@ def cell_definition(spec: GridSpec, config: TaskConfig, name: str, entry: Strate
     if entry is not None:
         definition.update(strategy_version=entry.cls.version, decoding_simulation=spec.decoding_simulation)
         if entry.cls.kind == "head":
-            heads = f"file:{file_digest(spec.heads[name])}" if name in spec.heads else f"select:{selection_key(spec, name, entry, seed)}"
+            heads = heads_identity(spec.heads[name]) if name in spec.heads else f"select:{selection_key(spec, name, entry, seed)}"
             definition.update(heads=heads, compressed_policy=spec.compressed_policy, plan_rule=spec.plan_rule)
     return definition
 

@@ -4,7 +4,10 @@
         --model_args pretrained=embedded,strategy=rlkv,heads=heads.safetensors,sparsity=0.6 --tasks gsm8k
 
 takes every argument of `lm-eval run` (the module is lm-eval's command line with `kvrl`
-registered; lm-eval has no plugin entry point for models, so plain `lm-eval` cannot see it).
+registered). lm-eval 0.4.13 and earlier have no plugin door for models, so plain `lm-eval` cannot
+see `kvrl` there; later releases read the `lm_eval.models` entry-point group (lm-eval pull request
+4013), where pyproject.toml declares `kvrl = "kvpress_rl.evaluators.harness:KvrlLM"`, and
+`lm-eval run --model kvrl ...` works directly. This module keeps working with both.
 Data parallel: `accelerate launch -m kvpress_rl.evaluators.harness run --model kvrl ...` (one model
 copy per process; lm-eval splits the requests and gathers the results).
 

@@ -3,6 +3,10 @@
 With a paper CSV (the layout of shared/reference/rlkv_paper_results.csv: model, benchmark,
 method, sparsity, accuracy, full_accuracy in percent) the paper's points for one model are drawn
 beside ours, dashed, on the task they correspond to.
+
+A strategy run with more than one seed at a sparsity (`random`) is drawn as its mean with a shaded
+band from the lowest to the highest seed's accuracy; the table gives `mean ± std (n seeds)`, the
+sample standard deviation over the seeds.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kvpress_rl.errors import KvrlError
-from kvpress_rl.evaluators.grid import FULL, read_grid, summarize
+from kvpress_rl.evaluators.grid import FULL, Cell, read_grid, summarize
 from kvpress_rl.evaluators.plots import _pyplot, _save
 from kvpress_rl.io import write_atomic
 
@@ -67,21 +71,31 @@ def markdown_table(rows: list[dict]) -> str:
     lines = ["| task | strategy | sparsity | seeds | accuracy (%) | change vs full | KV saved | decode tok/s | overlength | repetitive |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        spread = f" ± {100 * r['accuracy_std']:.1f}" if r["seeds"] > 1 else ""
+        spread = f" ± {100 * r['accuracy_std']:.1f} ({r['seeds']} seeds)" if r["seeds"] > 1 else ""
         lines.append(f"| {r['task']} | {r['strategy']} | {r['sparsity']:g} | {r['seeds']} | {100 * r['accuracy']:.1f}{spread} | "
                      f"{100 * r['change']:+.1f} | {100 * r['kv_saved']:.0f}% | {r['decode_tokens_per_s']:.1f} | {r['overlength']} | {r['repetitive']} |")
     return "\n".join(lines) + "\n"
 
 
-def write_report(directory: Path, paper: Path | None = None, paper_model: str | None = None) -> tuple[Path, Path]:
-    """`DIR/report.png` and `DIR/report.md` from `DIR/grid.csv`."""
-    cells = read_grid(directory / "grid.csv")
-    if not cells:
-        raise KvrlError(f"no finished cells in {directory / 'grid.csv'}; run `kvrl eval --output {directory}` first")
-    if paper is not None and not paper_model:
-        raise KvrlError("--paper needs --paper-model (one of the CSV's models)")
-    points = read_paper(paper, paper_model) if paper is not None else {}
+SEED_BAND_CAPTION = ("Strategies run with several seeds: the line is the mean over the seeds, the shaded band spans the lowest "
+                     "to the highest seed's accuracy; the table gives mean ± sample standard deviation (n seeds).")
+
+
+def seed_ranges(cells: list[Cell]) -> dict[tuple[str, str, float], tuple[float, float, int]]:
+    """(task, strategy, sparsity) -> (lowest, highest accuracy over the seeds, number of seeds)."""
+    accuracies: dict[tuple[str, str, float], list[float]] = {}
+    for c in cells:
+        accuracies.setdefault((c.task, c.strategy, c.sparsity), []).append(c.accuracy)
+    return {key: (min(values), max(values), len(values)) for key, values in accuracies.items()}
+
+
+def accuracy_figure(cells: list[Cell], points: dict[str, list[PaperPoint]] | None = None, paper_model: str | None = None):
+    """Accuracy against sparsity, one panel per task and one line per strategy (the mean over seeds; a
+    band from the lowest to the highest seed where a sparsity has more than one), the full cache as a
+    dotted line, the paper's points dashed. Returns the matplotlib figure."""
+    points = points or {}
     rows = summarize(cells)
+    ranges = seed_ranges(cells)
     tasks = sorted({r["task"] for r in rows})
     plt = _pyplot()
     columns = min(3, len(tasks))
@@ -97,7 +111,15 @@ def write_report(directory: Path, paper: Path | None = None, paper_model: str | 
             line = sorted((r for r in mine if r["strategy"] == strategy), key=lambda r: r["sparsity"])
             xs = [0.0, *(r["sparsity"] for r in line)] if full is not None else [r["sparsity"] for r in line]
             ys = [full, *(r["accuracy"] for r in line)] if full is not None else [r["accuracy"] for r in line]
-            colors[PAPER_METHODS.get(strategy, strategy)] = ax.plot(xs, [100 * y for y in ys], marker="o", label=strategy)[0].get_color()
+            color = ax.plot(xs, [100 * y for y in ys], marker="o", label=strategy)[0].get_color()
+            colors[PAPER_METHODS.get(strategy, strategy)] = color
+            spread = [ranges[(task, strategy, r["sparsity"])] for r in line]
+            seeds = max(n for _, _, n in spread)
+            if seeds > 1:  # the full cache (x = 0) and single-seed points pinch the band to the line
+                pinned = [full] if full is not None else []
+                lows, highs = pinned + [low for low, _, _ in spread], pinned + [high for _, high, _ in spread]
+                ax.fill_between(xs, [100 * y for y in lows], [100 * y for y in highs], color=color, alpha=0.2, linewidth=0,
+                                label=f"{strategy}: lowest to highest of {seeds} seeds")
         for method, curve in paper_curves(points.get(paper_benchmark(task) or "", [])).items():
             ax.plot([0.0, *(p.sparsity for p in curve)], [100 * curve[0].full_accuracy, *(100 * p.accuracy for p in curve)],
                     linestyle="--", marker="x", color=colors.get(method), alpha=0.8, label=f"paper {paper_model}: {method}")
@@ -108,7 +130,20 @@ def write_report(directory: Path, paper: Path | None = None, paper_model: str | 
         ax.set_ylabel("accuracy (%)")
         ax.set_ylim(-2, 102)
         ax.legend(fontsize=7)
-    png = _save(fig, directory / "report.png")
-    text = f"# kvrl report: {directory}\n\n![accuracy against sparsity](report.png)\n\n{markdown_table(rows)}"
+    return fig
+
+
+def write_report(directory: Path, paper: Path | None = None, paper_model: str | None = None) -> tuple[Path, Path]:
+    """`DIR/report.png` and `DIR/report.md` from `DIR/grid.csv`."""
+    cells = read_grid(directory / "grid.csv")
+    if not cells:
+        raise KvrlError(f"no finished cells in {directory / 'grid.csv'}; run `kvrl eval --output {directory}` first")
+    if paper is not None and not paper_model:
+        raise KvrlError("--paper needs --paper-model (one of the CSV's models)")
+    points = read_paper(paper, paper_model) if paper is not None else {}
+    png = _save(accuracy_figure(cells, points, paper_model), directory / "report.png")
+    rows = summarize(cells)
+    caption = f"{SEED_BAND_CAPTION}\n\n" if any(r["seeds"] > 1 for r in rows) else ""
+    text = f"# kvrl report: {directory}\n\n![accuracy against sparsity](report.png)\n\n{caption}{markdown_table(rows)}"
     markdown = write_atomic(directory / "report.md", lambda tmp: tmp.write_text(text), overwrite=True)
     return png, markdown

@@ -10,13 +10,19 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save as safetensors_bytes
 
 from kvpress_rl.errors import KvrlError
+from kvpress_rl.hub import download, is_hub_ref, parse_hub_ref
 from kvpress_rl.io import write_atomic
 from kvpress_rl.models import ModelShape
 
 _FORMAT = "kvpress_rl.HeadScores/1"
+
+# A head-pattern folder (`kvrl export`): the scores as `save` writes them, its config and its model card.
+SCORES_FILE = "head_scores.safetensors"
+CONFIG_FILE = "config.json"
+CARD_FILE = "README.md"
 
 
 @dataclass
@@ -73,12 +79,23 @@ class HeadScores:
     # --- safetensors -------------------------------------------------------------------------
     def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
         metadata = {"format": _FORMAT, "provenance": json.dumps(self.provenance(), default=str)}
-        return write_atomic(path, lambda tmp: save_file({"scores": self.scores}, str(tmp), metadata=metadata), overwrite=overwrite)
+        # the bytes go into the temporary file write_atomic made (safetensors' save_file would replace it with a 0600 file)
+        data = safetensors_bytes({"scores": self.scores}, metadata=metadata)
+        return write_atomic(path, lambda tmp: tmp.write_bytes(data), overwrite=overwrite)
 
     @classmethod
     def load(cls, path: str | Path) -> HeadScores:
-        """Load a `.safetensors` file written by `save`, or a published `.tsv` pattern."""
+        """Load a `.safetensors` file written by `save`, a published `.tsv` pattern, a head-pattern folder
+        (`kvrl export`: its `head_scores.safetensors`) or such a folder on the hub, `hf://OWNER/REPO[@REVISION]`
+        (downloaded through the local cache; `extra["hub"]` records the repository and the commit it resolved to)."""
+        if is_hub_ref(path):
+            return cls.from_hub(str(path))
         path = Path(path)
+        if path.is_dir():
+            if not (path / SCORES_FILE).is_file():
+                raise KvrlError(f"{path} is a folder without {SCORES_FILE}; pass a head-pattern folder (kvrl export), "
+                                "a .safetensors or a .tsv file")
+            path = path / SCORES_FILE
         if not path.is_file():
             raise KvrlError(f"head scores file not found: {path}")
         if path.suffix in (".tsv", ".txt"):
@@ -91,6 +108,17 @@ class HeadScores:
         except Exception as err:  # safetensors raises several types for a damaged file
             raise KvrlError(f"{path} is not a readable head-scores file (.safetensors with a 'scores' tensor, or .tsv)") from err
         return cls(scores=scores, **_checked_provenance(path, provenance))
+
+    @classmethod
+    def from_hub(cls, ref: str) -> HeadScores:
+        """A head-pattern folder from the hub, `hf://OWNER/REPO` or `hf://OWNER/REPO@REVISION`."""
+        hub = parse_hub_ref(ref)
+        folder, revision = download(hub, [SCORES_FILE, CONFIG_FILE, CARD_FILE])
+        if not (folder / SCORES_FILE).is_file():
+            raise KvrlError(f"{hub} holds no {SCORES_FILE}: it is not a head-pattern folder (made by kvrl export)")
+        scores = cls.load(folder / SCORES_FILE)
+        scores.extra = {**scores.extra, "hub": {"repo": hub.repo, "revision": revision}}
+        return scores
 
     # --- published TSV form ------------------------------------------------------------------
     @classmethod

@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-import kvpress_rl.cli.main as main
+import kvpress_rl.cli.output as output
 import kvpress_rl.plugins as plugins
 from kvpress_rl import HeadSelector, hookimpl
 from kvpress_rl.plugins import StrategyEntry
@@ -97,12 +97,12 @@ class Marked(HeadSelector):
 
 
 def with_plugin_strategies(monkeypatch, *classes, origin="kvrl-plugin"):
-    real = main.discover_strategies
+    real = output.discover_strategies
 
     def discover():
         return {**real(), **{cls.name: StrategyEntry(cls, origin) for cls in classes}}
 
-    monkeypatch.setattr(main, "discover_strategies", discover)
+    monkeypatch.setattr(output, "discover_strategies", discover)
 
 
 def test_user_text_is_printed_as_is_never_as_markup(cli, monkeypatch):
@@ -126,7 +126,7 @@ def test_a_plugin_warning_with_markup_is_printed_as_is(cli, monkeypatch):
         raise RuntimeError("[/red] broken [bold]")
 
     module.kvrl_strategies = kvrl_strategies
-    monkeypatch.setattr(main, "discover_strategies", lambda: plugins.discover_strategies([("odd-dist", module)]))
+    monkeypatch.setattr(output, "discover_strategies", lambda: plugins.discover_strategies([("odd-dist", module)]))
     listing = cli("strategies")
     assert listing.exit_code == 0 and "[/red] broken [bold]" in listing.output
 

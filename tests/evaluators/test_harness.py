@@ -1,5 +1,6 @@
 """The lm-eval model `kvrl`: lm-eval's own command line with it, and the repetition stop."""
 
+import importlib.metadata
 import json
 import os
 import subprocess
@@ -7,7 +8,7 @@ import sys
 
 import torch
 
-from kvpress_rl.evaluators.harness import RepetitionStop
+from kvpress_rl.evaluators.harness import KvrlLM, RepetitionStop
 
 
 def test_repetition_stop_fires_on_a_loop_only():
@@ -17,6 +18,16 @@ def test_repetition_stop_fires_on_a_loop_only():
     stop = RepetitionStop(prompt_length=5)
     assert stop(torch.cat([looping, varied]), None).tolist() == [True, False]
     assert stop(looping[:, :300], None).tolist() == [False]
+
+
+def test_kvrl_is_declared_in_lm_evals_model_entry_point_group():
+    """lm-eval releases with the `lm_eval.models` group (after 0.4.13) find `--model kvrl` here."""
+    found = {ep.name: ep for ep in importlib.metadata.entry_points(group="lm_eval.models")}
+    assert "kvrl" in found, ("no `kvrl` in the installed `lm_eval.models` entry points: reinstall with "
+                             "`pip install --no-deps --no-build-isolation -e .` (a stale kvpress_rl.egg-info in the "
+                             "working directory shadows the installed metadata)")
+    assert found["kvrl"].value == "kvpress_rl.evaluators.harness:KvrlLM"
+    assert found["kvrl"].load() is KvrlLM
 
 
 def test_lm_eval_command_line_runs_the_kvrl_model(shared_data, tmp_path):
@@ -58,13 +69,13 @@ def test_decoding_simulation_comes_from_the_task_unless_overridden(monkeypatch):
     with pytest.raises(ValueError, match="decoding_simulation"):
         parse_decoding_simulation("-3")
     seen = []
-    real = harness.compressed
+    real = harness.generate
 
-    def recording(model, plan, decoding_simulation=0):
+    def recording(model, plan, ids, decoding_simulation=0, **kwargs):
         seen.append(decoding_simulation)
-        return real(model, plan, decoding_simulation)
+        return real(model, plan, ids, decoding_simulation=decoding_simulation, **kwargs)
 
-    monkeypatch.setattr(harness, "compressed", recording)
+    monkeypatch.setattr(harness, "generate", recording)
     lm = KvrlLM.__new__(KvrlLM)  # no lm-eval set-up: only `_model_generate` runs
     model = random_model(small_config("llama"), seed=0)
     lm.__dict__.update(_model=model, tokenizer=type("Tok", (), {"pad_token_id": 0})(), stats=GenerationStats(), on_samples=None,
