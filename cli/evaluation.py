@@ -30,11 +30,11 @@ from kvpress_rl.evaluators.grid import (
     run_grid,
     summarize,
 )
-from kvpress_rl.evaluators.report import markdown_table, write_report
+from kvpress_rl.evaluators.report import markdown_table, write_frontier, write_report
 from kvpress_rl.models import _DTYPES, DEFAULT_MODEL, available_device, check_device, check_seed, load_model, looks_like_path
 from kvpress_rl.plan import check_sparsity
 from kvpress_rl.plugins import get_strategy
-from kvpress_rl.policies import compressed_head_policy
+from kvpress_rl.policies import compressed_head_policy, full_head_policy
 from kvpress_rl.profiles import EMBEDDED_PROFILE
 
 
@@ -123,6 +123,10 @@ def results_table(rows: list[dict]) -> RenderableType:
 @click.option("--data-dir", default=None, envvar="KVRL_DATA_DIR", help="local data directory laid out like shared/data (offline tasks)")
 @click.option("--compressed-policy", default="streaming", show_default=True,
               help="token policy of the compressed heads of head strategies: streaming, snapkv, h2o, rkv (hybrid plans)")
+@click.option("--full-policy", default=None, help="hybrid plans: token policy of the full heads of head strategies too (streaming, snapkv, h2o, rkv)")
+@click.option("--full-budget", "full_budgets", default=None,
+              help="with --full-policy, a grid axis: what full heads keep, comma-separated fractions of the sequence (0.5) or "
+                   "token counts (512); `all` = everything (the plain head plan)")
 @click.option("--plan-rule", type=click.Choice(["official", "round"]), default="official", show_default=True,
               help="how head scores become a plan: official (RLKV's quantile threshold, seeded tie-break) or round (round(n * s) heads)")
 @click.option("--decoding-simulation", type=click.IntRange(min=0), default=None,
@@ -136,15 +140,15 @@ def results_table(rows: list[dict]) -> RenderableType:
 @click.option("--output", default="kvrl-eval", show_default=True, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--recompute", is_flag=True, help="redo the finished cells of --output that were made with other settings (else refused)")
 def eval_command(tasks: str | None, strategies: str, sparsities: str, seeds: str, model: str | None, heads: str | None, limit: int,
-                 batch_size: int, max_tokens: int | None, data_dir: str | None, compressed_policy: str, plan_rule: str,
-                 decoding_simulation: int | None, allow_code_execution: bool,
+                 batch_size: int, max_tokens: int | None, data_dir: str | None, compressed_policy: str, full_policy: str | None,
+                 full_budgets: str | None, plan_rule: str, decoding_simulation: int | None, allow_code_execution: bool,
                  chat_template: bool | None, device: str | None, dtype: str, num_processes: int, output: Path, recompute: bool) -> None:
     """Evaluate strategies at several sparsities with lm-eval (full cache once per task); resumes an interrupted grid.
 
     A strategy that trains (rlkv, duo) needs its scores from `kvrl select`, passed with --heads."""
     settings = dict(tasks=tasks, strategies=strategies, sparsities=sparsities, seeds=seeds, model=model, heads=heads, limit=limit,
-                    batch_size=batch_size, max_tokens=max_tokens, data_dir=data_dir, compressed_policy=compressed_policy, plan_rule=plan_rule,
-                    decoding_simulation=decoding_simulation, allow_code_execution=allow_code_execution, chat_template=chat_template,
+                    batch_size=batch_size, max_tokens=max_tokens, data_dir=data_dir, compressed_policy=compressed_policy, full_policy=full_policy,
+                    full_budgets=full_budgets, plan_rule=plan_rule, decoding_simulation=decoding_simulation, allow_code_execution=allow_code_execution, chat_template=chat_template,
                     device=device, dtype=dtype)
     rank, world_size = check_num_processes(num_processes)
     if num_processes > 1:
@@ -168,7 +172,7 @@ def eval_command(tasks: str | None, strategies: str, sparsities: str, seeds: str
 
 
 def eval_inputs(*, tasks, strategies, sparsities, seeds, model, heads, limit, batch_size, max_tokens, data_dir, compressed_policy,
-                plan_rule, decoding_simulation, allow_code_execution, chat_template, device, dtype, quiet: bool = False):
+                full_policy, full_budgets, plan_rule, decoding_simulation, allow_code_execution, chat_template, device, dtype, quiet: bool = False):
     """`(GridSpec, device)`: every input checked before any model loads (and before any process is launched)."""
     found = strategies_with_warnings(quiet)  # quiet: a rank of a data-parallel run (the launching process showed them)
     chosen = [(name, get_strategy(name, found)) for name in split_list(strategies, str, "--strategy")]
@@ -177,6 +181,12 @@ def eval_inputs(*, tasks, strategies, sparsities, seeds, model, heads, limit, ba
     head_files = parse_heads(heads, chosen)
     check_training_strategies(chosen, head_files)
     compressed_head_policy(compressed_policy)  # refuse an unknown policy before loading anything
+    if (full_policy is None) != (full_budgets is None):
+        raise KvrlError("--full-policy and --full-budget go together: a policy and what it keeps (0.5 of the sequence, or 512 tokens)")
+    budget_list = split_list(full_budgets, str, "--full-budget") if full_budgets else []
+    for budget in budget_list:
+        if budget != "all":
+            full_head_policy(full_policy, budget)  # a bad policy or budget: refused before loading anything
     if limit < 0 or batch_size < 1 or (max_tokens is not None and max_tokens < 1):
         raise KvrlError("--limit must be >= 0, --batch-size and --max-tokens positive")
     if dtype != "auto" and dtype not in _DTYPES:
@@ -193,7 +203,8 @@ def eval_inputs(*, tasks, strategies, sparsities, seeds, model, heads, limit, ba
     task_names = split_list(tasks, str, "--tasks") if tasks else [default_task]
     spec = GridSpec(chosen, levels, seed_list, limit or None, batch_size, max_tokens, head_files, task_names, data_dir,
                     compressed_policy, plan_rule, allow_code_execution, chat_template, decoding_simulation=decoding_simulation,
-                    model=identity, dtype=dtype if dtype != "auto" else ("float32" if device == "cpu" else "bfloat16"))
+                    model=identity, dtype=dtype if dtype != "auto" else ("float32" if device == "cpu" else "bfloat16"),
+                    full_policy=full_policy, full_budgets=budget_list)
     check_heads(spec)  # every --heads file exists and loads; its shape is checked once the model is loaded
     resolve_tasks(spec)  # bad task names, missing files, code execution: refused before the model loads
     return spec, device
@@ -260,7 +271,11 @@ def quiet_lm_eval() -> None:
 @click.option("--paper", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="the paper's results CSV (layout of shared/reference/rlkv_paper_results.csv) to draw beside ours")
 @click.option("--paper-model", default=None, help="which of the CSV's models to draw (e.g. Qwen-2.5-7B-R1)")
-def report_command(directory: Path, paper: Path | None, paper_model: str | None) -> None:
+@click.option("--frontier", is_flag=True, help="also draw accuracy against measured KV memory, the Pareto front marked (frontier.png, frontier.md)")
+def report_command(directory: Path, paper: Path | None, paper_model: str | None, frontier: bool) -> None:
     """Plot accuracy against sparsity per task (report.png) and write report.md, from a `kvrl eval` output."""
+    if frontier:
+        png, markdown = write_frontier(directory)
+        Console().print(f"wrote {png} and {markdown}", highlight=False)
     png, markdown = write_report(directory, paper, paper_model)
     Console().print(f"wrote {png} and {markdown}", highlight=False)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import sys
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import click
@@ -29,6 +30,7 @@ from kvpress_rl.io import check_folder_writable, check_writable
 from kvpress_rl.models import _DTYPES, ModelShape, check_device, check_seed, load_model, model_id
 from kvpress_rl.plan import plan_from_scores
 from kvpress_rl.plugins import StrategyEntry, get_strategy
+from kvpress_rl.policies import full_head_policy
 from kvpress_rl.scores import HeadScores
 from kvpress_rl.selector import SelectionContext
 
@@ -262,6 +264,13 @@ def run_select(args: list[str], strategy_name: str, model: str | None, gguf_file
         show.print(f"training log {work_dir / 'train_log.jsonl'}, plots {curves} and {heatmap}", highlight=False, markup=False)
 
 
+def check_full_heads(full_policy: str | None, full_budget: str | None):
+    """The full heads' policy of a hybrid plan (None: they keep everything); the two options go together."""
+    if (full_policy is None) != (full_budget is None):
+        raise KvrlError("--full-policy and --full-budget go together: a policy and what it keeps (0.5 of the sequence, or 512 tokens)")
+    return None if full_policy is None else full_head_policy(full_policy, full_budget)
+
+
 @app.command("plan")
 @click.option("--heads", required=True, type=click.Path(path_type=Path), help="scores file (.safetensors or .tsv)")
 @click.option("--sparsity", required=True, type=float, help="fraction of KV heads to compress, in [0, 1]")
@@ -272,14 +281,20 @@ def run_select(args: list[str], strategy_name: str, model: str | None, gguf_file
 @click.option("--compressed-policy", default="streaming", show_default=True, help="token policy of compressed heads")
 @click.option("--rule", "rule", type=click.Choice(["official", "round"]), default="official", show_default=True,
               help="official: RLKV's quantile threshold with seeded tie-breaking noise; round: exactly round(n * s) heads")
-def plan_command(heads: Path, sparsity: float, seq_len: int, batch: int, head_dim: int, dtype_name: str, compressed_policy: str, rule: str) -> None:
+@click.option("--full-policy", default=None, help="a hybrid plan: token policy of the full heads too (streaming, snapkv, h2o, rkv)")
+@click.option("--full-budget", default=None, help="with --full-policy: what full heads keep, a fraction of the sequence (0.5) or tokens (512)")
+def plan_command(heads: Path, sparsity: float, seq_len: int, batch: int, head_dim: int, dtype_name: str, compressed_policy: str, rule: str,
+                 full_policy: str | None, full_budget: str | None) -> None:
     """Print the plan for a scores file and its KV memory against the full cache."""
     if dtype_name not in _DTYPES:
         raise KvrlError(f"unknown dtype {dtype_name!r}; accepted: {', '.join(_DTYPES)}")
     if seq_len < 1 or batch < 1 or head_dim < 1:
         raise KvrlError("--seq-len, --batch and --head-dim must be positive")
+    full_heads = check_full_heads(full_policy, full_budget)
     scores = HeadScores.load(heads)
     plan = plan_from_scores(scores, sparsity, compressed_policy, rule)  # 80 tokens per compressed head whatever the policy
+    if full_heads is not None:
+        plan = replace(plan, full_policy=full_heads)
     dtype: torch.dtype = _DTYPES[dtype_name]
     console.print(plan.summary(), highlight=False, markup=False)
     planned = plan.kv_bytes(seq_len, batch, head_dim=head_dim, dtype=dtype)

@@ -23,7 +23,6 @@ import os
 import re
 import secrets
 import shutil
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -32,7 +31,7 @@ import kvpress_rl
 from kvpress_rl.errors import KvrlError
 from kvpress_rl.evaluators.plots import gate_heatmap, training_curves
 from kvpress_rl.hub import is_hub_ref
-from kvpress_rl.io import STALE_AFTER_S, check_folder_writable
+from kvpress_rl.io import STALE_AFTER_S, check_folder_writable, stale_leftovers
 from kvpress_rl.plan import plan_from_scores
 from kvpress_rl.policies import BUDGET_BASE, SINK_TOKENS, WINDOW_TOKENS
 from kvpress_rl.scores import CARD_FILE, CONFIG_FILE, SCORES_FILE, HeadScores
@@ -316,22 +315,11 @@ def clean_stale_folders(folder: Path, older_than_s: float = STALE_AFTER_S) -> li
     `.old/` folders once `folder` exists again (before that, one may hold the only copy). Returns what was removed."""
     pattern = re.compile(rf"\.{re.escape(folder.name)}\.(\d+)-[0-9a-f]{{8}}\.(tmp|old)")
     removed = []
-    try:
-        names = os.listdir(folder.parent)
-    except OSError:
-        return removed
-    for name in names:
-        match = pattern.fullmatch(name)
-        candidate = folder.parent / name
-        if not match or not candidate.is_dir() or candidate.is_symlink() or (match.group(2) == "old" and not folder.is_dir()):
+    for candidate, match in stale_leftovers(folder.parent, pattern, older_than_s):
+        if not candidate.is_dir() or candidate.is_symlink() or (match.group(2) == "old" and not folder.is_dir()):
             continue
-        try:
-            age = time.time() - candidate.stat().st_mtime
-        except OSError:
-            continue
-        if not _alive(int(match.group(1))) or age > older_than_s:
-            shutil.rmtree(candidate, ignore_errors=True)
-            removed.append(candidate)
+        shutil.rmtree(candidate, ignore_errors=True)
+        removed.append(candidate)
     return removed
 
 
@@ -345,16 +333,6 @@ def _new_sibling(folder: Path, kind: str) -> Path:
             continue
         return candidate
     raise KvrlError(f"cannot create a temporary folder next to {folder}")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError, ValueError):
-        return True
-    return True
 
 
 # --- text ----------------------------------------------------------------------------------------

@@ -76,6 +76,8 @@ class GenerationStats:
     generated_tokens: int = 0
     seconds: float = 0.0
     repetition_stops: int = 0
+    kv_bytes_held: int = 0  # keys and values the caches held at the end of each generation (measured)
+    kv_bytes_full: int = 0  # what a full cache would have held for the same sequences
 
     @property
     def tokens_per_second(self) -> float:
@@ -158,10 +160,12 @@ class KvrlLM(HFLM):
         began = time.perf_counter()
         if self.plan is not None:
             self.decoding_simulation_used.add(simulation)
+        caches: list = []
         with torch.inference_mode():
-            out = generate(self.model, self.plan, context, decoding_simulation=simulation, max_length=max_length, stopping_criteria=criteria,
-                           pad_token_id=self.tokenizer.pad_token_id, use_cache=True, **generation_kwargs)
+            out = generate(self.model, self.plan, context, decoding_simulation=simulation, caches=caches, max_length=max_length,
+                           stopping_criteria=criteria, pad_token_id=self.tokenizer.pad_token_id, use_cache=True, **generation_kwargs)
         self.stats.seconds += time.perf_counter() - began
+        self._count_kv_bytes(caches[0] if caches else None, out)
         new = out[:, context.shape[1]:]
         self.stats.generated_tokens += int((new != self.tokenizer.pad_token_id).sum())
         self.stats.sequences += out.shape[0]
@@ -170,6 +174,16 @@ class KvrlLM(HFLM):
         if self.on_samples:
             self.on_samples(out.shape[0])
         return out
+
+
+    def _count_kv_bytes(self, cache, out: torch.Tensor) -> None:
+        """Add what `cache` holds now (None: a full cache) and what a full cache would hold for these sequences."""
+        shape = ModelShape.from_config(self.model.config)
+        element = torch.empty((), dtype=self.model.dtype).element_size()
+        seen = cache.get_seq_length() if cache is not None else out.shape[1] - 1  # the last token is never fed back
+        full = out.shape[0] * seen * shape.num_layers * shape.num_kv_heads * 2 * shape.head_dim * element
+        self.stats.kv_bytes_full += full
+        self.stats.kv_bytes_held += cache.kv_nbytes() if cache is not None else full
 
 
 def parse_decoding_simulation(value: int | str | None) -> int | None:

@@ -85,7 +85,7 @@ def seed_ranges(cells: list[Cell]) -> dict[tuple[str, str, float], tuple[float, 
     """(task, strategy, sparsity) -> (lowest, highest accuracy over the seeds, number of seeds)."""
     accuracies: dict[tuple[str, str, float], list[float]] = {}
     for c in cells:
-        accuracies.setdefault((c.task, c.strategy, c.sparsity), []).append(c.accuracy)
+        accuracies.setdefault((c.task, c.label, c.sparsity), []).append(c.accuracy)
     return {key: (min(values), max(values), len(values)) for key, values in accuracies.items()}
 
 
@@ -125,12 +125,16 @@ def accuracy_figure(cells: list[Cell], points: dict[str, list[PaperPoint]] | Non
                     linestyle="--", marker="x", color=colors.get(method), alpha=0.8, label=f"paper {paper_model}: {method}")
         if full is not None:
             ax.axhline(100 * full, color="grey", linewidth=0.8, linestyle=":", label="full cache")
-        ax.set_title(task)
-        ax.set_xlabel("sparsity (fraction of KV heads compressed)")
-        ax.set_ylabel("accuracy (%)")
-        ax.set_ylim(-2, 102)
-        ax.legend(fontsize=7)
+        label_axes(ax, task, "sparsity (fraction of KV heads compressed)")
     return fig
+
+
+def label_axes(ax, task: str, xlabel: str) -> None:
+    ax.set_title(task)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(-2, 102)
+    ax.legend(fontsize=7)
 
 
 def write_report(directory: Path, paper: Path | None = None, paper_model: str | None = None) -> tuple[Path, Path]:
@@ -147,3 +151,73 @@ def write_report(directory: Path, paper: Path | None = None, paper_model: str | 
     text = f"# kvrl report: {directory}\n\n![accuracy against sparsity](report.png)\n\n{caption}{markdown_table(rows)}"
     markdown = write_atomic(directory / "report.md", lambda tmp: tmp.write_text(text), overwrite=True)
     return png, markdown
+
+
+@dataclass(frozen=True)
+class FrontierPoint:
+    task: str
+    family: str  # the line it is drawn on: a strategy, or a hybrid `strategy+policy:budget`
+    sparsity: float
+    memory: float  # KV memory as a share of the full cache: measured when the cell recorded it, else the plan's
+    accuracy: float
+    measured: bool
+    pareto: bool = False
+
+
+def frontier_points(cells: list[Cell]) -> list[FrontierPoint]:
+    """Every (task, strategy family, sparsity) of a grid as accuracy against KV memory, the Pareto front marked:
+    a point is on the front when no other point of its task keeps at least its accuracy with less memory, or
+    more accuracy with no more memory."""
+    rows = summarize(cells)
+    points = []
+    for r in rows:
+        measured = r["kv_measured"] is not None
+        memory = r["kv_measured"] if measured else 1.0 - r["kv_saved"]
+        points.append(FrontierPoint(r["task"], r["strategy"], r["sparsity"], memory, r["accuracy"], measured))
+    marked = []
+    for p in points:
+        rivals = [q for q in points if q.task == p.task and q is not p]
+        dominated = any(q.memory <= p.memory and q.accuracy >= p.accuracy and (q.memory < p.memory or q.accuracy > p.accuracy)
+                        for q in rivals)
+        marked.append(FrontierPoint(**{**p.__dict__, "pareto": not dominated}))
+    return marked
+
+
+def frontier_figure(points: list[FrontierPoint]):
+    """Accuracy against KV memory, one panel per task, one line per strategy family, the Pareto front circled
+    and joined."""
+    tasks = sorted({p.task for p in points})
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(tasks), figsize=(6.5 * len(tasks), 4.8), squeeze=False)
+    for ax, task in zip(axes.flat, tasks):
+        mine = [p for p in points if p.task == task]
+        for family in sorted({p.family for p in mine}):
+            line = sorted((p for p in mine if p.family == family), key=lambda p: p.memory)
+            style = dict(marker="*", markersize=12, linestyle="none") if family == FULL else dict(marker="o")
+            ax.plot([100 * p.memory for p in line], [100 * p.accuracy for p in line], label=family, **style)
+        front = sorted((p for p in mine if p.pareto), key=lambda p: p.memory)
+        ax.plot([100 * p.memory for p in front], [100 * p.accuracy for p in front], color="black", linewidth=1.2, linestyle="--",
+                marker="o", markerfacecolor="none", markersize=11, label="Pareto front")
+        label_axes(ax, task, "KV memory (% of the full cache, measured)")
+    return fig
+
+
+def frontier_table(points: list[FrontierPoint]) -> str:
+    lines = ["| task | strategy | sparsity | KV memory (% of full) | accuracy (%) | Pareto |", "|---|---|---|---|---|---|"]
+    for p in sorted(points, key=lambda p: (p.task, p.memory, -p.accuracy)):
+        memory = f"{100 * p.memory:.1f}" + ("" if p.measured else " (plan)")
+        lines.append(f"| {p.task} | {p.family} | {p.sparsity:g} | {memory} | {100 * p.accuracy:.1f} | {'yes' if p.pareto else ''} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_frontier(directory: Path) -> tuple[Path, Path]:
+    """`DIR/frontier.png` and `DIR/frontier.md` from `DIR/grid.csv`: accuracy against measured KV memory."""
+    cells = read_grid(directory / "grid.csv")
+    if not cells:
+        raise KvrlError(f"no finished cells in {directory / 'grid.csv'}; run `kvrl eval --output {directory}` first")
+    points = frontier_points(cells)
+    png = _save(frontier_figure(points), directory / "frontier.png")
+    note = ("KV memory: keys and values the caches held at the end of each generation over what full caches would hold for the "
+            "same sequences (measured; `(plan)`: a grid from before kvrl measured it, the plan's share at the mean length).")
+    text = f"# kvrl frontier: {directory}\n\n![accuracy against KV memory](frontier.png)\n\n{note}\n\n{frontier_table(points)}"
+    return png, write_atomic(directory / "frontier.md", lambda tmp: tmp.write_text(text), overwrite=True)

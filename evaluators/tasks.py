@@ -183,18 +183,25 @@ def r1_config(task: R1Task, data_dir: Path | None) -> TaskConfig:
     return TaskConfig(task.name, config, "acc,none", chat_template=True, unsafe_code=task.code)
 
 
-def embedded_config(count: int = EMBEDDED_TEST_PROBLEMS, max_new_tokens: int = EMBEDDED_MAX_NEW_TOKENS) -> TaskConfig:
+# The embedded task at its trained difficulty, and with twice the links (prompts of about 500 tokens instead of
+# 270): long enough that token eviction inside the full heads saves memory beyond the 80-token compressed heads.
+EMBEDDED_TASKS = {EMBEDDED_TASK: Difficulty(), f"{EMBEDDED_TASK}_long": Difficulty(hops=8, links=64)}
+
+
+def embedded_config(count: int = EMBEDDED_TEST_PROBLEMS, max_new_tokens: int = EMBEDDED_MAX_NEW_TOKENS, name: str = EMBEDDED_TASK) -> TaskConfig:
+    difficulty = EMBEDDED_TASKS[name]
+
     def dataset(**_: Any):
         import datasets
 
-        rows = [{"prompt": p.prompt(), "answer": p.answer, "seed": p.seed} for p in problems("test", count, Difficulty())]
+        rows = [{"prompt": p.prompt(), "answer": p.answer, "seed": p.seed} for p in problems("test", count, difficulty)]
         return {"test": datasets.Dataset.from_list(rows)}
 
     def process_results(doc: dict, results: list[str]) -> dict:
         return {"acc": float(embedded_equal(results[0], doc["answer"]))}
 
     config = {
-        "task": EMBEDDED_TASK,
+        "task": name,
         "custom_dataset": dataset,
         "output_type": "generate_until",
         "test_split": "test",
@@ -204,9 +211,9 @@ def embedded_config(count: int = EMBEDDED_TEST_PROBLEMS, max_new_tokens: int = E
         "metric_list": _accuracy_metric(),
         "generation_kwargs": {"until": [], "do_sample": False, "max_gen_toks": max_new_tokens},
         "num_fewshot": 0,
-        "metadata": {"version": 1.0, "source": "kvpress-rl embedded link-following task"},
+        "metadata": {"version": 1.0, "source": f"kvpress-rl embedded link-following task, {difficulty.hops} hops, {difficulty.links} links"},
     }
-    return TaskConfig(EMBEDDED_TASK, config, "acc,none", chat_template=True)
+    return TaskConfig(name, config, "acc,none", chat_template=True)
 
 
 def _mbpp_results(doc: dict, results: list[str]) -> dict:
@@ -262,13 +269,13 @@ def _then(to_schema: Callable[[dict], dict], original: Callable | None) -> Calla
 
 
 def offline_task_names() -> list[str]:
-    return [EMBEDDED_TASK, *LM_EVAL_LOCAL, *R1_TASKS]
+    return [*EMBEDDED_TASKS, *LM_EVAL_LOCAL, *R1_TASKS]
 
 
 def resolve_task(name: str, data_dir: Path | None, task_manager=None, embedded_tokens: int = EMBEDDED_MAX_NEW_TOKENS) -> TaskConfig:
     """The lm-eval config of task `name`; unknown names get an error that lists the close ones."""
-    if name == EMBEDDED_TASK:
-        return embedded_config(max_new_tokens=embedded_tokens)
+    if name in EMBEDDED_TASKS:
+        return embedded_config(max_new_tokens=embedded_tokens, name=name)
     if name in R1_TASKS:
         return r1_config(R1_TASKS[name], data_dir)
     if task_manager is None:

@@ -62,6 +62,29 @@ def _writer_alive(pid_text: str | None) -> bool | None:
     return True
 
 
+def stale_leftovers(folder: Path, pattern: re.Pattern, older_than_s: float = STALE_AFTER_S) -> list[tuple[Path, re.Match]]:
+    """Entries of `folder` whose name matches `pattern` (group 1: the writer's pid, or None) left by a writer that is
+    gone, or older than `older_than_s` whatever their writer: `(path, match)` pairs, for the caller to remove."""
+    found = []
+    now = time.time()
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return found
+    for name in names:
+        match = pattern.fullmatch(name)
+        if not match:
+            continue
+        candidate = folder / name
+        try:
+            age = now - candidate.stat().st_mtime
+        except OSError:
+            continue
+        if _writer_alive(match.group(1)) is False or age > older_than_s:
+            found.append((candidate, match))
+    return found
+
+
 def clean_stale_temporaries(path: Path, older_than_s: float = STALE_AFTER_S) -> list[Path]:
     """Remove temporary files of `path` left by killed writers: the writer's pid is gone, or the file is
     older than `older_than_s`. Returns what was removed."""
@@ -69,26 +92,12 @@ def clean_stale_temporaries(path: Path, older_than_s: float = STALE_AFTER_S) -> 
     # ours: `.NAME.PID-HEX8.tmp`; older versions (tempfile.mkstemp): `.NAME.XXXXXXXX.tmp`
     pattern = re.compile(rf"\.{re.escape(path.name)}\.(?:(\d+)-[0-9a-f]{{8}}|[a-z0-9_]{{8}})\.tmp")
     removed = []
-    now = time.time()
-    try:
-        names = os.listdir(path.parent)
-    except OSError:
-        return removed
-    for name in names:
-        match = pattern.fullmatch(name)
-        if not match:
-            continue
-        candidate = path.parent / name
+    for candidate, _ in stale_leftovers(path.parent, pattern, older_than_s):
         try:
-            age = now - candidate.stat().st_mtime
+            candidate.unlink()
+            removed.append(candidate)
         except OSError:
-            continue
-        if _writer_alive(match.group(1)) is False or age > older_than_s:
-            try:
-                candidate.unlink()
-                removed.append(candidate)
-            except OSError:
-                pass
+            pass
     return removed
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -26,7 +26,8 @@ def check_sparsity(sparsity: float) -> float:
 class CompressionPlan:
     """What the executor runs.
 
-    `full` is a bool tensor `[num_layers, num_kv_heads]`: True keeps the whole history; the other
+    `full` is a bool tensor `[num_layers, num_kv_heads]`: True marks the full heads, which keep the whole
+    history, or with a `full_policy` (a hybrid plan) what that policy keeps at its budget; the other
     heads are compressed by `policy` (its budget in tokens per head).
     """
 
@@ -35,6 +36,7 @@ class CompressionPlan:
     sparsity: float = 0.0
     source: str = ""
     rule: str = ""  # how heads were chosen: a `PLAN_RULES` name, or "" for a hand-made plan
+    full_policy: TokenPolicy | None = None  # a hybrid plan: the full heads too evict, at their (larger) budget
 
     def __post_init__(self) -> None:
         if self.full.dtype != torch.bool or self.full.ndim != 2:
@@ -58,7 +60,8 @@ class CompressionPlan:
     def tokens_held(self, seq_len: int) -> torch.Tensor:
         """Tokens each head holds after `seq_len` tokens, `[layers, kv_heads]`."""
         compressed = min(seq_len, self.policy.budget(seq_len))
-        return torch.where(self.full, torch.tensor(seq_len), torch.tensor(compressed))
+        full = seq_len if self.full_policy is None else min(seq_len, self.full_policy.budget(seq_len))
+        return torch.where(self.full, torch.tensor(full), torch.tensor(compressed))
 
     def kv_bytes(self, seq_len: int, batch: int = 1, *, head_dim: int, dtype: torch.dtype = torch.bfloat16) -> int:
         """Exact bytes of keys and values the executor holds for `batch` sequences of `seq_len` tokens."""
@@ -74,6 +77,7 @@ class CompressionPlan:
         lines = [
             f"plan: {self.num_compressed}/{self.full.numel()} KV heads compressed (sparsity {self.sparsity:g}"
             f"{', rule ' + self.rule if self.rule else ''}), compressed heads keep {self.policy.describe()}"
+            + (f", full heads keep {self.full_policy.describe()}" if self.full_policy is not None else "")
         ]
         width = len(str(self.shape[0] - 1))
         for layer, row in enumerate(self.full.tolist()):
@@ -164,16 +168,18 @@ def plan_from_scores(
 
 
 def build_plan(selector: Any, scores: HeadScores, sparsity: float, compressed_policy: str | TokenPolicy = "streaming",
-               rule: str = "official") -> CompressionPlan:
+               rule: str = "official", full_policy: TokenPolicy | None = None) -> CompressionPlan:
     """The plan of a strategy at `sparsity`, the one place plans are built from a strategy's scores.
 
     A token strategy (`selector.kind == "token"`) compresses every head with `selector.make_policy(sparsity)`
     (its budget matches head sparsity in KV memory); a head strategy ranks its scores globally with
-    `plan_from_scores`, its compressed heads keeping 80 tokens chosen by `compressed_policy`.
+    `plan_from_scores`, its compressed heads keeping 80 tokens chosen by `compressed_policy` and, with a
+    `full_policy` (`policies.full_head_policy`), its full heads what that policy keeps at its budget.
     """
     if selector.kind == "token":
         return token_plan(scores.shape, sparsity, selector.make_policy(check_sparsity(sparsity)))
-    return plan_from_scores(scores, sparsity, compressed_policy, rule)
+    plan = plan_from_scores(scores, sparsity, compressed_policy, rule)
+    return replace(plan, full_policy=full_policy) if full_policy is not None else plan
 
 
 def token_plan(shape: tuple[int, int], sparsity: float, policy: TokenPolicy) -> CompressionPlan:

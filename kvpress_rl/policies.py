@@ -67,6 +67,11 @@ class TokenPolicy:
         """How many of a prefill's last queries `observe` needs (None: every query). Decoding steps are all observed."""
         return None
 
+    def kept_prefix(self, budget: int) -> int | None:
+        """For a policy that keeps, whatever the content, the first k slots and the most recent others (once no
+        padding is held): k. The cache then evicts by slicing instead of ranking. None: the policy ranks."""
+        return None
+
     def slack(self) -> int:
         """Tokens a head may hold above its budget before it is compressed (R-KV's buffer)."""
         return 0
@@ -137,6 +142,9 @@ class Streaming(TokenPolicy):
 
     def budget(self, seq_len: int) -> int:
         return self.sink + self.window if self.budget_spec is None else self.budget_spec.tokens(seq_len)
+
+    def kept_prefix(self, budget: int) -> int:
+        return min(self.sink, budget)
 
     def keep_scores(self, keys, valid, stats):
         # Sinks are protected; the rest rank by recency, so the top `budget` are sinks + newest.
@@ -325,13 +333,28 @@ def compressed_head_policy(name: str = "streaming") -> TokenPolicy:
     return Streaming() if name == Streaming.name else make_policy(name, fixed_budget=BUDGET_BASE)
 
 
-def make_policy(name: str, *, sparsity: float | None = None, fixed_budget: int | None = None, **options: Any) -> TokenPolicy:
-    """Build a policy by name. Budgeted policies grow with `sparsity` unless `fixed_budget` is given."""
+def full_head_policy(name: str, budget: str | float | int) -> TokenPolicy:
+    """What the full heads of a hybrid plan keep: `budget` tokens chosen by policy `name`. `budget` is a fraction
+    of the sequence written with a decimal point (`0.5`: `int(L * 0.5)` tokens) or a token count (`512`)."""
+    text = str(budget).strip()
+    try:
+        value = float(text)
+    except ValueError:
+        raise KvrlError(f"full-head budget {text!r}: give a fraction of the sequence (e.g. 0.5) or a token count (e.g. 512)") from None
+    if "." in text or "e" in text.lower():
+        if not 0.0 < value <= 1.0:
+            raise KvrlError(f"full-head budget {text}: a fraction must lie in (0, 1]")
+        return make_policy(name, budget=Budget(sparsity=1.0 - value, base=0))
+    if value < 1 or value != int(value):
+        raise KvrlError(f"full-head budget {text}: a token count must be a whole number >= 1")
+    return make_policy(name, budget=Budget(fixed=int(value)))
+
+
+def make_policy(name: str, *, sparsity: float | None = None, fixed_budget: int | None = None, budget: Budget | None = None,
+                **options: Any) -> TokenPolicy:
+    """Build a policy by name. Budgeted policies grow with `sparsity` unless `fixed_budget` (or a whole `budget`) is given."""
     if name not in POLICIES:
         raise KvrlError(f"unknown token policy {name!r}; accepted: {', '.join(POLICIES)}")
-    cls = POLICIES[name]
-    if fixed_budget is not None:
-        budget = Budget(fixed=fixed_budget)
-    else:
-        budget = Budget(sparsity=0.5 if sparsity is None else sparsity)
-    return cls(budget_spec=budget, **options)
+    if budget is None:
+        budget = Budget(fixed=fixed_budget) if fixed_budget is not None else Budget(sparsity=0.5 if sparsity is None else sparsity)
+    return POLICIES[name](budget_spec=budget, **options)

@@ -104,12 +104,17 @@ def compressed(model: Any, plan: CompressionPlan, decoding_simulation: int = 0) 
         yield session
 
 
-def generate(model: Any, plan: CompressionPlan | None, input_ids: torch.Tensor, *, decoding_simulation: int = 0, **kwargs: Any) -> torch.Tensor:
-    """`model.generate(input_ids, **kwargs)` under `plan` (None: the plain model and its own cache)."""
+def generate(model: Any, plan: CompressionPlan | None, input_ids: torch.Tensor, *, decoding_simulation: int = 0,
+             caches: list[HeadwiseCache] | None = None, **kwargs: Any) -> torch.Tensor:
+    """`model.generate(input_ids, **kwargs)` under `plan` (None: the plain model and its own cache); the cache the
+    plan ran on is appended to `caches` if given (for measuring what it held)."""
     if plan is None:
         return model.generate(input_ids=input_ids, **kwargs)
     with compressed(model, plan, decoding_simulation) as session:
-        return session.generate(input_ids, **kwargs)
+        out = session.generate(input_ids, **kwargs)
+    if caches is not None:
+        caches.append(session.last_cache)
+    return out
 
 
 __all__ = ["CompressedSession", "HeadwiseCache", "compressed", "gated", "generate", "new_gates"]

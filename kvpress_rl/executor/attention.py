@@ -1,8 +1,8 @@
 """The executor's attention function, registered through transformers' `AttentionInterface`.
 
-Full heads attend over the whole history with SDPA; compressed heads go to their cache layer
-(`HeadwiseLayer.attend_compressed`), which attends over the slots it holds and evicts (the protocol
-is in `cache.py`). Under GQA every query head follows its KV head; outputs return in head order.
+Each group of heads of the layer's cache (full heads, compressed heads: `HeadGroup`) attends over the
+slots it holds and evicts (the protocol is in `cache.py`). Under GQA every query head follows its KV
+head; outputs return in head order.
 """
 
 from __future__ import annotations
@@ -34,13 +34,12 @@ def headwise_attention(module, query, key, value, attention_mask, dropout: float
     layer = key.layer
     batch, _, q_len, head_dim = query.shape
     scaling = scaling if scaling is not None else head_dim**-0.5
+    held = [group for group in layer.head_groups if len(group)]
+    if len(held) == 1:  # every head of the layer in one group, in head order: no split, no copy
+        return held[0].attend(module, query, attention_mask, scaling, layer.seen, dropout, **kwargs), None
     output = query.new_empty((batch, q_len, query.shape[1], head_dim))
-    if layer.has_full:
-        full_query = query.index_select(1, layer.full_query_heads)
-        full_out, _ = sdpa_attention_forward(module, full_query, layer.keys, layer.values, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-        output.index_copy_(2, layer.full_query_heads, full_out)
-    if layer.has_compressed:
-        compressed_query = query.index_select(1, layer.compressed_query_heads)
-        compressed_out = layer.attend_compressed(module, compressed_query, attention_mask, scaling, dropout, **kwargs)
-        output.index_copy_(2, layer.compressed_query_heads, compressed_out)
+    for group in held:
+        if len(group):
+            out = group.attend(module, query.index_select(1, group.query_heads), attention_mask, scaling, layer.seen, dropout, **kwargs)
+            output.index_copy_(2, group.query_heads, out)
     return output, None

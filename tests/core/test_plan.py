@@ -149,3 +149,24 @@ def test_summary_marks_full_heads_per_layer():
     text = plan_from_scores(torch.tensor([[0.9, 0.1], [0.2, 0.7]]), 0.5).summary()
     assert "layer 0  F.  full: 1/2" in text and "layer 1  .F  full: 1/2" in text
     assert "2/4 KV heads compressed" in text
+
+
+def test_a_hybrid_plan_counts_the_full_heads_budget(cli):
+    from dataclasses import replace
+
+    from kvpress_rl.policies import full_head_policy
+
+    plan = replace(plan_from_scores(torch.arange(8.0).reshape(2, 4) / 8, 0.5), full_policy=full_head_policy("rkv", "0.25"))
+    assert plan.tokens_held(1000).tolist() == [[80, 80, 80, 80], [250, 250, 250, 250]]
+    assert plan.kv_bytes(1000, head_dim=2, dtype=torch.float32) == (4 * 80 + 4 * 250) * 2 * 2 * 4
+    assert "full heads keep rkv(budget=int(L*(1-0.75))+0" in plan.summary()
+    assert full_head_policy("snapkv", "512").budget(10_000) == 512
+    for bad, message in (("1.5", "must lie in"), ("0", "whole number"), ("half", "fraction of the sequence"), ("12.5e3", "must lie in")):
+        with pytest.raises(KvrlError, match=message):
+            full_head_policy("h2o", bad)
+    HeadScores(torch.arange(8.0).reshape(2, 4) / 8).save("h.safetensors")
+    result = cli("plan", "--heads", "h.safetensors", "--sparsity", "0.5", "--seq-len", "1000", "--head-dim", "2",
+                 "--full-policy", "rkv", "--full-budget", "0.25")
+    assert result.exit_code == 0 and "16.5%" in result.output  # (4 * 80 + 4 * 250) / (8 * 1000)
+    refused = cli("plan", "--heads", "h.safetensors", "--sparsity", "0.5", "--full-policy", "rkv")
+    assert refused.exit_code == 2 and "go together" in refused.output

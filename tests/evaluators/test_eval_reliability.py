@@ -28,7 +28,7 @@ def finish(spec, out):
     """Write grid.csv as if every cell of `spec` had run."""
     (config,) = resolve_tasks(spec)
     cells = []
-    for _, name, sparsity, seed, entry in plan_resume(spec, out)[1]:
+    for _, name, sparsity, seed, entry, _ in plan_resume(spec, out)[1]:
         cell = Cell(config.name, name, sparsity, seed, 0.5, 2, 4, 1.0, 10.0)
         cell.definition = json.dumps(cell_definition(spec, config, name, entry, seed), sort_keys=True)
         cells.append(cell)

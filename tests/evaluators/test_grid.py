@@ -81,8 +81,19 @@ def test_a_training_strategy_needs_its_scores_from_select():
 
 def test_the_grid_draws_every_seed_only_for_seeded_strategies():
     spec = GridSpec(chosen("random", "retrieval", "streaming"), [0.5], [0, 1, 2])
-    cells = [(name, seed) for name, _, seed, _ in grid_cells(spec)]
+    cells = [(name, seed) for name, _, seed, _, _ in grid_cells(spec)]
     assert cells == [("full", 0), ("random", 0), ("random", 1), ("random", 2), ("retrieval", 0), ("streaming", 0)]
+
+
+def test_full_head_budgets_are_an_axis_of_head_strategies_only():
+    spec = GridSpec(chosen("retrieval", "snapkv"), [0.6, 0.8], [0], full_policy="rkv", full_budgets=["all", "0.5"])
+    cells = [(name, sparsity, full_heads) for name, sparsity, _, _, full_heads in grid_cells(spec)]
+    assert cells == [("full", 0.0, ""), ("retrieval", 0.6, ""), ("retrieval", 0.8, ""), ("retrieval", 0.6, "rkv:0.5"),
+                     ("retrieval", 0.8, "rkv:0.5"), ("snapkv", 0.6, ""), ("snapkv", 0.8, "")]
+    hybrid = Cell("embedded", "retrieval", 0.6, 0, 0.9, 9, 10, 0.3, 50.0, full_heads="rkv:0.5", kv_measured=0.25)
+    assert hybrid.label == "retrieval+rkv:0.5" and hybrid.key[-1] == "rkv:0.5"
+    rows = summarize([cell("full", 0.0, 0, 1.0), hybrid])
+    assert [(r["strategy"], r["kv_measured"]) for r in rows] == [("full", None), ("retrieval+rkv:0.5", 0.25)]
 
 
 def test_plots_are_written(tmp_path):

@@ -76,3 +76,21 @@ def test_write_report_draws_the_band_and_explains_it(tmp_path):
     assert SEED_BAND_CAPTION in text and "36.7 ± 47.3 (3 seeds)" in text
     write_grid(tmp_path / "grid.csv", [cell("full", 0.0, 0, 0.8), cell("streaming", 0.4, 0, 0.5)])
     assert SEED_BAND_CAPTION not in write_report(tmp_path)[1].read_text()  # no seeded strategy, no caption
+
+
+def test_the_frontier_marks_the_points_no_other_beats(tmp_path):
+    from kvpress_rl.evaluators.grid import Cell, write_grid
+    from kvpress_rl.evaluators.report import frontier_points, write_frontier
+
+    def point(strategy, sparsity, accuracy, memory, full_heads=""):
+        return Cell("embedded", strategy, sparsity, 0, accuracy, int(accuracy * 100), 100, memory, 50.0, full_heads=full_heads, kv_measured=memory)
+
+    cells = [point("full", 0.0, 0.98, 1.0), point("rlkv", 0.6, 0.98, 0.42), point("rlkv", 0.8, 0.97, 0.30),
+             point("snapkv", 0.8, 0.60, 0.35), point("rlkv", 0.8, 0.95, 0.20, "rkv:0.25")]
+    front = {(p.family, p.sparsity) for p in frontier_points(cells) if p.pareto}
+    # snapkv at 0.8 uses more memory than rlkv at 0.8 for less accuracy; full is beaten by rlkv 0.6 (same accuracy, less memory)
+    assert front == {("rlkv", 0.6), ("rlkv", 0.8), ("rlkv+rkv:0.25", 0.8)}
+    write_grid(tmp_path / "grid.csv", cells)
+    png, markdown = write_frontier(tmp_path)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| embedded | rlkv+rkv:0.25 | 0.8 | 20.0 | 95.0 | yes |" in markdown.read_text()

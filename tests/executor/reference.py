@@ -15,29 +15,32 @@ from transformers.modeling_utils import AttentionInterface
 from kvpress_rl.models import using_attention
 
 
-def reference_mask(valid: torch.Tensor, compressed: torch.Tensor, sink: int, window: int) -> torch.Tensor:
+def reference_mask(valid: torch.Tensor, compressed: torch.Tensor, sink: int, window: int,
+                   full_sink: int | None = None, full_window: int | None = None) -> torch.Tensor:
     """`valid (batch, kv)` real tokens, `compressed (kv_heads,)` bool -> `(batch, kv_heads, kv)` allowed keys
-    for the newest query: every real key for a full head; for a compressed head the first `sink` real
-    keys and the keys among the last `window + 1` positions (the held window and the new token)."""
+    for the newest query: for a compressed head the first `sink` real keys and the keys among the last
+    `window + 1` positions (the held window and the new token); for a full head every real key, or (a hybrid
+    plan whose full heads stream) the same rule with `full_sink` and `full_window`."""
     batch, kv = valid.shape
     allowed = torch.zeros(batch, len(compressed), kv, dtype=torch.bool)
     for b in range(batch):
         real = [j for j in range(kv) if valid[b, j]]
         for h, is_compressed in enumerate(compressed.tolist()):
+            head_sink, head_window = (sink, window) if is_compressed else (full_sink, full_window)
             for j in real:
-                if not is_compressed or real.index(j) < sink or j >= kv - 1 - window:
+                if head_sink is None or real.index(j) < head_sink or j >= kv - 1 - head_window:
                     allowed[b, h, j] = True
     return allowed
 
 
 @contextmanager
-def masked_reference(model, full: torch.Tensor, sink: int, window: int):
+def masked_reference(model, full: torch.Tensor, sink: int, window: int, full_sink: int | None = None, full_window: int | None = None):
     def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
         if query.shape[2] > 1:  # prefill: full attention for every head, as the paper evaluates
             return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
         kv = key.shape[2]
         valid = attention_mask[:, 0, -1, :] if attention_mask is not None else torch.ones(key.shape[0], kv, dtype=torch.bool)
-        allowed = reference_mask(valid, ~full[module.layer_idx], sink, window)
+        allowed = reference_mask(valid, ~full[module.layer_idx], sink, window, full_sink, full_window)
         allowed = allowed.repeat_interleave(module.num_key_value_groups, dim=1)[:, :, None, :]
         keys = key.repeat_interleave(module.num_key_value_groups, dim=1)
         values = value.repeat_interleave(module.num_key_value_groups, dim=1)

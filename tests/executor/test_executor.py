@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 import pytest
 import torch
 from transformers import DynamicCache
@@ -5,12 +7,23 @@ from transformers import DynamicCache
 from kvpress_rl import KvrlError, plan_from_scores
 from kvpress_rl.executor import HeadwiseCache, compressed
 from kvpress_rl.models import SUPPORTED_ARCHITECTURES, ModelShape, random_model, small_config
-from kvpress_rl.policies import Streaming
+from kvpress_rl.policies import Budget, Streaming, full_head_policy
 from tests.executor.reference import left_padded_batch, masked_reference, reference_mask, teacher_forced_logits
 
 
 def make_model(arch: str, **overrides):
     return random_model(small_config(arch, **overrides), seed=1)
+
+
+def check_against_reference(model, plan, ids, mask, continuation, sink, window, **full_heads):
+    """Teacher-forced logits under the plan equal the masked reference's; returns them and the cache."""
+    with masked_reference(model, plan.full, sink, window, **full_heads):
+        expected = teacher_forced_logits(model, ids, mask, continuation, DynamicCache())
+    with compressed(model, plan) as session:
+        cache = session.new_cache()
+        actual = teacher_forced_logits(model, ids, mask, continuation, cache)
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)
+    return actual, cache
 
 
 @pytest.mark.parametrize("arch", SUPPORTED_ARCHITECTURES)
@@ -35,12 +48,7 @@ def test_compressed_heads_match_the_masked_reference(arch, sparsity, batch):
     plan = plan_from_scores(torch.rand(4, 4, generator=torch.Generator().manual_seed(2)), sparsity, Streaming(sink, window))
     ids, mask = left_padded_batch(batch, 30)
     continuation = torch.randint(1, 256, (batch, 100), generator=torch.Generator().manual_seed(3))
-    with masked_reference(model, plan.full, sink, window):
-        expected = teacher_forced_logits(model, ids, mask, continuation, DynamicCache())
-    with compressed(model, plan) as session:
-        cache = session.new_cache()
-        actual = teacher_forced_logits(model, ids, mask, continuation, cache)
-    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)
+    actual, cache = check_against_reference(model, plan, ids, mask, continuation, sink, window)
     for layer in cache.layers:
         assert layer.compressed_keys.shape[2] == (sink + window if layer.has_compressed else 0)
         assert layer.keys.shape[2] == (130 if layer.has_full else 0)
@@ -191,3 +199,38 @@ def test_generate_with_an_explicit_cache_equals_session_generate_and_a_foreign_c
             model.generate(ids, max_new_tokens=3, do_sample=False)
     assert torch.equal(ours, explicit)
     assert "forward" not in model.__dict__ and "generate" not in model.__dict__  # nothing swapped on the instance
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_a_hybrid_plan_matches_the_masked_reference(arch, batch):
+    # full heads stream too (sink 3 + 9 recent), compressed heads keep 2 + 4: both groups follow the reference
+    model = make_model(arch)
+    plan = plan_from_scores(torch.rand(4, 4, generator=torch.Generator().manual_seed(9)), 0.5, Streaming(sink=2, window=4))
+    plan = replace(plan, full_policy=Streaming(sink=3, budget_spec=Budget(fixed=12)))
+    ids, mask = left_padded_batch(batch, 30)
+    continuation = torch.randint(1, 256, (batch, 40), generator=torch.Generator().manual_seed(10))
+    actual, cache = check_against_reference(model, plan, ids, mask, continuation, 2, 4, full_sink=3, full_window=9)
+    for layer in cache.layers:
+        assert layer.keys.shape[2] == (12 if layer.has_full else 0) and layer.compressed_keys.shape[2] == (6 if layer.has_compressed else 0)
+    with masked_reference(model, plan.full, 2, 4):  # and the full heads' eviction is not a no-op
+        heads_only = teacher_forced_logits(model, ids, mask, continuation, DynamicCache())
+    assert (heads_only - actual).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("full_policy, budget", [("streaming", "0.5"), ("snapkv", "0.25"), ("h2o", "100"), ("streaming", "1.0")])
+def test_measured_bytes_equal_a_hybrid_plan(full_policy, budget):
+    model = make_model("llama")
+    shape = ModelShape.from_config(model.config)
+    plan = replace(plan_from_scores(torch.rand(4, 4), 0.5), full_policy=full_head_policy(full_policy, budget))
+    ids = torch.randint(0, 256, (2, 300))
+    with compressed(model, plan) as session:
+        cache = session.new_cache()
+        model(input_ids=ids, cache=cache, use_cache=True)
+        for _ in range(30):
+            model(input_ids=ids[:, :1], cache=cache, use_cache=True)
+    expected = plan.kv_bytes(330, 2, head_dim=shape.head_dim, dtype=torch.float32)
+    assert cache.kv_nbytes() == expected
+    full_heads = int(plan.full.sum())
+    held = {"0.5": 165, "0.25": 82, "100": 100, "1.0": 330}[budget]  # int(L * f) or the token count
+    assert expected == 2 * 2 * shape.head_dim * 4 * (full_heads * held + (16 - full_heads) * 80)
