@@ -231,6 +231,28 @@ class _Capped:
         return bytes(self.head + middle + self.tail).decode("utf-8", "replace")
 
 
+def _processes_of(uid: int) -> int:
+    """Processes (zombies included) whose real user is `uid`, from /proc (0 where there is no /proc)."""
+    count = 0
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/status", encoding="ascii", errors="replace") as handle:
+                    uids = next(line for line in handle if line.startswith("Uid:"))
+            except (OSError, StopIteration):
+                continue
+            count += int(uids.split()[1]) == uid
+    return count
+
+
+def _wait_for_reaping(uid: int, timeout_s: float = 5.0) -> None:
+    """RLIMIT_NPROC counts every process of the sandbox user, zombies included: wait (a few seconds at most) until the
+    killed processes of earlier programs are reaped, so that a correct program is not failed by their leftovers."""
+    deadline = time.monotonic() + timeout_s
+    while _processes_of(uid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
 def _kill_group(pgid: int) -> None:
     try:
         os.killpg(pgid, signal.SIGKILL)
@@ -292,6 +314,8 @@ def run_tests(code: str, tests: list[str], setup: str = "", time_limit_s: float 
     program = "\n".join([setup, code, *tests, ""])
     remove_stale_folders()
     interpreter, ids = sandbox()
+    if ids is not None:
+        _wait_for_reaping(ids[0])
     work = tempfile.mkdtemp(prefix=f"{FOLDER_PREFIX}{os.getpid()}-")
     token = secrets.token_hex(32).encode()
     token_read, token_write = os.pipe()

@@ -148,7 +148,7 @@ def test_a_straggler_writing_into_the_folder_does_not_abort_the_run():
                  "                open(os.path.join(here, 'd', str(n), 'f'), 'w').write('x')\n                time.sleep(0.001)\n            except OSError:\n"
                  "                pass\n        os._exit(0)\n    os._exit(0)\ntime.sleep(0.3)\ndef add(a, b):\n    return a + b")
     outcome = run_tests(straggler, TESTS)  # today: OSError "Directory not empty" from the clean-up
-    assert outcome.passed
+    assert outcome.passed, (outcome.reason, outcome.stdout[-500:], outcome.stderr[-1500:])
 
 
 def test_folders_of_dead_callers_are_removed(tmp_path):
