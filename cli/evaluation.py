@@ -30,7 +30,7 @@ from kvpress_rl.evaluators.grid import (
     run_grid,
     summarize,
 )
-from kvpress_rl.evaluators.report import markdown_table, write_frontier, write_report
+from kvpress_rl.evaluators.report import markdown_table, write_breakdown, write_frontier, write_report
 from kvpress_rl.models import _DTYPES, DEFAULT_MODEL, available_device, check_device, check_seed, load_model, looks_like_path
 from kvpress_rl.plan import check_sparsity
 from kvpress_rl.plugins import get_strategy
@@ -272,8 +272,13 @@ def quiet_lm_eval() -> None:
               help="the paper's results CSV (layout of shared/reference/rlkv_paper_results.csv) to draw beside ours")
 @click.option("--paper-model", default=None, help="which of the CSV's models to draw (e.g. Qwen-2.5-7B-R1)")
 @click.option("--frontier", is_flag=True, help="also draw accuracy against measured KV memory, the Pareto front marked (frontier.png, frontier.md)")
-def report_command(directory: Path, paper: Path | None, paper_model: str | None, frontier: bool) -> None:
+@click.option("--by", "by_field", default=None, metavar="FIELD",
+              help="also break accuracy down by a field of the problems, e.g. hops for the embedded tasks (by_FIELD.png, by_FIELD.md)")
+def report_command(directory: Path, paper: Path | None, paper_model: str | None, frontier: bool, by_field: str | None) -> None:
     """Plot accuracy against sparsity per task (report.png) and write report.md, from a `kvrl eval` output."""
+    if by_field:
+        png, markdown = write_breakdown(directory, by_field)
+        Console().print(f"wrote {png} and {markdown}", highlight=False)
     if frontier:
         png, markdown = write_frontier(directory)
         Console().print(f"wrote {png} and {markdown}", highlight=False)

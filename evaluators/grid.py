@@ -27,7 +27,7 @@ from typing import Any
 
 import kvpress_rl
 from kvpress_rl.distributed import is_main_process
-from kvpress_rl.embedded.task import EMBEDDED_MAX_NEW_TOKENS, EMBEDDED_TASK
+from kvpress_rl.embedded.task import EMBEDDED_TASK
 from kvpress_rl.errors import KvrlError
 from kvpress_rl.evaluators.scoring import classify
 from kvpress_rl.evaluators.tasks import EMBEDDED_TASKS, TaskConfig, data_dir_from, resolve_task
@@ -401,7 +401,7 @@ def resolve_tasks(spec: GridSpec) -> list[TaskConfig]:
     """Every task's config, checked (names, data files, code execution) before any model work."""
     manager = task_manager()
     data_dir = data_dir_from(spec.data_dir)
-    configs = [resolve_task(name, data_dir, manager, embedded_tokens=spec.max_new_tokens or EMBEDDED_MAX_NEW_TOKENS) for name in spec.tasks]
+    configs = [resolve_task(name, data_dir, manager, embedded_tokens=spec.max_new_tokens) for name in spec.tasks]
     offline = any(os.environ.get(v, "0").lower() in ("1", "true", "yes") for v in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"))
     for config in configs:
         if offline and config.reads_hub:

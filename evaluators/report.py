@@ -12,6 +12,7 @@ sample standard deviation over the seeds.
 from __future__ import annotations
 
 import csv
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -221,3 +222,56 @@ def write_frontier(directory: Path) -> tuple[Path, Path]:
             "same sequences (measured; `(plan)`: a grid from before kvrl measured it, the plan's share at the mean length).")
     text = f"# kvrl frontier: {directory}\n\n![accuracy against KV memory](frontier.png)\n\n{note}\n\n{frontier_table(points)}"
     return png, write_atomic(directory / "frontier.md", lambda tmp: tmp.write_text(text), overwrite=True)
+
+
+def cell_samples(directory: Path, cell: Cell) -> Path:
+    """Where `kvrl eval` wrote a cell's per-problem samples."""
+    full_heads = f"+{cell.full_heads.replace(':', '-')}" if cell.full_heads else ""
+    return directory / "samples" / cell.task / f"{cell.strategy}{full_heads}-s{cell.sparsity:g}-seed{cell.seed}.jsonl"
+
+
+def accuracy_by(directory: Path, field: str) -> dict[tuple[str, str, float], dict[object, tuple[int, int]]]:
+    """`{(task, label, sparsity): {value: (solved, problems)}}`, problems grouped by their document's `field`
+    (`hops` for the embedded tasks), the seeds of a strategy pooled."""
+    cells = read_grid(directory / "grid.csv")
+    if not cells:
+        raise KvrlError(f"no finished cells in {directory / 'grid.csv'}; run `kvrl eval --output {directory}` first")
+    table: dict[tuple[str, str, float], dict[object, list[int]]] = {}
+    for cell in cells:
+        path = cell_samples(directory, cell)
+        if not path.is_file():
+            raise KvrlError(f"the samples of cell {cell.label} at {cell.sparsity:g} (seed {cell.seed}) are missing: {path}")
+        counts = table.setdefault((cell.task, cell.label, cell.sparsity), {})
+        for row in map(json.loads, path.read_text().splitlines()):
+            if field not in row["doc"]:
+                raise KvrlError(f"task {cell.task!r} has no field {field!r} in its documents; its fields: {', '.join(sorted(row['doc']))}")
+            value = counts.setdefault(row["doc"][field], [0, 0])
+            value[0] += int(next(v for k, v in row.items() if k in ("acc", "exact_match", "pass_at_1")) > 0)
+            value[1] += 1
+    return {key: {v: (c[0], c[1]) for v, c in sorted(counts.items())} for key, counts in table.items()}
+
+
+def write_breakdown(directory: Path, field: str) -> tuple[Path, Path]:
+    """`DIR/by_FIELD.png` and `DIR/by_FIELD.md`: accuracy of every cell by a document field (e.g. the embedded
+    tasks' `hops`), one panel per task and sparsity."""
+    table = accuracy_by(directory, field)
+    values = sorted({v for counts in table.values() for v in counts})
+    lines = [f"| task | strategy | sparsity | {' | '.join(str(v) for v in values)} |", "|---|---|---|" + "---|" * len(values)]
+    for (task, label, sparsity), counts in sorted(table.items(), key=lambda item: (item[0][0], item[0][2], item[0][1])):
+        cells = [f"{100 * counts[v][0] / counts[v][1]:.0f}" if v in counts else "" for v in values]
+        lines.append(f"| {task} | {label} | {sparsity:g} | {' | '.join(cells)} |")
+    sizes = {v: max(c[v][1] for c in table.values() if v in c) for v in values}
+    note = f"Accuracy (%) by the problems' `{field}`; problems per column (one seed): " + ", ".join(f"{v}: {n}" for v, n in sizes.items())
+    plt = _pyplot()
+    panels = sorted({(task, sparsity) for task, _, sparsity in table if sparsity > 0}) or sorted({(t, s) for t, _, s in table})
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.2), squeeze=False, sharey=True)
+    for ax, (task, sparsity) in zip(axes.flat, panels):
+        for (t, label, s), counts in sorted(table.items()):
+            if t == task and (s == sparsity or label == FULL):
+                xs = list(counts)
+                style = dict(color="black", linestyle="--") if label == FULL else {}
+                ax.plot(xs, [100 * counts[x][0] / counts[x][1] for x in xs], marker="o", label=label, **style)
+        label_axes(ax, f"{task}, sparsity {sparsity:g}", field)
+    png = _save(fig, directory / f"by_{field}.png")
+    text = f"# kvrl report by {field}: {directory}\n\n![accuracy by {field}](by_{field}.png)\n\n{note}\n\n" + "\n".join(lines) + "\n"
+    return png, write_atomic(directory / f"by_{field}.md", lambda tmp: tmp.write_text(text), overwrite=True)

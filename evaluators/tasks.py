@@ -13,7 +13,8 @@ Three kinds, one name space:
   cache before generating (`decoding_simulation` in the generation arguments, read by the `kvrl`
   model; `kvrl eval --decoding-simulation N` overrides it). lm-eval's own tasks and `embedded`
   have none (0).
-- `embedded`: the embedded model's link-following task (500 generated test problems).
+- `embedded`, `embedded_long`, `embedded_count`: the embedded model's tasks (500 generated test
+  problems each; `kvpress_rl.embedded.task`).
 
 MBPP, in every variant, runs code through `kvpress_rl.evaluators.code_execution` (a contained
 subprocess) rather than lm-eval's in-process `exec`, and only when code execution is allowed
@@ -31,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from kvpress_rl.answers import embedded_equal, gsm8k_gold, integer_equal, math_equal
-from kvpress_rl.embedded.task import EMBEDDED_MAX_NEW_TOKENS, EMBEDDED_TASK, Difficulty, problems
+from kvpress_rl.embedded.task import ANSWER_LIMITS, EMBEDDED_TASK, EVAL_TASKS, task_problems
 from kvpress_rl.errors import KvrlError
 from kvpress_rl.evaluators.code_execution import score_mbpp
 
@@ -183,18 +184,18 @@ def r1_config(task: R1Task, data_dir: Path | None) -> TaskConfig:
     return TaskConfig(task.name, config, "acc,none", chat_template=True, unsafe_code=task.code)
 
 
-# The embedded task at its trained difficulty, and with twice the links (prompts of about 500 tokens instead of
-# 270): long enough that token eviction inside the full heads saves memory beyond the 80-token compressed heads.
-EMBEDDED_TASKS = {EMBEDDED_TASK: Difficulty(), f"{EMBEDDED_TASK}_long": Difficulty(hops=8, links=64)}
+EMBEDDED_TASKS = tuple(EVAL_TASKS)
 
 
-def embedded_config(count: int = EMBEDDED_TEST_PROBLEMS, max_new_tokens: int = EMBEDDED_MAX_NEW_TOKENS, name: str = EMBEDDED_TASK) -> TaskConfig:
-    difficulty = EMBEDDED_TASKS[name]
+def embedded_config(count: int = EMBEDDED_TEST_PROBLEMS, max_new_tokens: int | None = None, name: str = EMBEDDED_TASK) -> TaskConfig:
+    """An embedded task's test problems; `max_new_tokens` None: the task's own answer limit."""
+    max_new_tokens = max_new_tokens or ANSWER_LIMITS[name]
 
     def dataset(**_: Any):
         import datasets
 
-        rows = [{"prompt": p.prompt(), "answer": p.answer, "seed": p.seed} for p in problems("test", count, difficulty)]
+        rows = [{"prompt": p.prompt(), "answer": p.answer, "seed": p.seed, "hops": p.hops, "links": len(p.table)}
+                for p in task_problems(name, "test", count)]
         return {"test": datasets.Dataset.from_list(rows)}
 
     def process_results(doc: dict, results: list[str]) -> dict:
@@ -211,7 +212,7 @@ def embedded_config(count: int = EMBEDDED_TEST_PROBLEMS, max_new_tokens: int = E
         "metric_list": _accuracy_metric(),
         "generation_kwargs": {"until": [], "do_sample": False, "max_gen_toks": max_new_tokens},
         "num_fewshot": 0,
-        "metadata": {"version": 1.0, "source": f"kvpress-rl embedded link-following task, {difficulty.hops} hops, {difficulty.links} links"},
+        "metadata": {"version": 1.0, "source": f"kvpress-rl embedded task {name}"},
     }
     return TaskConfig(name, config, "acc,none", chat_template=True)
 
@@ -272,7 +273,7 @@ def offline_task_names() -> list[str]:
     return [*EMBEDDED_TASKS, *LM_EVAL_LOCAL, *R1_TASKS]
 
 
-def resolve_task(name: str, data_dir: Path | None, task_manager=None, embedded_tokens: int = EMBEDDED_MAX_NEW_TOKENS) -> TaskConfig:
+def resolve_task(name: str, data_dir: Path | None, task_manager=None, embedded_tokens: int | None = None) -> TaskConfig:
     """The lm-eval config of task `name`; unknown names get an error that lists the close ones."""
     if name in EMBEDDED_TASKS:
         return embedded_config(max_new_tokens=embedded_tokens, name=name)

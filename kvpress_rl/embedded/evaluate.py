@@ -22,6 +22,7 @@ class EvalResult:
     prompt_lengths: list[int] = field(default_factory=list)
     output_lengths: list[int] = field(default_factory=list)
     outputs: list[str] = field(default_factory=list)
+    solved: list[bool] = field(default_factory=list)
 
     @property
     def accuracy(self) -> float:
@@ -49,7 +50,8 @@ def evaluate(model, tokenizer, items: list[Problem], plan=None, batch_size: int 
         for problem, prompt, row in zip(chunk, prompts, out[:, ids.shape[1]:]):
             tokens = [t for t in row.tolist() if t != tokenizer.pad_token_id]
             text = tokenizer.decode(tokens, skip_special_tokens=True)
-            result.correct += int(score(text, problem))
+            result.solved.append(score(text, problem))
+            result.correct += int(result.solved[-1])
             result.total += 1
             result.generated_tokens += len(tokens)
             result.prompt_lengths.append(len(prompt))

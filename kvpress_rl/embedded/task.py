@@ -1,4 +1,4 @@
-"""The embedded reasoning task: follow links through a table, writing each hop as chain of thought.
+"""The embedded reasoning tasks: follow links through a table, writing each hop as chain of thought.
 
 A problem is a table of links `- cat -> dog` (every word is the source of exactly one link) and a
 start word; the answer is the word reached after `hops` links. The model writes one numbered line
@@ -7,20 +7,34 @@ per hop (`1. cat -> dog`, `2. dog -> sun`, ...) and then `Answer: WORD`. Each ho
 (the current word and the hop count, carried in the model's own chain of thought). Distractor links are links that
 the path never uses; some of them point into the path, so a guess from the recent window fails.
 
-Problems are generated deterministically from a seed; the splits use disjoint seed ranges.
+Two families share the table and the chain (`Problem.family`):
+
+- `links` (task `embedded`): "Start at cat and follow 8 links" closes the prompt, so while the chain is
+  short the hop count is still among the recent tokens; every hop is a look-up in the prompt.
+- `counted` (task `embedded_count`): "Take 13 steps" opens the prompt, before the table, and the walks
+  are longer (5 to 16 steps). The table is a look-up, as before, but when to stop is state: the model
+  compares its own line number with a count said once, 100 to 250 tokens back, at every line, so the
+  chain is right only if some head keeps that count (a copying head has nothing to copy from there).
+
+Problems are generated deterministically from a seed; the splits use disjoint seed ranges, and the
+families draw from different random streams, so the same seed gives unrelated problems.
 """
 
 from __future__ import annotations
 
 import random
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 # Short common words that SmolLM2's tokenizer encodes as one token with a leading space.
 WORDS = ["cat", "dog", "sun", "map", "cup", "pen", "box", "hat", "key", "car", "bus", "fox", "owl", "bee", "ant", "cow", "pig", "hen", "egg", "ice", "oak", "elm", "ash", "fig", "jam", "tea", "pie", "bun", "rye", "oat", "pea", "bean", "corn", "rice", "salt", "milk", "wine", "beer", "soup", "cake", "bread", "fish", "bird", "frog", "duck", "goat", "lamb", "wolf", "bear", "deer", "lion", "seal", "crab", "moth", "wasp", "rose", "lily", "fern", "moss", "reed", "vine", "leaf", "root", "seed", "tree", "bush", "hill", "lake", "pond", "sea", "bay", "reef", "rock", "sand", "clay", "mud", "dust", "snow", "rain", "hail", "wind", "fog", "mist", "star", "moon", "cloud", "storm", "wave", "tide", "gold", "iron", "lead", "zinc", "tin", "copper", "silk", "wool", "lace", "rope", "wire", "nail", "bolt", "gear", "lamp", "desk", "door", "wall", "roof", "gate", "fence", "road", "path", "bridge", "tower", "castle", "farm", "barn", "mill", "shop", "bank", "park", "zoo", "school", "church", "club", "hall", "room", "bed", "chair", "table", "shelf", "drum", "horn", "bell", "flute", "harp", "piano", "song", "poem", "book", "page", "note", "letter", "word", "name", "king", "queen", "duke", "lord", "knight", "judge", "nurse", "chef", "poet", "monk", "baker", "ship", "boat", "train", "plane", "truck", "bike", "kite", "ball", "doll", "game", "card", "coin", "ring", "belt", "coat", "shoe", "sock", "glove", "mask"]
 
-EMBEDDED_TASK = "embedded"  # the task's name in `kvrl eval --tasks`
+LINKS, COUNTED = "links", "counted"  # the task families
+EMBEDDED_TASK = "embedded"  # the links task's name in `kvrl eval --tasks`
 EMBEDDED_MAX_NEW_TOKENS = 96  # an evaluation's answer limit: the chains take 49 to 52 tokens
+COUNTED_TASK = "embedded_count"  # the counted task's name in `kvrl eval --tasks`
+COUNTED_MAX_NEW_TOKENS = 128  # its answer limit: the chains take 33 to 106 tokens
 SPLIT_SEEDS = {"train": 0, "validation": 10_000_000, "test": 20_000_000}
 INSTRUCTION = "Follow the links in the table, one hop at a time."
 
@@ -39,6 +53,7 @@ class Problem:
     table: tuple[tuple[str, str], ...]
     start: str
     path: tuple[str, ...]  # start, then the word after each hop
+    family: str = LINKS
 
     @property
     def answer(self) -> str:
@@ -50,6 +65,8 @@ class Problem:
 
     def prompt(self) -> str:
         lines = "\n".join(f"- {src} -> {dst}" for src, dst in self.table)
+        if self.family == COUNTED:
+            return f"Take {self.hops} steps through the links, one per line.\nLinks:\n{lines}\nStart at {self.start}. Where do you end?"
         return f"{INSTRUCTION}\nLinks:\n{lines}\nStart at {self.start} and follow {self.hops} links. Where do you end?"
 
     def solution(self) -> str:
@@ -58,10 +75,34 @@ class Problem:
         return f"{steps}\nAnswer: {self.answer}"
 
 
-def make_problem(seed: int, difficulty: Difficulty = Difficulty()) -> Problem:
+@dataclass(frozen=True)
+class DifficultyRange:
+    """Difficulties drawn per problem from its seed: `hops`, then `links` (at least hops + `min_distractors`),
+    each uniform in its inclusive range."""
+
+    hops: tuple[int, int]
+    links: tuple[int, int]
+    min_distractors: int = 4
+
+    def draw(self, rng: random.Random) -> Difficulty:
+        hops = rng.randint(*self.hops)
+        return Difficulty(hops=hops, links=rng.randint(max(self.links[0], hops + self.min_distractors), self.links[1]))
+
+
+# The counted family's lengths: the adapter learns 4 to 16 steps; validation and test problems span 5 to 16;
+# `kvrl select --data embedded-count` trains head strategies on the shorter 5 to 9, so the longer test
+# problems are lengths the heads were not chosen on.
+COUNTED_ADAPTER = DifficultyRange(hops=(4, 16), links=(20, 44), min_distractors=6)
+COUNTED_EVAL = DifficultyRange(hops=(5, 16), links=(20, 44), min_distractors=6)
+COUNTED_SELECT = DifficultyRange(hops=(5, 9), links=(20, 32), min_distractors=6)
+
+
+def make_problem(seed: int, difficulty: Difficulty = Difficulty(), family: str = LINKS) -> Problem:
     if not 1 <= difficulty.hops < difficulty.links <= len(WORDS) // 2:
         raise ValueError(f"need 1 <= hops < links <= {len(WORDS) // 2}, got {difficulty}")
-    rng = random.Random(seed)
+    if family not in (LINKS, COUNTED):
+        raise ValueError(f"unknown task family {family!r}; accepted: {LINKS}, {COUNTED}")
+    rng = random.Random(seed) if family == LINKS else random.Random(f"{family}:{seed}")
     sources = rng.sample(WORDS, difficulty.links)
     path = sources[: difficulty.hops + 1]  # the walk visits distinct words
     others = [w for w in WORDS if w not in sources]
@@ -71,7 +112,7 @@ def make_problem(seed: int, difficulty: Difficulty = Difficulty()) -> Problem:
             targets[src] = rng.choice(path[1:]) if rng.random() < 0.5 else rng.choice(others)
     table = [(src, targets[src]) for src in sources]
     rng.shuffle(table)
-    return Problem(seed, tuple(table), path[0], tuple(path))
+    return Problem(seed, tuple(table), path[0], tuple(path), family)
 
 
 def problems(split: str, count: int, difficulty: Difficulty = Difficulty(), offset: int = 0) -> list[Problem]:
@@ -81,10 +122,26 @@ def problems(split: str, count: int, difficulty: Difficulty = Difficulty(), offs
     return [make_problem(base + i, difficulty) for i in range(count)]
 
 
+def counted_problem(seed: int, ranges: DifficultyRange = COUNTED_EVAL) -> Problem:
+    """The counted problem of `seed`, its difficulty drawn from `ranges` (from a stream of its own)."""
+    return make_problem(seed, ranges.draw(random.Random(f"{COUNTED}-difficulty:{seed}")), COUNTED)
+
+
+def counted_problems(split: str, count: int, ranges: DifficultyRange = COUNTED_EVAL, offset: int = 0) -> list[Problem]:
+    if split not in SPLIT_SEEDS:
+        raise ValueError(f"unknown split {split!r}; accepted: {', '.join(SPLIT_SEEDS)}")
+    return [counted_problem(SPLIT_SEEDS[split] + offset + i, ranges) for i in range(count)]
+
+
+def training_seed(index: int, stream: int) -> int:
+    """Seed of problem `index` of training stream `stream` (streams use disjoint seeds of the train split)."""
+    return SPLIT_SEEDS["train"] + stream * 1_000_000 + index
+
+
 def mixed_problem(index: int, stream: int, hops: tuple[int, int] = (4, 10), links: tuple[int, int] = (20, 40)) -> Problem:
     """Problem `index` of training stream `stream`, its difficulty drawn from its seed: `hops` and then
     `links` (at least hops + 4) uniform in the given inclusive ranges. Streams use disjoint seeds."""
-    seed = SPLIT_SEEDS["train"] + stream * 1_000_000 + index
+    seed = training_seed(index, stream)
     rng = random.Random(seed)
     drawn_hops = rng.randint(*hops)
     drawn_links = rng.randint(max(links[0], drawn_hops + 4), links[1])
@@ -103,3 +160,31 @@ def extract_answer(text: str) -> str | None:
 def score(text: str, problem: Problem) -> bool:
     """True when the final answer in `text` is the word the path ends at."""
     return extract_answer(text) == problem.answer
+
+
+def accuracy_by_hops(items: list[Problem], solved: list[bool]) -> dict[int, tuple[float, int]]:
+    """`{hops: (accuracy, problems)}` in order of hops: how accuracy falls with the chain's length."""
+    counts: dict[int, list[int]] = {}
+    for problem, ok in zip(items, solved, strict=True):
+        counts.setdefault(problem.hops, [0, 0])
+        counts[problem.hops][0] += int(ok)
+        counts[problem.hops][1] += 1
+    return {hops: (right / total, total) for hops, (right, total) in sorted(counts.items())}
+
+
+# The evaluation tasks by name (`kvrl eval --tasks`, `kvrl embedded evaluate --task`): the links task at its
+# trained difficulty and with twice the links (prompts of about 500 tokens instead of 270, long enough that
+# token eviction inside the full heads saves memory beyond the 80-token compressed heads), and the counted task.
+EVAL_TASKS: dict[str, Callable[[str, int], list[Problem]]] = {
+    EMBEDDED_TASK: lambda split, count: problems(split, count),
+    f"{EMBEDDED_TASK}_long": lambda split, count: problems(split, count, Difficulty(hops=8, links=64)),
+    COUNTED_TASK: lambda split, count: counted_problems(split, count),
+}
+ANSWER_LIMITS = {EMBEDDED_TASK: EMBEDDED_MAX_NEW_TOKENS, f"{EMBEDDED_TASK}_long": EMBEDDED_MAX_NEW_TOKENS, COUNTED_TASK: COUNTED_MAX_NEW_TOKENS}
+
+
+def task_problems(task: str, split: str, count: int) -> list[Problem]:
+    """The `count` first problems of an embedded evaluation task's split."""
+    if task not in EVAL_TASKS:
+        raise ValueError(f"unknown embedded task {task!r}; accepted: {', '.join(EVAL_TASKS)}")
+    return EVAL_TASKS[task](split, count)

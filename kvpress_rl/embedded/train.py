@@ -1,4 +1,4 @@
-"""The recipe that trains the embedded model's LoRA adapter on the link-following task.
+"""The recipe that trains the embedded model's LoRA adapter on its two tasks (links and counted, mixed).
 
 Seeded, resumable from checkpoints (`checkpoint/` in the output directory, written every
 `checkpoint_every` steps, so an interrupted run loses at most that many steps), with a JSON Lines
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import shutil
 import time
 from collections.abc import Callable
@@ -19,7 +20,7 @@ import torch
 
 from kvpress_rl.embedded.data import right_pad, training_example
 from kvpress_rl.embedded.model import load_embedded
-from kvpress_rl.embedded.task import mixed_problem
+from kvpress_rl.embedded.task import COUNTED_ADAPTER, Problem, counted_problem, mixed_problem, training_seed
 
 
 @dataclass
@@ -35,13 +36,16 @@ class TrainConfig:
     max_hops: int = 10
     min_links: int = 20
     max_links: int = 40
+    counted_share: float = 0.5  # the fraction of examples from the counted family (COUNTED_ADAPTER lengths)
     seed: int = 0
     checkpoint_every: int = 20
-    max_steps: int = 40  # the schedule spans examples // batch_size steps; training stops here
+    max_steps: int = 64  # the schedule spans examples // batch_size steps; training stops here
 
 
-def curriculum_problem(index: int, config: TrainConfig):
-    """Problem `index` of the training stream: difficulty drawn per example from the seed."""
+def curriculum_problem(index: int, config: TrainConfig) -> Problem:
+    """Problem `index` of the training stream: its family drawn with `counted_share`, its difficulty from its seed."""
+    if random.Random(f"family:{config.seed}:{index}").random() < config.counted_share:
+        return counted_problem(training_seed(index, config.seed), COUNTED_ADAPTER)
     return mixed_problem(index, config.seed, (config.min_hops, config.max_hops), (config.min_links, config.max_links))
 
 

@@ -16,13 +16,13 @@ from kvpress_rl.strategies.rlkv.grpo import REWARD_LEVELS
 
 @dataclass
 class RLKVOptions:
-    data: str = field(default="embedded", metadata={"help": "training problems: embedded, embedded-mixed (4 to 10 hops), gsm8k (train split), math500 (with --data-dir) or a .jsonl file (the paper: DeepScaleR)"})
+    data: str = field(default="embedded", metadata={"help": "training problems: embedded, embedded-mixed (4 to 10 hops), embedded-count (the counted task, 5 to 9 steps), gsm8k (train split), math500 (with --data-dir) or a .jsonl file (the paper: DeepScaleR)"})
     allow_eval_data: bool = field(default=False, metadata={"help": "allow training on a split an evaluation task scores (math500: math500_r1's test split)"})
     steps: int | None = field(default=None, metadata={"help": "RL steps (default: the official 186 = 2 epochs of 3,000 / 32; 40 on the embedded model)"})
     prompts_per_step: int | None = field(default=None, metadata={"help": "prompts per step (default: the paper's 32; 6 on the embedded model)"})
     group_size: int = field(default=4, metadata={"help": "samples per prompt, G"})
     temperature: float | None = field(default=None, metadata={"help": "sampling temperature of rollouts (default 1.0; 0.6 on Qwen3, the official Qwen3 setting)"})
-    max_new_tokens: int | None = field(default=None, metadata={"help": "tokens per rollout (default: the paper's 7,168; 64 on the embedded model)"})
+    max_new_tokens: int | None = field(default=None, metadata={"help": "tokens per rollout (default: the paper's 7,168; 64 on the embedded model, 80 with --data embedded-count)"})
     lr: float | None = field(default=None, metadata={"help": "AdamW learning rate on the gates (default: the paper's 0.01; 0.1 on the embedded model)"})
     weight_decay: float = field(default=0.017, metadata={"help": "AdamW weight decay"})
     grad_clip: float = field(default=1.0, metadata={"help": "gradient-norm clip"})

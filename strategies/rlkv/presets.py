@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from kvpress_rl.profiles import profile_of
+from kvpress_rl.profiles import EMBEDDED_PROFILE, profile_of
+from kvpress_rl.strategies.rlkv.problems import EMBEDDED_ROLLOUT_TOKENS
 
 # The official training (the paper and its AReaL fork): 2 epochs over 3,000 problems at 32 prompts a step
 # (floor(3000 / 32) = 93 steps an epoch, so 186; the paper rounds to 185), the block-sparse streaming
@@ -61,6 +62,9 @@ def resolve_values(model, options) -> tuple[str, dict[str, Any], dict[str, str]]
     if "train_set_size" in values and values["train_set_size"] is None:
         values["train_set_size"] = pool
         sources["train_set_size"] += ": the whole pool"
+    if "max_new_tokens" in values and family == EMBEDDED_PROFILE.family and options.data in EMBEDDED_ROLLOUT_TOKENS:
+        values["max_new_tokens"] = EMBEDDED_ROLLOUT_TOKENS[options.data]
+        sources["max_new_tokens"] += f": the {options.data} chains"
     if "rollout_batch" in values and values["rollout_batch"] is None:
         values["rollout_batch"] = steps_prompts
         sources["rollout_batch"] += ": the whole step"

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kvpress_rl.answers import embedded_equal, gsm8k_gold, math_equal
-from kvpress_rl.embedded.task import mixed_problem, problems
+from kvpress_rl.embedded.task import COUNTED_SELECT, counted_problem, mixed_problem, problems, training_seed
 from kvpress_rl.errors import KvrlError
 
 
@@ -42,6 +42,18 @@ def embedded_mixed_problems(count: int, seed: int) -> list[Problem]:
     40 links), so its solutions vary in length and self-distillation has lengths to stratify."""
     drawn = (mixed_problem(i, 1 + seed) for i in range(count))  # streams 1, 2, ...: disjoint from the adapter's own (0)
     return [Problem(p.prompt(), p.answer, verify_embedded, f"embedded-mixed:{p.seed}") for p in drawn]
+
+
+def embedded_counted_problems(count: int, seed: int) -> list[Problem]:
+    """The embedded counted task at 5 to 9 steps (`COUNTED_SELECT`), from training streams 1, 2, ...: the
+    adapter learned on stream 0, and the test split spans 5 to 16 steps, lengths the heads are not chosen on."""
+    drawn = (counted_problem(training_seed(i, 1 + seed), COUNTED_SELECT) for i in range(count))
+    return [Problem(p.prompt(), p.answer, verify_embedded, f"embedded-count:{p.seed}") for p in drawn]
+
+
+# Rollout lengths of the embedded data sets: the profile's 64 tokens fit the links chains (51 tokens); the
+# counted chains of 9 steps take 63, so their rollouts get room for the answer and a little more.
+EMBEDDED_ROLLOUT_TOKENS = {"embedded-count": 80}
 
 
 R1_SUFFIX = "\nPlease reason step by step, and put your final answer within \\boxed{}."
@@ -147,15 +159,17 @@ def step_batch(size: int, batch: int, step: int, seed: int) -> list[int]:
 
 
 def load_problems(data: str, count: int, seed: int, data_dir: str | None) -> list[Problem]:
-    """`embedded`, `embedded-mixed`, a named set under `data_dir` (gsm8k, math500), or a JSON Lines path."""
+    """`embedded`, `embedded-mixed`, `embedded-count`, a named set under `data_dir` (gsm8k, math500), or a JSON Lines path."""
     if data == "embedded":
         return embedded_problems(count, seed)
     if data == "embedded-mixed":
         return embedded_mixed_problems(count, seed)
+    if data == "embedded-count":
+        return embedded_counted_problems(count, seed)
     if data in NAMED_SETS:
         if not data_dir:
             raise KvrlError(f"training set {data!r} needs --data-dir (a folder laid out like shared/data)")
         return jsonl_problems(Path(data_dir) / NAMED_SETS[data], count)
     if re.search(r"\.jsonl?$", data):
         return jsonl_problems(Path(data), count)
-    raise KvrlError(f"unknown training data {data!r}; accepted: embedded, embedded-mixed, {', '.join(NAMED_SETS)}, or a .jsonl file")
+    raise KvrlError(f"unknown training data {data!r}; accepted: embedded, embedded-mixed, embedded-count, {', '.join(NAMED_SETS)}, or a .jsonl file")

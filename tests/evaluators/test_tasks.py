@@ -75,3 +75,14 @@ def test_decoding_simulation_is_the_r1_default_only(shared_data):
     assert "decoding_simulation" not in resolve_task("embedded", None).spec["generation_kwargs"]
     gsm8k = resolve_task("gsm8k", shared_data).spec
     assert "decoding_simulation" not in (gsm8k.get("generation_kwargs") or {})
+
+
+def test_the_embedded_tasks_carry_their_own_answer_limits_and_lengths():
+    from kvpress_rl.embedded.task import COUNTED_MAX_NEW_TOKENS, EMBEDDED_MAX_NEW_TOKENS
+
+    counted = resolve_task("embedded_count", None).spec
+    assert counted["generation_kwargs"]["max_gen_toks"] == COUNTED_MAX_NEW_TOKENS
+    assert resolve_task("embedded", None).spec["generation_kwargs"]["max_gen_toks"] == EMBEDDED_MAX_NEW_TOKENS
+    assert resolve_task("embedded_count", None, embedded_tokens=40).spec["generation_kwargs"]["max_gen_toks"] == 40  # --max-new-tokens
+    rows = counted["custom_dataset"]()["test"]
+    assert len(rows) == 500 and rows[0]["prompt"].startswith("Take ") and {"hops", "links"} <= set(rows.column_names)

@@ -21,16 +21,18 @@ def reference_mask(valid: torch.Tensor, compressed: torch.Tensor, sink: int, win
     for the newest query: for a compressed head the first `sink` real keys and the keys among the last
     `window + 1` positions (the held window and the new token); for a full head every real key, or (a hybrid
     plan whose full heads stream) the same rule with `full_sink` and `full_window`."""
-    batch, kv = valid.shape
-    allowed = torch.zeros(batch, len(compressed), kv, dtype=torch.bool)
-    for b in range(batch):
-        real = [j for j in range(kv) if valid[b, j]]
-        for h, is_compressed in enumerate(compressed.tolist()):
-            head_sink, head_window = (sink, window) if is_compressed else (full_sink, full_window)
-            for j in real:
-                if head_sink is None or real.index(j) < head_sink or j >= kv - 1 - head_window:
-                    allowed[b, h, j] = True
-    return allowed
+    valid = valid.bool()
+    kv = valid.shape[1]
+    rank = valid.long().cumsum(-1) - 1  # a key's index among the real keys
+    position = torch.arange(kv)
+
+    def rule(head_sink: int | None, head_window: int | None) -> torch.Tensor:
+        if head_sink is None:
+            return valid
+        return valid & ((rank < head_sink) | (position >= kv - 1 - head_window))
+
+    compressed_keys, full_keys = rule(sink, window), rule(full_sink, full_window)
+    return torch.where(compressed.bool()[None, :, None], compressed_keys[:, None, :], full_keys[:, None, :])
 
 
 @contextmanager

@@ -129,6 +129,10 @@ def test_unset_options_take_the_official_values_per_model_family_or_the_embedded
     assert resolved(fake_model("llama", profile="embedded"), pool_size=10).train_set_size == 10  # every solved problem of its pool
     named = SimpleNamespace(name_or_path="embedded", config=SimpleNamespace(model_type="llama"))
     assert resolved(named).steps == 186  # the name does not matter: only the attached profile
+    counted = resolved(fake_model("llama", profile="embedded"), data="embedded-count")
+    assert (counted.max_new_tokens, counted.steps) == (80, 40)  # room for its longer chains; the rest as the profile
+    assert resolved(fake_model("llama", profile="embedded"), data="embedded-count", max_new_tokens=50).max_new_tokens == 50
+    assert resolved(fake_model("llama"), data="embedded-count").max_new_tokens == 7168  # only the embedded profile
 
 
 def test_the_embedded_profile_s_values_are_printed_with_it_as_their_source():

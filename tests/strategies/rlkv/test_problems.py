@@ -30,6 +30,19 @@ def test_embedded_mixed_spans_the_training_difficulties_apart_from_the_adapters_
     assert not {p.source for p in mixed} & {p.source for p in load_problems("embedded-mixed", 64, 1, None)}
 
 
+def test_embedded_count_trains_on_short_counted_walks_apart_from_the_adapters_own():
+    from kvpress_rl.embedded.task import COUNTED_SELECT
+    from kvpress_rl.embedded.train import TrainConfig, curriculum_problem
+
+    counted = load_problems("embedded-count", 64, 0, None)
+    steps = [int(re.match(r"Take (\d+) steps", p.prompt).group(1)) for p in counted]
+    assert min(steps) == COUNTED_SELECT.hops[0] and max(steps) == COUNTED_SELECT.hops[1]
+    assert [p.source for p in counted] == [p.source for p in load_problems("embedded-count", 64, 0, None)]
+    adapter_seeds = {curriculum_problem(i, TrainConfig()).seed for i in range(1600)}
+    assert not {int(p.source.split(":")[1]) for p in counted} & adapter_seeds
+    assert counted[0].verify(f"1. a -> b\nAnswer: {counted[0].answer}", counted[0].answer)
+
+
 def test_gsm8k_answers_are_read_after_the_hashes(shared_data):
     problems = load_problems("gsm8k", 3, 0, str(shared_data))
     assert len(problems) == 3 and all("####" not in p.answer for p in problems)
@@ -46,7 +59,7 @@ def test_a_jsonl_file_needs_question_and_answer(tmp_path):
         load_problems(str(bad), 5, 0, None)
 
 
-@pytest.mark.parametrize("data, message", [("gsm8k", "needs --data-dir"), ("mmlu", "accepted: embedded, embedded-mixed")])
+@pytest.mark.parametrize("data, message", [("gsm8k", "needs --data-dir"), ("mmlu", "accepted: embedded, embedded-mixed, embedded-count")])
 def test_unknown_or_unlocated_data_is_refused(data, message):
     with pytest.raises(KvrlError, match=message):
         load_problems(data, 5, 0, None)
