@@ -5,7 +5,7 @@
 #   2. heads with each strategy's defaults: rlkv on the counted training split (5 to 9 steps; timed),
 #      retrieval, duo;
 #   3. greedy, LIMIT test problems (5 to 16 steps): full, rlkv, retrieval, duo at 0.4 / 0.6 / 0.8;
-#   4. the best token strategy, picked on 50 validation problems at 0.6, and random (3 seeds), on
+#   4. the best token strategy, picked on 20 validation problems at 0.6, and random (3 seeds), on
 #      SMALL_LIMIT test problems;
 #   5. reports (by sparsity and by the walk's length), paired sign tests of rlkv against each head
 #      strategy, heat maps of the heads each keeps.
@@ -38,14 +38,18 @@ HEADS="rlkv=$OUT/heads-rlkv.safetensors,retrieval=$OUT/heads-retrieval.safetenso
 "$KVRL" eval --tasks embedded_count --strategy rlkv,retrieval,duo --heads "$HEADS" --sparsity 0.4,0.6,0.8 \
     --limit "$LIMIT" --batch-size 32 --output "$OUT/grid"
 
-TOKEN=$("$PYTHON" benchmarks/pick_token_strategy.py --task embedded_count --sparsity 0.6 --limit 50 | tee /dev/stderr | tail -1 | sed 's/.*: \([a-z0-9_-]*\) (.*/\1/')
+TOKEN=$("$PYTHON" benchmarks/pick_token_strategy.py --task embedded_count --sparsity 0.6 --limit 20 --strategies snapkv,h2o,rkv --batch-size 20 | tee /dev/stderr | tail -1 | sed 's/.*: \([a-z0-9_-]*\) (.*/\1/')
 "$KVRL" eval --tasks embedded_count --strategy "$TOKEN,random" --seeds 0,1,2 --sparsity 0.4,0.6,0.8 \
-    --limit "$SMALL_LIMIT" --batch-size 32 --output "$OUT/grid-small"
+    --limit "$SMALL_LIMIT" --batch-size 50 --output "$OUT/grid-small"
 
 for grid in "$OUT/grid" "$OUT/grid-small"; do "$KVRL" report "$grid" --by hops; done
-for other in retrieval duo; do
-    for s in 0.4 0.6 0.8; do
-        "$PYTHON" benchmarks/paired.py "$OUT/grid/samples/embedded_count/rlkv-s$s-seed0.jsonl" "$OUT/grid/samples/embedded_count/$other-s$s-seed0.jsonl"
+SAMPLES="$OUT/grid/samples/embedded_count"
+for s in 0.4 0.6 0.8; do
+    for other in retrieval duo; do
+        "$PYTHON" benchmarks/paired.py "$SAMPLES/rlkv-s$s-seed0.jsonl" "$SAMPLES/$other-s$s-seed0.jsonl"
+    done
+    for seed in 0 1 2; do  # on the SMALL_LIMIT problems random ran
+        "$PYTHON" benchmarks/paired.py "$SAMPLES/rlkv-s$s-seed0.jsonl" "$OUT/grid-small/samples/embedded_count/random-s$s-seed$seed.jsonl" --common
     done
 done
 "$PYTHON" - "$OUT" <<'PY'
