@@ -30,6 +30,10 @@ def sign_test(only_first: int, only_second: int) -> float:
     return min(1.0, 2 * tail)
 
 
+def p_value(p: float) -> str:
+    return "p < 0.001" if p < 0.001 else f"p = {p:.3f}"
+
+
 def main(first: str, second: str, common: bool = False) -> None:
     a, b = solved(Path(first)), solved(Path(second))
     if common:
@@ -40,7 +44,7 @@ def main(first: str, second: str, common: bool = False) -> None:
     only_a = sum(a[k] and not b[k] for k in a)
     only_b = sum(b[k] and not a[k] for k in a)
     print(f"{len(a)} problems: {Path(first).stem} {sum(a.values())}, {Path(second).stem} {sum(b.values())}; "
-          f"only the first {only_a}, only the second {only_b}; exact two-sided p = {sign_test(only_a, only_b):.3f}")
+          f"only the first {only_a}, only the second {only_b}; exact two-sided {p_value(sign_test(only_a, only_b))}")
 
 
 if __name__ == "__main__":

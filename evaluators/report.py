@@ -265,11 +265,12 @@ def write_breakdown(directory: Path, field: str) -> tuple[Path, Path]:
     plt = _pyplot()
     panels = sorted({(task, sparsity) for task, _, sparsity in table if sparsity > 0}) or sorted({(t, s) for t, _, s in table})
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.2), squeeze=False, sharey=True)
+    colors = {label: f"C{i}" for i, label in enumerate(sorted({label for _, label, _ in table} - {FULL}))}  # one per strategy
     for ax, (task, sparsity) in zip(axes.flat, panels):
         for (t, label, s), counts in sorted(table.items()):
             if t == task and (s == sparsity or label == FULL):
                 xs = list(counts)
-                style = dict(color="black", linestyle="--") if label == FULL else {}
+                style = dict(color="black", linestyle="--") if label == FULL else dict(color=colors[label])
                 ax.plot(xs, [100 * counts[x][0] / counts[x][1] for x in xs], marker="o", label=label, **style)
         label_axes(ax, f"{task}, sparsity {sparsity:g}", field)
     png = _save(fig, directory / f"by_{field}.png")

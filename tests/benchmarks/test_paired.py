@@ -32,3 +32,9 @@ def test_cells_on_different_problems_need_common(tmp_path):
     assert refused.returncode != 0 and "--common" in refused.stderr
     out = paired(long, short, "--common")
     assert out.returncode == 0 and out.stdout.startswith("3 problems:") and "only the first 2, only the second 0" in out.stdout
+
+
+def test_a_tiny_p_is_written_as_a_bound(tmp_path):
+    a = cell(tmp_path / "a.jsonl", [1] * 30)
+    b = cell(tmp_path / "b.jsonl", [0] * 30)
+    assert "exact two-sided p < 0.001" in paired(a, b).stdout
