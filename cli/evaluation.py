@@ -31,6 +31,7 @@ from kvpress_rl.evaluators.grid import (
     summarize,
 )
 from kvpress_rl.evaluators.report import markdown_table, write_breakdown, write_frontier, write_report
+from kvpress_rl.identity import weights_identity
 from kvpress_rl.models import _DTYPES, DEFAULT_MODEL, available_device, check_device, check_seed, load_model, looks_like_path
 from kvpress_rl.plan import check_sparsity
 from kvpress_rl.plugins import get_strategy
@@ -203,7 +204,7 @@ def eval_inputs(*, tasks, strategies, sparsities, seeds, model, heads, limit, ba
     task_names = split_list(tasks, str, "--tasks") if tasks else [default_task]
     spec = GridSpec(chosen, levels, seed_list, limit or None, batch_size, max_tokens, head_files, task_names, data_dir,
                     compressed_policy, plan_rule, allow_code_execution, chat_template, decoding_simulation=decoding_simulation,
-                    model=identity, dtype=dtype if dtype != "auto" else ("float32" if device == "cpu" else "bfloat16"),
+                    model=identity, weights=weights_identity(identity), dtype=dtype if dtype != "auto" else ("float32" if device == "cpu" else "bfloat16"),
                     full_policy=full_policy, full_budgets=budget_list)
     check_heads(spec)  # every --heads file exists and loads; its shape is checked once the model is loaded
     resolve_tasks(spec)  # bad task names, missing files, code execution: refused before the model loads

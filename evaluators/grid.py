@@ -5,8 +5,9 @@ Each finished cell is appended to `grid.csv` in the output directory, its lm-eva
 to `results/` and its samples to `samples/`, so an interrupted grid resumes from the cells done.
 
 A cell is resumed only when it was made with the same settings: every row records its `definition`
-(model, dtype, task data, limit, token limit, chat template, package version and, for strategy
-cells, the strategy's version, heads, token policy, plan rule and decoding simulation). A row
+(model and an identity of its weights, dtype, task data, limit, token limit, chat template, the code's
+identity: version, git commit and uncommitted changes (`kvpress_rl.identity`), and, for strategy cells,
+the strategy's version, heads, token policy, plan rule and decoding simulation). A row
 whose definition differs, or an old row without one, is refused with one line unless the user
 asks to recompute it. One `kvrl eval` at a time writes an output folder (`lock_output`).
 """
@@ -25,13 +26,13 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import kvpress_rl
 from kvpress_rl.distributed import is_main_process
 from kvpress_rl.embedded.task import EMBEDDED_TASK
 from kvpress_rl.errors import KvrlError
 from kvpress_rl.evaluators.scoring import classify
 from kvpress_rl.evaluators.tasks import EMBEDDED_TASKS, TaskConfig, data_dir_from, resolve_task
 from kvpress_rl.hub import is_hub_ref
+from kvpress_rl.identity import code_identity, file_digest
 from kvpress_rl.io import write_atomic
 from kvpress_rl.models import ModelShape, model_id
 from kvpress_rl.plan import build_plan
@@ -161,25 +162,11 @@ class GridSpec:
     allow_code_execution: bool = False
     chat_template: bool | None = None  # None: when the tokenizer has one
     decoding_simulation: int | None = None  # prompt tokens fed one at a time before generating; None: each task's default
-    model: str = "embedded"  # what identifies the model (the --model value, a path resolved), recorded in every cell
+    model: str = "embedded"  # the model as the user named it (the --model value, a path resolved), recorded in every cell
+    weights: str = ""  # what identifies its weights (`kvpress_rl.identity.weights_identity`), recorded in every cell
     dtype: str = "float32"  # the dtype the model runs in (resolved from `auto`)
     full_policy: str | None = None  # a hybrid plan: token policy of the full heads of head strategies
     full_budgets: list[str] = field(default_factory=list)  # what they keep, one grid axis ("all": everything, "0.5", "512")
-
-
-def file_digest(path: str | Path) -> str:
-    """sha256 of a file's content (first 16 hex digits), memoised per (path, size, mtime)."""
-    stat = Path(path).stat()
-    return _file_digest(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
-
-
-@functools.lru_cache(maxsize=256)
-def _file_digest(path: str, size: int, mtime_ns: int) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:16]
 
 
 def heads_identity(heads: str) -> str:
@@ -213,8 +200,9 @@ def check_head_shapes(spec: GridSpec, model) -> None:
 def selection_key(spec: GridSpec, name: str, entry: StrategyEntry, seed: int) -> str:
     """What a `select` run inside the grid depends on: its cached scores are kept per key (so per model)."""
     data_dir = data_dir_from(spec.data_dir)
-    return short_hash({"model": spec.model, "dtype": spec.dtype, "strategy": name, "strategy_version": entry.cls.version,
-                       "seed": seed, "data_dir": str(data_dir.resolve()) if data_dir else None, "kvrl": kvpress_rl.__version__})
+    return short_hash({"model": spec.model, "weights": spec.weights, "dtype": spec.dtype, "strategy": name,
+                       "strategy_version": entry.cls.version, "seed": seed, "data_dir": str(data_dir.resolve()) if data_dir else None,
+                       "kvrl": code_identity()})
 
 
 def scores_for(entry: StrategyEntry, name: str, spec: GridSpec, model, tokenizer, seed: int, out: Path) -> HeadScores:
@@ -255,7 +243,8 @@ def cell_definition(spec: GridSpec, config: TaskConfig, name: str, entry: Strate
                     full_heads: str = "") -> dict[str, Any]:
     """The settings a cell's result depends on; a finished cell is reused only under the same definition."""
     definition: dict[str, Any] = {
-        "kvrl": kvpress_rl.__version__, "model": spec.model, "dtype": spec.dtype, "task": config.name, "data": task_data(config, spec),
+        "kvrl": code_identity(), "model": spec.model, "weights": spec.weights, "dtype": spec.dtype, "task": config.name,
+        "data": task_data(config, spec),
         "limit": spec.limit, "max_tokens": spec.max_new_tokens,
         "chat_template": config.chat_template if config.chat_template is not None else spec.chat_template,
     }
@@ -269,7 +258,7 @@ def cell_definition(spec: GridSpec, config: TaskConfig, name: str, entry: Strate
     return definition
 
 
-FLAG_OF = {"kvrl": "kvrl version", "model": "--model", "dtype": "--dtype", "data": "task data (--data-dir)", "limit": "--limit",
+FLAG_OF = {"kvrl": "kvrl version", "model": "--model", "weights": "model weights", "dtype": "--dtype", "data": "task data (--data-dir)", "limit": "--limit",
            "max_tokens": "--max-tokens", "chat_template": "--chat-template", "strategy_version": "strategy version",
            "decoding_simulation": "--decoding-simulation", "heads": "--heads", "compressed_policy": "--compressed-policy",
            "plan_rule": "--plan-rule"}

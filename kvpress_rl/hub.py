@@ -85,6 +85,22 @@ def download(ref: HubRef, files: list[str]) -> tuple[Path, str]:
     return folder, revision
 
 
+def model_commit(repo: str) -> str | None:
+    """The commit a model id resolves to now: asked of the hub when online, else read from the local cache
+    (the snapshot that holds its `config.json`); None when neither knows."""
+    if not hub_offline():
+        try:
+            return huggingface_hub.HfApi().model_info(repo).sha
+        except Exception:  # no network, a private repository, ...: the cache may still know
+            pass
+    cached = huggingface_hub.try_to_load_from_cache(repo, "config.json")
+    if isinstance(cached, str):
+        parts = Path(cached).parts
+        if "snapshots" in parts and parts.index("snapshots") + 1 < len(parts):
+            return parts[parts.index("snapshots") + 1]
+    return None
+
+
 def upload(folder: Path, repo: str, message: str) -> str:
     """Create the model repository `repo` if needed and upload `folder` into it: the commit's URL. Called once
     `folder` is written (`kvrl export --push-to-hub`): a failure says how to upload it later."""

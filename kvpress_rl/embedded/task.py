@@ -16,8 +16,9 @@ Two families share the table and the chain (`Problem.family`):
   compares its own line number with a count said once, 100 to 250 tokens back, at every line, so the
   chain is right only if some head keeps that count (a copying head has nothing to copy from there).
 
-Problems are generated deterministically from a seed; the splits use disjoint seed ranges, and the
-families draw from different random streams, so the same seed gives unrelated problems.
+Problems are generated deterministically from a seed; the families draw from different random streams,
+so the same seed gives unrelated problems. Evaluation splits take seeds below 2**32 (`split_seed`), training
+streams at or above it (`training_seed`): no training stream of any seed is an evaluation split.
 """
 
 from __future__ import annotations
@@ -35,7 +36,11 @@ EMBEDDED_TASK = "embedded"  # the links task's name in `kvrl eval --tasks`
 EMBEDDED_MAX_NEW_TOKENS = 96  # an evaluation's answer limit: the chains take 49 to 52 tokens
 COUNTED_TASK = "embedded_count"  # the counted task's name in `kvrl eval --tasks`
 COUNTED_MAX_NEW_TOKENS = 128  # its answer limit: the chains take 33 to 106 tokens
-SPLIT_SEEDS = {"train": 0, "validation": 10_000_000, "test": 20_000_000}
+SPLIT_SEEDS = {"validation": 10_000_000, "test": 20_000_000}  # evaluation splits: seeds BASE + index
+SPLIT_SIZE = 1_000_000  # problems an evaluation split holds
+SPLITS = ("train", "validation", "test")  # "train" is training stream 0
+TRAIN_SEED_BASE = 2**32  # training seeds start above every evaluation seed
+TRAIN_STREAM_SIZE = 2**32  # problems per training stream
 INSTRUCTION = "Follow the links in the table, one hop at a time."
 
 
@@ -110,16 +115,29 @@ def make_problem(seed: int, difficulty: Difficulty = Difficulty(), family: str =
     for src in sources:
         if src not in targets:  # distractors: half point into the path, half elsewhere
             targets[src] = rng.choice(path[1:]) if rng.random() < 0.5 else rng.choice(others)
+            if family == COUNTED and targets[src] == src:
+                # The walk's last word must link elsewhere: with a link to itself, a chain that overshoots the
+                # count would still end on the answer, and the count would not be needed.
+                targets[src] = rng.choice(path[1:-1])
     table = [(src, targets[src]) for src in sources]
     rng.shuffle(table)
     return Problem(seed, tuple(table), path[0], tuple(path), family)
 
 
-def problems(split: str, count: int, difficulty: Difficulty = Difficulty(), offset: int = 0) -> list[Problem]:
+def split_seed(split: str, index: int) -> int:
+    """Seed of problem `index` of a split: evaluation splits (validation, test) are seed ranges below 2**32,
+    `train` is training stream 0."""
+    if split == "train":
+        return training_seed(index, 0)
     if split not in SPLIT_SEEDS:
-        raise ValueError(f"unknown split {split!r}; accepted: {', '.join(SPLIT_SEEDS)}")
-    base = SPLIT_SEEDS[split] + offset
-    return [make_problem(base + i, difficulty) for i in range(count)]
+        raise ValueError(f"unknown split {split!r}; accepted: {', '.join(SPLITS)}")
+    if not 0 <= index < SPLIT_SIZE:
+        raise ValueError(f"the {split} split holds problems 0 to {SPLIT_SIZE - 1}, not {index}")
+    return SPLIT_SEEDS[split] + index
+
+
+def problems(split: str, count: int, difficulty: Difficulty = Difficulty(), offset: int = 0) -> list[Problem]:
+    return [make_problem(split_seed(split, offset + i), difficulty) for i in range(count)]
 
 
 def counted_problem(seed: int, ranges: DifficultyRange = COUNTED_EVAL) -> Problem:
@@ -128,14 +146,19 @@ def counted_problem(seed: int, ranges: DifficultyRange = COUNTED_EVAL) -> Proble
 
 
 def counted_problems(split: str, count: int, ranges: DifficultyRange = COUNTED_EVAL, offset: int = 0) -> list[Problem]:
-    if split not in SPLIT_SEEDS:
-        raise ValueError(f"unknown split {split!r}; accepted: {', '.join(SPLIT_SEEDS)}")
-    return [counted_problem(SPLIT_SEEDS[split] + offset + i, ranges) for i in range(count)]
+    return [counted_problem(split_seed(split, offset + i), ranges) for i in range(count)]
 
 
 def training_seed(index: int, stream: int) -> int:
-    """Seed of problem `index` of training stream `stream` (streams use disjoint seeds of the train split)."""
-    return SPLIT_SEEDS["train"] + stream * 1_000_000 + index
+    """Seed of problem `index` of training stream `stream`: at or above 2**32, so never an evaluation split's
+    (those are below it), and streams never share a seed."""
+    if not 0 <= index < TRAIN_STREAM_SIZE or stream < 0:
+        raise ValueError(f"training problem {index} of stream {stream}: need 0 <= index < 2**32 and stream >= 0")
+    return TRAIN_SEED_BASE + stream * TRAIN_STREAM_SIZE + index
+
+
+def is_training_seed(seed: int) -> bool:
+    return seed >= TRAIN_SEED_BASE
 
 
 def mixed_problem(index: int, stream: int, hops: tuple[int, int] = (4, 10), links: tuple[int, int] = (20, 40)) -> Problem:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kvpress_rl.answers import embedded_equal, gsm8k_gold, math_equal
-from kvpress_rl.embedded.task import COUNTED_SELECT, counted_problem, mixed_problem, problems, training_seed
+from kvpress_rl.embedded.task import COUNTED_SELECT, counted_problem, make_problem, mixed_problem, training_seed
 from kvpress_rl.errors import KvrlError
 
 
@@ -33,8 +33,11 @@ def verify_math(text: str, answer: str) -> bool:
     return math_equal(text, answer)
 
 
+# Every embedded training set draws from training stream 1 + seed (`training_seed`): streams start above every
+# evaluation split's seeds, whatever the seed, and stream 0 is the adapter's own.
 def embedded_problems(count: int, seed: int) -> list[Problem]:
-    return [Problem(p.prompt(), p.answer, verify_embedded, f"embedded:{p.seed}") for p in problems("train", count, offset=seed * 100_000)]
+    drawn = (make_problem(training_seed(i, 1 + seed)) for i in range(count))
+    return [Problem(p.prompt(), p.answer, verify_embedded, f"embedded:{p.seed}") for p in drawn]
 
 
 def embedded_mixed_problems(count: int, seed: int) -> list[Problem]:

@@ -63,15 +63,16 @@ def test_extract_answer_none_without_answer():
 
 
 @pytest.mark.parametrize(("index", "stream", "seed", "hops", "links", "answer", "prompt_sha256"), [
-    # computed with the adapter's former curriculum_problem(index, TrainConfig(seed=stream))
-    (0, 0, 0, 10, 32, "knight", "136d32e6462cace3"),
-    (1, 0, 1, 5, 38, "room", "088b0fbb5a8df45a"),
-    (0, 1, 1_000_000, 4, 24, "gold", "8424e8cb69189cec"),
-    (1, 1, 1_000_001, 5, 31, "snow", "f057465a0c0967b6"),
-    (2, 1, 1_000_002, 4, 37, "nail", "0daeb5981a481864"),
-    (3, 1, 1_000_003, 8, 30, "name", "b26ed5fffbc99101"),
-    (4, 1, 1_000_004, 7, 25, "storm", "b89a91b889409706"),
-    (1, 2, 2_000_001, 10, 21, "wire", "6c8dbfd8e26f8013"),
+    # training streams since issue 24 (seeds from 2**32 up, disjoint from every evaluation split); a change here
+    # changes what `kvrl embedded train` and `kvrl select --data embedded-mixed` train on
+    (0, 0, 2**32, 4, 31, "pen", "c3e228cbf172d5d9"),
+    (1, 0, 2**32 + 1, 5, 36, "pond", "9fd483da9f7b2f9c"),
+    (0, 1, 2 * 2**32, 4, 35, "reed", "ebb78a85054c4349"),
+    (1, 1, 2 * 2**32 + 1, 8, 23, "letter", "5d874b5316af764f"),
+    (2, 1, 2 * 2**32 + 2, 7, 23, "wasp", "33370474d820174a"),
+    (3, 1, 2 * 2**32 + 3, 5, 38, "monk", "191f0877452696f1"),
+    (4, 1, 2 * 2**32 + 4, 4, 31, "soup", "954004987b02fdb9"),
+    (1, 2, 3 * 2**32 + 1, 7, 36, "path", "a934d3a0c4815f13"),
 ])
 def test_mixed_problems_are_the_training_curriculum_draws(index, stream, seed, hops, links, answer, prompt_sha256):
     problem = mixed_problem(index, stream)
