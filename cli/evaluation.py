@@ -13,12 +13,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from kvpress_rl.cli.launch import check_num_processes, distributed_rank, launch_data_parallel, report_rank_error
+from kvpress_rl.cli.launch import check_num_processes, distributed_rank, launch_data_parallel, report_rank_error, watch_rank
 from kvpress_rl.cli.output import strategies_with_warnings
 from kvpress_rl.errors import KvrlError
 from kvpress_rl.evaluators.grid import (
     LOCK_HELD_ENV,
     GridSpec,
+    check_chat_template_before_loading,
     check_head_shapes,
     check_heads,
     check_training_strategies,
@@ -134,7 +135,8 @@ def results_table(rows: list[dict]) -> RenderableType:
               help="prompt tokens fed one at a time through the compressed cache before generating (RLKV's decoding "
                    "simulation; 0 = off); default: the task's own (50 for the *_r1 tasks, 0 for the others)")
 @click.option("--allow-code-execution", is_flag=True, help="allow running model-written code (mbpp), in a contained subprocess")
-@click.option("--chat-template/--no-chat-template", default=None, help="apply the tokenizer's chat template (default: when it has one)")
+@click.option("--chat-template/--no-chat-template", default=None, help="apply the tokenizer's chat template; the flag wins over a task's own setting (default: on for the "
+                   "embedded and *_r1 tasks, else when the tokenizer has one)")
 @click.option("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when there is one, one GPU per process)")
 @click.option("--dtype", default="auto", show_default=True, help="auto (float32 on CPU, bfloat16 on GPU), float32, float16, bfloat16")
 @click.option("--num-processes", default=1, show_default=True, type=int, help="data-parallel processes (accelerate launch)")
@@ -152,6 +154,7 @@ def eval_command(tasks: str | None, strategies: str, sparsities: str, seeds: str
                     full_budgets=full_budgets, plan_rule=plan_rule, decoding_simulation=decoding_simulation, allow_code_execution=allow_code_execution, chat_template=chat_template,
                     device=device, dtype=dtype)
     rank, world_size = check_num_processes(num_processes)
+    watch_rank()  # a rank of a data-parallel run: its failure ends the whole run
     if num_processes > 1:
         spec, _ = eval_inputs(**settings)  # every input that needs no model, refused once, before launching anything
         lock = lock_output(output)  # held here while the ranks write
@@ -220,6 +223,7 @@ def run_eval(settings: dict, output: Path, recompute: bool) -> None:
     main_process = rank == 0  # under `--num-processes`, only rank 0 reports
     console = Console(quiet=not main_process)
     spec, device = eval_inputs(**settings, quiet=not main_process)
+    check_chat_template_before_loading(spec)  # a template the folder's tokenizer lacks: one line, nothing written
     lock = None
     if main_process and os.environ.get(LOCK_HELD_ENV) != str(output.resolve()):
         lock = lock_output(output)  # a second writer into the same folder is refused here, before the model loads

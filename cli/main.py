@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import os
 import sys
 import warnings
 from dataclasses import replace
@@ -21,13 +22,14 @@ import kvpress_rl
 from kvpress_rl.cli.embedded import embedded_group
 from kvpress_rl.cli.evaluation import eval_command, report_command
 from kvpress_rl.cli.export import export_command
-from kvpress_rl.cli.launch import check_num_processes, distributed_rank, join_process_group, launch_data_parallel, report_rank_error
+from kvpress_rl.cli.launch import check_num_processes, distributed_rank, join_process_group, launch_data_parallel, report_rank_error, watch_rank
 from kvpress_rl.cli.options import describe_options, parse_strategy_options
 from kvpress_rl.cli.output import console, strategies_with_warnings
 from kvpress_rl.errors import KvrlError
 from kvpress_rl.evaluators.plots import gate_heatmap, training_curves
+from kvpress_rl.identity import code_identity, weights_identity
 from kvpress_rl.io import check_folder_writable, check_writable
-from kvpress_rl.models import _DTYPES, ModelShape, check_device, check_seed, load_model, model_id
+from kvpress_rl.models import _DTYPES, DEFAULT_MODEL, ModelShape, check_device, check_seed, load_model, model_id
 from kvpress_rl.plan import plan_from_scores
 from kvpress_rl.plugins import StrategyEntry, get_strategy
 from kvpress_rl.policies import full_head_policy
@@ -121,6 +123,7 @@ def select_command(ctx: click.Context, strategy_name: str, model: str | None, gg
     Strategy options follow as `--option value` (see `kvrl strategies NAME`).
     """
     rank, world_size = check_num_processes(num_processes)
+    watch_rank()  # a rank of a data-parallel run: its failure ends the whole run
     if num_processes > 1:
         select_inputs(strategy_name, ctx.args, output, overwrite, seed=seed, device=device, resume=resume)  # refuse bad input once, before launching anything
         launch_data_parallel(num_processes)
@@ -251,6 +254,8 @@ def run_select(args: list[str], strategy_name: str, model: str | None, gguf_file
     if rank > 0:
         return
     check_result(scores, entry, lm)
+    named = model or os.environ.get("KVRL_MODEL") or DEFAULT_MODEL
+    scores.extra = {**scores.extra, "weights": weights_identity(str(Path(named) / gguf_file) if gguf_file else named), "code": code_identity()}
     if output.suffix == ".tsv":
         scores.to_tsv(output, overwrite=overwrite)
     else:

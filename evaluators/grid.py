@@ -160,7 +160,7 @@ class GridSpec:
     compressed_policy: str = "streaming"  # token policy of the compressed heads of head strategies (hybrid plans)
     plan_rule: str = "official"  # how head strategies turn scores into a plan (`kvpress_rl.plan.PLAN_RULES`)
     allow_code_execution: bool = False
-    chat_template: bool | None = None  # None: when the tokenizer has one
+    chat_template: bool | None = None  # the user's flag, over each task's preference; None: the task's, else the tokenizer's
     decoding_simulation: int | None = None  # prompt tokens fed one at a time before generating; None: each task's default
     model: str = "embedded"  # the model as the user named it (the --model value, a path resolved), recorded in every cell
     weights: str = ""  # what identifies its weights (`kvpress_rl.identity.weights_identity`), recorded in every cell
@@ -246,7 +246,7 @@ def cell_definition(spec: GridSpec, config: TaskConfig, name: str, entry: Strate
         "kvrl": code_identity(), "model": spec.model, "weights": spec.weights, "dtype": spec.dtype, "task": config.name,
         "data": task_data(config, spec),
         "limit": spec.limit, "max_tokens": spec.max_new_tokens,
-        "chat_template": config.chat_template if config.chat_template is not None else spec.chat_template,
+        "chat_template": chat_template_setting(spec, config),
     }
     if entry is not None:
         definition.update(strategy_version=entry.cls.version, decoding_simulation=spec.decoding_simulation)
@@ -401,6 +401,58 @@ def resolve_tasks(spec: GridSpec) -> list[TaskConfig]:
     return configs
 
 
+# --- the chat template: the user's flag, else the task's preference, else whether the tokenizer has one ---
+TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json", "additional_chat_templates")  # beside tokenizer_config.json
+
+
+def chat_template_setting(spec: GridSpec, config: TaskConfig) -> bool | None:
+    """What a cell asks for: `--chat-template`/`--no-chat-template` if given, else the task's preference.
+
+    None: the tokenizer's own (on when it has one), which the model recorded beside it fixes."""
+    return spec.chat_template if spec.chat_template is not None else config.chat_template
+
+
+def tokenizer_has_chat_template(tokenizer) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def folder_has_chat_template(model: str) -> bool | None:
+    """Whether the tokenizer in model folder `model` has a chat template, read from its files before the model loads.
+
+    None when it cannot be told from files here (a hub id, `embedded`, a `.gguf`, no tokenizer_config.json):
+    the loaded tokenizer answers then. Any template file counts as one, so a folder is never refused wrongly."""
+    folder = Path(model)
+    tokenizer_config = folder / "tokenizer_config.json"
+    if not folder.is_absolute() or not tokenizer_config.is_file():  # a folder is recorded resolved; `embedded` is a name
+        return None
+    if any((folder / name).exists() for name in TEMPLATE_FILES):
+        return True
+    try:
+        return bool(json.loads(tokenizer_config.read_text()).get("chat_template"))
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def check_chat_template(spec: GridSpec, configs: list[TaskConfig], has_template: bool | None) -> None:
+    """A chat template asked for (by the user, or by a task with no flag given) on a tokenizer without one: one line.
+
+    `has_template` None: not known yet (checked again once the tokenizer loads)."""
+    if has_template is not False:
+        return
+    if spec.chat_template:
+        raise KvrlError(f"--chat-template: the tokenizer of model {spec.model} has no chat template; "
+                        "pass --no-chat-template (plain prompts) or a model whose tokenizer has one")
+    for config in configs:
+        if chat_template_setting(spec, config):
+            raise KvrlError(f"task {config.name!r} uses the chat template by default, but the tokenizer of model {spec.model} "
+                            "has none; pass --no-chat-template to run it on plain prompts")
+
+
+def check_chat_template_before_loading(spec: GridSpec) -> None:
+    """`check_chat_template` on what the model folder's files say, before the model (and its tokenizer) loads."""
+    check_chat_template(spec, resolve_tasks(spec), folder_has_chat_template(spec.model))
+
+
 def run_grid(lm, spec: GridSpec, out: Path, on_cell: Callable[[Cell], None] | None = None, recompute: bool = False) -> list[Cell]:
     """Evaluate every cell not already in `out/grid.csv` (under today's definition) with lm-eval; returns all cells.
 
@@ -409,6 +461,7 @@ def run_grid(lm, spec: GridSpec, out: Path, on_cell: Callable[[Cell], None] | No
     """
     configs = resolve_tasks(spec)
     check_head_shapes(spec, lm.model)  # before any cell: a wrong --heads file costs no full-cache run
+    check_chat_template(spec, configs, tokenizer_has_chat_template(lm.tokenizer))  # likewise a template the tokenizer lacks
     grid_path = out / "grid.csv"
     cells, todo = plan_resume(spec, out, recompute, configs)
     if recompute and is_main_process() and len(cells) != len(read_grid(grid_path)):
@@ -439,9 +492,13 @@ def run_cell(lm, config: TaskConfig, spec: GridSpec, plan, key: tuple[str, float
     if spec.decoding_simulation is not None:
         lm.decoding_simulation = spec.decoding_simulation
     before = (lm.stats.generated_tokens, lm.stats.seconds, lm.stats.repetition_stops, lm.stats.kv_bytes_held, lm.stats.kv_bytes_full)
-    chat = config.chat_template if config.chat_template is not None else (
-        spec.chat_template if spec.chat_template is not None else bool(getattr(lm.tokenizer, "chat_template", None)))
-    gen_kwargs = {"max_gen_toks": spec.max_new_tokens} if spec.max_new_tokens else None
+    has_template = tokenizer_has_chat_template(lm.tokenizer)
+    check_chat_template(spec, [config], has_template)
+    setting = chat_template_setting(spec, config)
+    chat = has_template if setting is None else setting
+    # --max-tokens replaces the task's answer limit, and the *_r1 tasks' cap on the total length with it
+    gen_kwargs = {"max_gen_toks": spec.max_new_tokens, "max_total_tokens": None} if spec.max_new_tokens else None
+    check_answer_limit(spec, config, lm.max_length)
     results = simple_evaluate(model=lm, tasks=[config.spec], limit=spec.limit, log_samples=True, apply_chat_template=chat,
                               fewshot_as_multiturn=chat, gen_kwargs=gen_kwargs, confirm_run_unsafe_code=spec.allow_code_execution,
                               bootstrap_iters=0, random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, verbosity="ERROR")
@@ -466,6 +523,15 @@ def run_cell(lm, config: TaskConfig, spec: GridSpec, plan, key: tuple[str, float
     return Cell(config.name, name, sparsity, seed, float(metrics[metric]), kinds.count("correct"), len(samples), kv_fraction,
                 tokens / seconds if seconds else 0.0, kinds.count("overlength"), kinds.count("repetitive"), kinds.count("incorrect"), int(stops),
                 full_heads=full_heads, kv_measured=held / full if full else -1.0)
+
+
+def check_answer_limit(spec: GridSpec, config: TaskConfig, max_length: int) -> None:
+    """An answer limit that leaves the prompt no room in the model: one line (lm-eval would stop on an assertion)."""
+    generation = (config.spec.get("generation_kwargs") or {}) if isinstance(config.spec, dict) else {}
+    limit = spec.max_new_tokens or generation.get("max_gen_toks")  # an lm-eval task named only: its YAML's, checked by lm-eval
+    if limit and limit >= max_length:
+        what = f"--max-tokens {limit}:" if spec.max_new_tokens else f"task {config.name!r} answers in up to {limit} new tokens, but"
+        raise KvrlError(f"{what} model {spec.model} reads at most {max_length} tokens (prompt and answer); pass --max-tokens below {max_length}")
 
 
 def first_metric(metrics: dict[str, Any]) -> str:

@@ -19,6 +19,11 @@ Three kinds, one name space:
 MBPP, in every variant, runs code through `kvpress_rl.evaluators.code_execution` (a contained
 subprocess) rather than lm-eval's in-process `exec`, and only when code execution is allowed
 (`--allow-code-execution`; lm-eval's CLI: `--confirm_run_unsafe_code`).
+
+A task's settings are defaults; `kvrl eval`'s flags win: `--chat-template`/`--no-chat-template`
+(the `*_r1` and embedded tasks ask for the chat template, and on a tokenizer without one are refused
+unless `--no-chat-template` is given), `--max-tokens` (new tokens per answer, in place of the task's
+answer limit and of the `*_r1` cap on the total length) and `--decoding-simulation N`.
 """
 
 from __future__ import annotations
@@ -127,7 +132,9 @@ class TaskConfig:
     name: str
     spec: str | dict[str, Any]  # a name lm-eval knows, or an inline config
     metric: str  # the accuracy key in lm-eval's results, e.g. "acc,none"
-    chat_template: bool | None = None  # None: use the grid's choice
+    # the task's preference, a default: an explicit --chat-template/--no-chat-template wins; None: the
+    # tokenizer's own (on when it has one). A task that wants it on a tokenizer without one is refused.
+    chat_template: bool | None = None
     unsafe_code: bool = False
 
     @property

@@ -44,6 +44,24 @@ def all_gather(obj) -> list:
     return gathered
 
 
+def failed_in_collective(err: BaseException) -> bool:
+    """Whether `err` (or what caused it) came out of torch.distributed: on a process whose peer failed, gloo
+    raises from the collective it waits in ("Connection closed by peer") and NCCL times out. Such an error
+    is the symptom on a survivor, not the cause."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, dist.DistError):
+            return True
+        tb = err.__traceback__
+        while tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+        if tb is not None and str(tb.tb_frame.f_globals.get("__name__", "")).startswith("torch.distributed"):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
 def rng_state() -> dict:
     """This process's torch RNG states: the CPU one and, where CUDA is available, every GPU's."""
     state = {"cpu": torch.get_rng_state()}

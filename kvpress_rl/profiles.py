@@ -45,6 +45,7 @@ EMBEDDED_RLKV = {
     "steps": 40, "prompts_per_step": 6, "max_new_tokens": 64, "lr": 0.1, "beta": 1e-2, "tau": 0.5,
     "temperature": 1.0, "sink": SINK_TOKENS, "window": WINDOW_TOKENS, "train_mask": "token", "reward_level": "batch",
     "pool_size": 64, "train_set_size": None, "gradient_checkpointing": False, "rollout_batch": None,
+    "advantage": "group",  # the paper's per-group z-score: these values were tuned with it (real models: the official batch one)
 }
 
 EMBEDDED_PROFILE = ModelProfile(family="embedded", strategy_defaults={"rlkv": EMBEDDED_RLKV},

@@ -61,3 +61,43 @@ def test_ci_runs_exactly_the_readme_commands():
     assert install_step in ci
     assert tests in ci
     assert shlex.split(tests)[:2] == ["HF_HUB_OFFLINE=1", "HF_DATASETS_OFFLINE=1"]
+
+
+def test_readme_stays_a_users_page():
+    """What it is, set-up, concepts, CLI, API, plugins and one short results table; the rest lives in docs/."""
+    lines = README.read_text().splitlines()
+    assert len(lines) <= 250, f"README.md has {len(lines)} lines, at most 250: move results and history to docs/results.md"
+
+
+def python_blocks(text: str) -> list[str]:
+    return [m.group(1) for m in re.finditer(r"```python[^\n]*\n(.*?)```", text, re.DOTALL)]
+
+
+def test_readme_python_examples_import_what_they_use():
+    """Every name a README Python example uses is imported or defined in it, and its imports resolve."""
+    import ast
+    import builtins
+    import importlib
+
+    for block in python_blocks(README.read_text()):
+        tree = ast.parse(block)
+        defined, used = set(dir(builtins)), set()
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                defined |= {(a.asname or a.name).split(".")[0] for a in node.names}
+            elif isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+                defined.add(node.name)
+            elif isinstance(node, ast.arg):
+                defined.add(node.arg)
+            elif isinstance(node, ast.Name):
+                (defined if isinstance(node.ctx, ast.Store) else used).add(node.id)
+        first_line = block.splitlines()[0]
+        assert not used - defined, f"README example starting {first_line!r} uses {sorted(used - defined)} without importing them"
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                module = importlib.import_module(node.module)
+                missing = [a.name for a in node.names if not hasattr(module, a.name)]
+                assert not missing, f"README example: {node.module} has no {missing}"
+            elif isinstance(node, ast.Import):
+                for alias in node.names:
+                    importlib.import_module(alias.name)

@@ -8,6 +8,18 @@ import torch
 
 REWARD_LEVELS = ("batch", "group", "micro-batch")
 
+# How a step's 0/1 rewards become advantages (`RLKVOptions.advantage`), as `kvrl select` prints them.
+ADVANTAGES = {
+    "group": "z-score within each prompt's group, the paper's text",
+    "batch": "token-weighted batch z-score of (r - 0.5) * 10, the official training's adv_norm",
+}
+
+# The official training (AReaL fork, examples/rlkv/*_grpo.yaml and AReaL's NormConfig): `reward_bias: -0.5`,
+# `reward_scaling: 10`, `adv_norm: {mean_level: batch, std_level: batch}` with the unbiased std and eps 1e-5.
+REWARD_BIAS = -0.5
+REWARD_SCALING = 10.0
+BATCH_EPS = 1e-5
+
 
 def group_advantages(rewards: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """The paper's form: z-score within each group. `rewards (prompts, group)`; equal rewards give 0."""
@@ -16,16 +28,17 @@ def group_advantages(rewards: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return torch.where(std > eps, (rewards - mean) / (std + eps), torch.zeros_like(rewards))
 
 
-def batch_advantages(rewards: torch.Tensor, lengths: torch.Tensor, eps: float = 1e-5, reduce=None) -> torch.Tensor:
+def batch_advantages(rewards: torch.Tensor, lengths: torch.Tensor, eps: float = BATCH_EPS, reduce=None) -> torch.Tensor:
     """The official code's form (AReaL's `adv_norm` over the batch): per sequence, `(r - 0.5) * 10` (0/1 to
     -5/+5) carried by each of its completion tokens; normalised with the token-weighted mean and the
-    unbiased token std of the whole batch, `(x - mean) / (std + eps)`.
+    unbiased token std of the whole batch, `(x - mean) / (std + eps)`. A group whose samples agree still
+    gets the batch's signal (`(x - mean) / std`, not 0) unless the whole batch agrees.
 
     `rewards`, `lengths` (completion tokens): `(sequences,)` or any shape, flattened; returns `(sequences,)`.
     `reduce`, if given, sums a float64 tensor over data-parallel processes (the official code
     normalises over the whole batch of every process).
     """
-    x = (rewards.flatten().double() - 0.5) * 10.0
+    x = (rewards.flatten().double() + REWARD_BIAS) * REWARD_SCALING
     n = lengths.flatten().double()
     sums = torch.stack([n.sum(), (n * x).sum(), (n * x * x).sum()])
     if reduce is not None:
@@ -36,6 +49,17 @@ def batch_advantages(rewards: torch.Tensor, lengths: torch.Tensor, eps: float = 
     mean = total / count
     var = max(squares / count - mean * mean, 0.0) * count / (count - 1)
     return ((x - mean) / (math.sqrt(var) + eps)).float()
+
+
+def step_advantages(kind: str, rewards: torch.Tensor, lengths: torch.Tensor, group_size: int, reduce=None) -> torch.Tensor:
+    """Advantages `(sequences,)` of one step's raw 0/1 `rewards (sequences,)`, rows in groups of `group_size`
+    rollouts of one prompt, by `kind` (`ADVANTAGES`): `batch` weighs each sequence by its completion `lengths`
+    and normalises over every process (`reduce`); `group` needs neither."""
+    if kind == "batch":
+        return batch_advantages(rewards, lengths, reduce=reduce)
+    if kind == "group":
+        return group_advantages(rewards.reshape(-1, group_size)).flatten()
+    raise ValueError(f"advantage must be one of {', '.join(ADVANTAGES)}, got {kind!r}")
 
 
 def penalty_weight(mean_reward: float, beta: float, tau: float, adaptive: bool = True) -> float:

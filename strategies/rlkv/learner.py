@@ -23,8 +23,10 @@ training (the paper and its AReaL fork: 186 steps = 2 epochs of 3,000 problems f
 32 prompts x 4 samples, 7,168 new tokens, lr 0.01, block-sparse streaming 128 + 256, ...) with its
 family's beta, tau and temperature (Qwen2.5, Qwen3).
 
-Kept from the paper rather than the code: `advantage="group"` (per-group z-score); `--advantage batch`
-is the official code's form.
+Advantages: the official training's by default (`advantage="batch"`: `(r - 0.5) * 10` z-scored over the
+completion tokens of the whole step, every process, so a group whose samples agree still moves the gates);
+`--advantage group` is the paper's per-group z-score, and the embedded model's default (its values were
+tuned with it).
 
 Why a compact loop rather than TRL's `GRPOTrainer`: rollouts must be sampled inside the gated
 attention context, the adaptive L1 term depends on the batch's raw rewards and must enter the loss,
@@ -64,7 +66,7 @@ from kvpress_rl.strategies.rlkv.checkpoints import (
     text_hash,
     train_set_text,
 )
-from kvpress_rl.strategies.rlkv.grpo import batch_advantages, clipped_surrogate, group_advantages, level_weight, penalty_weight
+from kvpress_rl.strategies.rlkv.grpo import ADVANTAGES, clipped_surrogate, level_weight, penalty_weight, step_advantages
 from kvpress_rl.strategies.rlkv.options import RLKVOptions, check_resolved
 from kvpress_rl.strategies.rlkv.problems import Problem, check_not_eval_data, load_problems, step_batch
 from kvpress_rl.strategies.rlkv.rollouts import chat_ids, rollouts, self_distill
@@ -74,7 +76,7 @@ class RLKV(HeadSelector):
     __doc__ = __doc__
     name = "rlkv"
     kind = "head"
-    version = "2"
+    version = "3"  # 3: real models default to the official batch advantage
     trains = True
     description = "RLKV: gates learned with RL on the model's own reasoning rewards"
     Options = RLKVOptions
@@ -102,7 +104,9 @@ class RLKV(HeadSelector):
         """The options as resolved by `resolve` (one line each: value, and where an unset one came from)."""
         lines = [f"rlkv options (model family: {self.family or '?'}):"]
         for name, value in asdict(self.options).items():
-            lines.append(f"  {name} = {value!r}" + (f"  [{self.sources[name]}]" if name in self.sources else ""))
+            source = f"  [{self.sources[name]}]" if name in self.sources else ""
+            meaning = f"  ({ADVANTAGES[value]})" if name == "advantage" and value in ADVANTAGES else ""
+            lines.append(f"  {name} = {value!r}{source}{meaning}")
         return "\n".join(lines)
 
     # --- the loop -------------------------------------------------------------------------------
@@ -241,10 +245,8 @@ class RLKV(HeadSelector):
         comp_mask = mask[:, offset:]
         texts = [tokenizer.decode(row[m.bool()], skip_special_tokens=True) for row, m in zip(completions, comp_mask)]
         rewards = torch.tensor([float(p.verify(t, p.answer)) for p, t in zip((p for p in problems for _ in range(o.group_size)), texts)])
-        if o.advantage == "group":
-            advantages = group_advantages(rewards.reshape(len(problems), o.group_size)).flatten()
-        else:
-            advantages = batch_advantages(rewards, comp_mask.sum(1).cpu(), reduce=all_sum)
+        # over the whole step (every process), before the backward splits it into micro-batches
+        advantages = step_advantages(o.advantage, rewards, comp_mask.sum(1).cpu(), o.group_size, reduce=all_sum)
         optimizer.zero_grad()
         stats = self.policy_backward(model, gates, sequences, mask, offset, advantages, rewards, o.sink, o.window)
         grad_norm = torch.nn.utils.clip_grad_norm_([gates], o.grad_clip).item() if gates.grad is not None else 0.0

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from kvpress_rl.errors import KvrlError
 from kvpress_rl.executor.gated import MASKS
-from kvpress_rl.strategies.rlkv.grpo import REWARD_LEVELS
+from kvpress_rl.strategies.rlkv.grpo import ADVANTAGES, REWARD_LEVELS
 
 
 @dataclass
@@ -35,7 +35,11 @@ class RLKVOptions:
         "per-group weights) or micro-batch (per backward micro-batch, token-weighted). Default batch: the official "
         "engine adds the penalty per micro-batch with mb_input['rewards'], but its micro-batch split leaves the "
         "[batch]-shaped rewards tensor whole, so every micro-batch sees the whole batch's rewards")})
-    advantage: str = field(default="group", metadata={"help": "group (paper: per-group z-score) or batch (code: +-5, token-weighted batch z-score)"})
+    advantage: str | None = field(default=None, metadata={"help": (
+        "how rewards become advantages: batch (the official training, AReaL's adv_norm: (r - 0.5) * 10, z-scored over the "
+        "step's completion tokens of every process, unbiased std, eps 1e-5; a group whose samples agree still gets the "
+        "batch's signal) or group (the paper's text: z-score within each prompt's group). Default batch; group on the "
+        "embedded model, whose values were tuned with it")})
     self_distillation: bool = field(default=True, metadata={"help": "train on problems the model solves at full cache, stratified by length"})
     pool_size: int | None = field(default=None, metadata={"help": "problems in the self-distillation pool (default: the paper's DeepScaleR pool, up to 40,315; 64 on the embedded model)"})
     train_set_size: int | None = field(default=None, metadata={"help": "distinct training problems chosen once and iterated in epochs (default: the paper's 3,000; the whole pool on the embedded model)"})
@@ -77,8 +81,8 @@ class RLKVOptions:
 def check_resolved(options: RLKVOptions, processes: int) -> None:
     """Refuse resolved options `select` cannot run with, on `processes` data-parallel processes."""
     o = options
-    if o.advantage not in ("group", "batch"):
-        raise KvrlError(f"--advantage must be group or batch, got {o.advantage!r}")
+    if o.advantage not in ADVANTAGES:
+        raise KvrlError(f"--advantage must be {' or '.join(ADVANTAGES)}, got {o.advantage!r}")
     if o.reward_level not in REWARD_LEVELS:
         raise KvrlError(f"--reward-level must be one of {', '.join(REWARD_LEVELS)}, got {o.reward_level!r}")
     if o.train_mask not in MASKS:

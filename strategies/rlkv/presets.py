@@ -2,9 +2,8 @@
 
 `resolve_values(model, options)` fills every option left at None from, in order: the RLKV defaults of
 the model's profile (`kvpress_rl.profiles.profile_of(model).defaults_for("rlkv")`: the embedded model's
-are `EMBEDDED_RLKV`, sized for its task and a CPU), or the per-family values of the paper (chosen from
-`config.model_type`) over the official training's common values. It also says where each value came
-from, for the printed table and provenance.
+are `EMBEDDED_RLKV`, sized for its task and a CPU), or the per-family values of the paper (chosen from `config.model_type`) over the official training's common
+values. It also says where each value came from, for the printed table and provenance.
 """
 
 from __future__ import annotations
@@ -16,12 +15,14 @@ from kvpress_rl.strategies.rlkv.problems import EMBEDDED_ROLLOUT_TOKENS
 
 # The official training (the paper and its AReaL fork): 2 epochs over 3,000 problems at 32 prompts a step
 # (floor(3000 / 32) = 93 steps an epoch, so 186; the paper rounds to 185), the block-sparse streaming
-# kernel, the whole batch's r_bar in the L1 weight (see RLKVOptions.reward_level), a DeepScaleR pool of
-# 40,315 problems, activation checkpointing, rollouts generated 8 prompts (x G) at a time.
+# kernel, the whole batch's r_bar in the L1 weight (see RLKVOptions.reward_level), the batch advantage of
+# examples/rlkv/*_grpo.yaml (reward_bias -0.5, reward_scaling 10, adv_norm batch/batch; see
+# RLKVOptions.advantage), a DeepScaleR pool of 40,315 problems, activation checkpointing, rollouts
+# generated 8 prompts (x G) at a time.
 OFFICIAL: dict[str, Any] = {
     "steps": 186, "prompts_per_step": 32, "max_new_tokens": 7168, "lr": 0.01, "beta": 1e-3, "tau": 0.5,
     "temperature": 1.0, "sink": 128, "window": 256, "train_mask": "block", "reward_level": "batch",
-    "pool_size": 40315, "train_set_size": 3000, "gradient_checkpointing": True, "rollout_batch": 8,
+    "advantage": "batch", "pool_size": 40315, "train_set_size": 3000, "gradient_checkpointing": True, "rollout_batch": 8,
 }
 
 # Per model family (config.model_type), from the paper's hyperparameter table; Qwen3's temperature is

@@ -25,6 +25,7 @@ def test_select_writes_scores_with_provenance(cli, tmp_path):
     assert result.exit_code == 0, result.output
     scores = HeadScores.load(tmp_path / "r.safetensors")
     assert scores.seed == 4 and scores.model_id == "random:llama" and scores.shape == (4, 4)
+    assert scores.extra["weights"] == "random:llama" and scores.extra["code"].startswith(kvpress_rl.__version__)
 
 
 def test_select_sets_strategy_options_from_the_command_line(cli, tmp_path):

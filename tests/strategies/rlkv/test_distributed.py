@@ -4,13 +4,15 @@ summed gradient is that of one process over the union of their batches."""
 import json
 import os
 import socket
+from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from kvpress_rl import SelectionContext
+from kvpress_rl import KvrlError, SelectionContext
+from kvpress_rl.distributed import failed_in_collective
 from kvpress_rl.executor.gated import gated, new_gates
 from kvpress_rl.strategies.rlkv import RLKV, RLKVOptions
 from kvpress_rl.strategies.rlkv.backward import join_rollouts
@@ -103,3 +105,37 @@ def test_two_processes_with_uneven_tokens_take_the_gradient_of_one_process_over_
             assert rank_stats["tokens"] == stats["tokens"] == sum(tokens)
             assert rank_stats["mean_reward"] == pytest.approx(stats["mean_reward"])
             assert rank_stats["beta_prime"] == pytest.approx(stats["beta_prime"]), level
+
+
+def leaving_worker(rank: int, world_size: int, port: int, out: str) -> None:
+    """Rank 1 leaves after the first all_reduce; rank 0 waits in the second and records how its error is classified."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=60))  # a hang fails, in a minute
+    value = torch.ones(1)
+    dist.all_reduce(value)
+    if rank == 1:
+        dist.destroy_process_group()
+        return
+    try:
+        dist.all_reduce(value)
+        result = "returned"
+    except Exception as err:  # gloo: "Connection closed by peer"
+        result = f"{failed_in_collective(err)} {type(err).__name__}"
+    with open(f"{out}/survivor.txt", "w") as handle:
+        handle.write(result)
+
+
+def test_a_survivor_s_error_in_a_collective_is_told_apart_from_the_failure_itself(tmp_path):
+    mp.spawn(leaving_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    assert (tmp_path / "survivor.txt").read_text().startswith("True ")
+    try:
+        raise RuntimeError("injected failure")
+    except RuntimeError as err:
+        assert not failed_in_collective(err)
+    try:
+        try:
+            raise dist.DistBackendError("NCCL watchdog timed out")
+        except dist.DistBackendError as cause:
+            raise KvrlError("one line") from cause
+    except KvrlError as err:
+        assert failed_in_collective(err)

@@ -3,7 +3,14 @@ import math
 import pytest
 import torch
 
-from kvpress_rl.strategies.rlkv.grpo import batch_advantages, clipped_surrogate, group_advantages, level_weight, penalty_weight
+from kvpress_rl.strategies.rlkv.grpo import (
+    batch_advantages,
+    clipped_surrogate,
+    group_advantages,
+    level_weight,
+    penalty_weight,
+    step_advantages,
+)
 from kvpress_rl.strategies.rlkv.rollouts import completion_mask
 
 
@@ -24,6 +31,39 @@ def test_batch_advantages_follow_the_official_code():
     # hand values: mean -1.6667, std 5.1640; a per-sequence biased z-score would give +1.4142 / -0.7071
     assert adv.tolist() == pytest.approx([1.2910, -0.6455, -0.6455], abs=1e-4)
     assert torch.all(batch_advantages(torch.ones(4), torch.tensor([3, 1, 2, 5])) == 0)  # no signal
+
+
+# Issue 24: two groups of 2, the first agreeing. (r - 0.5) * 10 = +5, +5 | +5, -5 on 1, 3 | 2, 2 completion tokens:
+# token-weighted mean 20 / 8 = 2.5; squared deviations 6 * 2.5^2 + 2 * 7.5^2 = 150 over 8 - 1 tokens (unbiased);
+# advantages (x - 2.5) / (sqrt(150 / 7) + 1e-5) = 2.5 / 4.6291105, -7.5 / 4.6291105.
+AGREEING = torch.tensor([1.0, 1.0, 1.0, 0.0])
+AGREEING_TOKENS = torch.tensor([1, 3, 2, 2])
+AGREEING_BATCH = [0.5400606, 0.5400606, 0.5400606, -1.6201817]
+
+
+def test_the_official_batch_z_score_gives_a_group_that_agrees_the_batch_s_signal():
+    adv = batch_advantages(AGREEING, AGREEING_TOKENS)
+    assert adv.tolist() == pytest.approx(AGREEING_BATCH, abs=1e-6)
+    assert adv.tolist() != pytest.approx([0.57735, 0.57735, 0.57735, -1.73205], abs=1e-4)  # not the biased std, sqrt(150 / 8)
+    assert step_advantages("batch", AGREEING, AGREEING_TOKENS, 2).tolist() == pytest.approx(AGREEING_BATCH, abs=1e-6)
+    # the paper's per-group z-score: the agreeing group gets nothing
+    assert step_advantages("group", AGREEING, AGREEING_TOKENS, 2).tolist() == pytest.approx([0.0, 0.0, 1.0, -1.0], abs=1e-4)
+    with pytest.raises(ValueError, match="advantage must be one of group, batch"):
+        step_advantages("token", AGREEING, AGREEING_TOKENS, 2)
+
+
+def test_the_batch_z_score_is_taken_over_every_process_s_sequences():
+    # process A holds the agreeing group alone, process B the other; `reduce` adds the other's sums (an all_sum)
+    def sums(rewards, tokens):
+        x, n = (rewards.double() - 0.5) * 10, tokens.double()
+        return torch.stack([n.sum(), (n * x).sum(), (n * x * x).sum()])
+
+    parts = [(AGREEING[:2], AGREEING_TOKENS[:2]), (AGREEING[2:], AGREEING_TOKENS[2:])]
+    seen = []
+    for mine, other in (parts, parts[::-1]):
+        seen += batch_advantages(*mine, reduce=lambda local, other=other: local + sums(*other)).tolist()
+    assert seen == pytest.approx(AGREEING_BATCH, abs=1e-6)
+    assert torch.all(batch_advantages(*parts[0]) == 0)  # alone, process A's agreeing group would carry nothing
 
 
 def test_l1_weight_by_reward_level():

@@ -14,6 +14,8 @@ from kvpress_rl.strategies.rlkv import RLKV, RLKVOptions
 from kvpress_rl.strategies.rlkv import learner as learner_module
 from kvpress_rl.strategies.rlkv.backward import completion_logprobs
 from kvpress_rl.strategies.rlkv.checkpoints import TrainingRun, load_checkpoint, resume, save_checkpoint
+from kvpress_rl.strategies.rlkv.grpo import batch_advantages
+from kvpress_rl.strategies.rlkv.problems import Problem
 from kvpress_rl.strategies.rlkv.rollouts import generate, rollouts
 
 
@@ -150,6 +152,65 @@ def test_resolved_options_are_printable_with_their_source():
     text = learner.resolved_options_text()
     assert "model family: qwen2" in text and "tau = 0.55  [official qwen2]" in text
     assert "beta = 0.5\n" in text + "\n" and "steps = 186  [official]" in text
+
+
+# --- issue 24: the official batch advantage by default on real models; r_bar of the whole batch ------------------------
+def test_real_models_default_to_the_official_batch_advantage_and_the_embedded_model_keeps_the_group_one():
+    for model_type in ("qwen2", "llama", "qwen3"):
+        assert resolved(fake_model(model_type)).advantage == "batch"
+    assert resolved(fake_model("qwen2"), advantage="group").advantage == "group"  # the paper's form: an option
+    assert resolved(fake_model("llama", profile="embedded")).advantage == "group"
+    printed = {}
+    for name, model in (("qwen2", fake_model("qwen2")), ("embedded", fake_model("llama", profile="embedded"))):
+        learner = RLKV(RLKVOptions())
+        learner.resolve(model)
+        printed[name] = next(line for line in learner.resolved_options_text().splitlines() if line.startswith("  advantage = "))
+    assert printed["qwen2"] == "  advantage = 'batch'  [official]  (token-weighted batch z-score of (r - 0.5) * 10, the official training's adv_norm)"
+    assert printed["embedded"] == ("  advantage = 'group'  [profile embedded]  "
+                                   "(z-score within each prompt's group, the paper's text)")
+
+
+def step_advantages_seen(model, tokenizer, learner) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(advantages, completion tokens)` that one `_step` hands the backward, for two problems of 4 rollouts: the
+    first solved by every rollout, the second by every other one."""
+    every_other = iter([True, False] * 2)
+    problems = [Problem("1+0=", "1", lambda text, answer: True, "agree"), Problem("2+0=", "2", lambda text, answer: next(every_other), "split")]
+    seen = {}
+
+    def backward(model, gates, sequences, mask, offset, advantages, rewards, sink, window, **kwargs):
+        seen.update(advantages=advantages.clone(), tokens=mask[:, offset:].sum(1))
+        return {"tokens": 1, "micro_batches": 1, "beta_prime": 0.0, "mean_reward": rewards.mean().item(), "reward_level": "batch"}
+
+    learner.policy_backward = backward
+    learner.resolve(model)
+    gates = new_gates(model, 1.0)
+    learner._step(model, tokenizer, gates, torch.optim.AdamW([gates], lr=0.1), problems)
+    return seen["advantages"], seen["tokens"]
+
+
+def test_on_a_real_model_a_group_whose_rollouts_agree_still_gets_an_advantage(tiny, data):
+    _, tokenizer = tiny
+    qwen2 = random_model(small_config("qwen2", vocab_size=len(tokenizer), num_hidden_layers=2), seed=0)
+    advantages, tokens = step_advantages_seen(qwen2, tokenizer, RLKV(options(data)))
+    assert (advantages[:4] > 0).all()  # rewards 1, 1, 1, 1 under a batch mean below +5
+    torch.testing.assert_close(advantages, batch_advantages(torch.tensor([1.0] * 4 + [1.0, 0.0] * 2), tokens))
+    qwen2.config.kvrl_profile = "embedded"  # the embedded profile keeps the paper's per-group z-score
+    advantages, _ = step_advantages_seen(qwen2, tokenizer, RLKV(options(data)))
+    assert advantages.tolist() == pytest.approx([0.0] * 4 + [1.0, -1.0] * 2, abs=1e-4)
+
+
+def test_the_default_l1_weight_takes_r_bar_over_the_whole_batch_not_per_micro_batch(tiny):
+    model, tokenizer = tiny  # a real model's defaults (llama): reward_level left unset
+    learner = RLKV(RLKVOptions(max_new_tokens=8, sink=1, window=2, train_mask="token", gradient_checkpointing=False,
+                               micro_batch_tokens=1, beta=1.0, tau=0.5))
+    gates = new_gates(model, 0.5)
+    sequences, mask, offset = sampled_step(model, tokenizer, learner, gates)
+    rewards = torch.tensor([1.0, 1, 1, 1, 1, 1, 1, 0, 1, 0, 0, 0])  # micro-batches (one group each) at r_bar 1, 0.75, 0.25
+    stats = learner.policy_backward(model, gates, sequences, mask, offset, torch.zeros(12), rewards, 1, 2)
+    assert learner.options.reward_level == "batch" and learner.sources["reward_level"] == "official"
+    assert stats["micro_batches"] == 3 and stats["mean_reward"] == pytest.approx(8 / 12)
+    assert stats["beta_prime"] == pytest.approx(math.exp(8 / 12) - 1)  # per micro-batch it would be ~ (e - 1) and (e^0.75 - 1)
+    torch.testing.assert_close(gates.grad, torch.full_like(gates, stats["beta_prime"] / gates.numel()))
 
 
 def test_training_on_an_evaluation_split_is_refused_unless_allowed(tiny):
