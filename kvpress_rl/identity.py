@@ -60,9 +60,13 @@ def _remember(key: str, entry: list) -> None:
         pass
 
 
+CACHED_FROM_BYTES = 1 << 20  # smaller files hash faster than the cache file is read
+
+
 @functools.lru_cache(maxsize=1024)
 def _hash_file(path: str, size: int, mtime_ns: int) -> str:
-    cached = _read_cache().get(path)
+    large = size >= CACHED_FROM_BYTES
+    cached = _read_cache().get(path) if large else None
     if cached and cached[:2] == [size, mtime_ns]:
         return cached[2]
     digest = hashlib.sha256()
@@ -70,7 +74,7 @@ def _hash_file(path: str, size: int, mtime_ns: int) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     value = digest.hexdigest()[:16]
-    if size >= 1 << 20:  # small files hash faster than the cache is read
+    if large:
         _remember(path, [size, mtime_ns, value])
     return value
 
