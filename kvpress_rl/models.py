@@ -5,6 +5,7 @@ Only architectures whose attention the executor understands are accepted (`SUPPO
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -209,6 +210,13 @@ def load_model(
 def model_id(model: Any) -> str:
     """The name recorded in provenance: the hub id or path the model was loaded from."""
     return str(getattr(model, "name_or_path", "") or getattr(model.config, "_name_or_path", "") or "unknown")
+
+
+def cache_kwargs(model: Any, cache: Any) -> dict[str, Any]:
+    """`{name: cache}` for `model(...)` / `model.generate(...)`: transformers 5.24 names the cache argument `cache`,
+    5.19 (the release vLLM's CPU build pins) `past_key_values`; the name is read off the model's own signature."""
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return {name: cache}
 
 
 @contextmanager

@@ -94,3 +94,29 @@ def load_embedded(dtype: torch.dtype = torch.float32, adapter: Path | None = ADA
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model.to(device).eval(), tokenizer
+
+
+def merged_folder(adapter: Path = ADAPTER_DIR) -> Path:
+    """A folder of the embedded model with the adapter merged (float32 safetensors, config and tokenizer), written
+    once into the cache and keyed by the adapter's and the base's content: what engines that load weights from a
+    folder (vLLM) take as `--model`."""
+    base = base_dir()
+    weights = hashlib.sha256((adapter / "adapter_model.safetensors").read_bytes()).hexdigest()
+    key = hashlib.sha256(f"{weights}:{base.name}".encode()).hexdigest()[:16]
+    target = cache_root() / f"embedded-merged-{key}"
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    model, tokenizer = load_embedded(adapter=adapter)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".staging-"))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        try:
+            staging.rename(target)
+        except OSError:  # another process finished first
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target

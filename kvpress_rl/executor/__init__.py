@@ -30,7 +30,7 @@ from kvpress_rl.errors import KvrlError
 from kvpress_rl.executor.attention import register
 from kvpress_rl.executor.cache import HeadwiseCache
 from kvpress_rl.executor.gated import gated, new_gates
-from kvpress_rl.models import ModelShape, check_supported, using_attention
+from kvpress_rl.models import ModelShape, cache_kwargs, check_supported, using_attention
 
 if TYPE_CHECKING:
     from kvpress_rl.plan import CompressionPlan
@@ -54,11 +54,11 @@ class CompressedSession:
 
     def generate(self, input_ids: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         """`model.generate` with a fresh cache of the plan, after the decoding simulation if one is set."""
-        kwargs["cache"] = self.new_cache()
+        cache = self.new_cache()
         if self.decoding_simulation:
             kwargs.setdefault("attention_mask", self._generation_mask(input_ids, kwargs))
-            self.simulate_decoding(input_ids, kwargs["attention_mask"], kwargs["cache"])
-        return self.model.generate(input_ids=input_ids, **kwargs)
+            self.simulate_decoding(input_ids, kwargs["attention_mask"], cache)
+        return self.model.generate(input_ids=input_ids, **kwargs, **cache_kwargs(self.model, cache))
 
     def simulate_decoding(self, ids: torch.Tensor, mask: torch.Tensor, cache: HeadwiseCache) -> None:
         """Run all but the last of the prompt's final `decoding_simulation` tokens through `cache` (prefill,
@@ -73,10 +73,11 @@ class CompressedSession:
         positions = (mask.cumsum(-1) - 1).clamp_min(0)
         with torch.no_grad():
             self.model(input_ids=ids[:, :prefix], attention_mask=mask[:, :prefix], position_ids=positions[:, :prefix],
-                       cache=cache, use_cache=True, logits_to_keep=1)
+                       **cache_kwargs(self.model, cache), use_cache=True, logits_to_keep=1)
             for step in range(prefix, length - 1):
                 self.model(input_ids=ids[:, step : step + 1], attention_mask=mask[:, : step + 1],
-                           position_ids=positions[:, step : step + 1], cache=cache, use_cache=True, logits_to_keep=1)
+                           position_ids=positions[:, step : step + 1], **cache_kwargs(self.model, cache), use_cache=True,
+                           logits_to_keep=1)
 
     def _generation_mask(self, ids: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
         """The attention mask `generate` would infer: padding masked out when the pad id is set, present

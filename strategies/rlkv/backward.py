@@ -9,6 +9,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from kvpress_rl.errors import KvrlError
+from kvpress_rl.models import cache_kwargs
 
 
 @contextmanager
@@ -111,10 +112,10 @@ def completion_logprobs(model, sequences: torch.Tensor, mask: torch.Tensor, offs
 
         cache = DynamicCache(config=model.config)
         prompt = decoder(input_ids=sequences[::copies, :offset], attention_mask=mask[::copies, :offset],
-                         position_ids=position[::copies, :offset], cache=cache, use_cache=True).last_hidden_state
+                         position_ids=position[::copies, :offset], **cache_kwargs(decoder, cache), use_cache=True).last_hidden_state
         cache.batch_repeat_interleave(copies)
         first = prompt[:, -1:].repeat_interleave(copies, dim=0)  # predicts the first completion token
-        rest = decoder(input_ids=sequences[:, offset:], attention_mask=mask, position_ids=position[:, offset:], cache=cache,
+        rest = decoder(input_ids=sequences[:, offset:], attention_mask=mask, position_ids=position[:, offset:], **cache_kwargs(decoder, cache),
                        use_cache=True).last_hidden_state
         hidden = torch.cat([first, rest[:, :-1]], dim=1)
     targets = sequences[:, offset:]

@@ -15,6 +15,7 @@ from transformers import DynamicCache
 from kvpress_rl.distributed import all_gather, world
 from kvpress_rl.embedded.data import left_pad
 from kvpress_rl.errors import KvrlError
+from kvpress_rl.models import cache_kwargs
 from kvpress_rl.strategies.rlkv.backward import join_rollouts
 from kvpress_rl.strategies.rlkv.options import RLKVOptions
 from kvpress_rl.strategies.rlkv.problems import Problem, training_set
@@ -46,7 +47,8 @@ def shared_prefill(model, ids: torch.Tensor, mask: torch.Tensor, copies: int):
     """The KV cache of `ids[:, :-1]`, each row repeated `copies` times (`generate` then feeds the last token)."""
     cache = DynamicCache(config=model.config)
     position = (mask.cumsum(-1) - 1).clamp_min(0)
-    model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=position[:, :-1], cache=cache, use_cache=True, logits_to_keep=1)
+    model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=position[:, :-1], **cache_kwargs(model, cache), use_cache=True,
+          logits_to_keep=1)
     cache.batch_repeat_interleave(copies)
     return cache
 
@@ -65,7 +67,7 @@ def generate(model, tokenizer, prompts: list[list[int]], options: RLKVOptions, s
     kwargs = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if sample else dict(do_sample=False)
     with torch.no_grad():
         if copies > 1:
-            kwargs["cache"] = shared_prefill(model, ids, mask, copies)
+            kwargs.update(cache_kwargs(model, shared_prefill(model, ids, mask, copies)))
             ids, mask = ids.repeat_interleave(copies, dim=0), mask.repeat_interleave(copies, dim=0)
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=options.max_new_tokens,
                              eos_token_id=end_ids(tokenizer), pad_token_id=tokenizer.pad_token_id, **kwargs)

@@ -12,7 +12,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_utils import AttentionInterface
 
-from kvpress_rl.models import using_attention
+from kvpress_rl.models import cache_kwargs, using_attention
 
 
 def reference_mask(valid: torch.Tensor, compressed: torch.Tensor, sink: int, window: int,
@@ -69,11 +69,11 @@ def left_padded_batch(batch: int, length: int, vocab: int = 256, seed: int = 0):
 def teacher_forced_logits(model, ids, mask, continuation, cache):
     """Prefill `ids`, then feed `continuation` one token per step; logits of every step."""
     position = mask.long().cumsum(-1) - 1
-    out = model(input_ids=ids, attention_mask=mask, position_ids=position.clamp_min(0), cache=cache, use_cache=True)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=position.clamp_min(0), **cache_kwargs(model, cache), use_cache=True)
     logits = [out.logits[:, -1]]
     for step in range(continuation.shape[1]):
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         position = position[:, -1:] + 1
-        out = model(input_ids=continuation[:, step : step + 1], attention_mask=mask, position_ids=position, cache=cache, use_cache=True)
+        out = model(input_ids=continuation[:, step : step + 1], attention_mask=mask, position_ids=position, **cache_kwargs(model, cache), use_cache=True)
         logits.append(out.logits[:, -1])
     return torch.stack(logits, dim=1)

@@ -4,6 +4,7 @@ import torch
 from kvpress_rl import KvrlError
 from kvpress_rl.executor import compressed
 from kvpress_rl.executor.cache import HeadwiseLayer
+from kvpress_rl.models import cache_kwargs
 from kvpress_rl.models import random_model, small_config
 from kvpress_rl.plan import token_plan
 from kvpress_rl.policies import H2O, RKV, Budget, SnapKV, Streaming, make_policy
@@ -114,9 +115,9 @@ def test_decode_attention_is_observed_over_budget_plus_one_then_trimmed():
     with compressed(model, token_plan((4, 4), 0.5, policy)) as session:
         cache = session.new_cache()
         ids = torch.randint(0, 256, (1, 40))
-        model(input_ids=ids, cache=cache, use_cache=True)
+        model(input_ids=ids, **cache_kwargs(model, cache), use_cache=True)
         seen.clear()
-        model(input_ids=ids[:, :1], cache=cache, use_cache=True)
+        model(input_ids=ids[:, :1], **cache_kwargs(model, cache), use_cache=True)
         assert all(layer.compressed_keys.shape[2] == 20 for layer in cache.layers)
     assert seen and set(seen) == {21}
 
@@ -172,12 +173,12 @@ def test_every_token_policy_keeps_exactly_its_budget_at_every_step(name):
     ids = torch.randint(0, 256, (2, 160))
     with compressed(model, plan) as session:
         cache = session.new_cache()
-        model(input_ids=ids, cache=cache, use_cache=True)
+        model(input_ids=ids, **cache_kwargs(model, cache), use_cache=True)
         for step in range(40):
             seen = 160 + step
             for layer in cache.layers:
                 assert layer.compressed_keys.shape[2] == min(seen, policy.budget(seen))
-            model(input_ids=ids[:, step : step + 1], cache=cache, use_cache=True)
+            model(input_ids=ids[:, step : step + 1], **cache_kwargs(model, cache), use_cache=True)
 
 
 def test_rkv_buffer_lets_the_cache_grow_then_cuts_back_to_budget():
@@ -186,10 +187,10 @@ def test_rkv_buffer_lets_the_cache_grow_then_cuts_back_to_budget():
     with compressed(model, token_plan((4, 4), 0.5, policy)) as session:
         cache = session.new_cache()
         ids = torch.randint(0, 256, (1, 150))
-        model(input_ids=ids, cache=cache, use_cache=True)
+        model(input_ids=ids, **cache_kwargs(model, cache), use_cache=True)
         sizes = []
         for step in range(40):
-            model(input_ids=ids[:, step : step + 1], cache=cache, use_cache=True)
+            model(input_ids=ids[:, step : step + 1], **cache_kwargs(model, cache), use_cache=True)
             sizes.append(cache.layers[0].compressed_keys.shape[2])
     # compression fires once a head holds budget + buffer (after that step's attention over 116 slots)
     assert max(sizes) == 115 and sizes.count(100) >= 2 and sizes[0] == 101

@@ -1,0 +1,54 @@
+"""The KV cache of a compressed head in vLLM: a spec (what one head's page holds, how much a request can need) and a
+manager (which of a request's blocks it keeps). Registered with vLLM's `KVCacheSpecRegistry` by `plugin.register`.
+
+A compressed head is one attention sub-layer with one KV head (`models.py`), so its page is the same size as a full
+head's and vLLM groups the two kinds without padding pages. The manager keeps the blocks holding the sinks and the
+window of the next step; every block wholly between them goes back to the block pool (its place in the block table
+is vLLM's null block), so a long request holds `cdiv(16, B) + cdiv(64, B) + 1` blocks per compressed head whatever
+its length.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from vllm.utils.math_utils import cdiv
+from vllm.v1.core.single_type_kv_cache_manager import SingleTypeKVCacheManager
+from vllm.v1.kv_cache_interface import AttentionSpec
+
+from kvpress_rl.engines.vllm.layout import freeable_blocks
+from kvpress_rl.policies import SINK_TOKENS, WINDOW_TOKENS
+
+
+@dataclass(frozen=True, kw_only=True)
+class SinkWindowSpec(AttentionSpec):
+    """The cache of a head that keeps its first `sink` tokens and its last `window` (its own base type in the registry:
+    grouped with full attention, its blocks would never be freed)."""
+
+    sink: int = SINK_TOKENS
+    window: int = WINDOW_TOKENS
+
+    def max_memory_usage_bytes(self, vllm_config) -> int:
+        """Blocks a request can hold at once: the sinks and the window, plus the tokens of one scheduling step (a
+        prompt is cached whole while it is prefilled), plus one block the window straddles."""
+        tokens = min(vllm_config.model_config.max_model_len, self.sink + self.window + vllm_config.max_in_flight_tokens)
+        return (cdiv(tokens, self.block_size) + 1) * self.page_size_bytes
+
+
+class SinkWindowManager(SingleTypeKVCacheManager):
+    """Frees a request's blocks between its sinks and its window as the window moves on."""
+
+    def __init__(self, kv_cache_spec: SinkWindowSpec, **kwargs) -> None:
+        super().__init__(kv_cache_spec, **kwargs)
+        self.sink = kv_cache_spec.sink
+        self.window = kv_cache_spec.window
+
+    def remove_skipped_blocks(self, request_id: str, processed_computed_tokens: int, num_prompt_tokens: int | None = None) -> None:
+        gap = freeable_blocks(processed_computed_tokens, self.block_size, self.sink, self.window)
+        self._remove_blocks_in_range(request_id, gap.start, gap.stop)
+
+    @classmethod
+    def find_longest_cache_hit(cls, block_hashes, max_length, kv_cache_group_ids, block_pool, kv_cache_spec, drop_eagle_block,
+                               alignment_tokens, dcp_world_size=1, pcp_world_size=1):
+        # No prefix caching: a cached prefix would have lost its middle. The engine turns prefix caching off.
+        return tuple([] for _ in kv_cache_group_ids), 0

@@ -1,0 +1,112 @@
+"""A head plan as vLLM sees it: pure Python, no vLLM and no transformers.
+
+`EnginePlan` travels to every vLLM process inside the model config (`hf_overrides`), so it is plain JSON data.
+The rule of a compressed head, in every phase (the executor's, `kvpress_rl/executor/cache.py`): in a step that
+starts with `c` cached tokens, query `c + i` attends to the kept history `{0..sink-1} U {max(sink, c-window)..c-1}`
+and to the step's own tokens `c..c+i`. A decoding step (`c >= 80`) is 16 + 64 + 1 = 81 keys, as the executor's
+"attend over budget + 1, then trim"; a prompt prefilled in one step is plain causal attention, as the executor's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+
+from kvpress_rl.errors import KvrlError
+from kvpress_rl.plan import CompressionPlan
+from kvpress_rl.policies import SINK_TOKENS, WINDOW_TOKENS, Streaming
+
+OVERRIDES_KEY = "kvrl_plan"  # the model-config attribute the plan travels under (`hf_overrides`)
+ARCHITECTURES = {  # the stock vLLM class each of ours extends
+    "LlamaForCausalLM": "KvrlLlamaForCausalLM",
+    "MistralForCausalLM": "KvrlMistralForCausalLM",
+    "Qwen2ForCausalLM": "KvrlQwen2ForCausalLM",
+    "Qwen3ForCausalLM": "KvrlQwen3ForCausalLM",
+}
+
+
+@dataclass(frozen=True)
+class EnginePlan:
+    """Which KV heads keep the full cache (`full[layer][kv_head]`), and what the others keep."""
+
+    full: tuple[tuple[bool, ...], ...]
+    sink: int = SINK_TOKENS
+    window: int = WINDOW_TOKENS
+    source: str = ""
+
+    @classmethod
+    def from_plan(cls, plan: CompressionPlan) -> EnginePlan:
+        """The engine form of a head plan; token and hybrid plans are refused (they need attention scores)."""
+        policy = plan.policy
+        if plan.full_policy is not None or not isinstance(policy, Streaming) or policy.budget_spec is not None:
+            raise KvrlError(f"the vLLM engine runs head plans whose compressed heads keep sink + recent tokens (`streaming`); "
+                            f"this plan's compressed heads keep {policy.describe()}"
+                            + ("" if plan.full_policy is None else f" and its full heads {plan.full_policy.describe()}"))
+        full = tuple(tuple(bool(x) for x in row) for row in plan.full.tolist())
+        return cls(full=full, sink=policy.sink, window=policy.window, source=plan.source)
+
+    @classmethod
+    def full_cache(cls, num_layers: int, num_kv_heads: int) -> EnginePlan:
+        return cls(full=tuple((True,) * num_kv_heads for _ in range(num_layers)))
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (len(self.full), len(self.full[0]) if self.full else 0)
+
+    @property
+    def num_compressed(self) -> int:
+        return sum(not x for row in self.full for x in row)
+
+    @property
+    def num_heads(self) -> int:
+        return sum(len(row) for row in self.full)
+
+    @property
+    def budget(self) -> int:
+        return self.sink + self.window
+
+    def to_json(self) -> dict:
+        return {"v": 1, "full": [[int(x) for x in row] for row in self.full], "sink": self.sink, "window": self.window,
+                "source": self.source}
+
+    @classmethod
+    def from_json(cls, data: dict) -> EnginePlan:
+        if not isinstance(data, dict) or data.get("v") != 1 or not isinstance(data.get("full"), list):
+            raise KvrlError(f"`{OVERRIDES_KEY}` is not a kvpress-rl engine plan (version 1): {str(data)[:80]}")
+        return cls(full=tuple(tuple(bool(x) for x in row) for row in data["full"]), sink=int(data["sink"]),
+                   window=int(data["window"]), source=str(data.get("source", "")))
+
+    @property
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_json(), sort_keys=True).encode()).hexdigest()[:16]
+
+    def check_shape(self, num_layers: int, num_kv_heads: int) -> None:
+        if self.shape != (num_layers, num_kv_heads) or any(len(row) != num_kv_heads for row in self.full):
+            raise KvrlError(f"plan has shape {self.shape[0]} layers x {self.shape[1]} KV heads, "
+                            f"the model has {num_layers} x {num_kv_heads}")
+
+
+def kept_history(computed: int, sink: int = SINK_TOKENS, window: int = WINDOW_TOKENS) -> list[int]:
+    """Positions of the cached tokens a compressed head attends to in a step that starts with `computed` cached tokens."""
+    head = list(range(min(sink, computed)))
+    return head + list(range(max(sink, computed - window), computed))
+
+
+def freeable_blocks(processed: int, block_size: int, sink: int = SINK_TOKENS, window: int = WINDOW_TOKENS) -> range:
+    """Block indices of a compressed head that no later step reads once `processed` tokens are cached: every block
+    after the sink blocks that lies wholly before the window of the next step."""
+    return range(-(-sink // block_size), max(0, processed - window) // block_size)
+
+
+def head_blocks_held(tokens: int, block_size: int, full: bool, sink: int = SINK_TOKENS, window: int = WINDOW_TOKENS) -> int:
+    """Blocks one KV head holds in the steady state after `tokens` tokens (what the manager keeps allocated)."""
+    allocated = -(-tokens // block_size)
+    if full:
+        return allocated
+    return allocated - len(freeable_blocks(tokens, block_size, sink, window))
+
+
+def ideal_capacity_ratio(sparsity: float, length: int, budget: int = SINK_TOKENS + WINDOW_TOKENS) -> float:
+    """Sequences that fit a fixed KV budget under a plan, over those of the full cache: `1 / ((1-s) + s * 80 / L)`."""
+    return 1.0 / ((1.0 - sparsity) + sparsity * min(budget, length) / length)

@@ -1,0 +1,32 @@
+"""`register()`: the `vllm.general_plugins` entry point of kvpress-rl (pyproject.toml).
+
+vLLM calls it once in each of its processes. It only gives vLLM names: the four model classes (`models.py`, imported
+lazily by vLLM), the compressed-head attention backend and its KV-cache spec with the manager that frees its blocks.
+It patches nothing, and a model that does not ask for a `Kvrl...` architecture runs exactly as without the plugin.
+"""
+
+from __future__ import annotations
+
+from kvpress_rl.engines.vllm.layout import ARCHITECTURES
+
+MODELS_MODULE = "kvpress_rl.engines.vllm.models"
+
+
+def register() -> None:
+    from vllm import ModelRegistry
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
+    from vllm.v1.core.single_type_kv_cache_manager import register_all_kvcache_specs
+    from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
+
+    from kvpress_rl.engines.vllm.backend import BACKEND_NAME
+    from kvpress_rl.engines.vllm.cache import SinkWindowManager, SinkWindowSpec
+
+    known = set(ModelRegistry.get_supported_archs())
+    for ours in ARCHITECTURES.values():
+        if ours not in known:
+            ModelRegistry.register_model(ours, f"{MODELS_MODULE}:{ours}")
+    if BACKEND_NAME not in AttentionBackendEnum.__members__:
+        register_backend(BACKEND_NAME, "kvpress_rl.engines.vllm.backend.SinkWindowBackend")
+    # vLLM registers its own specs only into an empty registry: register them first, or they would be skipped.
+    register_all_kvcache_specs(None)
+    KVCacheSpecRegistry.register(SinkWindowSpec, SinkWindowManager, uniform_type_base_spec=SinkWindowSpec)

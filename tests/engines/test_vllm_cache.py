@@ -1,0 +1,76 @@
+"""The compressed heads' KV-cache manager on vLLM's real block pool: sinks kept, blocks freed as the window passes,
+nothing freed for full heads, everything back to the pool when a request ends."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvpress_rl.engines.vllm.layout import kept_history
+
+pytestmark = pytest.mark.usefixtures("vllm_installed")
+BLOCK = 32
+POOL = 64
+
+
+def managers():
+    from vllm.v1.core.block_pool import BlockPool
+    from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+    from kvpress_rl.engines.vllm.cache import SinkWindowManager, SinkWindowSpec
+
+    pool = BlockPool(num_gpu_blocks=POOL, enable_caching=False, hash_block_size=BLOCK)
+    common = dict(block_size=BLOCK, num_kv_heads=1, head_size=64, dtype=torch.float32)
+    compressed = SinkWindowManager(SinkWindowSpec(**common), block_pool=pool, enable_caching=False, kv_cache_group_id=0,
+                                   scheduler_block_size=BLOCK)
+    full = FullAttentionManager(FullAttentionSpec(**common), block_pool=pool, enable_caching=False, kv_cache_group_id=1,
+                                scheduler_block_size=BLOCK)
+    return pool, compressed, full
+
+
+def step(manager, request: str, computed: int, new: int) -> None:
+    """What vLLM's `KVCacheManager.allocate_slots` does for one scheduled step: free, then allocate."""
+    manager.remove_skipped_blocks(request, computed)
+    manager.allocate_new_blocks(request, computed + new, computed + new)
+
+
+def test_a_long_request_keeps_the_sink_block_and_the_window():
+    pool, compressed, full = managers()
+    null = pool.null_block
+    step(compressed, "r", 0, 300)  # the prompt, in one step: all of it is cached while it is prefilled
+    assert len(compressed.req_to_blocks["r"]) == 10 and null not in compressed.req_to_blocks["r"]
+    for computed in range(300, 800):
+        step(compressed, "r", computed, 1)
+        blocks = compressed.req_to_blocks["r"]
+        held = [i for i, block in enumerate(blocks) if block is not null]
+        # exactly the blocks this step reads: the sinks' block, the window's and the new token's
+        assert set(held) == {p // BLOCK for p in kept_history(computed)} | {computed // BLOCK}
+        assert len(held) <= 4
+    assert pool.get_num_free_blocks() == POOL - 1 - len(held)  # block 0 of the pool is the null block
+    compressed.free("r")
+    assert pool.get_num_free_blocks() == POOL - 1
+
+
+def test_full_heads_free_nothing_and_both_return_everything():
+    pool, compressed, full = managers()
+    step(full, "r", 0, 100)
+    step(compressed, "r", 0, 100)
+    for computed in range(100, 600):
+        step(full, "r", computed, 1)
+        step(compressed, "r", computed, 1)
+    assert pool.null_block not in full.req_to_blocks["r"] and len(full.req_to_blocks["r"]) == 19
+    assert sum(b is not pool.null_block for b in compressed.req_to_blocks["r"]) <= 5
+    full.free("r")
+    compressed.free("r")
+    assert pool.get_num_free_blocks() == POOL - 1
+
+
+def test_chunked_prefill_frees_behind_each_chunk():
+    pool, compressed, _ = managers()
+    for computed in range(0, 1024, 256):  # four chunks of 256 tokens
+        step(compressed, "r", computed, 256)
+        held = sum(b is not pool.null_block for b in compressed.req_to_blocks["r"])
+        # the sink block, the previous chunk's last 64 tokens (2 or 3 blocks) and this chunk's 8 blocks
+        assert held <= 1 + 3 + 8
+    assert held < 1024 // BLOCK

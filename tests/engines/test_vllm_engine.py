@@ -1,0 +1,105 @@
+"""Head plans through the vLLM plugin: greedy tokens equal the executor's (tiny random Llama and Qwen2, the embedded
+model on 20 counted problems at s = 0.5 and 0.8), and the KV capacity vLLM reports at a fixed cache size."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvpress_rl.engines.vllm.engine import EngineSettings, VllmGenerator, model_folder
+from kvpress_rl.engines.vllm.layout import EnginePlan, ideal_capacity_ratio
+from kvpress_rl.plan import CompressionPlan, plan_from_scores
+from kvpress_rl.policies import Streaming
+from kvpress_rl.scores import HeadScores
+from tests.engines.conftest import tiny_folder
+from tests.conftest import REPO_ROOT
+
+pytestmark = pytest.mark.usefixtures("vllm_installed")
+RLKV_HEADS = REPO_ROOT / "benchmarks" / "results" / "heads-rlkv-embedded-count.safetensors"
+NEW_TOKENS = 200
+
+
+def executor_tokens(model, plan, prompt: list[int], new_tokens: int) -> list[int]:
+    from kvpress_rl.executor import generate
+
+    with torch.inference_mode():
+        out = generate(model, plan, torch.tensor([prompt]), max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    return out[0, len(prompt):].tolist()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_greedy_tokens_equal_the_executor_on_a_random_model(tmp_path_factory, arch):
+    model, folder = tiny_folder(tmp_path_factory, arch)
+    full = torch.tensor([[True, False], [False, True]])
+    plan = CompressionPlan(full, Streaming(), 0.5)
+    generator = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 512, (n,), generator=generator).tolist() for n in (20, 80, 300)]
+    settings = EngineSettings(model=folder, plan=EnginePlan.from_plan(plan), max_model_len=1024)
+    with VllmGenerator(settings) as engine:
+        got = [out.token_ids for out in engine.generate(prompts, NEW_TOKENS)]
+    differs_from_full = 0
+    for prompt, tokens in zip(prompts, got):
+        expected = executor_tokens(model, plan, prompt, NEW_TOKENS)
+        assert list(tokens) == expected, f"prompt of {len(prompt)} tokens: first difference at {first_difference(tokens, expected)}"
+        differs_from_full += expected != executor_tokens(model, None, prompt, NEW_TOKENS)
+    assert differs_from_full  # the plan changes the answer: the equality says something about the compressed heads
+
+
+def first_difference(a, b) -> int | None:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+
+
+@pytest.fixture(scope="module")
+def embedded():
+    from kvpress_rl.embedded.model import load_embedded
+
+    return load_embedded()
+
+
+@pytest.mark.parametrize("sparsity", [0.5, 0.8])
+def test_greedy_tokens_equal_the_executor_on_the_embedded_model(embedded, sparsity):
+    from kvpress_rl.embedded.data import left_pad, prompt_ids
+    from kvpress_rl.embedded.task import ANSWER_LIMITS, COUNTED_TASK, task_problems
+    from kvpress_rl.executor import generate
+
+    model, tokenizer = embedded
+    plan = plan_from_scores(HeadScores.load(RLKV_HEADS), sparsity)
+    prompts = [prompt_ids(tokenizer, p) for p in task_problems(COUNTED_TASK, "test", 20)]
+    end_ids = [tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.eos_token_id]
+    limit = ANSWER_LIMITS[COUNTED_TASK]
+    settings = EngineSettings(model=model_folder("embedded"), plan=EnginePlan.from_plan(plan), max_model_len=2048)
+    with VllmGenerator(settings) as engine:
+        got = [list(out.token_ids) for out in engine.generate(prompts, limit, stop_token_ids=end_ids)]
+    ids, mask = left_pad(prompts, tokenizer.pad_token_id)
+    with torch.inference_mode():
+        out = generate(model, plan, ids, attention_mask=mask, max_new_tokens=limit, do_sample=False, eos_token_id=end_ids,
+                       pad_token_id=tokenizer.pad_token_id)
+    expected = [row.tolist() for row in out[:, ids.shape[1]:]]
+    got = [[t for t in row if t not in end_ids] for row in got]  # the engine returns the stop token; the executor pads after it
+    expected = [[t for t in row if t not in end_ids] for row in expected]
+    mismatched = [(i, first_difference(a, b)) for i, (a, b) in enumerate(zip(got, expected)) if a != b]
+    assert sum(map(len, got)) > 20 * 30  # whole answers, not empty ones
+    assert not mismatched, f"problems whose tokens differ (problem, first token): {mismatched}"
+
+
+def reported_capacity(folder: str, plan: EnginePlan | None, length: int) -> tuple[int, float]:
+    from vllm.v1.core.kv_cache_utils import get_kv_cache_capacity
+
+    settings = EngineSettings(model=folder, plan=plan, max_model_len=length, exact_prefill=False, max_num_batched_tokens=64,
+                              kv_cache_memory_bytes=256 * 2**20)
+    with VllmGenerator(settings) as engine:
+        core = engine.llm.llm_engine.engine_core.engine_core  # in-process engine core (tests/engines/conftest.py)
+        return get_kv_cache_capacity(core.vllm_config, core.scheduler.kv_cache_config)
+
+
+@pytest.mark.parametrize("length", [4096, 8192])
+def test_capacity_at_a_fixed_cache_size_is_near_the_ideal(length):
+    folder = model_folder("embedded")
+    full_tokens, full_requests = reported_capacity(folder, None, length)
+    scores = HeadScores.load(RLKV_HEADS)
+    for sparsity in (0.5, 0.8):
+        plan = EnginePlan.from_plan(plan_from_scores(scores, sparsity))
+        tokens, requests = reported_capacity(folder, plan, length)
+        ideal = ideal_capacity_ratio(plan.num_compressed / plan.num_heads, length)
+        assert requests / full_requests >= 0.9 * ideal, (sparsity, requests / full_requests, ideal)
+        assert tokens / full_tokens >= 0.9 * ideal
