@@ -15,6 +15,7 @@ from rich.text import Text
 
 from kvpress_rl.cli.launch import check_num_processes, distributed_rank, launch_data_parallel, report_rank_error, watch_rank
 from kvpress_rl.cli.output import strategies_with_warnings
+from kvpress_rl.engines.vllm.engine import PlanEngines, check_vllm, model_folder
 from kvpress_rl.errors import KvrlError
 from kvpress_rl.evaluators.grid import (
     LOCK_HELD_ENV,
@@ -38,6 +39,13 @@ from kvpress_rl.plan import check_sparsity
 from kvpress_rl.plugins import get_strategy
 from kvpress_rl.policies import compressed_head_policy, full_head_policy
 from kvpress_rl.profiles import EMBEDDED_PROFILE
+
+ENGINES = ("transformers", "vllm")
+
+
+def lm_max_length(model) -> int:
+    """The longest sequence the engine is sized for: the model's own limit (as lm-eval's HF model reads it)."""
+    return int(getattr(model.config, "max_position_embeddings", 0) or 2048)
 
 
 def split_list(value: str, kind, flag: str) -> list:
@@ -140,20 +148,24 @@ def results_table(rows: list[dict]) -> RenderableType:
 @click.option("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when there is one, one GPU per process)")
 @click.option("--dtype", default="auto", show_default=True, help="auto (float32 on CPU, bfloat16 on GPU), float32, float16, bfloat16")
 @click.option("--num-processes", default=1, show_default=True, type=int, help="data-parallel processes (accelerate launch)")
+@click.option("--engine", type=click.Choice(ENGINES), default="transformers", show_default=True,
+              help="what generates: transformers (the executor) or vllm (the kvpress-rl vLLM plugin, head plans with streaming heads)")
 @click.option("--output", default="kvrl-eval", show_default=True, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--recompute", is_flag=True, help="redo the finished cells of --output that were made with other settings (else refused)")
 def eval_command(tasks: str | None, strategies: str, sparsities: str, seeds: str, model: str | None, heads: str | None, limit: int,
                  batch_size: int, max_tokens: int | None, data_dir: str | None, compressed_policy: str, full_policy: str | None,
                  full_budgets: str | None, plan_rule: str, decoding_simulation: int | None, allow_code_execution: bool,
-                 chat_template: bool | None, device: str | None, dtype: str, num_processes: int, output: Path, recompute: bool) -> None:
+                 chat_template: bool | None, device: str | None, dtype: str, num_processes: int, engine: str, output: Path, recompute: bool) -> None:
     """Evaluate strategies at several sparsities with lm-eval (full cache once per task); resumes an interrupted grid.
 
     A strategy that trains (rlkv, duo) needs its scores from `kvrl select`, passed with --heads."""
     settings = dict(tasks=tasks, strategies=strategies, sparsities=sparsities, seeds=seeds, model=model, heads=heads, limit=limit,
                     batch_size=batch_size, max_tokens=max_tokens, data_dir=data_dir, compressed_policy=compressed_policy, full_policy=full_policy,
                     full_budgets=full_budgets, plan_rule=plan_rule, decoding_simulation=decoding_simulation, allow_code_execution=allow_code_execution, chat_template=chat_template,
-                    device=device, dtype=dtype)
+                    device=device, dtype=dtype, engine=engine)
     rank, world_size = check_num_processes(num_processes)
+    if engine != "transformers" and num_processes > 1:
+        raise KvrlError(f"--engine {engine} runs in one process (vLLM batches the requests itself); drop --num-processes")
     watch_rank()  # a rank of a data-parallel run: its failure ends the whole run
     if num_processes > 1:
         spec, _ = eval_inputs(**settings)  # every input that needs no model, refused once, before launching anything
@@ -175,8 +187,21 @@ def eval_command(tasks: str | None, strategies: str, sparsities: str, seeds: str
         report_rank_error(err)
 
 
+def check_engine(spec: GridSpec) -> None:
+    """What the vLLM engine runs (head plans whose compressed heads keep sink + recent tokens), refused before loading."""
+    check_vllm()
+    model_folder(spec.model)
+    token = [name for name, entry in spec.strategies if entry.cls.kind != "head"]
+    if token or spec.compressed_policy != "streaming" or spec.full_policy:
+        what = f"token strategies ({', '.join(token)})" if token else "--compressed-policy other than streaming or --full-policy"
+        raise KvrlError(f"--engine vllm runs head strategies whose compressed heads keep 16 sink + 64 recent tokens; not {what}")
+    if spec.decoding_simulation:
+        raise KvrlError("--engine vllm has no decoding simulation; pass --decoding-simulation 0 or --engine transformers")
+
+
 def eval_inputs(*, tasks, strategies, sparsities, seeds, model, heads, limit, batch_size, max_tokens, data_dir, compressed_policy,
-                full_policy, full_budgets, plan_rule, decoding_simulation, allow_code_execution, chat_template, device, dtype, quiet: bool = False):
+                full_policy, full_budgets, plan_rule, decoding_simulation, allow_code_execution, chat_template, device, dtype,
+                engine: str = "transformers", quiet: bool = False):
     """`(GridSpec, device)`: every input checked before any model loads (and before any process is launched)."""
     found = strategies_with_warnings(quiet)  # quiet: a rank of a data-parallel run (the launching process showed them)
     chosen = [(name, get_strategy(name, found)) for name in split_list(strategies, str, "--strategy")]
@@ -208,7 +233,9 @@ def eval_inputs(*, tasks, strategies, sparsities, seeds, model, heads, limit, ba
     spec = GridSpec(chosen, levels, seed_list, limit or None, batch_size, max_tokens, head_files, task_names, data_dir,
                     compressed_policy, plan_rule, allow_code_execution, chat_template, decoding_simulation=decoding_simulation,
                     model=identity, weights=weights_identity(identity), dtype=dtype if dtype != "auto" else ("float32" if device == "cpu" else "bfloat16"),
-                    full_policy=full_policy, full_budgets=budget_list)
+                    full_policy=full_policy, full_budgets=budget_list, engine=engine)
+    if engine != "transformers":
+        check_engine(spec)
     check_heads(spec)  # every --heads file exists and loads; its shape is checked once the model is loaded
     resolve_tasks(spec)  # bad task names, missing files, code execution: refused before the model loads
     return spec, device
@@ -241,7 +268,12 @@ def run_eval(settings: dict, output: Path, recompute: bool) -> None:
                   disable=not (main_process and terminal)) as progress:
         cells_bar = progress.add_task("cells", total=cells_total)
         samples_bar = progress.add_task("samples", total=limit)
-        lm = KvrlLM(lm_model, tokenizer=tokenizer, batch_size=spec.batch_size, on_samples=lambda n: progress.advance(samples_bar, n))
+        engine = None
+        if spec.engine == "vllm":
+            engine = PlanEngines(model_folder(model_spec), dtype=spec.dtype, max_model_len=min(lm_max_length(lm_model), 32768),
+                                 max_num_seqs=spec.batch_size)
+        lm = KvrlLM(lm_model, tokenizer=tokenizer, batch_size=spec.batch_size, on_samples=lambda n: progress.advance(samples_bar, n),
+                    engine=engine)
 
         def on_cell(cell):
             progress.advance(cells_bar)
@@ -252,7 +284,11 @@ def run_eval(settings: dict, output: Path, recompute: bool) -> None:
             elif main_process:
                 print(line, flush=True)  # a log file gets one plain line per cell
 
-        cells = run_grid(lm, spec, output, on_cell=on_cell, recompute=recompute)
+        try:
+            cells = run_grid(lm, spec, output, on_cell=on_cell, recompute=recompute)
+        finally:
+            if engine is not None:
+                engine.close()
         progress.update(cells_bar, completed=cells_total)
     if cells and main_process:
         rows = summarize(cells)

@@ -25,6 +25,7 @@ from kvpress_rl.cli.export import export_command
 from kvpress_rl.cli.launch import check_num_processes, distributed_rank, join_process_group, launch_data_parallel, report_rank_error, watch_rank
 from kvpress_rl.cli.options import describe_options, parse_strategy_options
 from kvpress_rl.cli.output import console, strategies_with_warnings
+from kvpress_rl.cli.serve import serve_command
 from kvpress_rl.errors import KvrlError
 from kvpress_rl.evaluators.plots import gate_heatmap, training_curves
 from kvpress_rl.identity import code_identity, weights_identity
@@ -316,6 +317,7 @@ app.add_command(eval_command)
 app.add_command(report_command)
 app.add_command(embedded_group)
 app.add_command(export_command)
+app.add_command(serve_command)
 
 
 def main() -> None:

@@ -167,6 +167,7 @@ class GridSpec:
     dtype: str = "float32"  # the dtype the model runs in (resolved from `auto`)
     full_policy: str | None = None  # a hybrid plan: token policy of the full heads of head strategies
     full_budgets: list[str] = field(default_factory=list)  # what they keep, one grid axis ("all": everything, "0.5", "512")
+    engine: str = "transformers"  # what generates: the executor in this process, or "vllm" (kvpress_rl.engines.vllm)
 
 
 def heads_identity(heads: str) -> str:
@@ -248,6 +249,8 @@ def cell_definition(spec: GridSpec, config: TaskConfig, name: str, entry: Strate
         "limit": spec.limit, "max_tokens": spec.max_new_tokens,
         "chat_template": chat_template_setting(spec, config),
     }
+    if spec.engine != "transformers":  # cells of another engine are other cells (transformers cells keep their old keys)
+        definition["engine"] = spec.engine
     if entry is not None:
         definition.update(strategy_version=entry.cls.version, decoding_simulation=spec.decoding_simulation)
         if entry.cls.kind == "head":
@@ -261,7 +264,7 @@ def cell_definition(spec: GridSpec, config: TaskConfig, name: str, entry: Strate
 FLAG_OF = {"kvrl": "kvrl version", "model": "--model", "weights": "model weights", "dtype": "--dtype", "data": "task data (--data-dir)", "limit": "--limit",
            "max_tokens": "--max-tokens", "chat_template": "--chat-template", "strategy_version": "strategy version",
            "decoding_simulation": "--decoding-simulation", "heads": "--heads", "compressed_policy": "--compressed-policy",
-           "plan_rule": "--plan-rule"}
+           "plan_rule": "--plan-rule", "engine": "--engine"}
 
 
 def describe_change(old: dict[str, Any], new: dict[str, Any]) -> str:

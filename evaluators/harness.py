@@ -34,7 +34,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from lm_eval.models.huggingface import HFLM
@@ -51,6 +51,13 @@ from kvpress_rl.scores import HeadScores
 from kvpress_rl.selector import SelectionContext
 
 MODEL_NAME = "kvrl"
+
+
+class PlanGenerator(Protocol):
+    """An engine that generates under a plan (`kvpress_rl.engines.vllm.engine.PlanEngines`): new token ids per prompt."""
+
+    def generate(self, plan: CompressionPlan | None, prompts: list[list[int]], max_new_tokens: int, *, stop_token_ids: list[int],
+                 stop: list[str] | None = None, temperature: float = 0.0, seed: int | None = None) -> list[list[int]]: ...
 
 
 class RepetitionStop(StoppingCriteria):
@@ -95,7 +102,8 @@ class KvrlLM(HFLM):
     def __init__(self, pretrained: Any = "embedded", strategy: str | None = None, heads: str | None = None,
                  sparsity: float = 0.0, seed: int = 0, compressed_policy: str = "streaming", data_dir: str | None = None, plan_rule: str = "official",
                  decoding_simulation: int | str | None = None,
-                 tokenizer: Any = None, plan: CompressionPlan | None = None, on_samples: Any = None, **kwargs: Any) -> None:
+                 tokenizer: Any = None, plan: CompressionPlan | None = None, on_samples: Any = None, engine: PlanGenerator | None = None,
+                 **kwargs: Any) -> None:
         self.decoding_simulation = parse_decoding_simulation(decoding_simulation)
         self.decoding_simulation_used: set[int] = set()
         if isinstance(pretrained, str):
@@ -110,6 +118,7 @@ class KvrlLM(HFLM):
         self._join_data_parallel()
         self.stats = GenerationStats()
         self.on_samples = on_samples
+        self.engine = engine  # None: generation through the executor in this process (transformers)
         self.plan = plan
         if plan is None and strategy:
             self.plan = plan_for(model, tokenizer, strategy, model_arg(sparsity, float, "sparsity"), heads=heads, seed=model_arg(seed, int, "seed"),
@@ -157,6 +166,8 @@ class KvrlLM(HFLM):
         if generation_kwargs.get("temperature", 0.0) == 0.0 and not generation_kwargs.get("do_sample"):
             generation_kwargs.pop("temperature", None)
             generation_kwargs["do_sample"] = False
+        if self.engine is not None:
+            return self._engine_generate(context, max_length, stop, simulation, generation_kwargs)
         began = time.perf_counter()
         if self.plan is not None:
             self.decoding_simulation_used.add(simulation)
@@ -175,6 +186,31 @@ class KvrlLM(HFLM):
             self.on_samples(out.shape[0])
         return out
 
+
+    def _engine_generate(self, context: torch.Tensor, max_length: int, stop: list[str], simulation: int, kwargs: dict) -> torch.Tensor:
+        """`_model_generate` through the engine: the same prompts (left padding removed), answer limit, end-of-sequence
+        ids and stop strings; the answers come back in the layout of `generate` (prompt, answer, padding)."""
+        if simulation and self.plan is not None:
+            raise KvrlError(f"the vLLM engine has no decoding simulation (this task asks for {simulation} tokens); "
+                            "pass --decoding-simulation 0, or evaluate with --engine transformers")
+        mask = kwargs.get("attention_mask")
+        mask = torch.ones_like(context) if mask is None else mask.to(context.device)
+        prompts = [row[keep.bool()].tolist() for row, keep in zip(context, mask)]
+        eos = self.model.generation_config.eos_token_id
+        end_ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+        sample = bool(kwargs.get("do_sample"))
+        began = time.perf_counter()
+        answers = self.engine.generate(self.plan, prompts, max(1, max_length - context.shape[1]), stop_token_ids=end_ids, stop=stop,
+                                       temperature=float(kwargs.get("temperature", 1.0)) if sample else 0.0, seed=None)
+        self.stats.seconds += time.perf_counter() - began
+        width = max(len(a) for a in answers)
+        pad = self.tokenizer.pad_token_id
+        new = torch.tensor([a + [pad] * (width - len(a)) for a in answers], dtype=context.dtype, device=context.device)
+        self.stats.generated_tokens += sum(map(len, answers))
+        self.stats.sequences += len(answers)
+        if self.on_samples:
+            self.on_samples(len(answers))
+        return torch.cat([context, new], dim=1)
 
     def _count_kv_bytes(self, cache, out: torch.Tensor) -> None:
         """Add what `cache` holds now (None: a full cache) and what a full cache would hold for these sequences."""

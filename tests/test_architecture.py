@@ -8,19 +8,22 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-FOLDERS = {"kvpress_rl": "kvpress_rl", "strategies": "kvpress_rl.strategies", "evaluators": "kvpress_rl.evaluators", "cli": "kvpress_rl.cli"}
-FLOORS = {"core": 0, "strategies": 1, "evaluators": 1, "cli": 2}
+FOLDERS = {"kvpress_rl": "kvpress_rl", "strategies": "kvpress_rl.strategies", "evaluators": "kvpress_rl.evaluators", "engines": "kvpress_rl.engines",
+           "cli": "kvpress_rl.cli"}
+FLOORS = {"core": 0, "strategies": 1, "evaluators": 1, "engines": 1, "cli": 2}
 
 # Imported inside functions only: heavy modules a command may not need (start-up time), said once in docs/architecture.md.
 HEAVY = ("lm_eval", "matplotlib", "peft", "math_verify", "accelerate", "datasets", "transformers", "kvpress_rl.executor",
-         "kvpress_rl.evaluators.harness", "kvpress_rl.embedded.evaluate")
+         "kvpress_rl.evaluators.harness", "kvpress_rl.embedded.evaluate",
+         # vLLM and the plugin modules built on it: loaded when an engine starts (in vLLM's processes, through `register()`)
+         "vllm", "kvpress_rl.engines.vllm.backend", "kvpress_rl.engines.vllm.cache", "kvpress_rl.engines.vllm.models")
 
 
 def modules() -> list[tuple[str, Path]]:
     found = []
     for folder, package in FOLDERS.items():
         for path in sorted((ROOT / folder).rglob("*.py")):
-            if folder == "kvpress_rl" and path.relative_to(ROOT / folder).parts[0] in ("strategies", "evaluators", "cli"):
+            if folder == "kvpress_rl" and path.relative_to(ROOT / folder).parts[0] in ("strategies", "evaluators", "engines", "cli"):
                 continue
             parts = list(path.relative_to(ROOT / folder).with_suffix("").parts)
             if parts[-1] == "__init__":
@@ -30,7 +33,7 @@ def modules() -> list[tuple[str, Path]]:
 
 
 def floor_of(module: str) -> str:
-    for name in ("strategies", "evaluators", "cli"):
+    for name in ("strategies", "evaluators", "engines", "cli"):
         if module == f"kvpress_rl.{name}" or module.startswith(f"kvpress_rl.{name}."):
             return name
     return "core"

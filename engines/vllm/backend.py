@@ -35,6 +35,7 @@ class SinkWindowMetadata:
     decode_tokens: torch.Tensor  # token index of each one-token request, [R]
     decode_history: torch.Tensor  # cache slots, [R, K] (padding: 0, masked)
     decode_mask: torch.Tensor  # [R, K + 1]: True where a key is attended (the last: the new token)
+    decode_padded: bool  # some request keeps fewer than K tokens (short so far)
 
 
 class SinkWindowMetadataBuilder(AttentionMetadataBuilder[SinkWindowMetadata]):
@@ -71,7 +72,8 @@ class SinkWindowMetadataBuilder(AttentionMetadataBuilder[SinkWindowMetadata]):
             mask[i, : len(slots)] = True
         return SinkWindowMetadata(num_actual_tokens=meta.num_actual_tokens, slot_mapping=meta.slot_mapping, prefills=prefills,
                                   decode_tokens=torch.tensor(decode_tokens, dtype=torch.long, device=self.device),
-                                  decode_history=history.to(self.device), decode_mask=mask.to(self.device))
+                                  decode_history=history.to(self.device), decode_mask=mask.to(self.device),
+                                  decode_padded=not bool(mask.all()))
 
 
 class SinkWindowImpl(AttentionImpl[SinkWindowMetadata]):
@@ -90,13 +92,16 @@ class SinkWindowImpl(AttentionImpl[SinkWindowMetadata]):
 
     def do_kv_cache_update(self, layer, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
         slots = slot_mapping.long()
-        written = slots >= 0
-        slots = slots[written]
-        count = written.shape[0]
+        count = slots.shape[0]
+        entries = torch.cat([key[:count, 0], value[:count, 0]], dim=-1).to(kv_cache.dtype)
+        if bool((slots < 0).any()):  # padding tokens have no slot
+            written = slots >= 0
+            slots, entries = slots[written], entries[written]
         pages = kv_cache[:, 0]  # [blocks, B, 2 * D]
-        block_size = pages.shape[1]
-        entries = torch.cat([key[:count, 0], value[:count, 0]], dim=-1)[written]
-        pages[slots // block_size, slots % block_size] = entries.to(pages.dtype)
+        if pages.is_contiguous():
+            pages.view(-1, pages.shape[-1]).index_copy_(0, slots, entries)
+        else:
+            pages[slots // pages.shape[1], slots % pages.shape[1]] = entries
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None, output_block_scale=None):
         if output_scale is not None or output_block_scale is not None:
@@ -112,27 +117,32 @@ class SinkWindowImpl(AttentionImpl[SinkWindowMetadata]):
             return entries[..., :dim], entries[..., dim:]
 
         for span in attn_metadata.prefills:
-            q = query[span.start : span.end].transpose(0, 1)  # [G, n, D]
+            # 4-d inputs with one KV head and `enable_gqa`: SDPA's fused kernels (an expanded KV head would fall back to math)
+            q = query[span.start : span.end].transpose(0, 1)[None]  # [1, G, n, D]
+            own_k, own_v = key[span.start : span.end, 0], value[span.start : span.end, 0]
+            if not span.history.numel():  # a prompt in one step: plain causal attention
+                out = F.scaled_dot_product_attention(q, own_k[None, None], own_v[None, None], is_causal=True, scale=self.scale, enable_gqa=True)
+                output[span.start : span.end] = out[0].transpose(0, 1).to(output.dtype)
+                continue
             old_k, old_v = read(span.history)
-            keys = torch.cat([old_k.to(q.dtype), key[span.start : span.end, 0]], dim=0)
-            values = torch.cat([old_v.to(q.dtype), value[span.start : span.end, 0]], dim=0)
+            keys = torch.cat([old_k.to(q.dtype), own_k], dim=0)[None, None]
+            values = torch.cat([old_v.to(q.dtype), own_v], dim=0)[None, None]
             n, h = span.end - span.start, span.history.shape[0]
             mask = torch.ones((n, h + n), dtype=torch.bool, device=q.device)
             mask[:, h:] = torch.ones((n, n), dtype=torch.bool, device=q.device).tril()
-            heads = q.shape[0]
-            out = F.scaled_dot_product_attention(q, keys.expand(heads, -1, -1), values.expand(heads, -1, -1), attn_mask=mask, scale=self.scale)
-            output[span.start : span.end] = out.transpose(0, 1).to(output.dtype)
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scale, enable_gqa=True)
+            output[span.start : span.end] = out[0].transpose(0, 1).to(output.dtype)
         tokens = attn_metadata.decode_tokens
         if tokens.numel():
             q = query[tokens].unsqueeze(2)  # [R, G, 1, D]
             old_k, old_v = read(attn_metadata.decode_history)  # [R, K, D]
-            padding = ~attn_metadata.decode_mask[:, :-1, None]  # padding reads vLLM's null block: never trust its bytes
-            old_k, old_v = old_k.masked_fill(padding, 0.0), old_v.masked_fill(padding, 0.0)
-            heads = q.shape[1]
-            keys = torch.cat([old_k.to(q.dtype), key[tokens]], dim=1).unsqueeze(1).expand(-1, heads, -1, -1)  # [R, G, K + 1, D]
-            values = torch.cat([old_v.to(q.dtype), value[tokens]], dim=1).unsqueeze(1).expand(-1, heads, -1, -1)
+            if attn_metadata.decode_padded:  # padding reads vLLM's null block: never trust its bytes
+                padding = ~attn_metadata.decode_mask[:, :-1, None]
+                old_k, old_v = old_k.masked_fill(padding, 0.0), old_v.masked_fill(padding, 0.0)
+            keys = torch.cat([old_k.to(q.dtype), key[tokens]], dim=1).unsqueeze(1)  # [R, 1, K + 1, D]
+            values = torch.cat([old_v.to(q.dtype), value[tokens]], dim=1).unsqueeze(1)
             mask = attn_metadata.decode_mask[:, None, None, :]
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scale)
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scale, enable_gqa=True)
             output[tokens] = out.squeeze(2).to(output.dtype)
         return output
 

@@ -12,9 +12,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from kvpress_rl.embedded.model import EMBEDDED_MODEL, merged_folder
 from kvpress_rl.engines.vllm.layout import ARCHITECTURES, OVERRIDES_KEY, EnginePlan
 from kvpress_rl.errors import KvrlError
+from kvpress_rl.plan import CompressionPlan
 
 CPU_BLOCK_SIZE = 32  # vLLM's CPU attention wants multiples of 32; 32 keeps a compressed head at 4 blocks
 GPU_BLOCK_SIZE = 16  # on GPUs the sink block is exactly the 16 sinks and the window 5 blocks
@@ -57,8 +60,6 @@ def engine_architecture(config: Any) -> str:
 
 
 def default_block_size() -> int:
-    import torch
-
     return GPU_BLOCK_SIZE if torch.cuda.is_available() else CPU_BLOCK_SIZE
 
 
@@ -69,13 +70,14 @@ class EngineSettings:
     model: str
     plan: EnginePlan | None
     max_model_len: int
-    dtype: str = "float32"
+    dtype: str | None = "float32"  # None: vLLM's default (the checkpoint's dtype)
     block_size: int = CPU_BLOCK_SIZE
-    exact_prefill: bool = True  # one chunk per prompt (the executor's prefill); False: vLLM's chunked prefill
+    exact_prefill: bool | None = True  # True: one chunk per prompt (the executor's prefill); False: chunked; None: vLLM's default
     max_num_batched_tokens: int | None = None
-    max_num_seqs: int = 64
+    max_num_seqs: int | None = 64
     kv_cache_memory_bytes: int | None = None
-    seed: int = 0
+    seed: int | None = 0
+    served_model_name: str | None = None
 
     def overrides(self, config: Any) -> dict:
         if self.plan is None:
@@ -89,19 +91,18 @@ class EngineSettings:
         if self.plan is None:
             engine_architecture(config)  # the same architectures as under a plan, so that full and compressed compare
         batched = self.max_num_batched_tokens or (self.max_model_len if self.exact_prefill else None)
-        kwargs = dict(model=self.model, dtype=self.dtype, max_model_len=self.max_model_len, block_size=self.block_size,
-                      enable_prefix_caching=False, enforce_eager=True, max_num_seqs=self.max_num_seqs, seed=self.seed,
-                      hf_overrides=self.overrides(config), enable_chunked_prefill=not self.exact_prefill)
-        if batched:
-            kwargs["max_num_batched_tokens"] = batched
-        if self.kv_cache_memory_bytes is not None:
-            kwargs["kv_cache_memory_bytes"] = self.kv_cache_memory_bytes
+        kwargs = dict(model=self.model, max_model_len=self.max_model_len, block_size=self.block_size, enable_prefix_caching=False,
+                      enforce_eager=True, hf_overrides=self.overrides(config))
+        optional = dict(dtype=self.dtype, max_num_seqs=self.max_num_seqs, seed=self.seed, max_num_batched_tokens=batched,
+                        kv_cache_memory_bytes=self.kv_cache_memory_bytes, served_model_name=self.served_model_name,
+                        enable_chunked_prefill=None if self.exact_prefill is None else not self.exact_prefill)
+        kwargs.update({key: value for key, value in optional.items() if value is not None})
         return kwargs
 
     def serve_args(self) -> list[str]:
-        """The same settings as `vllm serve` flags."""
+        """The same settings as flags of vLLM's OpenAI server."""
         kwargs = self.llm_kwargs()
-        args = [kwargs.pop("model")]
+        args = []
         for key, value in kwargs.items():
             flag = "--" + key.replace("_", "-")
             if isinstance(value, bool):
@@ -120,22 +121,31 @@ class VllmGenerator:
     Call `close()` (or use it as a context manager): vLLM's engine runs in a child process.
     """
 
-    def __init__(self, settings: EngineSettings) -> None:
+    def __init__(self, settings: EngineSettings, *, tokenizer: bool = False) -> None:
         check_vllm()
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
         from vllm import LLM
 
         self.settings = settings
-        self.llm = LLM(skip_tokenizer_init=True, **settings.llm_kwargs())
+        # vLLM's CPU platform lets VLLM_CPU_KVCACHE_SPACE (GiB) override an explicit cache size: drop it for that engine
+        space = os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None) if settings.kv_cache_memory_bytes is not None else None
+        if settings.kv_cache_memory_bytes is None:
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
+        try:
+            self.llm = LLM(skip_tokenizer_init=not tokenizer, **settings.llm_kwargs())
+        finally:
+            if space is not None:
+                os.environ["VLLM_CPU_KVCACHE_SPACE"] = space
 
     def generate(self, prompts: list[list[int]], max_new_tokens: int | list[int], *, stop_token_ids: list[int] | None = None,
-                 temperature: float = 0.0, seed: int | None = None, logprobs: int | None = None) -> list[Any]:
-        """vLLM's `CompletionOutput` of each prompt (`.token_ids`, `.logprobs`, `.finish_reason`), greedy by default."""
+                 stop: list[str] | None = None, temperature: float = 0.0, seed: int | None = None, logprobs: int | None = None) -> list[Any]:
+        """vLLM's `CompletionOutput` of each prompt (`.token_ids`, `.logprobs`, `.finish_reason`), greedy by default.
+        Without `stop_token_ids` a sequence runs to `max_new_tokens`; `stop` strings need the engine's tokenizer."""
         from vllm import SamplingParams
 
         budgets = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * len(prompts)
-        params = [SamplingParams(temperature=temperature, max_tokens=budget, stop_token_ids=stop_token_ids or [], seed=seed,
-                                 logprobs=logprobs, ignore_eos=not stop_token_ids, detokenize=False) for budget in budgets]
+        params = [SamplingParams(temperature=temperature, max_tokens=budget, stop_token_ids=stop_token_ids or [], stop=stop or None,
+                                 seed=seed, logprobs=logprobs, ignore_eos=stop_token_ids is None, detokenize=bool(stop))
+                  for budget in budgets]
         outputs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False)
         return [out.outputs[0] for out in outputs]
 
@@ -150,3 +160,32 @@ class VllmGenerator:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+class PlanEngines:
+    """The engine of `kvrl eval --engine vllm`: one vLLM engine at a time, for the plan of the current grid cell (started
+    again when the plan changes; a grid's cells for one plan run back to back). Prompts run in one prefill step (the
+    executor's semantics), with the tokenizer loaded for lm-eval's stop strings."""
+
+    def __init__(self, model: str, *, dtype: str, max_model_len: int, max_num_seqs: int = 64) -> None:
+        check_vllm()
+        self.model, self.dtype, self.max_model_len, self.max_num_seqs = model, dtype, max_model_len, max_num_seqs
+        self.key: str | None = None
+        self.engine: VllmGenerator | None = None
+
+    def generate(self, plan: CompressionPlan | None, prompts: list[list[int]], max_new_tokens: int, *, stop_token_ids: list[int],
+                 stop: list[str] | None = None, temperature: float = 0.0, seed: int | None = None) -> list[list[int]]:
+        engine_plan = None if plan is None else EnginePlan.from_plan(plan)
+        key = "full" if engine_plan is None else engine_plan.digest
+        if self.engine is None or key != self.key:
+            self.close()
+            settings = EngineSettings(model=self.model, plan=engine_plan, max_model_len=self.max_model_len, dtype=self.dtype,
+                                      block_size=default_block_size(), max_num_seqs=self.max_num_seqs)
+            self.engine, self.key = VllmGenerator(settings, tokenizer=True), key
+        outputs = self.engine.generate(prompts, max_new_tokens, stop_token_ids=stop_token_ids, stop=stop, temperature=temperature, seed=seed)
+        return [list(out.token_ids) for out in outputs]
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.close()
+            self.engine, self.key = None, None

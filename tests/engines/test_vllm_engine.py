@@ -11,8 +11,8 @@ from kvpress_rl.engines.vllm.layout import EnginePlan, ideal_capacity_ratio
 from kvpress_rl.plan import CompressionPlan, plan_from_scores
 from kvpress_rl.policies import Streaming
 from kvpress_rl.scores import HeadScores
-from tests.engines.conftest import tiny_folder
 from tests.conftest import REPO_ROOT
+from tests.engines.conftest import tiny_folder
 
 pytestmark = pytest.mark.usefixtures("vllm_installed")
 RLKV_HEADS = REPO_ROOT / "benchmarks" / "results" / "heads-rlkv-embedded-count.safetensors"

@@ -4,8 +4,7 @@ import torch
 from kvpress_rl import KvrlError
 from kvpress_rl.executor import compressed
 from kvpress_rl.executor.cache import HeadwiseLayer
-from kvpress_rl.models import cache_kwargs
-from kvpress_rl.models import random_model, small_config
+from kvpress_rl.models import cache_kwargs, random_model, small_config
 from kvpress_rl.plan import token_plan
 from kvpress_rl.policies import H2O, RKV, Budget, SnapKV, Streaming, make_policy
 
