@@ -30,7 +30,7 @@ from kvpress_rl.hub import model_commit
 
 DIGEST_CACHE = "digests.json"
 RANDOM_PREFIX = "random:"
-SOURCE_PATHS = ("kvpress_rl", "strategies", "evaluators", "cli", "pyproject.toml")  # what makes results; docs and tests do not
+SOURCE_PATHS = ("kvpress_rl", "strategies", "evaluators", "engines", "cli", "pyproject.toml")  # what makes results; docs and tests do not
 SKIPPED_SUFFIXES = (".md",)  # a model folder's card does not change what the model computes
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from vllm.utils.math_utils import cdiv
 from vllm.v1.core.single_type_kv_cache_manager import SingleTypeKVCacheManager
-from vllm.v1.kv_cache_interface import AttentionSpec
+from vllm.v1.kv_cache_interface import AttentionSpec, FullAttentionSpec
 
 from kvpress_rl.engines.vllm.layout import freeable_blocks
 from kvpress_rl.policies import SINK_TOKENS, WINDOW_TOKENS
@@ -33,6 +33,20 @@ class SinkWindowSpec(AttentionSpec):
         prompt is cached whole while it is prefilled), plus one block the window straddles."""
         tokens = min(vllm_config.model_config.max_model_len, self.sink + self.window + vllm_config.max_in_flight_tokens)
         return (cdiv(tokens, self.block_size) + 1) * self.page_size_bytes
+
+
+@dataclass(frozen=True, kw_only=True)
+class TaggedFullSpec(FullAttentionSpec):
+    """A full head's cache, vLLM's full attention with a `group_tag`: heads with different tags never share a KV-cache
+    group, which is how `layout.group_layout` keeps vLLM from padding full groups (managed as full attention)."""
+
+    group_tag: int = 0
+
+    @classmethod
+    def merge(cls, specs):
+        if len({getattr(spec, "group_tag", 0) for spec in specs}) > 1:
+            raise AssertionError("full heads of different group tags never share a KV-cache group")
+        return super().merge(specs)
 
 
 class SinkWindowManager(SingleTypeKVCacheManager):

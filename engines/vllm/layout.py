@@ -110,3 +110,44 @@ def head_blocks_held(tokens: int, block_size: int, full: bool, sink: int = SINK_
 def ideal_capacity_ratio(sparsity: float, length: int, budget: int = SINK_TOKENS + WINDOW_TOKENS) -> float:
     """Sequences that fit a fixed KV budget under a plan, over those of the full cache: `1 / ((1-s) + s * 80 / L)`."""
     return 1.0 / ((1.0 - sparsity) + sparsity * min(budget, length) / length)
+
+
+MAX_GROUPS = 16  # KV-cache groups the layout may ask of vLLM (each one is a block table the scheduler walks every step)
+
+
+def padded_head_blocks(full: int, compressed: int, group: int, length: int, block_size: int) -> int:
+    """Head-blocks one request of `length` tokens holds when vLLM groups `group` sub-layers per block table: full
+    groups of `group` full heads each, compressed heads filling `ceil(compressed / group)` groups (padding included)."""
+    full_groups, compressed_groups = -(-full // group) if full else 0, -(-compressed // group) if compressed else 0
+    steady = head_blocks_held(length, block_size, full=False) + 1  # the window's blocks and the next token's
+    return full_groups * group * -(-length // block_size) + compressed_groups * group * steady
+
+
+def vllm_group_size(bucket_sizes: list[int]) -> int:
+    """The group size vLLM 0.32 chooses for buckets of same-spec layers (`_get_kv_cache_groups_uniform_page_size`)."""
+    smallest, largest = min(bucket_sizes), max(bucket_sizes)
+    return largest if largest < 1.5 * smallest else smallest
+
+
+def group_layout(full: int, compressed: int, length: int, block_size: int) -> int | None:
+    """How many full heads share one KV-cache group (their tag), so that vLLM pads only compressed groups; None: leave
+    vLLM's own grouping (the full and the compressed heads one bucket each), when it holds no more.
+
+    vLLM makes every group as large as its smallest bucket of same-spec layers (or its largest, when all are within
+    1.5x) and pads the others; with 45 full and 67 compressed heads it would pad the full group to 67 layers (+49%
+    on every full block). Tagging the full heads into buckets of `g` (a divisor of their count) with the compressed
+    heads in one bucket of at least 1.5 g keeps the full groups exact.
+    """
+    if not full or not compressed:
+        return None
+    default = vllm_group_size([full, compressed])
+    best, cost = None, padded_head_blocks(full, compressed, default, length, block_size)
+    for group in range(full, 0, -1):
+        if full % group or not (compressed == group or compressed >= 1.5 * group):
+            continue
+        if full // group + -(-compressed // group) > MAX_GROUPS:
+            break
+        tagged = padded_head_blocks(full, compressed, group, length, block_size)
+        if tagged < cost:
+            best, cost = group, tagged
+    return best

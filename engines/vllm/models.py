@@ -13,6 +13,8 @@ the stock attention layer is taken out of vLLM's forward context so that it gets
 
 from __future__ import annotations
 
+from dataclasses import fields
+
 import torch
 from torch import nn
 from vllm.model_executor.layers.attention import Attention
@@ -22,8 +24,8 @@ from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
 from vllm.model_executor.models.qwen3 import Qwen3ForCausalLM
 
 from kvpress_rl.engines.vllm.backend import SinkWindowBackend
-from kvpress_rl.engines.vllm.cache import SinkWindowSpec
-from kvpress_rl.engines.vllm.layout import OVERRIDES_KEY, EnginePlan
+from kvpress_rl.engines.vllm.cache import SinkWindowSpec, TaggedFullSpec
+from kvpress_rl.engines.vllm.layout import OVERRIDES_KEY, EnginePlan, group_layout
 
 
 class SinkWindowAttention(Attention):
@@ -38,10 +40,22 @@ class SinkWindowAttention(Attention):
                               head_size_v=self.head_size_v, dtype=self.kv_cache_torch_dtype, sink=self.sink, window=self.window)
 
 
+class FullHeadAttention(Attention):
+    """A full head: vLLM's attention layer and backend, its spec tagged with the KV-cache group it belongs to."""
+
+    def __init__(self, *args, group_tag: int, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.group_tag = group_tag
+
+    def get_kv_cache_spec(self, vllm_config) -> TaggedFullSpec:
+        spec = super().get_kv_cache_spec(vllm_config)
+        return TaggedFullSpec(**{f.name: getattr(spec, f.name) for f in fields(spec) if f.init}, group_tag=self.group_tag)
+
+
 class HeadSplitAttention(nn.Module):
     """Takes the place of one layer's attention: splits q, k, v by KV head, runs each head's sub-layer, concatenates."""
 
-    def __init__(self, stock: Attention, full: tuple[bool, ...], plan: EnginePlan, cache_config) -> None:
+    def __init__(self, stock: Attention, full: tuple[bool, ...], plan: EnginePlan, cache_config, tags: list[int]) -> None:
         super().__init__()
         if stock.sliding_window is not None or stock.has_sink or stock.kv_sharing_target_layer_name is not None:
             raise ValueError(f"{stock.layer_name}: the kvpress-rl engine runs plain causal attention layers "
@@ -54,7 +68,8 @@ class HeadSplitAttention(nn.Module):
         for j, keeps_all in enumerate(full):
             name = f"{stock.layer_name}.kvh{j}"
             if keeps_all:
-                layer = Attention(self.group, stock.head_size, stock.impl.scale, num_kv_heads=1, cache_config=cache_config, prefix=name)
+                layer = FullHeadAttention(self.group, stock.head_size, stock.impl.scale, num_kv_heads=1, cache_config=cache_config,
+                                          prefix=name, group_tag=tags[j])
             else:
                 layer = SinkWindowAttention(self.group, stock.head_size, stock.impl.scale, num_kv_heads=1, cache_config=cache_config,
                                             prefix=name, sink=plan.sink, window=plan.window)
@@ -78,10 +93,17 @@ def split_attention(model: nn.Module, vllm_config) -> EnginePlan:
     layers = list(model.layers)
     plan.check_shape(len(layers), layers[0].self_attn.attn.num_kv_heads)
     forward_context = vllm_config.compilation_config.static_forward_context
+    full_heads = plan.num_heads - plan.num_compressed
+    per_group = group_layout(full_heads, plan.num_compressed, vllm_config.model_config.max_model_len, vllm_config.cache_config.block_size)
+    seen = 0
     for layer, full in zip(layers, plan.full):
+        tags = []
+        for keeps_all in full:  # full heads in order, `per_group` to a tag (None: all one tag, vLLM's own grouping)
+            tags.append(seen // per_group if keeps_all and per_group else 0)
+            seen += keeps_all
         stock = layer.self_attn.attn
         forward_context.pop(stock.layer_name)
-        layer.self_attn.attn = HeadSplitAttention(stock, full, plan, vllm_config.cache_config)
+        layer.self_attn.attn = HeadSplitAttention(stock, full, plan, vllm_config.cache_config, tags)
     return plan
 
 

@@ -15,11 +15,13 @@ MODELS_MODULE = "kvpress_rl.engines.vllm.models"
 def register() -> None:
     from vllm import ModelRegistry
     from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
-    from vllm.v1.core.single_type_kv_cache_manager import register_all_kvcache_specs
+    from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager, register_all_kvcache_specs
     from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
 
     from kvpress_rl.engines.vllm.backend import BACKEND_NAME
-    from kvpress_rl.engines.vllm.cache import SinkWindowManager, SinkWindowSpec
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+    from kvpress_rl.engines.vllm.cache import SinkWindowManager, SinkWindowSpec, TaggedFullSpec
 
     known = set(ModelRegistry.get_supported_archs())
     for ours in ARCHITECTURES.values():
@@ -30,3 +32,4 @@ def register() -> None:
     # vLLM registers its own specs only into an empty registry: register them first, or they would be skipped.
     register_all_kvcache_specs(None)
     KVCacheSpecRegistry.register(SinkWindowSpec, SinkWindowManager, uniform_type_base_spec=SinkWindowSpec)
+    KVCacheSpecRegistry.register(TaggedFullSpec, FullAttentionManager, uniform_type_base_spec=FullAttentionSpec)

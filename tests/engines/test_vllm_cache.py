@@ -74,3 +74,26 @@ def test_chunked_prefill_frees_behind_each_chunk():
         # the sink block, the previous chunk's last 64 tokens (2 or 3 blocks) and this chunk's 8 blocks
         assert held <= 1 + 3 + 8
     assert held < 1024 // BLOCK
+
+
+@pytest.mark.parametrize("full, compressed", [(45, 67), (36, 54), (18, 72), (45, 45)])
+def test_vllm_groups_tagged_full_heads_without_padding_them(full, compressed):
+    """vLLM's own grouping of the specs the model reports: full groups hold full heads only, never padding."""
+    from vllm.v1.core.kv_cache_utils import _get_kv_cache_groups_uniform_page_size
+
+    from kvpress_rl.engines.vllm.cache import SinkWindowSpec, TaggedFullSpec
+    from kvpress_rl.engines.vllm.layout import group_layout, head_blocks_held, padded_head_blocks
+
+    common = dict(block_size=16, num_kv_heads=1, head_size=128, dtype=torch.bfloat16)
+    per_group = group_layout(full, compressed, 4096, 16)
+    specs = {f"model.layers.{i}.self_attn.attn.kvh0": TaggedFullSpec(**common, group_tag=i // per_group if per_group else 0)
+             for i in range(full)}
+    specs.update({f"model.layers.{full + i}.self_attn.attn.kvh0": SinkWindowSpec(**common) for i in range(compressed)})
+    groups = _get_kv_cache_groups_uniform_page_size(specs)
+    size = max(len(g.layer_names) for g in groups)  # vLLM's group size: a shorter group is padded to it
+    full_groups = [g for g in groups if isinstance(g.kv_cache_spec, TaggedFullSpec)]
+    assert {len(g.layer_names) for g in full_groups} == {size}  # no full group is padded
+    assert sum(len(g.layer_names) for g in full_groups) == full
+    held = len(full_groups) * size * 256 + (len(groups) - len(full_groups)) * size * (head_blocks_held(4096, 16, full=False) + 1)
+    assert held == padded_head_blocks(full, compressed, size, 4096, 16)
+    assert len(groups) <= 16

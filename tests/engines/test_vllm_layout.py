@@ -57,3 +57,13 @@ def test_token_and_hybrid_plans_are_refused():
     hybrid = CompressionPlan(torch.ones(2, 2, dtype=torch.bool), Streaming(), 0.5, full_policy=SnapKV())
     with pytest.raises(KvrlError, match="full heads"):
         EnginePlan.from_plan(hybrid)
+
+
+def test_group_layout_keeps_full_groups_exact_where_vllm_would_pad_them():
+    from kvpress_rl.engines.vllm.layout import group_layout, padded_head_blocks, vllm_group_size
+
+    assert vllm_group_size([45, 67]) == 67  # vLLM alone: the 45 full heads padded to 67
+    per_group = group_layout(45, 67, 4096, 16)
+    assert 45 % per_group == 0 and 67 >= 1.5 * per_group
+    assert padded_head_blocks(45, 67, per_group, 4096, 16) < 0.7 * padded_head_blocks(45, 67, 67, 4096, 16)
+    assert group_layout(45, 45, 4096, 16) is None and group_layout(0, 90, 4096, 16) is None  # nothing to gain
