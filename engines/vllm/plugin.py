@@ -16,11 +16,10 @@ def register() -> None:
     from vllm import ModelRegistry
     from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
     from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager, register_all_kvcache_specs
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
     from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
 
     from kvpress_rl.engines.vllm.backend import BACKEND_NAME
-    from vllm.v1.kv_cache_interface import FullAttentionSpec
-
     from kvpress_rl.engines.vllm.cache import SinkWindowManager, SinkWindowSpec, TaggedFullSpec
 
     known = set(ModelRegistry.get_supported_archs())
