@@ -25,7 +25,7 @@ import torch
 from transformers import DynamicCache
 
 from kvpress_rl.executor import HeadwiseCache, compressed
-from kvpress_rl.models import ModelShape, random_model, small_config
+from kvpress_rl.models import ModelShape, cache_kwargs, random_model, small_config
 from kvpress_rl.plan import CompressionPlan, plan_from_scores
 from kvpress_rl.policies import Streaming
 
@@ -81,7 +81,7 @@ def time_decode(model, cache, batch: int, seq_len: int, steps: int, warmup: int)
             position = torch.full((batch, 1), seq_len + step, device=device)
             synchronize(device)
             start = time.perf_counter()
-            model(input_ids=ids, position_ids=position, cache=cache, use_cache=True)
+            model(input_ids=ids, position_ids=position, **cache_kwargs(model, cache), use_cache=True)
             synchronize(device)
             times.append(time.perf_counter() - start)
     return batch / statistics.median(times[warmup:])
@@ -93,7 +93,7 @@ def time_prefill(model, plan: CompressionPlan, seq_len: int) -> float:
     with torch.inference_mode(), compressed(model, plan) as session:
         synchronize(device)
         start = time.perf_counter()
-        model(input_ids=ids, cache=session.new_cache(), use_cache=True)
+        model(input_ids=ids, **cache_kwargs(model, session.new_cache()), use_cache=True)
         synchronize(device)
         return time.perf_counter() - start
 

@@ -99,6 +99,8 @@ class KvrlLM(HFLM):
     (`lm.plan = ...`) to evaluate many cells on one loaded model.
     """
 
+    engine: PlanGenerator | None = None  # what generates: None = the executor in this process (transformers)
+
     def __init__(self, pretrained: Any = "embedded", strategy: str | None = None, heads: str | None = None,
                  sparsity: float = 0.0, seed: int = 0, compressed_policy: str = "streaming", data_dir: str | None = None, plan_rule: str = "official",
                  decoding_simulation: int | str | None = None,
@@ -118,7 +120,7 @@ class KvrlLM(HFLM):
         self._join_data_parallel()
         self.stats = GenerationStats()
         self.on_samples = on_samples
-        self.engine = engine  # None: generation through the executor in this process (transformers)
+        self.engine = engine
         self.plan = plan
         if plan is None and strategy:
             self.plan = plan_for(model, tokenizer, strategy, model_arg(sparsity, float, "sparsity"), heads=heads, seed=model_arg(seed, int, "seed"),

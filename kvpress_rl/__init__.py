@@ -5,7 +5,7 @@ Public API for users and plugin authors:
 - `HeadScores`, `CompressionPlan`, `plan_from_scores`, `build_plan`: scores per (layer, KV head) and the plan built from them.
 - `HeadSelector`, `SelectionContext`, `hookimpl`: what a third-party strategy implements and registers.
 - `compressed(model, plan)`: the context manager that runs a model under a plan with real memory savings
-  (`session.generate(...)`, or `model.generate(..., cache=session.new_cache())`); `gated(model, gates)` for training gates.
+  (`session.generate(...)`, or `model.generate(..., cache=session.new_cache())`; `past_key_values=` on transformers 5.19); `gated(model, gates)` for training gates.
 - `load_model`: a hub id, a local directory, a GGUF file, `random:ARCH` or `embedded`; `profile_of(model)`: its `ModelProfile`.
 
 Importing this package loads torch but not transformers: the executor is imported on first use of `compressed` or `gated`.

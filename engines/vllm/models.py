@@ -107,25 +107,25 @@ def split_attention(model: nn.Module, vllm_config) -> EnginePlan:
     return plan
 
 
-class KvrlLlamaForCausalLM(LlamaForCausalLM):
+class HeadwiseModel:
+    """Mixed in before a stock vLLM model class: builds it, then gives its layers one attention sub-layer per KV head."""
+
     def __init__(self, *, vllm_config, prefix: str = "", **kwargs) -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix, **kwargs)
         self.kvrl_plan = split_attention(self.model, vllm_config)
 
 
-class KvrlMistralForCausalLM(MistralForCausalLM):
-    def __init__(self, *, vllm_config, prefix: str = "", **kwargs) -> None:
-        super().__init__(vllm_config=vllm_config, prefix=prefix, **kwargs)
-        self.kvrl_plan = split_attention(self.model, vllm_config)
+class KvrlLlamaForCausalLM(HeadwiseModel, LlamaForCausalLM):
+    pass
 
 
-class KvrlQwen2ForCausalLM(Qwen2ForCausalLM):
-    def __init__(self, *, vllm_config, prefix: str = "", **kwargs) -> None:
-        super().__init__(vllm_config=vllm_config, prefix=prefix, **kwargs)
-        self.kvrl_plan = split_attention(self.model, vllm_config)
+class KvrlMistralForCausalLM(HeadwiseModel, MistralForCausalLM):
+    pass
 
 
-class KvrlQwen3ForCausalLM(Qwen3ForCausalLM):
-    def __init__(self, *, vllm_config, prefix: str = "", **kwargs) -> None:
-        super().__init__(vllm_config=vllm_config, prefix=prefix, **kwargs)
-        self.kvrl_plan = split_attention(self.model, vllm_config)
+class KvrlQwen2ForCausalLM(HeadwiseModel, Qwen2ForCausalLM):
+    pass
+
+
+class KvrlQwen3ForCausalLM(HeadwiseModel, Qwen3ForCausalLM):
+    pass

@@ -49,16 +49,21 @@ def dequantized_copy(gguf: Path) -> Path:
     target = cache_root() / f"{gguf.stem}-{key}"
     if (target / "config.json").is_file():
         return target
+    try:
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    except Exception as err:  # the gguf reader raises many types for a damaged file
+        raise KvrlError(f"cannot read GGUF file {gguf}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from err
+    model.hf_quantizer = None  # the weights are plain float32 now
+    model.config.__dict__.pop("quantization_config", None)
+    return save_folder(model, tokenizer, target)
+
+
+def save_folder(model, tokenizer, target: Path) -> Path:
+    """`save_pretrained` of both into `target`, written in a staging folder and renamed (no half-written folder)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".staging-"))
     try:
-        try:
-            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        except Exception as err:  # the gguf reader raises many types for a damaged file
-            raise KvrlError(f"cannot read GGUF file {gguf}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from err
-        model.hf_quantizer = None  # the weights are plain float32 now
-        model.config.__dict__.pop("quantization_config", None)
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         try:
@@ -106,17 +111,5 @@ def merged_folder(adapter: Path = ADAPTER_DIR) -> Path:
     target = cache_root() / f"embedded-merged-{key}"
     if (target / "config.json").is_file():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
     model, tokenizer = load_embedded(adapter=adapter)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".staging-"))
-    try:
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        try:
-            staging.rename(target)
-        except OSError:  # another process finished first
-            if not (target / "config.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
+    return save_folder(model, tokenizer, target)

@@ -3,7 +3,7 @@
     with compressed(model, plan) as session:
         out = session.generate(input_ids=ids, attention_mask=mask, max_new_tokens=100)
         # or, as transformers users pass caches:
-        out = model.generate(input_ids=ids, cache=session.new_cache(), max_new_tokens=100)
+        out = model.generate(input_ids=ids, cache=session.new_cache(), max_new_tokens=100)  # past_key_values= on transformers 5.19
 
 Inside the block the model attends through the executor's attention function (set with
 transformers' public `set_attn_implementation`); each generation gets its own `HeadwiseCache`,

@@ -28,8 +28,9 @@ def headwise_attention(module, query, key, value, attention_mask, dropout: float
     """Returns `(output (batch, q_len, query_heads, head_dim), None)` like transformers' SDPA."""
     if not isinstance(key, LayerView):
         if key.shape[2] != query.shape[2]:  # a cache other than ours holds history: it would keep it all
-            raise KvrlError("inside compressed(model, plan), generate with session.generate(...) or pass "
-                            "cache=session.new_cache(); another cache would keep the full history")
+            raise KvrlError("inside compressed(model, plan), generate with session.generate(...) or pass the session's cache, "
+                            "session.new_cache() (as `cache=`, or `past_key_values=` on transformers 5.19); another cache "
+                            "would keep the full history")
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     layer = key.layer
     batch, _, q_len, head_dim = query.shape

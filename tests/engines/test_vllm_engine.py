@@ -1,4 +1,4 @@
-"""Head plans through the vLLM plugin: greedy tokens equal the executor's (tiny random Llama and Qwen2, the embedded
+"""Head plans through the vLLM plugin: greedy tokens equal the executor's (tiny random Llama, Mistral, Qwen2 and Qwen3, the embedded
 model on 20 counted problems at s = 0.5 and 0.8), and the KV capacity vLLM reports at a fixed cache size."""
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ def executor_tokens(model, plan, prompt: list[int], new_tokens: int) -> list[int
     return out[0, len(prompt):].tolist()
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3"])
 def test_greedy_tokens_equal_the_executor_on_a_random_model(tmp_path_factory, arch):
     model, folder = tiny_folder(tmp_path_factory, arch)
     full = torch.tensor([[True, False], [False, True]])
@@ -86,7 +86,7 @@ def reported_capacity(folder: str, plan: EnginePlan | None, length: int) -> tupl
     from vllm.v1.core.kv_cache_utils import get_kv_cache_capacity
 
     settings = EngineSettings(model=folder, plan=plan, max_model_len=length, exact_prefill=False, max_num_batched_tokens=64,
-                              kv_cache_memory_bytes=256 * 2**20)
+                              kv_cache_memory_bytes=512 * 2**20)  # holds one full-cache sequence of 8,192 tokens
     with VllmGenerator(settings) as engine:
         core = engine.llm.llm_engine.engine_core.engine_core  # in-process engine core (tests/engines/conftest.py)
         return get_kv_cache_capacity(core.vllm_config, core.scheduler.kv_cache_config)

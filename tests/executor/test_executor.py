@@ -6,7 +6,7 @@ from transformers import DynamicCache
 
 from kvpress_rl import KvrlError, plan_from_scores
 from kvpress_rl.executor import HeadwiseCache, compressed
-from kvpress_rl.models import SUPPORTED_ARCHITECTURES, ModelShape, random_model, small_config
+from kvpress_rl.models import SUPPORTED_ARCHITECTURES, ModelShape, cache_kwargs, random_model, small_config
 from kvpress_rl.policies import Budget, Streaming, full_head_policy
 from tests.executor.reference import left_padded_batch, masked_reference, reference_mask, teacher_forced_logits
 
@@ -93,11 +93,11 @@ def test_measured_bytes_equal_the_plan(sparsity):
     ids = torch.randint(0, 256, (3, 200))
     with compressed(model, plan) as session:
         cache = session.new_cache()
-        model(input_ids=ids, cache=cache, use_cache=True)
+        model(input_ids=ids, **cache_kwargs(model, cache), use_cache=True)
         after_prefill = plan.kv_bytes(200, 3, head_dim=shape.head_dim, dtype=torch.float32)
         assert abs(cache.nbytes() - after_prefill) <= 0.01 * after_prefill
         for _ in range(50):
-            model(input_ids=ids[:, :1], cache=cache, use_cache=True)
+            model(input_ids=ids[:, :1], **cache_kwargs(model, cache), use_cache=True)
         after_decode = plan.kv_bytes(250, 3, head_dim=shape.head_dim, dtype=torch.float32)
         assert abs(cache.nbytes() - after_decode) <= 0.01 * after_decode
         assert cache.kv_nbytes() == after_decode
@@ -193,9 +193,9 @@ def test_generate_with_an_explicit_cache_equals_session_generate_and_a_foreign_c
     ids = torch.randint(1, 256, (2, 30), generator=torch.Generator().manual_seed(6))
     with compressed(model, plan) as session:
         ours = session.generate(ids, max_new_tokens=12, do_sample=False)
-        explicit = model.generate(ids, cache=session.new_cache(), max_new_tokens=12, do_sample=False)
+        explicit = model.generate(ids, **cache_kwargs(model, session.new_cache()), max_new_tokens=12, do_sample=False)
         # a cache that is not the plan's would keep every token: refused at the first decoding step
-        with pytest.raises(KvrlError, match="cache=session.new_cache"):
+        with pytest.raises(KvrlError, match="session.new_cache"):
             model.generate(ids, max_new_tokens=3, do_sample=False)
     assert torch.equal(ours, explicit)
     assert "forward" not in model.__dict__ and "generate" not in model.__dict__  # nothing swapped on the instance
@@ -226,9 +226,9 @@ def test_measured_bytes_equal_a_hybrid_plan(full_policy, budget):
     ids = torch.randint(0, 256, (2, 300))
     with compressed(model, plan) as session:
         cache = session.new_cache()
-        model(input_ids=ids, cache=cache, use_cache=True)
+        model(input_ids=ids, **cache_kwargs(model, cache), use_cache=True)
         for _ in range(30):
-            model(input_ids=ids[:, :1], cache=cache, use_cache=True)
+            model(input_ids=ids[:, :1], **cache_kwargs(model, cache), use_cache=True)
     expected = plan.kv_bytes(330, 2, head_dim=shape.head_dim, dtype=torch.float32)
     assert cache.kv_nbytes() == expected
     full_heads = int(plan.full.sum())
