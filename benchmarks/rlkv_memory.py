@@ -198,6 +198,55 @@ def project(arch: Arch, fits: dict[bool, Fit], checkpointing: bool, whole_groups
                 rollout_s=rollout_s, backward_s=backward_s, step_s=rollout_s + backward_s)
 
 
+# Rollouts in an inference engine (vLLM or SGLang, `kvrl select --rollout-engine vllm`): the whole step's 128 sequences
+# decode as one continuous batch (as many at once as the KV cache holds), under CUDA graphs. Assumed, not measured here:
+# the decode step reads the weights and the batch's KV cache at ENGINE_BANDWIDTH_EFFICIENCY of the bandwidth (what
+# published decode benchmarks of both engines reach at large batches on H100 / A100) plus ENGINE_STEP_S of scheduling
+# and sampling; the gated attention costs what full attention costs (the streaming branch reuses its scores).
+ENGINE_BANDWIDTH_EFFICIENCY, ENGINE_STEP_S, ENGINE_MEMORY_FRACTION = 0.75, 4e-3, 0.90
+OFFICIAL_GPU_HOURS = (22, 40)  # the paper's training cost (A100-hours), SGLang rollouts on one GPU and training on another
+STEPS = 186
+
+
+def project_engine(arch: Arch, gpu: str, memory: float = 80e9) -> dict:
+    """Rollout seconds of one step with the engine, and the waves the KV cache forces: sequences that fit at once at the
+    full length next to the weights, the step's 128 decoded in `waves` rounds."""
+    _, bandwidth = GPUS[gpu]
+    rows, row = PROMPTS * SAMPLES, PROMPT_TOKENS + NEW_TOKENS
+    weights = arch.params * 2
+    fit = max(1, int((memory * ENGINE_MEMORY_FRACTION - weights) // (row * arch.kv_bytes_per_token)))
+    concurrent = min(rows, fit)
+    waves = -(-rows // concurrent)
+    mean_kv = concurrent * (PROMPT_TOKENS + NEW_TOKENS / 2) * arch.kv_bytes_per_token
+    per_step_s = (weights + mean_kv) / (bandwidth * ENGINE_BANDWIDTH_EFFICIENCY) + ENGINE_STEP_S
+    return dict(concurrent=concurrent, waves=waves, rollout_s=waves * NEW_TOKENS * per_step_s)
+
+
+def engine_report(fits: dict[bool, Fit]) -> list[str]:
+    out = ["", f"### Projected with the rollouts in an engine: {STEPS} steps (the official training), activation checkpointing on", "",
+           "| model | sequences at once (80 GB) | rollouts s, eager (H100) | rollouts s, engine (H100) | backward s (H100) "
+           "| step s, engine (H100) | GPU-hours, eager (H100) | GPU-hours, engine (H100) | GPU-hours, engine (A100) |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for arch in MODELS:
+        eager = project(arch, fits, True, False, "H100 SXM 80GB")
+        h100, a100 = project_engine(arch, "H100 SXM 80GB"), project_engine(arch, "A100 80GB")
+        a100_backward = project(arch, fits, True, False, "A100 80GB")["backward_s"]
+        hours = {name: STEPS * (rollout + backward) / 3600 for name, rollout, backward in (
+            ("eager", eager["rollout_s"], eager["backward_s"]), ("h100", h100["rollout_s"], eager["backward_s"]),
+            ("a100", a100["rollout_s"], a100_backward))}
+        out.append(f"| {arch.name} | {h100['concurrent']} of {PROMPTS * SAMPLES} ({h100['waves']} wave{'s' if h100['waves'] > 1 else ''}) | "
+                   f"{eager['rollout_s']:.0f} | {h100['rollout_s']:.0f} | {eager['backward_s']:.0f} | {h100['rollout_s'] + eager['backward_s']:.0f} | "
+                   f"{hours['eager']:.0f} | {hours['h100']:.0f} | {hours['a100']:.0f} |")
+    out += ["", f"The official training: {OFFICIAL_GPU_HOURS[0]}-{OFFICIAL_GPU_HOURS[1]} A100-hours. Engine assumptions (not measured "
+            f"here): decode at {ENGINE_BANDWIDTH_EFFICIENCY:.0%} of the HBM bandwidth with the whole step in one continuous batch "
+            f"(as many full-length sequences as {ENGINE_MEMORY_FRACTION:.0%} of 80 GB holds beside the weights), "
+            f"{ENGINE_STEP_S * 1e3:.0f} ms of scheduling and sampling per decode step (CUDA graphs: no per-layer launches), every "
+            "rollout at the full length (the worst case), rollouts and backward one after the other on one GPU. Measured here "
+            "(benchmarks/rollouts.py --engine, 2-core CPU) is only that vLLM samples the gated model's own policy (tests/engines/"
+            "test_vllm_gated.py) and its CPU speed against transformers, which says nothing of a GPU's."]
+    return out
+
+
 # --- printing -----------------------------------------------------------------------------------
 def gib(value: float) -> str:
     return f"{value / GiB:.1f}"
@@ -254,6 +303,7 @@ def report(rows: list[dict]) -> str:
             f"(causal full branch + dense masked streaming branch, backward 2.5 x forward) at {MFU:.0%} MFU. "
             "One GPU; with N data-parallel GPUs the step time divides by about N and the memory per GPU stays the same.",
             "- the bar of issue 15: R1-Distill-Qwen-7B with checkpointing under 80 GB."]
+    out += engine_report(fits)
     return "\n".join(out)
 
 

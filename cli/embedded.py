@@ -6,6 +6,7 @@ import statistics
 from pathlib import Path
 
 import click
+import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -54,7 +55,10 @@ def train_command(output: str, examples: int, batch_size: int, lr: float, seed: 
 @click.option("--heads", default=None,
               help="a HeadScores file, export folder or hf://OWNER/REPO: compress its lowest-scored heads (16 sink + 64 recent) instead of the full cache")
 @click.option("--sparsity", default=None, type=float, help="fraction of KV heads to compress (with --heads)")
-def evaluate_command(limit: int, split: str, task: str, adapter: Path | None, batch_size: int, heads: str | None, sparsity: float | None) -> None:
+@click.option("--dtype", default="float32", show_default=True, type=click.Choice(["float32", "bfloat16"]),
+              help="weights and activations (bfloat16: what `kvrl select` trains the embedded model in)")
+def evaluate_command(limit: int, split: str, task: str, adapter: Path | None, batch_size: int, heads: str | None, sparsity: float | None,
+                     dtype: str) -> None:
     """Greedy accuracy (full cache, or a head plan with --heads and --sparsity), and the prompt /
     chain-of-thought lengths in tokens. `--split validation` compares selections without touching the test problems."""
     from kvpress_rl.embedded.evaluate import evaluate  # the executor (transformers): loaded when the command runs
@@ -62,13 +66,13 @@ def evaluate_command(limit: int, split: str, task: str, adapter: Path | None, ba
     if (heads is None) != (sparsity is None):
         raise KvrlError("--heads and --sparsity go together: give both (a head plan) or neither (the full cache)")
     plan = plan_from_scores(HeadScores.load(heads), sparsity) if heads else None
-    model, tokenizer = load_embedded(adapter=adapter or ADAPTER_DIR)
+    model, tokenizer = load_embedded(dtype=getattr(torch, dtype), adapter=adapter or ADAPTER_DIR)
     items = task_problems(task, split, limit)
     with Progress(TextColumn("evaluating"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()) as progress:
         bar = progress.add_task("eval", total=limit)
         result = evaluate(model, tokenizer, items, plan=plan, batch_size=batch_size, max_new_tokens=ANSWER_LIMITS[task], on_batch=lambda n: progress.advance(bar, n))
     console = Console()
-    setting = f"{heads} at sparsity {sparsity:g}" if heads else "full cache"
+    setting = (f"{heads} at sparsity {sparsity:g}" if heads else "full cache") + f", {dtype}"
     console.print(f"accuracy {100 * result.accuracy:.1f}% ({result.correct}/{result.total}) on {task} {split}, {setting}, greedy",
                   highlight=False, soft_wrap=True)
     by_hops = accuracy_by_hops(items, result.solved)

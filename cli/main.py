@@ -26,6 +26,8 @@ from kvpress_rl.cli.launch import check_num_processes, distributed_rank, join_pr
 from kvpress_rl.cli.options import describe_options, parse_strategy_options
 from kvpress_rl.cli.output import console, strategies_with_warnings
 from kvpress_rl.cli.serve import serve_command
+from kvpress_rl.engines.vllm.engine import GatedRollouts, check_vllm, model_folder
+from kvpress_rl.engines.vllm.layout import GatedBranch
 from kvpress_rl.errors import KvrlError
 from kvpress_rl.evaluators.plots import gate_heatmap, training_curves
 from kvpress_rl.identity import code_identity, weights_identity
@@ -34,6 +36,7 @@ from kvpress_rl.models import _DTYPES, DEFAULT_MODEL, ModelShape, check_device, 
 from kvpress_rl.plan import plan_from_scores
 from kvpress_rl.plugins import StrategyEntry, get_strategy
 from kvpress_rl.policies import full_head_policy
+from kvpress_rl.profiles import profile_of
 from kvpress_rl.scores import HeadScores
 from kvpress_rl.selector import SelectionContext
 
@@ -115,14 +118,19 @@ def strategies_command(name: str | None) -> None:
 @click.option("--resume", is_flag=True, help="continue a training strategy from its last checkpoint (OUTPUT.run/)")
 @click.option("--num-processes", default=1, show_default=True, type=int,
               help="data-parallel processes (accelerate launch): rlkv splits each step's prompts and sums gate gradients over them")
+@click.option("--rollout-engine", default="transformers", show_default=True,
+              help="where a strategy that samples from the gated model (rlkv) samples: transformers, or vllm (the gated model in "
+                   "vLLM, its gates replaced after every step; the backward stays in transformers)")
 @click.pass_context
 def select_command(ctx: click.Context, strategy_name: str, model: str | None, gguf_file: str | None, output: Path | None,
                    seed: int, data_dir: str | None, dtype: str, device: str, trust_remote_code: bool, overwrite: bool, resume: bool,
-                   num_processes: int) -> None:
+                   num_processes: int, rollout_engine: str) -> None:
     """Score every (layer, KV head) with a strategy and write a HeadScores file.
 
     Strategy options follow as `--option value` (see `kvrl strategies NAME`).
     """
+    if num_processes > 1 and rollout_engine != "transformers":
+        raise KvrlError(f"--rollout-engine {rollout_engine} runs one process (one engine beside one learner); drop --num-processes")
     rank, world_size = check_num_processes(num_processes)
     watch_rank()  # a rank of a data-parallel run: its failure ends the whole run
     if num_processes > 1:
@@ -130,7 +138,8 @@ def select_command(ctx: click.Context, strategy_name: str, model: str | None, gg
         launch_data_parallel(num_processes)
         return
     if world_size <= 1:
-        run_select(ctx.args, strategy_name, model, gguf_file, output, seed, data_dir, dtype, device, trust_remote_code, overwrite, resume)
+        run_select(ctx.args, strategy_name, model, gguf_file, output, seed, data_dir, dtype, device, trust_remote_code, overwrite, resume,
+                   rollout_engine)
         return
     try:
         run_select(ctx.args, strategy_name, model, gguf_file, output, seed, data_dir, dtype, device, trust_remote_code, overwrite, resume)
@@ -211,8 +220,47 @@ def step_line(name: str, step: int, total: int, metrics: dict) -> str:
     return ", ".join(parts)
 
 
+def in_select_dtype(lm, dtype: str, device: str, show: Console):
+    """`--dtype auto` on the CPU: the dtype the model's profile selects in (the embedded model: bfloat16), else as loaded."""
+    wanted = profile_of(lm).select_dtype
+    if dtype != "auto" or device != "cpu" or wanted is None or lm.dtype == _DTYPES[wanted]:
+        return lm
+    show.print(f"--dtype auto: {wanted}, the {profile_of(lm).family} profile's selection dtype (--dtype float32 to keep float32)",
+               highlight=False, markup=False)
+    return lm.to(_DTYPES[wanted])
+
+
+ROLLOUT_ENGINES = ("transformers", "vllm")
+
+
+def check_rollout_engine(name: str, entry: StrategyEntry, model: str | None, gguf_file: str | None) -> None:
+    """Refuse `--rollout-engine` values `select` cannot run, before a model loads."""
+    if name not in ROLLOUT_ENGINES:
+        raise KvrlError(f"unknown --rollout-engine {name!r}; accepted: {', '.join(ROLLOUT_ENGINES)}")
+    if name == "transformers":
+        return
+    if not entry.cls.samples_rollouts:
+        raise KvrlError(f"--rollout-engine {name} is for strategies that sample from a gated model (rlkv); "
+                        f"{entry.cls.name!r} samples nothing")
+    if gguf_file:
+        raise KvrlError("--rollout-engine vllm loads a folder of weights or a hub id, not a GGUF file")
+    model_folder(model)  # refuses random: and .gguf models in one line
+    check_vllm()
+
+
+def rollout_engine_factory(name: str, model: str | None, lm):
+    """`SelectionContext.rollout_engine`: None (transformers), or a callable that starts the gated model in vLLM with the
+    learner's streaming branch, in the learner's dtype."""
+    if name == "transformers":
+        return None
+    dtype = str(lm.dtype).removeprefix("torch.")
+    max_len = min(int(getattr(lm.config, "max_position_embeddings", 32768) or 32768), 32768)
+    return lambda **branch: GatedRollouts(model, GatedBranch(**branch), dtype=dtype, max_model_len=max_len)
+
+
 def run_select(args: list[str], strategy_name: str, model: str | None, gguf_file: str | None, output: Path | None, seed: int,
-               data_dir: str | None, dtype: str, device: str, trust_remote_code: bool, overwrite: bool, resume: bool) -> None:
+               data_dir: str | None, dtype: str, device: str, trust_remote_code: bool, overwrite: bool, resume: bool,
+               rollout_engine: str = "transformers") -> None:
     """One process of `kvrl select`; under a data-parallel launch only rank 0 prints and writes files."""
     rank, world_size = distributed_rank()
     show = console if rank == 0 else Console(quiet=True)
@@ -223,9 +271,11 @@ def run_select(args: list[str], strategy_name: str, model: str | None, gguf_file
         hf_logging.disable_progress_bar()
     entry, options, output, device = select_inputs(strategy_name, args, output, overwrite, quiet=rank > 0, seed=seed, device=device,
                                                    resume=resume)
+    check_rollout_engine(rollout_engine, entry, model, gguf_file)
     device = join_process_group(device)
     with show.status(escape(f"loading model {model or '(default)'}")):
         lm, tokenizer = load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code, gguf_file=gguf_file)
+        lm = in_select_dtype(lm, dtype, device, show)
     selector = entry.cls(options)
     show.print(selector.resolved_options(lm), highlight=False, markup=False)
     work_dir = work_dir_of(output)  # shared by the ranks: the strategy writes from rank 0 and resumes every rank from it
@@ -247,7 +297,7 @@ def run_select(args: list[str], strategy_name: str, model: str | None, gguf_file
             progress.update(bar, completed=step, total=total, metrics=text)
 
         context = SelectionContext(seed=seed, data_dir=data_dir, device=device, model_id=model_id(lm), work_dir=str(work_dir),
-                                   resume=resume, on_step=on_step)
+                                   resume=resume, on_step=on_step, rollout_engine=rollout_engine_factory(rollout_engine, model, lm))
         try:
             scores = selector.select(lm, tokenizer, context)
         except SystemExit as exit_:  # a strategy must not end kvrl (quietly, with exit 0) in the middle of a select
@@ -256,7 +306,8 @@ def run_select(args: list[str], strategy_name: str, model: str | None, gguf_file
         return
     check_result(scores, entry, lm)
     named = model or os.environ.get("KVRL_MODEL") or DEFAULT_MODEL
-    scores.extra = {**scores.extra, "weights": weights_identity(str(Path(named) / gguf_file) if gguf_file else named), "code": code_identity()}
+    scores.extra = {**scores.extra, "weights": weights_identity(str(Path(named) / gguf_file) if gguf_file else named), "code": code_identity(),
+                    "dtype": str(lm.dtype).removeprefix("torch.")}
     if output.suffix == ".tsv":
         scores.to_tsv(output, overwrite=overwrite)
     else:

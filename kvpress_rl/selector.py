@@ -28,6 +28,10 @@ class SelectionContext:
     work_dir: str | None = None  # where a strategy may keep logs and checkpoints (resumable runs)
     resume: bool = False
     on_step: Any = None  # callable(step, total, metrics: dict) for progress, or None
+    # For strategies that sample from a gated model (`samples_rollouts`): None samples in transformers; otherwise
+    # callable(sink=, window=, mask=, block_size=) -> an engine with `generate(gates, prompts, *, copies, temperature,
+    # max_new_tokens, stop_ids, pad_id)` -> (sequences, mask, offset) and `close()` (`kvrl select --rollout-engine vllm`)
+    rollout_engine: Any = None
 
 
 @dataclass
@@ -42,7 +46,8 @@ class HeadSelector:
     (a dataclass whose fields, with defaults and `metadata={"help": ...}`, become CLI options), and
     declare what evaluation must know: `trains` (select is a training run, minutes to hours: evaluation
     wants its scores from `kvrl select` rather than running it inside) and `averaged_over_seeds` (the
-    scores are a seeded draw: the grid evaluates every seed and reports the mean).
+    scores are a seeded draw: the grid evaluates every seed and reports the mean), and what selection
+    can be given: `samples_rollouts` (it samples from a gated model, so `kvrl select --rollout-engine` applies).
     Head strategies inherit the global ranking of `plan`; token strategies override it.
     """
 
@@ -52,6 +57,7 @@ class HeadSelector:
     description: ClassVar[str] = ""
     trains: ClassVar[bool] = False
     averaged_over_seeds: ClassVar[bool] = False
+    samples_rollouts: ClassVar[bool] = False
     Options: ClassVar[type] = NoOptions
 
     def __init__(self, options: Any = None) -> None:

@@ -16,7 +16,8 @@ FLOORS = {"core": 0, "strategies": 1, "evaluators": 1, "engines": 1, "cli": 2}
 HEAVY = ("lm_eval", "matplotlib", "peft", "math_verify", "accelerate", "datasets", "transformers", "kvpress_rl.executor",
          "kvpress_rl.evaluators.harness", "kvpress_rl.embedded.evaluate",
          # vLLM and the plugin modules built on it: loaded when an engine starts (in vLLM's processes, through `register()`)
-         "vllm", "kvpress_rl.engines.vllm.backend", "kvpress_rl.engines.vllm.cache", "kvpress_rl.engines.vllm.models")
+         "vllm", "kvpress_rl.engines.vllm.backend", "kvpress_rl.engines.vllm.cache", "kvpress_rl.engines.vllm.models",
+         "kvpress_rl.engines.vllm.gated")
 
 
 def modules() -> list[tuple[str, Path]]:

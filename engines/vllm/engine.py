@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from kvpress_rl.embedded.model import EMBEDDED_MODEL, merged_folder
-from kvpress_rl.engines.vllm.layout import ARCHITECTURES, OVERRIDES_KEY, EnginePlan
+from kvpress_rl.engines.vllm.layout import ARCHITECTURES, GATED_KEY, OVERRIDES_KEY, EnginePlan, GatedBranch
 from kvpress_rl.errors import KvrlError
 from kvpress_rl.plan import CompressionPlan
 
@@ -65,7 +65,8 @@ def default_block_size() -> int:
 
 @dataclass(frozen=True)
 class EngineSettings:
-    """Everything `vllm.LLM(...)` / `vllm serve` gets for one plan (None: the stock model, every head full)."""
+    """Everything `vllm.LLM(...)` / `vllm serve` gets for one plan (None: the stock model, every head full), or for the
+    gated model of RLKV's rollouts (`gated`, with no plan)."""
 
     model: str
     plan: EnginePlan | None
@@ -78,8 +79,13 @@ class EngineSettings:
     kv_cache_memory_bytes: int | None = None
     seed: int | None = 0
     served_model_name: str | None = None
+    gated: GatedBranch | None = None
 
     def overrides(self, config: Any) -> dict:
+        if self.gated is not None:
+            if self.plan is not None:
+                raise KvrlError("an engine runs either a head plan or the gated model, not both")
+            return {"architectures": [engine_architecture(config)], GATED_KEY: self.gated.to_json()}
         if self.plan is None:
             return {}
         self.plan.check_shape(config.num_hidden_layers, config.num_key_value_heads)
@@ -88,7 +94,7 @@ class EngineSettings:
     def llm_kwargs(self) -> dict:
         """Keyword arguments of `vllm.LLM`."""
         config = model_config(self.model)
-        if self.plan is None:
+        if self.plan is None and self.gated is None:
             engine_architecture(config)  # the same architectures as under a plan, so that full and compressed compare
         batched = self.max_num_batched_tokens or (self.max_model_len if self.exact_prefill else None)
         kwargs = dict(model=self.model, max_model_len=self.max_model_len, block_size=self.block_size, enable_prefix_caching=False,
@@ -189,3 +195,66 @@ class PlanEngines:
         if self.engine is not None:
             self.engine.close()
             self.engine, self.key = None, None
+
+
+def _load_gates(worker, gates: torch.Tensor) -> float:
+    """Runs in each vLLM worker (`collective_rpc`): the learner's gates into the gated model."""
+    return worker.get_model().kvrl_set_gates(gates.to(device=next(worker.get_model().parameters()).device))
+
+
+class GatedRollouts:
+    """RLKV's rollouts sampled by vLLM from the gated model (`kvrl select --rollout-engine vllm`): one engine for the
+    whole training, its gates replaced before every batch (`set_gates`, checked against what the engine then holds).
+
+    `generate` returns the learner's layout: `(sequences, mask, offset)`, prompts left-padded with `pad_id`, completions
+    right-padded, the mask 1 up to and including the first stop token, as `rollouts.generate` in transformers. Each
+    sequence is its own request with its own seed drawn from torch's generator (a seeded `kvrl select` is reproducible).
+    """
+
+    name = "vllm"
+
+    def __init__(self, model: str | None, branch: GatedBranch, *, dtype: str, max_model_len: int, max_num_seqs: int = 256) -> None:
+        folder = model_folder(model)
+        settings = EngineSettings(model=folder, plan=None, gated=branch, max_model_len=max_model_len, dtype=dtype,
+                                  block_size=default_block_size(), max_num_seqs=max_num_seqs)
+        self.engine = VllmGenerator(settings)
+        self.gates_sum: float | None = None
+
+    def set_gates(self, gates: torch.Tensor) -> None:
+        sent = gates.detach().to("cpu", torch.float32)
+        held = self.engine.llm.collective_rpc(_load_gates, args=(sent,))
+        expected = float(sent.double().sum())
+        if any(abs(h - expected) > 1e-6 * max(1.0, abs(expected)) for h in held):
+            raise KvrlError(f"the rollout engine holds gates summing to {held}, the learner sent {expected}")
+        self.gates_sum = expected
+
+    def generate(self, gates: torch.Tensor, prompts: list[list[int]], *, copies: int, temperature: float | None, max_new_tokens: int,
+                 stop_ids: list[int], pad_id: int, logprobs: bool = False):
+        """Every prompt `copies` times, sampled at `temperature` (None: greedy); with `logprobs`, also the log-probability
+        of each sampled token as the engine computed it, `(rows, completion)` (0 at padding)."""
+        from vllm import SamplingParams
+
+        self.set_gates(gates)
+        rows = [list(p) for p in prompts for _ in range(copies)]
+        seeds = torch.randint(0, 2**31 - 1, (len(rows),)).tolist()
+        params = [SamplingParams(temperature=temperature or 0.0, top_k=0, top_p=1.0, max_tokens=max_new_tokens, stop_token_ids=stop_ids,
+                                 seed=seed if temperature else None, logprobs=0 if logprobs else None, detokenize=False)
+                  for seed in seeds]
+        outputs = [out.outputs[0] for out in self.engine.llm.generate([{"prompt_token_ids": r} for r in rows], params, use_tqdm=False)]
+        offset = max(len(r) for r in rows)
+        width = max(1, max(len(out.token_ids) for out in outputs))
+        sequences = torch.full((len(rows), offset + width), pad_id, dtype=torch.long)
+        mask = torch.zeros_like(sequences)
+        sampled = torch.zeros((len(rows), width), dtype=torch.float32)
+        for i, (prompt, out) in enumerate(zip(rows, outputs)):
+            new = list(out.token_ids)
+            sequences[i, offset - len(prompt):offset] = torch.tensor(prompt)
+            mask[i, offset - len(prompt):offset] = 1
+            sequences[i, offset:offset + len(new)] = torch.tensor(new, dtype=torch.long)
+            mask[i, offset:offset + len(new)] = 1
+            if logprobs:
+                sampled[i, :len(new)] = torch.tensor([step[token].logprob for step, token in zip(out.logprobs, new)])
+        return (sequences, mask, offset, sampled) if logprobs else (sequences, mask, offset)
+
+    def close(self) -> None:
+        self.engine.close()

@@ -18,6 +18,7 @@ from kvpress_rl.plan import CompressionPlan
 from kvpress_rl.policies import SINK_TOKENS, WINDOW_TOKENS, Streaming
 
 OVERRIDES_KEY = "kvrl_plan"  # the model-config attribute the plan travels under (`hf_overrides`)
+GATED_KEY = "kvrl_gated"  # the attribute a gated engine's streaming branch travels under (`GatedBranch`)
 ARCHITECTURES = {  # the stock vLLM class each of ours extends
     "LlamaForCausalLM": "KvrlLlamaForCausalLM",
     "MistralForCausalLM": "KvrlMistralForCausalLM",
@@ -85,6 +86,26 @@ class EnginePlan:
         if self.shape != (num_layers, num_kv_heads) or any(len(row) != num_kv_heads for row in self.full):
             raise KvrlError(f"plan has shape {self.shape[0]} layers x {self.shape[1]} KV heads, "
                             f"the model has {num_layers} x {num_kv_heads}")
+
+
+@dataclass(frozen=True)
+class GatedBranch:
+    """The streaming branch of a gated engine (every head keeps its whole cache and mixes `alpha * full + (1 - alpha) *
+    streaming`): the learner's, `kvpress_rl.executor.gated.streaming_mask` with these settings."""
+
+    sink: int
+    window: int
+    mask: str = "token"
+    block_size: int = 128
+
+    def to_json(self) -> dict:
+        return {"v": 1, "sink": self.sink, "window": self.window, "mask": self.mask, "block_size": self.block_size}
+
+    @classmethod
+    def from_json(cls, data: dict) -> GatedBranch:
+        if not isinstance(data, dict) or data.get("v") != 1:
+            raise KvrlError(f"`{GATED_KEY}` is not a kvpress-rl gated branch (version 1): {str(data)[:80]}")
+        return cls(sink=int(data["sink"]), window=int(data["window"]), mask=str(data["mask"]), block_size=int(data["block_size"]))
 
 
 def kept_history(computed: int, sink: int = SINK_TOKENS, window: int = WINDOW_TOKENS) -> list[int]:

@@ -25,7 +25,8 @@ from vllm.model_executor.models.qwen3 import Qwen3ForCausalLM
 
 from kvpress_rl.engines.vllm.backend import SinkWindowBackend
 from kvpress_rl.engines.vllm.cache import SinkWindowSpec, TaggedFullSpec
-from kvpress_rl.engines.vllm.layout import OVERRIDES_KEY, EnginePlan, group_layout
+from kvpress_rl.engines.vllm.gated import gate_attention, set_model_gates
+from kvpress_rl.engines.vllm.layout import GATED_KEY, OVERRIDES_KEY, EnginePlan, group_layout
 
 
 class SinkWindowAttention(Attention):
@@ -108,11 +109,21 @@ def split_attention(model: nn.Module, vllm_config) -> EnginePlan:
 
 
 class HeadwiseModel:
-    """Mixed in before a stock vLLM model class: builds it, then gives its layers one attention sub-layer per KV head."""
+    """Mixed in before a stock vLLM model class: builds it, then gives its layers one attention sub-layer per KV head
+    (a head plan, `kvrl_plan`) or the gated attention of RLKV's rollouts (`kvrl_gated`, `gated.py`)."""
 
     def __init__(self, *, vllm_config, prefix: str = "", **kwargs) -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix, **kwargs)
-        self.kvrl_plan = split_attention(self.model, vllm_config)
+        if getattr(vllm_config.model_config.hf_config, GATED_KEY, None) is not None:
+            self.kvrl_plan, self.kvrl_gated = None, gate_attention(self.model, vllm_config)
+        else:
+            self.kvrl_plan, self.kvrl_gated = split_attention(self.model, vllm_config), None
+
+    def kvrl_set_gates(self, gates: torch.Tensor) -> float:
+        """The learner's gates, `[layers, kv_heads]`, into a gated engine's layers (`GatedRollouts.set_gates`)."""
+        if self.kvrl_gated is None:
+            raise ValueError("this engine runs a head plan, not gated attention: it has no gates")
+        return set_model_gates(self, gates)
 
 
 class KvrlLlamaForCausalLM(HeadwiseModel, LlamaForCausalLM):

@@ -1,7 +1,7 @@
 """`register()`: the `vllm.general_plugins` entry point of kvpress-rl (pyproject.toml).
 
 vLLM calls it once in each of its processes. It only gives vLLM names: the four model classes (`models.py`, imported
-lazily by vLLM), the compressed-head attention backend and its KV-cache spec with the manager that frees its blocks.
+lazily by vLLM), the compressed-head and gated attention backends, the compressed heads' KV-cache spec with the manager that frees its blocks.
 It patches nothing, and a model that does not ask for a `Kvrl...` architecture runs exactly as without the plugin.
 """
 
@@ -21,6 +21,7 @@ def register() -> None:
 
     from kvpress_rl.engines.vllm.backend import BACKEND_NAME
     from kvpress_rl.engines.vllm.cache import SinkWindowManager, SinkWindowSpec, TaggedFullSpec
+    from kvpress_rl.engines.vllm.gated import BACKEND_NAME as GATED_BACKEND_NAME
 
     known = set(ModelRegistry.get_supported_archs())
     for ours in ARCHITECTURES.values():
@@ -28,6 +29,8 @@ def register() -> None:
             ModelRegistry.register_model(ours, f"{MODELS_MODULE}:{ours}")
     if BACKEND_NAME not in AttentionBackendEnum.__members__:
         register_backend(BACKEND_NAME, "kvpress_rl.engines.vllm.backend.SinkWindowBackend")
+    if GATED_BACKEND_NAME not in AttentionBackendEnum.__members__:
+        register_backend(GATED_BACKEND_NAME, "kvpress_rl.engines.vllm.gated.GatedBackend")
     # vLLM registers its own specs only into an empty registry: register them first, or they would be skipped.
     register_all_kvcache_specs(None)
     KVCacheSpecRegistry.register(SinkWindowSpec, SinkWindowManager, uniform_type_base_spec=SinkWindowSpec)

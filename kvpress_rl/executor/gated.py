@@ -83,6 +83,7 @@ class Gating:
     window: int
     mode: str = "token"
     block_size: int = BLOCK_SIZE
+    one_pass_decode: bool = True  # decoding steps through `mixed_decode` (False: the two SDPA calls, for comparison)
     open: bool = True
     last_mask: list = field(default_factory=list)  # (attention_mask, shape, streaming mask): every layer of a forward shares it
 
@@ -95,12 +96,40 @@ class Gating:
 
     def attention(self, module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None, **kwargs):
         """`alpha * full + (1 - alpha) * streaming` per KV head."""
-        full, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
         mask = self.streaming_mask_for(attention_mask, query.shape[2], key.shape[2], query.device)
+        gates = self.gates[module.layer_idx].clamp(0.0, 1.0)
+        if self.one_pass_decode and query.shape[2] == 1 and not torch.is_grad_enabled():  # a decoding step of a rollout
+            return mixed_decode(query, key, value, attention_mask, mask, gates, module.scaling if scaling is None else scaling), None
+        full, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
         stream, _ = sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
-        alpha = self.gates[module.layer_idx].clamp(0.0, 1.0).repeat_interleave(module.num_key_value_groups)
+        alpha = gates.repeat_interleave(module.num_key_value_groups)
         alpha = alpha.to(full.dtype)[None, None, :, None]  # output layout: (batch, q_len, heads, head_dim)
         return alpha * full + (1.0 - alpha) * stream, None
+
+
+def mixed_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, full_mask: torch.Tensor | None,
+                 stream_mask: torch.Tensor, gates: torch.Tensor, scaling: float) -> torch.Tensor:
+    """One decoding step of the gated attention, `(batch, 1, heads, head_dim)`, reading every key once.
+
+    Both branches attend with the same query to the same keys and differ only in which keys they may see,
+    so `alpha * softmax_full(s) V + (1 - alpha) * softmax_stream(s) V = (alpha * P_full + (1 - alpha) *
+    P_stream) V`: one score product, two masked softmaxes over it, one product with the values. The
+    streaming branch costs a softmax, not a second pass over the keys (the two-SDPA path reads the cache
+    twice). Query heads are grouped by KV head (`h // groups`, as transformers' `repeat_kv`), so keys and
+    values are never repeated. Softmaxes in float32, products in the model's dtype.
+    """
+    batch, heads, _, dim = query.shape
+    kv_heads = key.shape[1]
+    groups = heads // kv_heads
+    grouped = query.view(batch, kv_heads, groups, dim)
+    scores = torch.matmul(grouped, key.transpose(-1, -2)).float() * scaling  # (batch, kv_heads, groups, kv_len)
+    # masks arrive as (batch or 1, 1, 1, kv_len): one row for every head
+    full = scores if full_mask is None else scores.masked_fill(~full_mask[:, :, 0, None, :], float("-inf"))
+    stream = scores.masked_fill(~stream_mask[:, :, 0, None, :], float("-inf"))
+    alpha = gates.float().view(1, kv_heads, 1, 1)
+    probs = alpha * torch.softmax(full, dim=-1) + (1.0 - alpha) * torch.softmax(stream, dim=-1)
+    out = torch.matmul(probs.to(value.dtype), value)  # (batch, kv_heads, groups, head_dim)
+    return out.reshape(batch, 1, heads, dim)
 
 
 def outside_gated(*args, **kwargs):
@@ -118,11 +147,13 @@ def new_gates(model, init: float = 1.0) -> torch.nn.Parameter:
 
 @contextmanager
 def gated(model, gates: torch.Tensor, *, sink: int = TRAIN_SINK, window: int = TRAIN_WINDOW, mask: str = "token",
-          block_size: int = BLOCK_SIZE) -> Iterator[torch.Tensor]:
+          block_size: int = BLOCK_SIZE, one_pass_decode: bool = True) -> Iterator[torch.Tensor]:
     """Run `model` with gated mixed attention; restores the model's attention on exit.
 
     `mask`: the streaming branch's mask, `"token"` (exact sink + window) or `"block"` (the official
-    training kernel's blocks of `block_size`); see the module docstring.
+    training kernel's blocks of `block_size`); see the module docstring. `one_pass_decode`: decoding
+    steps without gradients read the keys once (`mixed_decode`); False runs them through the two SDPA
+    calls of the teacher-forced path (the same numbers, kept to measure one against the other).
     """
     check_supported(model.config)
     shape = ModelShape.from_config(model.config)
@@ -137,7 +168,7 @@ def gated(model, gates: torch.Tensor, *, sink: int = TRAIN_SINK, window: int = T
     current = ALL_ATTENTION_FUNCTIONS.get(GATED_ATTENTION)
     if isinstance(getattr(current, "__self__", None), Gating) and current.__self__.open:
         raise KvrlError("gated() blocks do not nest: one set of gates at a time")
-    gating = Gating(gates, sink, window, mask, block_size)
+    gating = Gating(gates, sink, window, mask, block_size, one_pass_decode)
     AttentionInterface.register(GATED_ATTENTION, gating.attention)
     AttentionMaskInterface.register(GATED_ATTENTION, sdpa_mask)
     try:

@@ -78,6 +78,7 @@ class RLKV(HeadSelector):
     kind = "head"
     version = "3"  # 3: real models default to the official batch advantage
     trains = True
+    samples_rollouts = True
     description = "RLKV: gates learned with RL on the model's own reasoning rewards"
     Options = RLKVOptions
 
@@ -123,6 +124,15 @@ class RLKV(HeadSelector):
         torch.manual_seed(context.seed + rank)  # rollout sampling: different on every process
         # a resume checks the checkpoint's options before anything costly, and reads the training set back
         state = load_checkpoint(run.work, o) if context.resume and run.work else None
+        engine = context.rollout_engine(sink=o.sink, window=o.window, mask=o.train_mask, block_size=o.block_size) if context.rollout_engine else None
+        try:
+            return self._train(model, tokenizer, context, run, rng, state, engine)
+        finally:
+            if engine is not None:
+                engine.close()
+
+    def _train(self, model, tokenizer, context: SelectionContext, run: TrainingRun, rng: random.Random, state, engine) -> HeadScores:
+        o = self.options
         if state is not None:
             train, text = load_train_set(run.work, state)
         else:
@@ -130,7 +140,7 @@ class RLKV(HeadSelector):
                 clear_work(run.work)  # a fresh run: no log, checkpoint or training set of an earlier one
             if o.self_distillation:
                 pool = load_problems(o.data, o.pool_size, context.seed, context.data_dir)
-                chosen, run.solved_fraction = self_distill(model, tokenizer, pool, o, rng)
+                chosen, run.solved_fraction = self_distill(model, tokenizer, pool, o, rng, engine=engine)
             else:
                 chosen = [(p, None) for p in load_problems(o.data, o.train_set_size, context.seed, context.data_dir)]
             train, text = [p for p, _ in chosen], train_set_text(chosen)
@@ -144,7 +154,7 @@ class RLKV(HeadSelector):
         first_step = resume(run, state, gates, optimizer) if state is not None else 0
         for step in range(first_step, o.steps):
             batch = [train[i] for i in step_batch(len(train), o.prompts_per_step, step, context.seed)]
-            record = self._step(model, tokenizer, gates, optimizer, batch)
+            record = self._step(model, tokenizer, gates, optimizer, batch, engine)
             record["step"] = step + 1
             record["epoch"] = step // (len(train) // o.prompts_per_step) + 1
             run.log.append(record)
@@ -160,6 +170,7 @@ class RLKV(HeadSelector):
                            train_sink=o.sink, train_window=o.window, solved_fraction=run.solved_fraction,
                            train_set=len(train), model_family=self.family, resolved_from=dict(self.sources),
                            reward_curve={"first": rewards[:3], "last": rewards[-3:], "mean": sum(rewards) / len(rewards)},
+                           rollout_engine="transformers" if engine is None else getattr(engine, "name", type(engine).__name__),
                            mean_alpha_curve=[r["mean_alpha"] for r in run.log])
 
     def policy_backward(self, model, gates: torch.Tensor, sequences: torch.Tensor, mask: torch.Tensor, offset: int,
@@ -232,14 +243,17 @@ class RLKV(HeadSelector):
         return {"tokens": int(tokens), "micro_batches": len(parts), "forward_tokens": int(forward_tokens),
                 "beta_prime": beta_prime, "mean_reward": mean_reward, "reward_level": o.reward_level}
 
-    def _step(self, model, tokenizer, gates, optimizer, problems: list[Problem]) -> dict:
+    def _step(self, model, tokenizer, gates, optimizer, problems: list[Problem], engine=None) -> dict:
         o = self.options
         began = time.perf_counter()
         rank, size = world()
         problems = problems[rank::size]  # data parallel: each process samples its share (`check_resolved`: an equal one)
         prompts = [chat_ids(tokenizer, p.prompt) for p in problems]
-        with gated(model, gates, sink=o.sink, window=o.window, mask=o.train_mask, block_size=o.block_size):
-            sequences, mask, offset = rollouts(model, tokenizer, prompts, o, sample=True, copies=o.group_size)  # from the gated model
+        if engine is not None:  # the engine samples from the gated model under the gates it is sent
+            sequences, mask, offset = rollouts(model, tokenizer, prompts, o, sample=True, copies=o.group_size, engine=engine, gates=gates.detach())
+        else:
+            with gated(model, gates, sink=o.sink, window=o.window, mask=o.train_mask, block_size=o.block_size):
+                sequences, mask, offset = rollouts(model, tokenizer, prompts, o, sample=True, copies=o.group_size)  # from the gated model
         generated = time.perf_counter()
         completions = sequences[:, offset:]
         comp_mask = mask[:, offset:]

@@ -15,6 +15,7 @@ from transformers import DynamicCache
 from kvpress_rl.distributed import all_gather, world
 from kvpress_rl.embedded.data import left_pad
 from kvpress_rl.errors import KvrlError
+from kvpress_rl.executor.gated import new_gates
 from kvpress_rl.models import cache_kwargs
 from kvpress_rl.strategies.rlkv.backward import join_rollouts
 from kvpress_rl.strategies.rlkv.options import RLKVOptions
@@ -77,19 +78,25 @@ def generate(model, tokenizer, prompts: list[list[int]], options: RLKVOptions, s
 
 
 def rollouts(model, tokenizer, prompts: list[list[int]], options: RLKVOptions, sample: bool,
-             copies: int = 1) -> tuple[torch.Tensor, torch.Tensor, int]:
+             copies: int = 1, *, engine=None, gates: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
     """`generate` over `options.rollout_batch` prompts at a time (None: all at once), joined into one
-    left/right-padded batch."""
+    left/right-padded batch. With an `engine` (`SelectionContext.rollout_engine`), the engine samples them all
+    from the gated model under `gates` and `model` is not used."""
+    if engine is not None:
+        temperature = (1.0 if options.temperature is None else options.temperature) if sample else None
+        return engine.generate(gates, prompts, copies=copies, temperature=temperature, max_new_tokens=options.max_new_tokens,
+                               stop_ids=end_ids(tokenizer), pad_id=tokenizer.pad_token_id)
     batch = options.rollout_batch or len(prompts)
     parts = [generate(model, tokenizer, prompts[i:i + batch], options, sample, copies) for i in range(0, len(prompts), batch)]
     return join_rollouts(parts, tokenizer.pad_token_id)
 
 
 def self_distill(model, tokenizer, pool: list[Problem], options: RLKVOptions,
-                 rng: random.Random) -> tuple[list[tuple[Problem, int]], float]:
+                 rng: random.Random, engine=None) -> tuple[list[tuple[Problem, int]], float]:
     """The fixed training set: distinct problems the model solves greedily with the full cache, chosen once
     stratified by the length of its solution (`training_set`), as `(problem, solution tokens)` pairs; and
-    the fraction of the pool solved. Under data parallelism each process decodes its share of the pool."""
+    the fraction of the pool solved. Under data parallelism each process decodes its share of the pool.
+    With an `engine`, it decodes them (every gate at 1: the full cache)."""
     o = options
     rank, size = world()
     mine: list[tuple[int, int]] = []  # (index in the pool, solution tokens) of what this process solved
@@ -97,7 +104,11 @@ def self_distill(model, tokenizer, pool: list[Problem], options: RLKVOptions,
     chunk_size = max(16, (o.rollout_batch or 0) * o.group_size)
     for start in range(0, len(indices), chunk_size):
         chunk = indices[start:start + chunk_size]
-        out, mask, offset = generate(model, tokenizer, [chat_ids(tokenizer, pool[i].prompt) for i in chunk], o, sample=False)
+        prompts = [chat_ids(tokenizer, pool[i].prompt) for i in chunk]
+        if engine is not None:
+            out, mask, offset = rollouts(model, tokenizer, prompts, o, sample=False, engine=engine, gates=new_gates(model, 1.0).detach())
+        else:
+            out, mask, offset = generate(model, tokenizer, prompts, o, sample=False)
         for index, row, row_mask in zip(chunk, out[:, offset:], mask[:, offset:]):
             text = tokenizer.decode(row[row_mask.bool()], skip_special_tokens=True)
             if pool[index].verify(text, pool[index].answer):

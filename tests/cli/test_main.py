@@ -92,3 +92,14 @@ def test_errors_from_the_real_command_are_one_line_without_traceback(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == "Error: head scores file not found: absent.tsv"
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    (["--strategy", "rlkv", "--rollout-engine", "sglang"], "unknown --rollout-engine 'sglang'; accepted: transformers, vllm"),
+    (["--strategy", "random", "--rollout-engine", "vllm"], "'random' samples nothing"),
+    (["--strategy", "rlkv", "--rollout-engine", "vllm", "--model", "random:qwen2"], "loads a folder of weights or a hub id"),
+    (["--strategy", "rlkv", "--rollout-engine", "vllm", "--num-processes", "2"], "drop --num-processes"),
+])
+def test_rollout_engine_is_refused_where_it_cannot_run(cli, tmp_path, args, expected):
+    assert expected in error_line(cli("select", *args))
+    assert list(tmp_path.iterdir()) == []  # nothing written, no model loaded

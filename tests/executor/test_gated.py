@@ -177,3 +177,30 @@ def test_gated_blocks_do_not_nest_and_the_attention_refuses_to_run_outside_one()
     with pytest.raises(KvrlError, match="only inside"):
         model(input_ids=ids)
     model.set_attn_implementation("sdpa")
+
+
+@pytest.mark.parametrize("arch", SUPPORTED_ARCHITECTURES)
+@pytest.mark.parametrize("mode", ["token", "block"])
+def test_decoding_steps_equal_the_teacher_forced_gated_forward(arch, mode):
+    """The one-pass decoding path (`mixed_decode`, one score product for both branches) gives the logits of
+    the two-SDPA path over the whole sequence, with left padding and gates strictly between 0 and 1."""
+    model = random_model(small_config(arch), seed=5)
+    gates = torch.rand(new_gates(model).shape, generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(1, 256, (2, 48), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones(2, 48, dtype=torch.long)
+    mask[1, :6] = 0
+    position = (mask.cumsum(-1) - 1).clamp_min(0)
+    prompt = 20
+    with torch.no_grad(), gated(model, gates, sink=3, window=7, mask=mode, block_size=4):
+        whole = model(input_ids=ids, attention_mask=mask, position_ids=position).logits
+        out = model(input_ids=ids[:, :prompt], attention_mask=mask[:, :prompt], position_ids=position[:, :prompt], use_cache=True)
+        cache, steps = out.past_key_values, [out.logits[:, -1]]
+        for t in range(prompt, ids.shape[1]):  # one token at a time: the decoding path
+            out = model(input_ids=ids[:, t:t + 1], attention_mask=mask[:, :t + 1], position_ids=position[:, t:t + 1],
+                        past_key_values=cache, use_cache=True)
+            steps.append(out.logits[:, -1])
+    decoded = torch.stack(steps[:-1], dim=1)
+    torch.testing.assert_close(decoded, whole[:, prompt - 1:-1], rtol=1e-4, atol=1e-4)
+    with torch.no_grad(), gated(model, torch.ones_like(gates), sink=3, window=7, mask=mode, block_size=4):
+        ones = model(input_ids=ids, attention_mask=mask, position_ids=position).logits
+    assert (ones[:, prompt:] - whole[:, prompt:]).abs().max() > 1e-3  # the gates matter at these positions

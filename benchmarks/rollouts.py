@@ -1,0 +1,176 @@
+"""Where an RLKV step on the embedded model spends its time: rollouts and backward, float32 and bfloat16.
+
+One step of `kvrl select --strategy rlkv` with the embedded defaults (`--data embedded`, or `--data` as
+given): `prompts_per_step` training prompts x G = 4 rollouts, sampled at temperature 1 from the gated model
+(gates at 1.0, the start of training), then the teacher-forced backward of the learner. Measured in one run,
+each configuration after a warm-up and from the same seed:
+
+- `plain`: transformers' `generate` without gates (the floor for this model and batch);
+- `gated two-pass`: the gated attention's decoding steps as two SDPA calls (full and streaming, each
+  reading the cache) and a mix of their outputs: the path of the earlier versions;
+- `gated one-pass`: one score product for both branches, two masked softmaxes, one product with the values
+  (`kvpress_rl.executor.gated.mixed_decode`, the default);
+- `gated vllm` (with `--engine`): the same rollouts sampled by vLLM's gated model (`GatedRollouts`, in this process);
+  its start-up is reported apart;
+- `backward`: `RLKV.policy_backward` on the one-pass rollouts (rewards from the task's verifier).
+
+Tokens/s counts completion tokens (up to each rollout's end), as `completion_tokens / rollout_seconds` of
+`train_log.jsonl`. `--profile` adds torch's operator table for one one-pass rollout per dtype.
+
+    python benchmarks/rollouts.py                       # about 3 minutes on 2 cores
+    python benchmarks/rollouts.py --data embedded-count --profile
+    python benchmarks/rollouts.py --engine              # adds vLLM (the `vllm` extra), about 2 minutes more
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from kvpress_rl.embedded.model import load_embedded
+from kvpress_rl.executor.gated import gated, new_gates
+from kvpress_rl.strategies.rlkv import RLKV, RLKVOptions
+from kvpress_rl.strategies.rlkv.grpo import step_advantages
+from kvpress_rl.strategies.rlkv.problems import load_problems
+from kvpress_rl.strategies.rlkv.rollouts import chat_ids, rollouts
+
+HERE = Path(__file__).resolve().parent
+
+
+def cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown CPU"
+
+
+def timed_rollouts(model, tokenizer, prompts, options, gates, how: str, seed: int, engine=None):
+    """`(seconds, completion tokens, (sequences, mask, offset))` of one step's rollouts."""
+    torch.manual_seed(seed)
+    began = time.perf_counter()
+    if how == "plain":
+        out = rollouts(model, tokenizer, prompts, options, sample=True, copies=options.group_size)
+    elif how == "gated vllm":
+        out = rollouts(model, tokenizer, prompts, options, sample=True, copies=options.group_size, engine=engine, gates=gates)
+    else:
+        o = options
+        with gated(model, gates, sink=o.sink, window=o.window, mask=o.train_mask, block_size=o.block_size,
+                   one_pass_decode=how == "gated one-pass"):
+            out = rollouts(model, tokenizer, prompts, o, sample=True, copies=o.group_size)
+    seconds = time.perf_counter() - began
+    sequences, mask, offset = out
+    return seconds, int(mask[:, offset:].sum()), out
+
+
+def timed_backward(learner: RLKV, model, tokenizer, problems, gates, out) -> tuple[float, int]:
+    o = learner.options
+    sequences, mask, offset = out
+    comp_mask = mask[:, offset:]
+    texts = [tokenizer.decode(row[m.bool()], skip_special_tokens=True) for row, m in zip(sequences[:, offset:], comp_mask)]
+    rewards = torch.tensor([float(p.verify(t, p.answer)) for p, t in zip((p for p in problems for _ in range(o.group_size)), texts)])
+    advantages = step_advantages(o.advantage, rewards, comp_mask.sum(1), o.group_size)
+    if not advantages.any():  # a step without signal skips its backward: give it one so the timing is real
+        advantages = torch.linspace(-1.0, 1.0, len(rewards))
+    gates.grad = None
+    began = time.perf_counter()
+    stats = learner.policy_backward(model, gates, sequences, mask, offset, advantages, rewards, o.sink, o.window)
+    return time.perf_counter() - began, stats["forward_tokens"]
+
+
+def engine_rows(model, tokenizer, prompts, options, gates, dtype_name: str, args) -> list[dict]:
+    from kvpress_rl.engines.vllm.engine import GatedRollouts
+    from kvpress_rl.engines.vllm.layout import GatedBranch
+
+    o = options
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine core in this process: no second set of torch threads
+    began = time.perf_counter()
+    engine = GatedRollouts(None, GatedBranch(o.sink, o.window, o.train_mask, o.block_size), dtype=dtype_name, max_model_len=2048)
+    start_s = time.perf_counter() - began
+    try:
+        timed_rollouts(model, tokenizer, prompts[:1], o, gates, "gated vllm", args.seed, engine)  # warm-up
+        runs = [timed_rollouts(model, tokenizer, prompts, o, gates, "gated vllm", args.seed + r, engine) for r in range(args.repeats)]
+    finally:
+        engine.close()
+    seconds, tokens, _ = sorted(runs, key=lambda r: r[0])[len(runs) // 2]
+    print(f"{dtype_name:9s} rollouts gated vllm      {seconds:6.2f} s  {tokens:5d} tokens  {tokens / seconds:6.1f} tokens/s "
+          f"(engine start {start_s:.0f} s)", flush=True)
+    return [{"dtype": dtype_name, "phase": "rollouts gated vllm", "seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds},
+            {"dtype": dtype_name, "phase": "vllm engine start", "seconds": start_s, "tokens": 0, "tokens_per_s": 0.0}]
+
+
+def profile_table(model, tokenizer, prompts, options, gates, rows: int) -> str:
+    from torch.profiler import ProfilerActivity, profile
+
+    o = options
+    with profile(activities=[ProfilerActivity.CPU]) as prof, gated(model, gates, sink=o.sink, window=o.window, mask=o.train_mask):
+        rollouts(model, tokenizer, prompts, o, sample=True, copies=o.group_size)
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data", default="embedded", help="training problems, as `kvrl select --strategy rlkv --data`")
+    parser.add_argument("--dtypes", default="float32,bfloat16")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeats", type=int, default=2, help="measured repeats of each configuration (the median is shown)")
+    parser.add_argument("--profile", action="store_true", help="print torch's operator table of one one-pass rollout per dtype")
+    parser.add_argument("--engine", action="store_true", help="also time the rollouts in vLLM's gated model (needs the vllm extra)")
+    parser.add_argument("--csv", default=str(HERE / "results" / "rollouts.csv"))
+    args = parser.parse_args(argv)
+
+    rows = []
+    for dtype_name in args.dtypes.split(","):
+        model, tokenizer = load_embedded(dtype=getattr(torch, dtype_name))
+        model.requires_grad_(False)
+        learner = RLKV(RLKVOptions(data=args.data))
+        learner.resolve(model)
+        o = learner.options
+        problems = load_problems(o.data, o.prompts_per_step, 2**32 + args.seed, None)  # a training stream (seeds from 2**32)
+        prompts = [chat_ids(tokenizer, p.prompt) for p in problems]
+        gates = new_gates(model, 1.0)
+        timed_rollouts(model, tokenizer, prompts[:1], o, gates, "gated one-pass", args.seed)  # warm-up
+        for how in ("plain", "gated two-pass", "gated one-pass"):
+            runs = [timed_rollouts(model, tokenizer, prompts, o, gates, how, args.seed + r) for r in range(args.repeats)]
+            seconds, tokens, out = sorted(runs, key=lambda r: r[0])[len(runs) // 2]
+            rows.append({"dtype": dtype_name, "phase": f"rollouts {how}", "seconds": seconds, "tokens": tokens,
+                         "tokens_per_s": tokens / seconds})
+            print(f"{dtype_name:9s} rollouts {how:15s} {seconds:6.2f} s  {tokens:5d} tokens  {tokens / seconds:6.1f} tokens/s", flush=True)
+        if args.engine:
+            rows += engine_rows(model, tokenizer, prompts, o, gates, dtype_name, args)
+        backward = sorted(timed_backward(learner, model, tokenizer, problems, gates, out) for _ in range(args.repeats))[args.repeats // 2]
+        rows.append({"dtype": dtype_name, "phase": "backward", "seconds": backward[0], "tokens": backward[1],
+                     "tokens_per_s": backward[1] / backward[0]})
+        print(f"{dtype_name:9s} backward {'':15s} {backward[0]:6.2f} s  {backward[1]:5d} tokens through the model", flush=True)
+        if args.profile:
+            print(profile_table(model, tokenizer, prompts, o, gates, rows=18))
+        del model
+
+    base = {r["dtype"]: r["seconds"] for r in rows if r["phase"] == "rollouts gated two-pass"}
+    reference = base.get("float32") or next(iter(base.values()))
+    print(f"\nCPU: {cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}; data {args.data}, "
+          f"{len(prompts)} prompts x {o.group_size}, at most {o.max_new_tokens} new tokens")
+    print(f"{'dtype':9s} {'phase':24s} {'seconds':>8s} {'tokens/s':>9s} {'vs fp32 two-pass':>17s}")
+    for r in rows:
+        ratio = f"{reference / r['seconds']:.2f}x" if r["phase"].startswith("rollouts") else ""
+        print(f"{r['dtype']:9s} {r['phase']:24s} {r['seconds']:8.2f} {r['tokens_per_s']:9.1f} {ratio:>17s}")
+    if args.csv:
+        path = Path(args.csv)
+        tmp = path.with_suffix(".tmp")
+        with tmp.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=["cpu", "data", "dtype", "phase", "seconds", "tokens", "tokens_per_s"])
+            writer.writeheader()
+            for r in rows:
+                writer.writerow({"cpu": cpu_name(), "data": args.data, **{k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()}})
+        tmp.replace(path)
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
