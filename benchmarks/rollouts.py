@@ -88,7 +88,9 @@ def engine_rows(model, tokenizer, prompts, options, gates, dtype_name: str, args
     from kvpress_rl.engines.vllm.layout import GatedBranch
 
     o = options
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine core in this process: no second set of torch threads
+    # The engine core runs in its own process (vLLM's default): in this one its CPU worker would re-bind torch's threads
+    # and slow every later transformers measurement (seen: the backward 2x slower after an in-process engine).
+    os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
     began = time.perf_counter()
     engine = GatedRollouts(None, GatedBranch(o.sink, o.window, o.train_mask, o.block_size), dtype=dtype_name, max_model_len=2048)
     start_s = time.perf_counter() - began

@@ -80,6 +80,7 @@ class EngineSettings:
     seed: int | None = 0
     served_model_name: str | None = None
     gated: GatedBranch | None = None
+    worker_extension_cls: str | None = None  # a class mixed into vLLM's workers (`GateLoader` for the gated model)
 
     def overrides(self, config: Any) -> dict:
         if self.gated is not None:
@@ -101,6 +102,7 @@ class EngineSettings:
                       enforce_eager=True, hf_overrides=self.overrides(config))
         optional = dict(dtype=self.dtype, max_num_seqs=self.max_num_seqs, seed=self.seed, max_num_batched_tokens=batched,
                         kv_cache_memory_bytes=self.kv_cache_memory_bytes, served_model_name=self.served_model_name,
+                        worker_extension_cls=self.worker_extension_cls,
                         enable_chunked_prefill=None if self.exact_prefill is None else not self.exact_prefill)
         kwargs.update({key: value for key, value in optional.items() if value is not None})
         return kwargs
@@ -197,9 +199,18 @@ class PlanEngines:
             self.engine, self.key = None, None
 
 
-def _load_gates(worker, gates: torch.Tensor) -> float:
-    """Runs in each vLLM worker (`collective_rpc`): the learner's gates into the gated model."""
-    return worker.get_model().kvrl_set_gates(gates.to(device=next(worker.get_model().parameters()).device))
+class GateLoader:
+    """Mixed into vLLM's workers (`worker_extension_cls`, vLLM's way for trainers to reach a running model): its methods
+    are what `collective_rpc` can call by name in every worker, whatever process it runs in."""
+
+    def kvrl_load_gates(self, gates: list[list[float]]) -> float:
+        """The learner's gates (nested lists: what crosses vLLM's process boundary intact) into the gated model;
+        returns the sum the model then holds."""
+        model = self.get_model()
+        return model.kvrl_set_gates(torch.tensor(gates, dtype=torch.float32, device=next(model.parameters()).device))
+
+
+GATE_LOADER = f"{__name__}.GateLoader"
 
 
 class GatedRollouts:
@@ -216,13 +227,13 @@ class GatedRollouts:
     def __init__(self, model: str | None, branch: GatedBranch, *, dtype: str, max_model_len: int, max_num_seqs: int = 256) -> None:
         folder = model_folder(model)
         settings = EngineSettings(model=folder, plan=None, gated=branch, max_model_len=max_model_len, dtype=dtype,
-                                  block_size=default_block_size(), max_num_seqs=max_num_seqs)
+                                  block_size=default_block_size(), max_num_seqs=max_num_seqs, worker_extension_cls=GATE_LOADER)
         self.engine = VllmGenerator(settings)
         self.gates_sum: float | None = None
 
     def set_gates(self, gates: torch.Tensor) -> None:
         sent = gates.detach().to("cpu", torch.float32)
-        held = self.engine.llm.collective_rpc(_load_gates, args=(sent,))
+        held = self.engine.llm.collective_rpc("kvrl_load_gates", args=(sent.tolist(),))
         expected = float(sent.double().sum())
         if any(abs(h - expected) > 1e-6 * max(1.0, abs(expected)) for h in held):
             raise KvrlError(f"the rollout engine holds gates summing to {held}, the learner sent {expected}")

@@ -229,7 +229,7 @@ def test_steps_walk_a_fixed_set_of_distinct_problems_epoch_by_epoch(tiny, data):
     learner = RLKV(options(data, steps=7, prompts_per_step=2, train_set_size=5))
     seen = []
 
-    def fake_step(model, tokenizer, gates, optimizer, problems):
+    def fake_step(model, tokenizer, gates, optimizer, problems, engine=None):
         seen.append([p.source for p in problems])
         return {"mean_reward": 0.0, "mean_alpha": 1.0}
 
@@ -416,7 +416,7 @@ class Interrupted(Exception):
 def test_a_resumed_run_reads_its_training_set_back_and_ends_with_the_gates_of_an_uninterrupted_one(tiny, data, tmp_path, monkeypatch):
     model, tokenizer = tiny
 
-    def distill(model, tokenizer, pool, options, rng):  # stands in for self-distillation: a seeded choice
+    def distill(model, tokenizer, pool, options, rng, engine=None):  # stands in for self-distillation: a seeded choice
         chosen = list(pool)
         rng.shuffle(chosen)
         return [(p, 10 + i) for i, p in enumerate(chosen[:8])], 0.5

@@ -1,0 +1,48 @@
+"""RLKV's own decoding loop (`rollouts.decode`): greedy tokens are transformers' `generate`'s, and the sampler draws from
+the full softmax."""
+
+import torch
+
+from kvpress_rl.embedded.data import left_pad
+from kvpress_rl.executor.gated import gated, new_gates
+from kvpress_rl.strategies.rlkv.rollouts import decode, end_ids, sample_tokens, shared_prefill
+
+
+def test_greedy_decoding_gives_the_tokens_of_transformers_generate_with_padding_stops_and_gates(tiny):
+    model, tokenizer = tiny
+    prompts = [tokenizer(text)["input_ids"] for text in ("12+0=", "3+0=", "456+1=")]  # unequal lengths: left padding
+    ids, mask = left_pad(prompts, tokenizer.pad_token_id)
+    stops = end_ids(tokenizer)
+    torch.manual_seed(0)
+    gates = torch.rand(new_gates(model).shape)
+    with torch.no_grad(), gated(model, gates, sink=1, window=2):
+        ours = decode(model, ids, mask, None, 12, None, stops, tokenizer.pad_token_id)
+        theirs = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False, eos_token_id=stops,
+                                pad_token_id=tokenizer.pad_token_id)[:, ids.shape[1]:]
+        shared = decode(model, ids, mask, shared_prefill(model, ids, mask, 1), 12, None, stops, tokenizer.pad_token_id)
+    assert torch.equal(ours, theirs)
+    assert torch.equal(shared, ours)  # the prompt's cache given (all but its last token) or computed here: the same
+
+
+def test_sampled_tokens_follow_the_softmax():
+    logits = torch.tensor([[2.0, 0.0, -1.0, float("-inf"), 1.0]]).repeat(20000, 1)
+    torch.manual_seed(0)
+    drawn = sample_tokens(logits)
+    frequencies = torch.bincount(drawn, minlength=5).float() / len(drawn)
+    expected = torch.softmax(logits[0], dim=-1)
+    assert frequencies[3] == 0  # a token of probability 0 is never drawn
+    torch.testing.assert_close(frequencies, expected, atol=0.012, rtol=0)  # about 4 standard errors at 20,000 draws
+
+
+def test_a_finished_row_is_padded_and_decoding_ends_when_every_row_stopped(tiny):
+    model, tokenizer = tiny
+    ids, mask = left_pad([tokenizer("7+0=")["input_ids"]] * 4, tokenizer.pad_token_id)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        out = decode(model, ids, mask, None, 30, 1.0, end_ids(tokenizer), tokenizer.pad_token_id)
+    stops = torch.isin(out, torch.tensor(end_ids(tokenizer)))
+    for row, stop in zip(out, stops):
+        if stop.any():
+            first = int(stop.nonzero()[0])
+            assert (row[first + 1:] == tokenizer.pad_token_id).all()
+    assert out.shape[1] == 30 or stops.any(1).all()
