@@ -207,17 +207,21 @@ class RLKV(HeadSelector):
         forward_tokens = 0
         with (frozen(model), gated(model, gates, sink=sink, window=window, mask=o.train_mask, block_size=o.block_size),
               checkpointed_layers(model, checkpointing)):
-            for part, row in zip(parts, rows):
-                if not advantages[row].any():
-                    continue  # no learning signal in these groups
-                prompt = max(prompt_len[part.start:part.stop])
-                width = max(completion_len[part.start:part.stop])
+            for part in parts:
+                # a group whose advantages are all 0 adds exactly nothing to the surrogate or its gradient: it is not run
+                live = [g for g in part if advantages[g * copies:(g + 1) * copies].any()]
+                if not live:
+                    continue
+                row = torch.tensor([g * copies + j for g in live for j in range(copies)])
+                prompt = max(prompt_len[g] for g in live)
+                width = max(completion_len[g] for g in live)
                 seq = sequences[row, offset - prompt:offset + width]
                 seq_mask = mask[row, offset - prompt:offset + width]
                 forward_tokens += seq.numel() if not shared else seq.shape[0] // copies * prompt + seq.shape[0] * width
                 logp = completion_logprobs(model, seq, seq_mask, prompt, copies, shared)
                 # one update per batch: the sampling policy is the current one, so old = new (detached)
-                surrogate = clipped_surrogate(logp, logp.detach(), advantages[row], comp_mask[row, :width].to(logp.device), o.epsilon)
+                surrogate = clipped_surrogate(logp, logp.detach(), advantages[row.to(advantages.device)],
+                                              comp_mask[row, :width].to(logp.device), o.epsilon)
                 (-surrogate / tokens).backward()
         rewards = rewards.flatten().float()
         # r_bar of the whole batch, on every process: summed rewards over summed counts

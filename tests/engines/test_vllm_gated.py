@@ -78,3 +78,34 @@ def test_random_qwen2_engine_matches_the_learner_with_the_official_blocks(tmp_pa
     # the check has power here too: the same tokens under other gates score differently
     other = learner_logprobs(model, torch.ones_like(gates), branch, sequences, mask, offset)
     assert largest_difference(sampled, other, mask, offset) > 5 * TOLERANCE
+
+
+def test_select_samples_every_step_in_the_engine_and_closes_it(tmp_path):
+    """`SelectionContext.rollout_engine` (what `kvrl select --rollout-engine vllm` passes): the learner starts one engine with
+    its streaming branch, sends the gates before each step's rollouts, trains on what the engine sampled, and closes it."""
+    import json
+
+    from kvpress_rl.selector import SelectionContext
+    from kvpress_rl.strategies.rlkv import RLKV, RLKVOptions
+    from tests.helpers import tiny_model_and_tokenizer
+
+    model, tokenizer = tiny_model_and_tokenizer()
+    model.save_pretrained(tmp_path / "tiny")
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"question": f"{i}+0=", "answer": str(i % 3)}) + "\n" for i in range(12)))
+    opts = RLKVOptions(data=str(data), steps=2, prompts_per_step=2, group_size=4, max_new_tokens=4, self_distillation=False, lr=0.05,
+                       micro_batch_tokens=40, sink=1, window=2, train_mask="token", gradient_checkpointing=False)
+    started = []
+
+    def start(**branch):
+        started.append((branch, GatedRollouts(str(tmp_path / "tiny"), GatedBranch(**branch), dtype="float32", max_model_len=256)))
+        return started[-1][1]
+
+    scores = RLKV(opts).select(model, tokenizer, SelectionContext(seed=0, work_dir=str(tmp_path / "run"), rollout_engine=start))
+    assert len(started) == 1 and started[0][0] == {"sink": 1, "window": 2, "mask": "token", "block_size": 128}
+    engine = started[0][1]
+    assert engine.engine.llm is None  # closed by the learner
+    assert engine.gates_sum is not None  # gates were sent (that the engine then samples under them: the tests above)
+    assert scores.extra["rollout_engine"] == "vllm"
+    log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2] and all(r["completion_tokens"] > 0 for r in log)

@@ -576,3 +576,28 @@ def test_options_out_of_range_are_refused_when_built(data, field_name, value, ac
     flag = "--" + field_name.replace("_", "-")
     with pytest.raises(KvrlError, match=f"{flag} must be {accepted}, got"):
         options(data, **{field_name: value})
+
+
+def test_groups_whose_advantages_are_all_zero_are_not_run_and_the_gradient_is_unchanged(tiny):
+    from kvpress_rl.strategies.rlkv.grpo import clipped_surrogate
+
+    model, tokenizer = tiny
+    gates = new_gates(model, 1.0)
+    with torch.no_grad():
+        gates.uniform_(0.2, 0.9)
+    sequences, mask, offset = sampled_step(model, tokenizer, RLKV(backward_options()), gates)
+    advantages = torch.tensor([0.5, -0.5, 1.0, -1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.2, -0.6, -0.6])  # the middle group agrees
+    learner = RLKV(backward_options(beta=0.0))
+    gates.grad = None
+    stats = learner.policy_backward(model, gates, sequences, mask, offset, advantages, torch.ones(12), 1, 2)
+    skipped = gates.grad.clone()
+    gates.grad = None
+    completion = mask[:, offset:].float()
+    with frozen(model), gated(model, gates, sink=1, window=2):  # every row, the middle group included
+        logp = completion_logprobs(model, sequences, mask, offset, 4, shared=False)
+        (-clipped_surrogate(logp, logp.detach(), advantages, completion, 0.4) / completion.sum()).backward()
+    torch.testing.assert_close(skipped, gates.grad, atol=1e-6, rtol=1e-5)
+    assert skipped.abs().max() > 0
+    prompt = int(mask[::4, :offset].sum(1).max())
+    width = int(completion.sum(1).max())
+    assert stats["forward_tokens"] <= 2 * (prompt + 4 * width)  # two of the three groups went through the model
