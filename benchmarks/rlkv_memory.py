@@ -241,7 +241,9 @@ def engine_report(fits: dict[bool, Fit]) -> list[str]:
             f"here): decode at {ENGINE_BANDWIDTH_EFFICIENCY:.0%} of the HBM bandwidth with the whole step in one continuous batch "
             f"(as many full-length sequences as {ENGINE_MEMORY_FRACTION:.0%} of 80 GB holds beside the weights), "
             f"{ENGINE_STEP_S * 1e3:.0f} ms of scheduling and sampling per decode step (CUDA graphs: no per-layer launches), every "
-            "rollout at the full length (the worst case), rollouts and backward one after the other on one GPU. Measured here "
+            "rollout at the full length (the worst case), rollouts and backward one after the other on one GPU, and a fused "
+            "mixed-attention kernel (as the official SGLang fork's Triton backend): kvpress-rl's own gated vLLM backend is plain "
+            "torch (it gathers each request's cache once per layer and step) and has not run on a GPU. Measured here "
             "(benchmarks/rollouts.py --engine, 2-core CPU) is only that vLLM samples the gated model's own policy (tests/engines/"
             "test_vllm_gated.py) and its CPU speed against transformers, which says nothing of a GPU's."]
     return out

@@ -5,19 +5,22 @@ given): `prompts_per_step` training prompts x G = 4 rollouts, sampled at tempera
 (gates at 1.0, the start of training), then the teacher-forced backward of the learner. Measured in one run,
 each configuration after a warm-up and from the same seed:
 
-- `plain`: transformers' `generate` without gates (the floor for this model and batch);
-- `gated two-pass`: the gated attention's decoding steps as two SDPA calls (full and streaming, each
-  reading the cache) and a mix of their outputs: the path of the earlier versions;
-- `gated one-pass`: one score product for both branches, two masked softmaxes, one product with the values
-  (`kvpress_rl.executor.gated.mixed_decode`, the default);
-- `gated vllm` (with `--engine`): the same rollouts sampled by vLLM's gated model (`GatedRollouts`, in this process);
-  its start-up is reported apart;
-- `backward`: `RLKV.policy_backward` on the one-pass rollouts (rewards from the task's verifier).
+- `transformers generate`: transformers' `generate` without gates (multinomial sampling), the floor of the old path;
+- `gated generate two-pass`: the path before issue 26: `generate` inside the gated attention, whose decoding steps
+  ran two SDPA calls (full and streaming, each reading the cache) and mixed their outputs;
+- `gated generate one-pass`: the same with the one-pass decoding step (`kvpress_rl.executor.gated.mixed_decode`:
+  one score product for both branches, two masked softmaxes, one product with the values);
+- `gated loop one-pass`: today's path, `rollouts.decode` (the learner's own loop, one uniform draw per row and step
+  instead of `torch.multinomial`'s one exponential per vocabulary entry) with the one-pass step;
+- `gated vllm` (with `--engine`): the same rollouts sampled by vLLM's gated model (`GatedRollouts`, its engine core in
+  a child process); its start-up is reported apart;
+- `backward`: `RLKV.policy_backward` on the last rollouts, every group given an advantage (a real step runs only the
+  groups whose rewards differ).
 
 Tokens/s counts completion tokens (up to each rollout's end), as `completion_tokens / rollout_seconds` of
-`train_log.jsonl`. `--profile` adds torch's operator table for one one-pass rollout per dtype.
+`train_log.jsonl`. `--profile` adds torch's operator table for one rollout of today's path per dtype.
 
-    python benchmarks/rollouts.py                       # about 3 minutes on 2 cores
+    python benchmarks/rollouts.py                       # about 4 minutes on 2 cores
     python benchmarks/rollouts.py --data embedded-count --profile
     python benchmarks/rollouts.py --engine              # adds vLLM (the `vllm` extra), about 2 minutes more
 """
@@ -50,19 +53,42 @@ def cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
+def generate_rollouts(model, tokenizer, prompts, options, copies: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The rollouts of the path before issue 26: the prompts' shared prefill, then transformers' `generate`."""
+    from kvpress_rl.embedded.data import left_pad
+    from kvpress_rl.models import cache_kwargs
+    from kvpress_rl.strategies.rlkv.rollouts import completion_mask, end_ids, shared_prefill
+
+    ids, mask = left_pad(prompts, tokenizer.pad_token_id)
+    with torch.no_grad():
+        cache = shared_prefill(model, ids, mask, copies)
+        ids, mask = ids.repeat_interleave(copies, dim=0), mask.repeat_interleave(copies, dim=0)
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=options.max_new_tokens, do_sample=True, temperature=1.0,
+                             top_k=0, top_p=1.0, eos_token_id=end_ids(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                             **cache_kwargs(model, cache))
+    full_mask = torch.cat([mask, completion_mask(out[:, ids.shape[1]:], end_ids(tokenizer))], dim=1)
+    return out, full_mask, ids.shape[1]
+
+
+PATHS = ("transformers generate", "gated generate two-pass", "gated generate one-pass", "gated loop one-pass")
+
+
 def timed_rollouts(model, tokenizer, prompts, options, gates, how: str, seed: int, engine=None):
     """`(seconds, completion tokens, (sequences, mask, offset))` of one step's rollouts."""
+    o = options
     torch.manual_seed(seed)
     began = time.perf_counter()
-    if how == "plain":
-        out = rollouts(model, tokenizer, prompts, options, sample=True, copies=options.group_size)
+    if how == "transformers generate":
+        out = generate_rollouts(model, tokenizer, prompts, o, o.group_size)
     elif how == "gated vllm":
-        out = rollouts(model, tokenizer, prompts, options, sample=True, copies=options.group_size, engine=engine, gates=gates)
+        out = rollouts(model, tokenizer, prompts, o, sample=True, copies=o.group_size, engine=engine, gates=gates)
     else:
-        o = options
         with gated(model, gates, sink=o.sink, window=o.window, mask=o.train_mask, block_size=o.block_size,
-                   one_pass_decode=how == "gated one-pass"):
-            out = rollouts(model, tokenizer, prompts, o, sample=True, copies=o.group_size)
+                   one_pass_decode=how.endswith("one-pass")):
+            if how.startswith("gated generate"):
+                out = generate_rollouts(model, tokenizer, prompts, o, o.group_size)
+            else:
+                out = rollouts(model, tokenizer, prompts, o, sample=True, copies=o.group_size)
     seconds = time.perf_counter() - began
     sequences, mask, offset = out
     return seconds, int(mask[:, offset:].sum()), out
@@ -100,7 +126,7 @@ def engine_rows(model, tokenizer, prompts, options, gates, dtype_name: str, args
     finally:
         engine.close()
     seconds, tokens, _ = sorted(runs, key=lambda r: r[0])[len(runs) // 2]
-    print(f"{dtype_name:9s} rollouts gated vllm      {seconds:6.2f} s  {tokens:5d} tokens  {tokens / seconds:6.1f} tokens/s "
+    print(f"{dtype_name:9s} rollouts {'gated vllm':24s} {seconds:6.2f} s  {tokens:5d} tokens  {tokens / seconds:6.1f} tokens/s "
           f"(engine start {start_s:.0f} s)", flush=True)
     return [{"dtype": dtype_name, "phase": "rollouts gated vllm", "seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds},
             {"dtype": dtype_name, "phase": "vllm engine start", "seconds": start_s, "tokens": 0, "tokens_per_s": 0.0}]
@@ -136,31 +162,31 @@ def main(argv: list[str] | None = None) -> int:
         problems = load_problems(o.data, o.prompts_per_step, 2**32 + args.seed, None)  # a training stream (seeds from 2**32)
         prompts = [chat_ids(tokenizer, p.prompt) for p in problems]
         gates = new_gates(model, 1.0)
-        timed_rollouts(model, tokenizer, prompts[:1], o, gates, "gated one-pass", args.seed)  # warm-up
-        for how in ("plain", "gated two-pass", "gated one-pass"):
+        timed_rollouts(model, tokenizer, prompts[:1], o, gates, "gated loop one-pass", args.seed)  # warm-up
+        for how in PATHS:
             runs = [timed_rollouts(model, tokenizer, prompts, o, gates, how, args.seed + r) for r in range(args.repeats)]
             seconds, tokens, out = sorted(runs, key=lambda r: r[0])[len(runs) // 2]
             rows.append({"dtype": dtype_name, "phase": f"rollouts {how}", "seconds": seconds, "tokens": tokens,
                          "tokens_per_s": tokens / seconds})
-            print(f"{dtype_name:9s} rollouts {how:15s} {seconds:6.2f} s  {tokens:5d} tokens  {tokens / seconds:6.1f} tokens/s", flush=True)
+            print(f"{dtype_name:9s} rollouts {how:24s} {seconds:6.2f} s  {tokens:5d} tokens  {tokens / seconds:6.1f} tokens/s", flush=True)
         if args.engine:
             rows += engine_rows(model, tokenizer, prompts, o, gates, dtype_name, args)
         backward = sorted(timed_backward(learner, model, tokenizer, problems, gates, out) for _ in range(args.repeats))[args.repeats // 2]
         rows.append({"dtype": dtype_name, "phase": "backward", "seconds": backward[0], "tokens": backward[1],
                      "tokens_per_s": backward[1] / backward[0]})
-        print(f"{dtype_name:9s} backward {'':15s} {backward[0]:6.2f} s  {backward[1]:5d} tokens through the model", flush=True)
+        print(f"{dtype_name:9s} backward {'':24s} {backward[0]:6.2f} s  {backward[1]:5d} tokens through the model", flush=True)
         if args.profile:
             print(profile_table(model, tokenizer, prompts, o, gates, rows=18))
         del model
 
-    base = {r["dtype"]: r["seconds"] for r in rows if r["phase"] == "rollouts gated two-pass"}
+    base = {r["dtype"]: r["seconds"] for r in rows if r["phase"] == "rollouts gated generate two-pass"}
     reference = base.get("float32") or next(iter(base.values()))
     print(f"\nCPU: {cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}; data {args.data}, "
           f"{len(prompts)} prompts x {o.group_size}, at most {o.max_new_tokens} new tokens")
-    print(f"{'dtype':9s} {'phase':24s} {'seconds':>8s} {'tokens/s':>9s} {'vs fp32 two-pass':>17s}")
+    print(f"{'dtype':9s} {'phase':33s} {'seconds':>8s} {'tokens/s':>9s} {'vs the old path, fp32':>22s}")
     for r in rows:
         ratio = f"{reference / r['seconds']:.2f}x" if r["phase"].startswith("rollouts") else ""
-        print(f"{r['dtype']:9s} {r['phase']:24s} {r['seconds']:8.2f} {r['tokens_per_s']:9.1f} {ratio:>17s}")
+        print(f"{r['dtype']:9s} {r['phase']:33s} {r['seconds']:8.2f} {r['tokens_per_s']:9.1f} {ratio:>22s}")
     if args.csv:
         path = Path(args.csv)
         tmp = path.with_suffix(".tmp")

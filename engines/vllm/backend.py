@@ -9,6 +9,7 @@ own keys `c..c+i`: decoding steps are batched (`[R, G, 1, <= 81]`), prompts and 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -38,6 +39,28 @@ class SinkWindowMetadata:
     decode_padded: bool  # some request keeps fewer than K tokens (short so far)
 
 
+def split_requests(meta: CommonAttentionMetadata, block_size: int, device, history: Callable[[int], torch.Tensor]):
+    """`(prefills, decode_tokens, decode_rows)` of a step: each request with more than one query token as a `RequestSpan`,
+    each one-token request as its token index and the cache slots of its history; `history(computed)` gives the
+    positions a request with `computed` cached tokens attends to."""
+    starts = meta.query_start_loc_cpu[: meta.num_reqs + 1].tolist()
+    seq_lens = meta.seq_lens[: meta.num_reqs].cpu().tolist()
+    tables = meta.block_table_tensor[: meta.num_reqs].cpu()
+    prefills, decode_tokens, decode_rows = [], [], []
+    for r in range(meta.num_reqs):
+        start, end = starts[r], starts[r + 1]
+        if end == start:
+            continue
+        positions = history(seq_lens[r] - (end - start))
+        slots = tables[r, positions // block_size].long() * block_size + positions % block_size
+        if end - start == 1:
+            decode_tokens.append(start)
+            decode_rows.append(slots)
+        else:
+            prefills.append(RequestSpan(start, end, slots.to(device)))
+    return prefills, decode_tokens, decode_rows
+
+
 class SinkWindowMetadataBuilder(AttentionMetadataBuilder[SinkWindowMetadata]):
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
@@ -47,23 +70,9 @@ class SinkWindowMetadataBuilder(AttentionMetadataBuilder[SinkWindowMetadata]):
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata, fast_build: bool = False) -> SinkWindowMetadata:
         meta = common_attn_metadata
-        starts = meta.query_start_loc_cpu[: meta.num_reqs + 1].tolist()
-        seq_lens = meta.seq_lens[: meta.num_reqs].cpu().tolist()
-        tables = meta.block_table_tensor[: meta.num_reqs].cpu()
         budget = self.sink + self.window
-        prefills, decode_tokens, decode_rows = [], [], []
-        for r in range(meta.num_reqs):
-            start, end = starts[r], starts[r + 1]
-            if end == start:
-                continue
-            computed = seq_lens[r] - (end - start)
-            positions = torch.tensor(kept_history(computed, self.sink, self.window), dtype=torch.long)
-            slots = tables[r, positions // self.block_size].long() * self.block_size + positions % self.block_size
-            if end - start == 1:
-                decode_tokens.append(start)
-                decode_rows.append(slots)
-            else:
-                prefills.append(RequestSpan(start, end, slots.to(self.device)))
+        prefills, decode_tokens, decode_rows = split_requests(
+            meta, self.block_size, self.device, lambda computed: torch.tensor(kept_history(computed, self.sink, self.window), dtype=torch.long))
         history = torch.zeros((len(decode_rows), budget), dtype=torch.long)
         mask = torch.zeros((len(decode_rows), budget + 1), dtype=torch.bool)
         mask[:, budget] = True
@@ -76,19 +85,55 @@ class SinkWindowMetadataBuilder(AttentionMetadataBuilder[SinkWindowMetadata]):
                                   decode_padded=not bool(mask.all()))
 
 
-class SinkWindowImpl(AttentionImpl[SinkWindowMetadata]):
+class TorchAttentionImpl(AttentionImpl):
+    """What kvpress-rl's plain-torch backends accept (`label`: the backend's name in errors; `one_kv_head`: a layer of
+    one KV head only): plain causal decoder attention over an unquantised, unshared cache."""
+
+    label = "kvpress-rl"
+    one_kv_head = False
+
     def __init__(self, num_heads: int, head_size: int, scale: float, num_kv_heads: int | None = None, alibi_slopes=None,
                  sliding_window=None, kv_cache_dtype: str = "auto", logits_soft_cap=None, attn_type: str = AttentionType.DECODER,
                  kv_sharing_target_layer_name=None, **unsupported) -> None:
-        if (num_kv_heads or num_heads) != 1 or alibi_slopes is not None or sliding_window is not None or logits_soft_cap or unsupported:
-            raise ValueError("the kvpress-rl compressed-head backend runs one KV head without alibi, sliding window, soft cap or sinks")
+        if self.one_kv_head and (num_kv_heads or num_heads) != 1:
+            raise ValueError(f"the {self.label} backend runs one KV head")
+        if alibi_slopes is not None or sliding_window is not None or logits_soft_cap or unsupported:
+            raise ValueError(f"the {self.label} backend runs attention without alibi, sliding window, soft cap or sinks")
         if kv_cache_dtype != "auto" or attn_type != AttentionType.DECODER or kv_sharing_target_layer_name is not None:
-            raise ValueError("the kvpress-rl compressed-head backend runs decoder attention with an unquantised, unshared cache")
+            raise ValueError(f"the {self.label} backend runs decoder attention with an unquantised, unshared cache")
         self.num_heads, self.head_size, self.scale = num_heads, head_size, float(scale)
-        self.num_kv_heads = 1
+        self.num_kv_heads = num_kv_heads or num_heads
         self.kv_cache_dtype = kv_cache_dtype
         self.attn_type = attn_type
         self.kv_sharing_target_layer_name = None
+
+
+class TorchBackend(AttentionBackend):
+    """vLLM's backend interface for a plain-torch attention: a subclass names itself, its impl and its builder."""
+
+    forward_includes_kv_cache_update = False
+    supported_dtypes = [torch.float16, torch.bfloat16, torch.float32]
+    supported_kv_cache_dtypes = ["auto"]
+    name = ""
+    impl: type = TorchAttentionImpl
+    builder: type = AttentionMetadataBuilder
+
+    @classmethod
+    def get_name(cls) -> str:
+        return cls.name
+
+    @classmethod
+    def get_impl_cls(cls):
+        return cls.impl
+
+    @classmethod
+    def get_builder_cls(cls):
+        return cls.builder
+
+
+class SinkWindowImpl(TorchAttentionImpl):
+    label = "kvpress-rl compressed-head"
+    one_kv_head = True
 
     def do_kv_cache_update(self, layer, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
         slots = slot_mapping.long()
@@ -147,19 +192,5 @@ class SinkWindowImpl(AttentionImpl[SinkWindowMetadata]):
         return output
 
 
-class SinkWindowBackend(AttentionBackend):
-    forward_includes_kv_cache_update = False
-    supported_dtypes = [torch.float16, torch.bfloat16, torch.float32]
-    supported_kv_cache_dtypes = ["auto"]
-
-    @staticmethod
-    def get_name() -> str:
-        return BACKEND_NAME
-
-    @staticmethod
-    def get_impl_cls():
-        return SinkWindowImpl
-
-    @staticmethod
-    def get_builder_cls():
-        return SinkWindowMetadataBuilder
+class SinkWindowBackend(TorchBackend):
+    name, impl, builder = BACKEND_NAME, SinkWindowImpl, SinkWindowMetadataBuilder

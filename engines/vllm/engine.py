@@ -81,6 +81,7 @@ class EngineSettings:
     served_model_name: str | None = None
     gated: GatedBranch | None = None
     worker_extension_cls: str | None = None  # a class mixed into vLLM's workers (`GateLoader` for the gated model)
+    gpu_memory_utilization: float | None = None  # vLLM's share of the GPU (None: vLLM's default, 0.9)
 
     def overrides(self, config: Any) -> dict:
         if self.gated is not None:
@@ -102,7 +103,7 @@ class EngineSettings:
                       enforce_eager=True, hf_overrides=self.overrides(config))
         optional = dict(dtype=self.dtype, max_num_seqs=self.max_num_seqs, seed=self.seed, max_num_batched_tokens=batched,
                         kv_cache_memory_bytes=self.kv_cache_memory_bytes, served_model_name=self.served_model_name,
-                        worker_extension_cls=self.worker_extension_cls,
+                        worker_extension_cls=self.worker_extension_cls, gpu_memory_utilization=self.gpu_memory_utilization,
                         enable_chunked_prefill=None if self.exact_prefill is None else not self.exact_prefill)
         kwargs.update({key: value for key, value in optional.items() if value is not None})
         return kwargs
@@ -211,6 +212,9 @@ class GateLoader:
 
 
 GATE_LOADER = f"{__name__}.GateLoader"
+# On a GPU the rollout engine shares the device with the learner (the official code gives them separate GPUs): vLLM
+# takes this share, the learner's backward the rest (about 28 GiB for R1-Distill-Qwen-7B, benchmarks/README.md).
+ROLLOUT_GPU_SHARE = 0.45
 
 
 class GatedRollouts:
@@ -227,7 +231,8 @@ class GatedRollouts:
     def __init__(self, model: str | None, branch: GatedBranch, *, dtype: str, max_model_len: int, max_num_seqs: int = 256) -> None:
         folder = model_folder(model)
         settings = EngineSettings(model=folder, plan=None, gated=branch, max_model_len=max_model_len, dtype=dtype,
-                                  block_size=default_block_size(), max_num_seqs=max_num_seqs, worker_extension_cls=GATE_LOADER)
+                                  block_size=default_block_size(), max_num_seqs=max_num_seqs, worker_extension_cls=GATE_LOADER,
+                                  gpu_memory_utilization=ROLLOUT_GPU_SHARE if torch.cuda.is_available() else None)
         self.engine = VllmGenerator(settings)
         self.gates_sum: float | None = None
 
@@ -248,8 +253,9 @@ class GatedRollouts:
         self.set_gates(gates)
         rows = [list(p) for p in prompts for _ in range(copies)]
         seeds = torch.randint(0, 2**31 - 1, (len(rows),)).tolist()
+        # only `stop_ids` end a rollout (the learner's `end_ids`), as in transformers: not the checkpoint's own end token
         params = [SamplingParams(temperature=temperature or 0.0, top_k=0, top_p=1.0, max_tokens=max_new_tokens, stop_token_ids=stop_ids,
-                                 seed=seed if temperature else None, logprobs=0 if logprobs else None, detokenize=False)
+                                 ignore_eos=True, seed=seed if temperature else None, logprobs=0 if logprobs else None, detokenize=False)
                   for seed in seeds]
         outputs = [out.outputs[0] for out in self.engine.llm.generate([{"prompt_token_ids": r} for r in rows], params, use_tqdm=False)]
         offset = max(len(r) for r in rows)

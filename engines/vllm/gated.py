@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from vllm.model_executor.layers.attention import Attention
-from vllm.v1.attention.backend import AttentionBackend, AttentionImpl, AttentionMetadataBuilder, AttentionType, CommonAttentionMetadata
+from vllm.v1.attention.backend import AttentionMetadataBuilder, CommonAttentionMetadata
 
-from kvpress_rl.engines.vllm.backend import RequestSpan
+from kvpress_rl.engines.vllm.backend import RequestSpan, TorchAttentionImpl, TorchBackend, split_requests
 from kvpress_rl.engines.vllm.layout import GATED_KEY, GatedBranch
 from kvpress_rl.executor.gated import mixed_decode, streaming_mask
 
@@ -38,30 +38,18 @@ class GatedMetadata:
     decode_tokens: torch.Tensor  # token index of each one-token request, [R]
     decode_history: torch.Tensor  # cache slots of every cached position, left-padded, [R, K] (padding: slot 0, masked)
     decode_valid: torch.Tensor  # [R, K + 1]: real keys (the last: the new token), left-padded as the learner's rows
+    decode_stream: torch.Tensor  # [R, 1, 1, K + 1]: the keys the streaming branch sees (`streaming_mask`), once per step
 
 
 class GatedMetadataBuilder(AttentionMetadataBuilder[GatedMetadata]):
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self.block_size = kv_cache_spec.block_size
+        self.branch = GatedBranch.from_json(getattr(vllm_config.model_config.hf_config, GATED_KEY, None))
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata, fast_build: bool = False) -> GatedMetadata:
         meta = common_attn_metadata
-        starts = meta.query_start_loc_cpu[: meta.num_reqs + 1].tolist()
-        seq_lens = meta.seq_lens[: meta.num_reqs].cpu().tolist()
-        tables = meta.block_table_tensor[: meta.num_reqs].cpu()
-        prefills, decode_tokens, decode_rows = [], [], []
-        for r in range(meta.num_reqs):
-            start, end = starts[r], starts[r + 1]
-            if end == start:
-                continue
-            positions = torch.arange(seq_lens[r] - (end - start))
-            slots = tables[r, positions // self.block_size].long() * self.block_size + positions % self.block_size
-            if end - start == 1:
-                decode_tokens.append(start)
-                decode_rows.append(slots)
-            else:
-                prefills.append(RequestSpan(start, end, slots.to(self.device)))
+        prefills, decode_tokens, decode_rows = split_requests(meta, self.block_size, self.device, torch.arange)  # every cached position
         width = max((len(s) for s in decode_rows), default=0)
         history = torch.zeros((len(decode_rows), width), dtype=torch.long)
         valid = torch.zeros((len(decode_rows), width + 1), dtype=torch.bool)
@@ -70,26 +58,18 @@ class GatedMetadataBuilder(AttentionMetadataBuilder[GatedMetadata]):
             if len(slots):
                 history[i, width - len(slots):] = slots
                 valid[i, width - len(slots): width] = True
+        valid = valid.to(self.device)
+        b = self.branch
+        stream = streaming_mask(valid[:, None, None, :], 1, width + 1, b.sink, b.window, self.device, mode=b.mask, block_size=b.block_size)
         return GatedMetadata(num_actual_tokens=meta.num_actual_tokens, slot_mapping=meta.slot_mapping, prefills=prefills,
                              decode_tokens=torch.tensor(decode_tokens, dtype=torch.long, device=self.device),
-                             decode_history=history.to(self.device), decode_valid=valid.to(self.device))
+                             decode_history=history.to(self.device), decode_valid=valid, decode_stream=stream)
 
 
-class GatedImpl(AttentionImpl[GatedMetadata]):
+class GatedImpl(TorchAttentionImpl):
     """Reads its settings (`branch`) and gates from the layer it is called with (`GatedAttention`)."""
 
-    def __init__(self, num_heads: int, head_size: int, scale: float, num_kv_heads: int | None = None, alibi_slopes=None,
-                 sliding_window=None, kv_cache_dtype: str = "auto", logits_soft_cap=None, attn_type: str = AttentionType.DECODER,
-                 kv_sharing_target_layer_name=None, **unsupported) -> None:
-        if alibi_slopes is not None or sliding_window is not None or logits_soft_cap or unsupported:
-            raise ValueError("the kvpress-rl gated backend runs attention without alibi, sliding window, soft cap or sinks")
-        if kv_cache_dtype != "auto" or attn_type != AttentionType.DECODER or kv_sharing_target_layer_name is not None:
-            raise ValueError("the kvpress-rl gated backend runs decoder attention with an unquantised, unshared cache")
-        self.num_heads, self.head_size, self.scale = num_heads, head_size, float(scale)
-        self.num_kv_heads = num_kv_heads or num_heads
-        self.kv_cache_dtype = kv_cache_dtype
-        self.attn_type = attn_type
-        self.kv_sharing_target_layer_name = None
+    label = "kvpress-rl gated"
 
     def do_kv_cache_update(self, layer, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
         slots = slot_mapping.long()
@@ -110,8 +90,14 @@ class GatedImpl(AttentionImpl[GatedMetadata]):
         groups = self.num_heads // self.num_kv_heads
         block_size, dim = kv_cache.shape[2], self.head_size
 
+        by_slot = kv_cache.transpose(1, 2)  # [blocks, block size, kv_heads, 2 D]: one row per slot when the layout allows
+        flat = by_slot.reshape(-1, *by_slot.shape[2:]) if by_slot.is_contiguous() else None
+
         def read(slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            entries = kv_cache[slots // block_size, :, slots % block_size]  # [..., kv_heads, 2 D]
+            if flat is not None:
+                entries = flat.index_select(0, slots.reshape(-1)).view(*slots.shape, *flat.shape[1:])
+            else:
+                entries = kv_cache[slots // block_size, :, slots % block_size]  # [..., kv_heads, 2 D]
             return entries[..., :dim], entries[..., dim:]
 
         def stream_mask(valid: torch.Tensor | None, q_len: int, kv_len: int) -> torch.Tensor:
@@ -143,27 +129,13 @@ class GatedImpl(AttentionImpl[GatedMetadata]):
             values = torch.cat([old_v.to(query.dtype), value[tokens, None]], dim=1).transpose(1, 2)
             mask = valid[:, None, None, :]
             q = query[tokens].unsqueeze(2)  # [R, heads, 1, D]
-            out = mixed_decode(q, keys, values, mask, stream_mask(mask, 1, keys.shape[2]), gates, self.scale)
+            out = mixed_decode(q, keys, values, mask, attn_metadata.decode_stream, gates, self.scale)
             output[tokens] = out[:, 0].to(output.dtype)
         return output
 
 
-class GatedBackend(AttentionBackend):
-    forward_includes_kv_cache_update = False
-    supported_dtypes = [torch.float16, torch.bfloat16, torch.float32]
-    supported_kv_cache_dtypes = ["auto"]
-
-    @staticmethod
-    def get_name() -> str:
-        return BACKEND_NAME
-
-    @staticmethod
-    def get_impl_cls():
-        return GatedImpl
-
-    @staticmethod
-    def get_builder_cls():
-        return GatedMetadataBuilder
+class GatedBackend(TorchBackend):
+    name, impl, builder = BACKEND_NAME, GatedImpl, GatedMetadataBuilder
 
 
 class GatedAttention(Attention):

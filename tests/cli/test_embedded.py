@@ -46,3 +46,10 @@ def test_the_counted_task_is_reported_by_length(cli):
 def test_heads_and_sparsity_go_together(cli, tmp_path):
     result = cli("embedded", "evaluate", "--limit", "2", "--sparsity", "0.5")
     assert result.exit_code == 2 and "--heads and --sparsity go together" in result.output.splitlines()[-1]
+
+
+def test_the_full_cache_is_evaluated_in_bfloat16_as_selection_runs(cli):
+    right, line = accuracy_line(cli("embedded", "evaluate", "--split", "validation", "--limit", "4", "--batch-size", "4", "--dtype", "bfloat16"))
+    assert "on embedded validation, full cache, bfloat16, greedy" in line and right >= 3
+    refused = cli("embedded", "evaluate", "--limit", "2", "--dtype", "float8")
+    assert refused.exit_code == 2 and "float32" in refused.output and "bfloat16" in refused.output

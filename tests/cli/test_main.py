@@ -103,3 +103,19 @@ def test_errors_from_the_real_command_are_one_line_without_traceback(tmp_path):
 def test_rollout_engine_is_refused_where_it_cannot_run(cli, tmp_path, args, expected):
     assert expected in error_line(cli("select", *args))
     assert list(tmp_path.iterdir()) == []  # nothing written, no model loaded
+
+
+def test_select_runs_the_embedded_profile_in_bfloat16_unless_a_dtype_is_given():
+    from rich.console import Console
+
+    from kvpress_rl.cli.main import in_select_dtype
+    from kvpress_rl.models import random_model, small_config
+    from kvpress_rl.profiles import EMBEDDED_PROFILE, attach_profile
+
+    quiet = Console(quiet=True)
+    profiled = random_model(small_config("llama"))
+    attach_profile(profiled, EMBEDDED_PROFILE)
+    assert in_select_dtype(profiled, "auto", "cpu", quiet).dtype == torch.bfloat16
+    for model, dtype, device in ((random_model(small_config("llama")), "auto", "cpu"), (profiled.float(), "float32", "cpu"),
+                                 (profiled.float(), "auto", "cuda")):
+        assert in_select_dtype(model, dtype, device, quiet).dtype == torch.float32  # plain profile, explicit dtype, or a GPU
