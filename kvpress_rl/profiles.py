@@ -50,7 +50,7 @@ EMBEDDED_RLKV = {
     "advantage": "group",  # the paper's per-group z-score: these values were tuned with it (real models: the official batch one)
 }
 
-# Selection trains in bfloat16 (issue 26: rollouts 2x faster on AVX-512 BF16 / AMX CPUs); the embedded task keeps its
+# Selection trains in bfloat16 (issue 26: gated rollouts 1.6x faster than float32 on AVX-512 BF16 / AMX CPUs); the task keeps its
 # accuracy in it (`kvrl embedded evaluate --dtype bfloat16`, AMD EPYC): full cache 99.8% of 500 link test problems (float32:
 # 100.0%), 98.7% of 300 counted validation problems (float32, issue 19: 98.7%); the bars were 99% and 98%.
 EMBEDDED_PROFILE = ModelProfile(family="embedded", strategy_defaults={"rlkv": EMBEDDED_RLKV},
