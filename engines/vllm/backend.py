@@ -1,10 +1,14 @@
-"""The attention of a compressed head in vLLM: exact attention over the kept tokens, in plain torch (CPU and GPU).
+"""vLLM attention backends of a head plan's sub-layers: what each KV-cache group builds once per step.
 
-The layer has one KV head and its `G` query heads. Its cache is its own: a block is `[B slots, key | value]`, written
-by `do_kv_cache_update` at vLLM's slot mapping and read only here (the CPU backend's packed layout is never indexed).
-Once per step the builder turns each request's kept history (`layout.kept_history`: at most 16 + 64 positions) into
-cache slots; it never reads a freed block. A request's query `c + i` then attends to that history and to the step's
-own keys `c..c+i`: decoding steps are batched (`[R, G, 1, <= 81]`), prompts and chunks run one request at a time.
+- `SinkWindowBackend` (compressed heads): its builder computes, on the device and for every request of the step, the
+  cache slots of the kept history, `{0..sink-1} U {max(sink, c-window)..c-1}` for a step that starts with `c` cached
+  tokens, and of position `c` itself (a decoding token reads itself back): `[R, sink + window + 1]` with a validity
+  mask. The layer's compressed heads then attend through `heads.CompressedHeads` (one write, one gather, one SDPA).
+  Its own cache layout: a block is `[B slots, key | value]`, written and read only by `heads.py`.
+- `FullHeadsCPUBackend` (full heads on the CPU): vLLM's CPU attention with a builder whose metadata also gives the
+  kernel's schedule for calls over several KV heads (`for_heads`), as `heads.FullHeads` makes them.
+
+The sub-layers' own `forward` is never called: a layer runs its heads together (`models.PlanAttention`).
 """
 
 from __future__ import annotations
@@ -29,14 +33,61 @@ class RequestSpan:
 
 
 @dataclass
+class PrefillSpan:
+    request: int  # row of the request in the step
+    start: int  # its first token in the step
+    end: int
+    computed: int  # tokens it had cached before the step
+
+
+@dataclass
 class SinkWindowMetadata:
     num_actual_tokens: int
-    slot_mapping: torch.Tensor
-    prefills: list[RequestSpan]  # requests with more than one query token this step
-    decode_tokens: torch.Tensor  # token index of each one-token request, [R]
-    decode_history: torch.Tensor  # cache slots, [R, K] (padding: 0, masked)
-    decode_mask: torch.Tensor  # [R, K + 1]: True where a key is attended (the last: the new token)
-    decode_padded: bool  # some request keeps fewer than K tokens (short so far)
+    kept_slots: torch.Tensor  # [R, K + 1] cache slots: sinks, window, position c (invalid entries: slot of position 0)
+    kept_valid: torch.Tensor  # [R, K + 1] True where the entry is a kept position
+    num_decodes: int  # one-token requests
+    decode_tokens: torch.Tensor | None  # their token index, [num_decodes]; None when every request decodes (row r = token r)
+    decode_requests: torch.Tensor | None  # their row, [num_decodes]
+    prefills: list[PrefillSpan]  # requests with more than one query token this step (host data vLLM already has)
+
+
+def kept_positions(computed: torch.Tensor, sink: int, window: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(positions, valid)` `[R, sink + window + 1]` of what a compressed head reads in a step that starts with
+    `computed` cached tokens: the sinks, the window (`layout.kept_history`, padded) and position `computed` itself.
+    Invalid entries point at position 0, which every request has written before it reads."""
+    c = computed.long()[:, None]
+    sinks = torch.arange(sink, device=computed.device)[None]
+    start = torch.clamp(c - window, min=sink)
+    recent = start + torch.arange(window, device=computed.device)[None]
+    positions = torch.cat([sinks.expand(c.shape[0], -1), recent, c], dim=1)
+    valid = torch.cat([sinks < c, recent < c, torch.ones_like(c, dtype=torch.bool)], dim=1)
+    return torch.where(valid, positions, 0), valid
+
+
+def kept_metadata(meta: CommonAttentionMetadata, block_size: int, sink: int, window: int) -> SinkWindowMetadata:
+    """The step's kept slots for one KV-cache group (its block table), without a host sync or a loop over requests
+    (the prefill spans come from the query lengths vLLM keeps on the host)."""
+    requests = meta.num_reqs
+    starts = meta.query_start_loc[: requests + 1]
+    computed = meta.seq_lens[:requests] - (starts[1:] - starts[:-1])
+    positions, valid = kept_positions(computed, sink, window)
+    table = meta.block_table_tensor[:requests].long()
+    slots = table.gather(1, positions // block_size) * block_size + positions % block_size
+    if meta.max_query_len <= 1:
+        return SinkWindowMetadata(meta.num_actual_tokens, slots, valid, requests, None, None, [])
+    starts_cpu = meta.query_start_loc_cpu[: requests + 1]
+    lengths = (starts_cpu[1:] - starts_cpu[:-1]).tolist()
+    first = starts_cpu[:-1].tolist()
+    seq_lens = meta.seq_lens_cpu_upper_bound if meta.seq_lens_cpu_upper_bound is not None else meta.seq_lens.cpu()  # exact for prefills
+    decodes = [r for r, n in enumerate(lengths) if n == 1]
+    prefills = []
+    for r, n in enumerate(lengths):
+        if n > 1:
+            prefills.append(PrefillSpan(r, first[r], first[r] + n, int(seq_lens[r]) - n))
+    device = slots.device
+    tokens = torch.tensor([first[r] for r in decodes], dtype=torch.long).to(device, non_blocking=True)
+    rows = torch.tensor(decodes, dtype=torch.long).to(device, non_blocking=True)
+    return SinkWindowMetadata(meta.num_actual_tokens, slots, valid, len(decodes), tokens, rows, prefills)
 
 
 def split_requests(meta: CommonAttentionMetadata, block_size: int, device, history: Callable[[int], torch.Tensor]):
@@ -64,25 +115,10 @@ def split_requests(meta: CommonAttentionMetadata, block_size: int, device, histo
 class SinkWindowMetadataBuilder(AttentionMetadataBuilder[SinkWindowMetadata]):
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
-        self.block_size = kv_cache_spec.block_size
-        self.sink = kv_cache_spec.sink
-        self.window = kv_cache_spec.window
+        self.block_size, self.sink, self.window = kv_cache_spec.block_size, kv_cache_spec.sink, kv_cache_spec.window
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata, fast_build: bool = False) -> SinkWindowMetadata:
-        meta = common_attn_metadata
-        budget = self.sink + self.window
-        prefills, decode_tokens, decode_rows = split_requests(
-            meta, self.block_size, self.device, lambda computed: torch.tensor(kept_history(computed, self.sink, self.window), dtype=torch.long))
-        history = torch.zeros((len(decode_rows), budget), dtype=torch.long)
-        mask = torch.zeros((len(decode_rows), budget + 1), dtype=torch.bool)
-        mask[:, budget] = True
-        for i, slots in enumerate(decode_rows):
-            history[i, : len(slots)] = slots
-            mask[i, : len(slots)] = True
-        return SinkWindowMetadata(num_actual_tokens=meta.num_actual_tokens, slot_mapping=meta.slot_mapping, prefills=prefills,
-                                  decode_tokens=torch.tensor(decode_tokens, dtype=torch.long, device=self.device),
-                                  decode_history=history.to(self.device), decode_mask=mask.to(self.device),
-                                  decode_padded=not bool(mask.all()))
+        return kept_metadata(common_attn_metadata, self.block_size, self.sink, self.window)
 
 
 class TorchAttentionImpl(AttentionImpl):
@@ -132,64 +168,13 @@ class TorchBackend(AttentionBackend):
 
 
 class SinkWindowImpl(TorchAttentionImpl):
+    """A compressed head's sub-layer: checks what it is given; its layer attends for it (`heads.CompressedHeads`)."""
+
     label = "kvpress-rl compressed-head"
     one_kv_head = True
 
-    def do_kv_cache_update(self, layer, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-        slots = slot_mapping.long()
-        count = slots.shape[0]
-        entries = torch.cat([key[:count, 0], value[:count, 0]], dim=-1).to(kv_cache.dtype)
-        if bool((slots < 0).any()):  # padding tokens have no slot
-            written = slots >= 0
-            slots, entries = slots[written], entries[written]
-        pages = kv_cache[:, 0]  # [blocks, B, 2 * D]
-        if pages.is_contiguous():
-            pages.view(-1, pages.shape[-1]).index_copy_(0, slots, entries)
-        else:
-            pages[slots // pages.shape[1], slots % pages.shape[1]] = entries
-
-    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None, output_block_scale=None):
-        if output_scale is not None or output_block_scale is not None:
-            raise NotImplementedError("fused output quantisation is not supported by the kvpress-rl compressed-head backend")
-        if attn_metadata is None:  # vLLM's warm-up and profiling runs
-            return output
-        pages = kv_cache[:, 0]
-        block_size, dim = pages.shape[1], self.head_size
-        flat = pages.reshape(-1, pages.shape[-1]) if pages.is_contiguous() else None
-
-        def read(slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            entries = flat[slots] if flat is not None else pages[slots // block_size, slots % block_size]
-            return entries[..., :dim], entries[..., dim:]
-
-        for span in attn_metadata.prefills:
-            # 4-d inputs with one KV head and `enable_gqa`: SDPA's fused kernels (an expanded KV head would fall back to math)
-            q = query[span.start : span.end].transpose(0, 1)[None]  # [1, G, n, D]
-            own_k, own_v = key[span.start : span.end, 0], value[span.start : span.end, 0]
-            if not span.history.numel():  # a prompt in one step: plain causal attention
-                out = F.scaled_dot_product_attention(q, own_k[None, None], own_v[None, None], is_causal=True, scale=self.scale, enable_gqa=True)
-                output[span.start : span.end] = out[0].transpose(0, 1).to(output.dtype)
-                continue
-            old_k, old_v = read(span.history)
-            keys = torch.cat([old_k.to(q.dtype), own_k], dim=0)[None, None]
-            values = torch.cat([old_v.to(q.dtype), own_v], dim=0)[None, None]
-            n, h = span.end - span.start, span.history.shape[0]
-            mask = torch.ones((n, h + n), dtype=torch.bool, device=q.device)
-            mask[:, h:] = torch.ones((n, n), dtype=torch.bool, device=q.device).tril()
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scale, enable_gqa=True)
-            output[span.start : span.end] = out[0].transpose(0, 1).to(output.dtype)
-        tokens = attn_metadata.decode_tokens
-        if tokens.numel():
-            q = query[tokens].unsqueeze(2)  # [R, G, 1, D]
-            old_k, old_v = read(attn_metadata.decode_history)  # [R, K, D]
-            if attn_metadata.decode_padded:  # padding reads vLLM's null block: never trust its bytes
-                padding = ~attn_metadata.decode_mask[:, :-1, None]
-                old_k, old_v = old_k.masked_fill(padding, 0.0), old_v.masked_fill(padding, 0.0)
-            keys = torch.cat([old_k.to(q.dtype), key[tokens]], dim=1).unsqueeze(1)  # [R, 1, K + 1, D]
-            values = torch.cat([old_v.to(q.dtype), value[tokens]], dim=1).unsqueeze(1)
-            mask = attn_metadata.decode_mask[:, None, None, :]
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scale, enable_gqa=True)
-            output[tokens] = out.squeeze(2).to(output.dtype)
-        return output
+    def forward(self, *args, **kwargs):
+        raise RuntimeError("a compressed head's sub-layer is not called on its own: its layer runs its heads together")
 
 
 class SinkWindowBackend(TorchBackend):

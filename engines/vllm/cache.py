@@ -17,6 +17,7 @@ from vllm.v1.core.single_type_kv_cache_manager import SingleTypeKVCacheManager
 from vllm.v1.kv_cache_interface import AttentionSpec, FullAttentionSpec
 
 from kvpress_rl.engines.vllm.layout import freeable_blocks
+from kvpress_rl.engines.vllm.vllm_compat import remove_blocks
 from kvpress_rl.policies import SINK_TOKENS, WINDOW_TOKENS
 
 
@@ -59,7 +60,7 @@ class SinkWindowManager(SingleTypeKVCacheManager):
 
     def remove_skipped_blocks(self, request_id: str, processed_computed_tokens: int, num_prompt_tokens: int | None = None) -> None:
         gap = freeable_blocks(processed_computed_tokens, self.block_size, self.sink, self.window)
-        self._remove_blocks_in_range(request_id, gap.start, gap.stop)
+        remove_blocks(self, request_id, gap.start, gap.stop)
 
     @classmethod
     def find_longest_cache_hit(cls, block_hashes, max_length, kv_cache_group_ids, block_pool, kv_cache_spec, drop_eagle_block,

@@ -1,14 +1,19 @@
-"""Llama, Mistral, Qwen2 and Qwen3 in vLLM with one attention sub-layer per KV head.
+"""Llama, Mistral, Qwen2 and Qwen3 in vLLM under a head plan: per layer, one call for its full heads and one for its
+compressed heads, whatever the plan.
 
 vLLM gives each attention layer one KV-cache spec and one block table per group of layers with the same spec. A plan
-compresses some heads of a layer and not others, so each decoder layer's attention becomes one sub-layer per KV head
-(`...self_attn.attn.kvh{j}`, its `G` query heads and one KV head): full heads are vLLM's own `Attention` (the
-platform's backend and cache), compressed heads are `SinkWindowAttention` (`cache.py`, `backend.py`). Every sub-layer
-has the same page size (one head), so vLLM's hybrid allocator groups them without padding pages.
+compresses some heads of a layer and not others, so each decoder layer registers one attention sub-layer per KV head
+(`...self_attn.attn.kvh{j}`): full heads are vLLM's `Attention` with the platform's cache, compressed heads
+`SinkWindowAttention` (`cache.py`: a manager that frees their middle blocks). Every page is one head's, so vLLM's
+hybrid allocator groups them without padding pages. The sub-layers are never called one by one: the layer's
+`PlanAttention` runs all its full heads through the platform's kernel in one call and all its compressed heads in one
+batched attention over their kept keys (`heads.py`), reading the sub-layers' caches through views of vLLM's single
+allocation. At load time each layer's q/k/v rows and output columns are permuted so its full heads come first
+(`reorder_heads`), so each kind of head is a slice of q, k and v, not a copy.
 
 The classes extend vLLM's stock ones (weights, RoPE, qk-norm unchanged) and, after the stock constructor, swap each
-layer's `self_attn.attn` for a `HeadSplitAttention` built from the plan in the model config (`layout.OVERRIDES_KEY`);
-the stock attention layer is taken out of vLLM's forward context so that it gets no cache. Nothing else is replaced.
+layer's `self_attn.attn` for a `PlanAttention` built from the plan in the model config (`layout.OVERRIDES_KEY`); the
+stock attention layer is taken out of vLLM's forward context so that it gets no cache. Nothing else is replaced.
 """
 
 from __future__ import annotations
@@ -23,9 +28,12 @@ from vllm.model_executor.models.mistral import MistralForCausalLM
 from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
 from vllm.model_executor.models.qwen3 import Qwen3ForCausalLM
 
+from vllm.platforms import current_platform
+
 from kvpress_rl.engines.vllm.backend import SinkWindowBackend
 from kvpress_rl.engines.vllm.cache import SinkWindowSpec, TaggedFullSpec
 from kvpress_rl.engines.vllm.gated import gate_attention, set_model_gates
+from kvpress_rl.engines.vllm.heads import CompressedHeads, FullHeads
 from kvpress_rl.engines.vllm.layout import GATED_KEY, OVERRIDES_KEY, EnginePlan, group_layout
 
 
@@ -53,8 +61,17 @@ class FullHeadAttention(Attention):
         return TaggedFullSpec(**{f.name: getattr(spec, f.name) for f in fields(spec) if f.init}, group_tag=self.group_tag)
 
 
-class HeadSplitAttention(nn.Module):
-    """Takes the place of one layer's attention: splits q, k, v by KV head, runs each head's sub-layer, concatenates."""
+def cpu_full_backend() -> type:
+    from kvpress_rl.engines.vllm.cpu_full import FullHeadsCPUBackend
+
+    return FullHeadsCPUBackend
+
+
+class PlanAttention(nn.Module):
+    """Takes the place of one layer's attention under a head plan: its full heads first, then its compressed ones (the
+    layer's weights are reordered so at load time, `reorder_heads`), each kind in one call (`heads.py`).
+
+    The sub-layers `kvh{j}` (one per KV head `j`, registered full heads first) only give vLLM one cache per head."""
 
     def __init__(self, stock: Attention, full: tuple[bool, ...], plan: EnginePlan, cache_config, tags: list[int]) -> None:
         super().__init__()
@@ -66,23 +83,58 @@ class HeadSplitAttention(nn.Module):
         self.num_kv_heads = stock.num_kv_heads
         self.group = stock.num_heads // stock.num_kv_heads
         self.head_size = stock.head_size
-        for j, keeps_all in enumerate(full):
+        self.order = [j for j in range(self.num_kv_heads) if full[j]] + [j for j in range(self.num_kv_heads) if not full[j]]
+        self.num_full = sum(full)
+        full_backend = cpu_full_backend() if current_platform.is_cpu() else None  # elsewhere: the platform's own
+        names = []
+        for j in self.order:
             name = f"{stock.layer_name}.kvh{j}"
-            if keeps_all:
+            if full[j]:
                 layer = FullHeadAttention(self.group, stock.head_size, stock.impl.scale, num_kv_heads=1, cache_config=cache_config,
-                                          prefix=name, group_tag=tags[j])
+                                          prefix=name, group_tag=tags[j], attn_backend=full_backend)
             else:
                 layer = SinkWindowAttention(self.group, stock.head_size, stock.impl.scale, num_kv_heads=1, cache_config=cache_config,
                                             prefix=name, sink=plan.sink, window=plan.window)
             self.add_module(f"kvh{j}", layer)
+            names.append(name)
+        f = self.num_full
+        self.full_heads = FullHeads(names[:f], self.group) if f else None
+        self.compressed_heads = CompressedHeads(names[f:], self.group, self.head_size, float(stock.impl.scale)) if f < self.num_kv_heads else None
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        tokens = q.shape[0]
-        q = q.view(tokens, self.num_kv_heads, self.group * self.head_size)
-        k = k.view(tokens, self.num_kv_heads, self.head_size)
-        v = v.view(tokens, self.num_kv_heads, self.head_size)
-        outs = [getattr(self, f"kvh{j}")(q[:, j].contiguous(), k[:, j].contiguous(), v[:, j].contiguous()) for j in range(self.num_kv_heads)]
-        return torch.cat(outs, dim=-1)
+        tokens, g, d, f, heads = q.shape[0], self.group, self.head_size, self.num_full, self.num_kv_heads
+        q = q.view(tokens, heads * g, d)
+        k, v = k.view(tokens, heads, d), v.view(tokens, heads, d)
+        parts = []  # each kind's output is written whole (vLLM's kernels write contiguous outputs), then joined
+        if self.full_heads is not None:
+            parts.append(torch.empty((tokens, f * g, d), dtype=q.dtype, device=q.device))
+            self.full_heads(q[:, : f * g], k[:, :f], v[:, :f], parts[-1])
+        if self.compressed_heads is not None:
+            parts.append(torch.empty((tokens, (heads - f) * g, d), dtype=q.dtype, device=q.device))
+            self.compressed_heads(q[:, f * g:], k[:, f:], v[:, f:], parts[-1])
+        return parts[0].view(tokens, -1) if len(parts) == 1 else torch.cat(parts, dim=1).view(tokens, -1)
+
+
+def reorder_heads(self_attn: nn.Module, order: list[int]) -> None:
+    """Permute a layer's q/k/v rows and output columns so that its KV heads come in `order` (with their query heads):
+    attention is the same function of the layer's input, and each kind of head is a contiguous slice (DuoAttention's
+    reordering of full heads first)."""
+    attn = self_attn.attn
+    heads, g, d = attn.num_kv_heads, attn.group, attn.head_size
+    kv_head = torch.tensor(order)
+    q_rows = (kv_head[:, None] * g * d + torch.arange(g * d)).reshape(-1)
+    kv_rows = (kv_head[:, None] * d + torch.arange(d)).reshape(-1)
+    q_size = heads * g * d
+    rows = torch.cat([q_rows, q_size + kv_rows, q_size + heads * d + kv_rows])
+    qkv, o = self_attn.qkv_proj, self_attn.o_proj
+    for name, param in (("weight", getattr(qkv, "weight", None)), ("bias", getattr(qkv, "bias", None))):
+        if param is None:
+            continue
+        if param.shape[0] != rows.numel():
+            raise ValueError(f"{attn.__class__.__name__}: qkv_proj.{name} has {param.shape[0]} rows, not {rows.numel()} "
+                             "(the engine reorders unquantised, unsharded weights)")
+        param.data.copy_(param.data[rows.to(param.device)])
+    o.weight.data.copy_(o.weight.data[:, q_rows.to(o.weight.device)])
 
 
 def split_attention(model: nn.Module, vllm_config) -> EnginePlan:
@@ -104,7 +156,7 @@ def split_attention(model: nn.Module, vllm_config) -> EnginePlan:
             seen += keeps_all
         stock = layer.self_attn.attn
         forward_context.pop(stock.layer_name)
-        layer.self_attn.attn = HeadSplitAttention(stock, full, plan, vllm_config.cache_config, tags)
+        layer.self_attn.attn = PlanAttention(stock, full, plan, vllm_config.cache_config, tags)
     return plan
 
 
@@ -118,6 +170,13 @@ class HeadwiseModel:
             self.kvrl_plan, self.kvrl_gated = None, gate_attention(self.model, vllm_config)
         else:
             self.kvrl_plan, self.kvrl_gated = split_attention(self.model, vllm_config), None
+
+    def load_weights(self, weights):
+        loaded = super().load_weights(weights)
+        if self.kvrl_plan is not None:
+            for layer in self.model.layers:
+                reorder_heads(layer.self_attn, layer.self_attn.attn.order)
+        return loaded
 
     def kvrl_set_gates(self, gates: torch.Tensor) -> float:
         """The learner's gates, `[layers, kv_heads]`, into a gated engine's layers (`GatedRollouts.set_gates`)."""

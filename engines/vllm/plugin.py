@@ -23,12 +23,16 @@ def register() -> None:
     from kvpress_rl.engines.vllm.cache import SinkWindowManager, SinkWindowSpec, TaggedFullSpec
     from kvpress_rl.engines.vllm.gated import BACKEND_NAME as GATED_BACKEND_NAME
 
+    CPU_FULL_BACKEND_NAME = "KVRL_CPU_FULL"  # kvpress_rl.engines.vllm.cpu_full (imported by vLLM only on its CPU build)
+
     known = set(ModelRegistry.get_supported_archs())
     for ours in ARCHITECTURES.values():
         if ours not in known:
             ModelRegistry.register_model(ours, f"{MODELS_MODULE}:{ours}")
     if BACKEND_NAME not in AttentionBackendEnum.__members__:
         register_backend(BACKEND_NAME, "kvpress_rl.engines.vllm.backend.SinkWindowBackend")
+    if CPU_FULL_BACKEND_NAME not in AttentionBackendEnum.__members__:
+        register_backend(CPU_FULL_BACKEND_NAME, "kvpress_rl.engines.vllm.cpu_full.FullHeadsCPUBackend")
     if GATED_BACKEND_NAME not in AttentionBackendEnum.__members__:
         register_backend(GATED_BACKEND_NAME, "kvpress_rl.engines.vllm.gated.GatedBackend")
     # vLLM registers its own specs only into an empty registry: register them first, or they would be skipped.

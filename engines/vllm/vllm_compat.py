@@ -1,0 +1,35 @@
+"""The vLLM internals kvpress-rl's engine reads, in one place, for the vLLM release it is written against (0.32).
+
+Everything else in `kvpress_rl.engines.vllm` uses vLLM's public extension points (model registry, attention backends,
+KV-cache spec registry, general plugins); what is here reaches past them and is checked against the installed version.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import vllm
+from vllm.model_executor.layers.attention.attention import get_attention_context
+
+SUPPORTED = ("0.32.",)
+if not vllm.__version__.startswith(SUPPORTED):  # pragma: no cover - depends on the installed vLLM
+    raise ImportError(f"kvpress-rl's engine is written against vLLM {' or '.join(SUPPORTED)}x; vLLM {vllm.__version__} is installed")
+
+
+def layer_context(layer_name: str) -> tuple[Any, Any, Any]:
+    """`(attention metadata, attention layer, slot mapping)` of a registered attention layer in the current step
+    (metadata None in vLLM's profiling and warm-up runs)."""
+    metadata, layer, _, slot_mapping = get_attention_context(layer_name)
+    return metadata, layer, slot_mapping
+
+
+def metadata_for_heads(metadata: Any, heads: int) -> Any:
+    """The metadata of one attention call over `heads` KV heads of a group built for one: vLLM's CPU kernel sizes its
+    schedule by head count (`backend.FullHeadsCPUBuilder`); the other platforms' metadata does not depend on it."""
+    for_heads = getattr(metadata, "for_heads", None)
+    return metadata if for_heads is None else for_heads(heads)
+
+
+def remove_blocks(manager: Any, request_id: str, start: int, stop: int) -> None:
+    """Give a request's blocks `start..stop-1` of one KV-cache group back to vLLM's pool (null block in their place)."""
+    manager._remove_blocks_in_range(request_id, start, stop)
