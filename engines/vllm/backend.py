@@ -17,10 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from vllm.v1.attention.backend import AttentionBackend, AttentionImpl, AttentionMetadataBuilder, AttentionType, CommonAttentionMetadata
-
-from kvpress_rl.engines.vllm.layout import kept_history
 
 BACKEND_NAME = "KVRL_SINK_WINDOW"
 

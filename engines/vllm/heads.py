@@ -10,7 +10,7 @@ it. So a layer does not call its sub-layers one by one; it reads their caches th
   kernel (vLLM's CPU kernel here) as one layer of `F` KV heads: one cache write and one attention call.
 - `CompressedHeads`: the allocation seen as rows of `[key | value]`, one row per (head, slot). A step writes the
   layer's compressed heads with one `index_copy_` and reads each request's at most `sink + window + 1` kept rows with
-  one gather; decoding steps then run one batched SDPA over those 81 keys for every compressed head of the layer.
+  one gather; decoding steps then run one batched attention over those 81 keys for every compressed head of the layer.
   Prompts and chunks (rare: once per prompt) run one SDPA per request, over its kept history and its own tokens.
 
 The kept slots come from the compressed groups' metadata builder (`backend.py`), computed once per step on the device.
@@ -128,11 +128,13 @@ class CompressedHeads:
         for (m, _, _), name in zip(contexts, self.names):
             firsts.setdefault(id(m), name)
         self.group_names = list(firsts.values())
+        self.one_group = len(self.group_names) == 1
         self.bound_at = head.data_ptr()
 
     def _rows(self, slots: torch.Tensor) -> torch.Tensor:
         """Rows of every head for cache slots `[groups, ...]` (one slot tensor per KV-cache group): `[heads, ...]`."""
-        slots = slots[self.head_group].clamp_min(0)  # padding tokens (slot -1) write vLLM's null block, which is never read
+        # padding tokens (slot -1) write vLLM's null block, which is never read
+        slots = slots[0].clamp_min(0)[None] if self.one_group else slots[self.head_group].clamp_min(0)
         shape = (-1,) + (1,) * (slots.dim() - 1)
         if self.plain:
             return self.base.view(shape) + slots
@@ -158,15 +160,19 @@ class CompressedHeads:
             self._prefill(query, key, value, kept, metadata, span, output)
 
     def _decode(self, query: torch.Tensor, kept: torch.Tensor, metadata, output: torch.Tensor) -> None:
-        d, count = self.head_size, metadata.num_decodes
+        # Explicit products, not SDPA: at one query and 81 keys per head SDPA's CPU kernel costs ~10x the arithmetic.
+        d, g, count = self.head_size, self.group, metadata.num_decodes
         if metadata.decode_tokens is None:  # every request of the step decodes one token: request r is token r
             q, kept, valid = query[:count], kept[:, :count], metadata.kept_valid[:count]
         else:
             q, kept, valid = query[metadata.decode_tokens], kept[:, metadata.decode_requests], metadata.kept_valid[metadata.decode_requests]
-        entries = self.rows[self._rows(kept)]  # [C, R, K + 1, 2 D]
-        keys, values = entries[..., :d].transpose(0, 1), entries[..., d:].transpose(0, 1)  # [R, C, K + 1, D]
-        out = F.scaled_dot_product_attention(q.unsqueeze(2).to(keys.dtype), keys, values, attn_mask=valid[:, None, None, :],
-                                             scale=self.scale, enable_gqa=True).squeeze(2).to(output.dtype)  # [R, C * G, D]
+        rows = self._rows(kept)  # [C, R, K + 1]
+        entries = self.rows.index_select(0, rows.reshape(-1)).view(*rows.shape, 2 * d).transpose(0, 1)  # [R, C, K + 1, 2 D]
+        keys, values = entries[..., :d], entries[..., d:]
+        q = q.view(count, -1, g, d).float()  # [R, C, G, D]
+        scores = torch.matmul(q, keys.float().transpose(-1, -2)) * self.scale  # [R, C, G, K + 1]
+        weights = scores.masked_fill(~valid[:, None, None, :], float("-inf")).softmax(dim=-1)
+        out = torch.matmul(weights, values.float()).view(count, -1, d).to(output.dtype)  # [R, C * G, D]
         if metadata.decode_tokens is None:
             output[:count] = out
         else:

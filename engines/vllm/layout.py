@@ -172,3 +172,16 @@ def group_layout(full: int, compressed: int, length: int, block_size: int) -> in
         if tagged < cost:
             best, cost = group, tagged
     return best
+
+
+def sequence_head_blocks(plan: EnginePlan | None, num_layers: int, num_kv_heads: int, length: int, block_size: int) -> int:
+    """Head-blocks (one KV head's block of `block_size` tokens) one sequence of `length` tokens holds in vLLM under a plan
+    (None: every head full), with the KV-cache grouping the engine asks for (`group_layout`; vLLM pads groups)."""
+    heads = num_layers * num_kv_heads
+    if plan is None or not plan.num_compressed:
+        return heads * -(-length // block_size)
+    full, compressed = heads - plan.num_compressed, plan.num_compressed
+    if not full:
+        return compressed * (head_blocks_held(length, block_size, full=False, sink=plan.sink, window=plan.window) + 1)
+    group = group_layout(full, compressed, length, block_size) or vllm_group_size([full, compressed])
+    return padded_head_blocks(full, compressed, group, length, block_size)

@@ -27,7 +27,6 @@ from vllm.model_executor.models.llama import LlamaForCausalLM
 from vllm.model_executor.models.mistral import MistralForCausalLM
 from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
 from vllm.model_executor.models.qwen3 import Qwen3ForCausalLM
-
 from vllm.platforms import current_platform
 
 from kvpress_rl.engines.vllm.backend import SinkWindowBackend
