@@ -12,7 +12,6 @@ embedded one (plans from the committed RLKV heads) and the 2-layer random-weight
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import tempfile
 import time
@@ -22,7 +21,7 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
-from serving import RLKV_HEADS, cpu_name, kv_bytes_per_token, qwen_2layer_folder  # noqa: E402
+from serving import RLKV_HEADS, cpu_name, kv_bytes_per_token, qwen_2layer_folder, write_rows  # noqa: E402
 
 from kvpress_rl.engines.vllm.engine import EngineSettings, VllmGenerator, model_folder  # noqa: E402
 from kvpress_rl.engines.vllm.layout import EnginePlan  # noqa: E402
@@ -114,13 +113,7 @@ def main() -> None:
             print(f"| {model} | {prompt} | {cells[0]['requests']} | "
                   + " | ".join(f"{r['decode_tokens_per_s']:.0f} ({r['vs_stock']:.2f}x)" for r in cells) + " |")
     if args.output:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        staging = args.output.with_suffix(".tmp")
-        with staging.open("w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-        staging.rename(args.output)
+        write_rows(args.output, rows)
 
 
 if __name__ == "__main__":

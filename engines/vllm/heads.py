@@ -166,13 +166,14 @@ class CompressedHeads:
             q, kept, valid = query[:count], kept[:, :count], metadata.kept_valid[:count]
         else:
             q, kept, valid = query[metadata.decode_tokens], kept[:, metadata.decode_requests], metadata.kept_valid[metadata.decode_requests]
-        rows = self._rows(kept)  # [C, R, K + 1]
-        entries = self.rows.index_select(0, rows.reshape(-1)).view(*rows.shape, 2 * d).transpose(0, 1)  # [R, C, K + 1, 2 D]
+        rows = self._rows(kept).transpose(0, 1)  # [R, C, K + 1]: gathered straight into the layout of the products
+        entries = self.rows.index_select(0, rows.reshape(-1)).view(*rows.shape, 2 * d)  # [R, C, K + 1, 2 D]
         keys, values = entries[..., :d], entries[..., d:]
         q = q.view(count, -1, g, d).float()  # [R, C, G, D]
-        scores = torch.matmul(q, keys.float().transpose(-1, -2)) * self.scale  # [R, C, G, K + 1]
+        scores = torch.matmul(q, keys.float().transpose(-1, -2)) * self.scale  # [R, C, G, K + 1], in float32
         weights = scores.masked_fill(~valid[:, None, None, :], float("-inf")).softmax(dim=-1)
-        out = torch.matmul(weights, values.float()).view(count, -1, d).to(output.dtype)  # [R, C * G, D]
+        # the weights in the cache's dtype for the product with the values, as flash attention kernels do
+        out = torch.matmul(weights.to(values.dtype), values).view(count, -1, d).to(output.dtype)  # [R, C * G, D]
         if metadata.decode_tokens is None:
             output[:count] = out
         else:
