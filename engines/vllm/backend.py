@@ -52,7 +52,7 @@ def kept_positions(computed: torch.Tensor, sink: int, window: int) -> tuple[torc
     """`(positions, valid)` `[R, sink + window + 1]` of what a compressed head reads in a step that starts with
     `computed` cached tokens: the sinks, the window (`layout.kept_history`, padded) and position `computed` itself.
     Invalid entries point at position 0, which every request has written before it reads."""
-    c = computed.long()[:, None]
+    c = computed.long().clamp_min(0)[:, None]  # CUDA-graph padding rows have no tokens
     sinks = torch.arange(sink, device=computed.device)[None]
     start = torch.clamp(c - window, min=sink)
     recent = start + torch.arange(window, device=computed.device)[None]

@@ -82,6 +82,7 @@ class EngineSettings:
     gated: GatedBranch | None = None
     worker_extension_cls: str | None = None  # a class mixed into vLLM's workers (`GateLoader` for the gated model)
     gpu_memory_utilization: float | None = None  # vLLM's share of the GPU (None: vLLM's default, 0.9)
+    eager: bool | None = None  # None: eager on the CPU build (as the stock model it is measured against), compiled on CUDA
 
     def overrides(self, config: Any) -> dict:
         if self.gated is not None:
@@ -99,8 +100,15 @@ class EngineSettings:
         if self.plan is None and self.gated is None:
             engine_architecture(config)  # the same architectures as under a plan, so that full and compressed compare
         batched = self.max_num_batched_tokens or (self.max_model_len if self.exact_prefill else None)
+        # compiled: vLLM's compilation (and CUDA graphs on CUDA), cut around each layer's attention op as around vLLM's own
+        eager = self.eager if self.eager is not None else not torch.cuda.is_available()
         kwargs = dict(model=self.model, max_model_len=self.max_model_len, block_size=self.block_size, enable_prefix_caching=False,
-                      enforce_eager=True, hf_overrides=self.overrides(config))
+                      enforce_eager=eager, hf_overrides=self.overrides(config))
+        if not eager:
+            from kvpress_rl.engines.vllm.heads import OP_NAME
+            from kvpress_rl.engines.vllm.vllm_compat import splitting_ops
+
+            kwargs["compilation_config"] = {"splitting_ops": splitting_ops(f"vllm::{OP_NAME}")}
         optional = dict(dtype=self.dtype, max_num_seqs=self.max_num_seqs, seed=self.seed, max_num_batched_tokens=batched,
                         kv_cache_memory_bytes=self.kv_cache_memory_bytes, served_model_name=self.served_model_name,
                         worker_extension_cls=self.worker_extension_cls, gpu_memory_utilization=self.gpu_memory_utilization,

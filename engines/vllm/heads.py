@@ -23,8 +23,28 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from vllm.utils.torch_utils import direct_register_custom_op
 
-from kvpress_rl.engines.vllm.vllm_compat import layer_context, metadata_for_heads
+from kvpress_rl.engines.vllm.vllm_compat import forward_module, layer_context, metadata_for_heads
+
+OP_NAME = "kvrl_plan_attention"  # torch.ops.vllm.kvrl_plan_attention: a layer's attention, opaque to torch.compile
+
+
+def plan_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, output: torch.Tensor, layer_name: str) -> None:
+    """The body of the custom op: the layer registered under `layer_name` attends (`models.PlanAttention.attend`)."""
+    forward_module(layer_name).attend(query, key, value, output)
+
+
+def plan_attention_shape(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, output: torch.Tensor, layer_name: str) -> None:
+    return None
+
+
+def register_op() -> None:
+    """Register `torch.ops.vllm.kvrl_plan_attention` once per process (`plugin.register`): like vLLM's own attention,
+    a layer's attention reads the step's metadata from vLLM's forward context, so compiled models call it as one op
+    and piecewise CUDA graphs are cut around it (`vllm_compat.splitting_ops`)."""
+    if not hasattr(torch.ops.vllm, OP_NAME):
+        direct_register_custom_op(OP_NAME, plan_attention, mutates_args=["output"], fake_impl=plan_attention_shape)
 
 
 def head_runs(caches: list[torch.Tensor]) -> list[tuple[int, int]]:
@@ -53,6 +73,10 @@ def multi_head_view(caches: list[torch.Tensor]) -> torch.Tensor:
     size = (head.shape[0], len(caches), *head.shape[2:])
     stride = (head.stride(0), step, *head.stride()[2:])
     return head.as_strided(size, stride, head.storage_offset())
+
+
+def stacked(tensors: list[torch.Tensor]) -> torch.Tensor:
+    return tensors[0][None] if len(tensors) == 1 else torch.stack(tensors)
 
 
 @dataclass
@@ -150,10 +174,10 @@ class CompressedHeads:
         groups = [layer_context(name) for name in self.group_names]
         tokens, d = metadata.num_actual_tokens, self.head_size
         # the step's keys and values first: a decoding token reads itself back with its history
-        rows = self._rows(torch.stack([slot_mapping[:tokens].long() for _, _, slot_mapping in groups]))  # [C, T]
+        rows = self._rows(stacked([slot_mapping[:tokens].long() for _, _, slot_mapping in groups]))  # [C, T]
         entries = torch.cat([key[:tokens], value[:tokens]], dim=-1).to(self.rows.dtype).transpose(0, 1)  # [C, T, 2 D]
         self.rows.index_copy_(0, rows.reshape(-1), entries.reshape(-1, 2 * d))
-        kept = torch.stack([m.kept_slots for m, _, _ in groups])  # [groups, R, K + 1]
+        kept = stacked([m.kept_slots for m, _, _ in groups])  # [groups, R, K + 1]
         if metadata.num_decodes:
             self._decode(query, kept, metadata, output)
         for span in metadata.prefills:

@@ -82,6 +82,7 @@ class PlanAttention(nn.Module):
         self.num_kv_heads = stock.num_kv_heads
         self.group = stock.num_heads // stock.num_kv_heads
         self.head_size = stock.head_size
+        self.layer_name = stock.layer_name  # the stock layer's place in vLLM's forward context, now this module's
         self.order = [j for j in range(self.num_kv_heads) if full[j]] + [j for j in range(self.num_kv_heads) if not full[j]]
         self.num_full = sum(full)
         full_backend = cpu_full_backend() if current_platform.is_cpu() else None  # elsewhere: the platform's own
@@ -101,17 +102,24 @@ class PlanAttention(nn.Module):
         self.compressed_heads = CompressedHeads(names[f:], self.group, self.head_size, float(stock.impl.scale)) if f < self.num_kv_heads else None
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        output = torch.empty((q.shape[0], self.num_kv_heads * self.group * self.head_size), dtype=q.dtype, device=q.device)
+        torch.ops.vllm.kvrl_plan_attention(q, k, v, output, self.layer_name)
+        return output
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, output: torch.Tensor) -> None:
+        """q `[T, H * G * D]`, k and v `[T, H * D]` (heads in the reordered order), output `[T, H * G * D]` (written)."""
         tokens, g, d, f, heads = q.shape[0], self.group, self.head_size, self.num_full, self.num_kv_heads
         q = q.view(tokens, heads * g, d)
         k, v = k.view(tokens, heads, d), v.view(tokens, heads, d)
-        parts = []  # each kind's output is written whole (vLLM's kernels write contiguous outputs), then joined
+        out = output.view(tokens, heads * g, d)
         if self.full_heads is not None:
-            parts.append(torch.empty((tokens, f * g, d), dtype=q.dtype, device=q.device))
-            self.full_heads(q[:, : f * g], k[:, :f], v[:, :f], parts[-1])
-        if self.compressed_heads is not None:
-            parts.append(torch.empty((tokens, (heads - f) * g, d), dtype=q.dtype, device=q.device))
-            self.compressed_heads(q[:, f * g:], k[:, f:], v[:, f:], parts[-1])
-        return parts[0].view(tokens, -1) if len(parts) == 1 else torch.cat(parts, dim=1).view(tokens, -1)
+            # vLLM's kernels write a contiguous output: the full heads' part is written whole, then placed
+            part = out if f == heads else torch.empty((tokens, f * g, d), dtype=q.dtype, device=q.device)
+            self.full_heads(q[:, : f * g], k[:, :f], v[:, :f], part)
+            if part is not out:
+                out[:, : f * g] = part
+        if self.compressed_heads is not None:  # plain torch: writes into its slice of the output
+            self.compressed_heads(q[:, f * g:], k[:, f:], v[:, f:], out[:, f * g:])
 
 
 def reorder_heads(self_attn: nn.Module, order: list[int]) -> None:
@@ -156,6 +164,7 @@ def split_attention(model: nn.Module, vllm_config) -> EnginePlan:
         stock = layer.self_attn.attn
         forward_context.pop(stock.layer_name)
         layer.self_attn.attn = PlanAttention(stock, full, plan, vllm_config.cache_config, tags)
+        forward_context[stock.layer_name] = layer.self_attn.attn  # found by its op (`heads.plan_attention`); no cache
     return plan
 
 

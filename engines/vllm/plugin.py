@@ -1,7 +1,7 @@
 """`register()`: the `vllm.general_plugins` entry point of kvpress-rl (pyproject.toml).
 
 vLLM calls it once in each of its processes. It only gives vLLM names: the four model classes (`models.py`, imported
-lazily by vLLM), the compressed-head and gated attention backends, the compressed heads' KV-cache spec with the manager that frees its blocks.
+lazily by vLLM), the compressed-head and gated attention backends, the compressed heads' KV-cache spec with the manager that frees its blocks, and the torch op of a head plan's layer attention.
 It patches nothing, and a model that does not ask for a `Kvrl...` architecture runs exactly as without the plugin.
 """
 
@@ -22,6 +22,7 @@ def register() -> None:
     from kvpress_rl.engines.vllm.backend import BACKEND_NAME
     from kvpress_rl.engines.vllm.cache import SinkWindowManager, SinkWindowSpec, TaggedFullSpec
     from kvpress_rl.engines.vllm.gated import BACKEND_NAME as GATED_BACKEND_NAME
+    from kvpress_rl.engines.vllm.heads import register_op
 
     CPU_FULL_BACKEND_NAME = "KVRL_CPU_FULL"  # kvpress_rl.engines.vllm.cpu_full (imported by vLLM only on its CPU build)
 
@@ -39,3 +40,4 @@ def register() -> None:
     register_all_kvcache_specs(None)
     KVCacheSpecRegistry.register(SinkWindowSpec, SinkWindowManager, uniform_type_base_spec=SinkWindowSpec)
     KVCacheSpecRegistry.register(TaggedFullSpec, FullAttentionManager, uniform_type_base_spec=FullAttentionSpec)
+    register_op()  # torch.ops.vllm.kvrl_plan_attention: a head plan's layer attention

@@ -9,6 +9,8 @@ from __future__ import annotations
 from typing import Any
 
 import vllm
+from vllm.config import CompilationConfig
+from vllm.forward_context import get_forward_context
 from vllm.model_executor.layers.attention.attention import get_attention_context
 
 SUPPORTED = ("0.32.",)
@@ -33,3 +35,13 @@ def metadata_for_heads(metadata: Any, heads: int) -> Any:
 def remove_blocks(manager: Any, request_id: str, start: int, stop: int) -> None:
     """Give a request's blocks `start..stop-1` of one KV-cache group back to vLLM's pool (null block in their place)."""
     manager._remove_blocks_in_range(request_id, start, stop)
+
+
+def forward_module(name: str) -> Any:
+    """A module registered in vLLM's static forward context under `name` (how vLLM's own custom ops find their layer)."""
+    return get_forward_context().no_compile_layers[name]
+
+
+def splitting_ops(*ours: str) -> list[str]:
+    """vLLM's own attention ops (where its piecewise compilation and CUDA graphs cut the model) and `ours`."""
+    return [*CompilationConfig._attention_ops, *ours]
