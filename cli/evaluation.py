@@ -258,7 +258,8 @@ def run_eval(settings: dict, output: Path, recompute: bool) -> None:
     model_spec = settings["model"] or DEFAULT_MODEL
     terminal = console.is_terminal
     with console.status(f"loading model {model_spec}") if terminal else nullcontext():
-        lm_model, tokenizer = load_model(model_spec, dtype=settings["dtype"], device=device)
+        # under --engine vllm the transformers copy only answers shape and tokenizer questions: it stays off the GPU vLLM takes
+        lm_model, tokenizer = load_model(model_spec, dtype=settings["dtype"], device="cpu" if spec.engine == "vllm" else device)
     if tokenizer is None:
         raise KvrlError(f"model {model_spec!r} has no tokenizer; evaluation needs a real model (the embedded one, a directory or a hub id)")
     check_head_shapes(spec, lm_model)  # --heads of another model shape: refused before any cell runs

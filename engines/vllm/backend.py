@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import torch
 from vllm.v1.attention.backend import AttentionBackend, AttentionImpl, AttentionMetadataBuilder, AttentionType, CommonAttentionMetadata
 
+from kvpress_rl.engines.vllm.kept_attention import kept_positions
+
 BACKEND_NAME = "KVRL_SINK_WINDOW"
 
 
@@ -46,19 +48,6 @@ class SinkWindowMetadata:
     decode_tokens: torch.Tensor | None  # their token index, [num_decodes]; None when every request decodes (row r = token r)
     decode_requests: torch.Tensor | None  # their row, [num_decodes]
     prefills: list[PrefillSpan]  # requests with more than one query token this step (host data vLLM already has)
-
-
-def kept_positions(computed: torch.Tensor, sink: int, window: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """`(positions, valid)` `[R, sink + window + 1]` of what a compressed head reads in a step that starts with
-    `computed` cached tokens: the sinks, the window (`layout.kept_history`, padded) and position `computed` itself.
-    Invalid entries point at position 0, which every request has written before it reads."""
-    c = computed.long().clamp_min(0)[:, None]  # CUDA-graph padding rows have no tokens
-    sinks = torch.arange(sink, device=computed.device)[None]
-    start = torch.clamp(c - window, min=sink)
-    recent = start + torch.arange(window, device=computed.device)[None]
-    positions = torch.cat([sinks.expand(c.shape[0], -1), recent, c], dim=1)
-    valid = torch.cat([sinks < c, recent < c, torch.ones_like(c, dtype=torch.bool)], dim=1)
-    return torch.where(valid, positions, 0), valid
 
 
 def kept_metadata(meta: CommonAttentionMetadata, block_size: int, sink: int, window: int) -> SinkWindowMetadata:

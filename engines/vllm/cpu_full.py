@@ -8,6 +8,7 @@ head count and step. The kernel reads strided multi-head views as they are (chec
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 
@@ -21,11 +22,12 @@ BACKEND_NAME = "KVRL_CPU_FULL"
 
 @dataclass
 class FullHeadsCPUMetadata(CPUAttentionMetadata):
+    heads: int = 1  # the KV heads of a call this metadata's own schedule is for
     schedule: Callable[[int], torch.Tensor] | None = None
     by_heads: dict[int, CPUAttentionMetadata] = field(default_factory=dict)
 
     def for_heads(self, heads: int) -> CPUAttentionMetadata:
-        if heads == 1:
+        if heads == self.heads:
             return self
         if heads not in self.by_heads:
             values = {f.name: getattr(self, f.name) for f in fields(CPUAttentionMetadata)}
@@ -34,10 +36,23 @@ class FullHeadsCPUMetadata(CPUAttentionMetadata):
 
 
 class FullHeadsCPUBuilder(CPUAttentionMetadataBuilder):
+    """Builds vLLM's CPU metadata with the schedule of the group's most common call (a layer's full heads in this group:
+    its sub-layers `...kvh{j}` counted by layer), and the others' on demand."""
+
+    def __init__(self, kv_cache_spec, layer_names, vllm_config, device) -> None:
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        per_layer = Counter(name.rsplit(".kvh", 1)[0] for name in layer_names)
+        self.common_heads = Counter(per_layer.values()).most_common(1)[0][0] if per_layer else 1
+
     def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False) -> FullHeadsCPUMetadata:
-        metadata = super().build(common_prefix_len, common_attn_metadata, fast_build)
-        meta = common_attn_metadata
         per_kv_head = self.num_heads // self.num_kv_heads
+        one_head = self.num_heads, self.num_kv_heads
+        self.num_heads, self.num_kv_heads = per_kv_head * self.common_heads, self.common_heads
+        try:
+            metadata = super().build(common_prefix_len, common_attn_metadata, fast_build)
+        finally:
+            self.num_heads, self.num_kv_heads = one_head
+        meta = common_attn_metadata
 
         def schedule(heads: int) -> torch.Tensor:
             return ops.cpu_attn_get_scheduler_metadata(
@@ -47,7 +62,7 @@ class FullHeadsCPUBuilder(CPUAttentionMetadataBuilder):
                 dynamic_causal=metadata.dynamic_causal, kv_cache_dtype=self.kv_cache_dtype)
 
         values = {f.name: getattr(metadata, f.name) for f in fields(CPUAttentionMetadata)}
-        return FullHeadsCPUMetadata(**values, schedule=schedule)
+        return FullHeadsCPUMetadata(**values, heads=self.common_heads, schedule=schedule)
 
 
 class FullHeadsCPUBackend(CPUAttentionBackend):

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from vllm.utils.torch_utils import direct_register_custom_op
 
+from kvpress_rl.engines.vllm.kept_attention import decode_over_kept
 from kvpress_rl.engines.vllm.vllm_compat import forward_module, layer_context, metadata_for_heads
 
 OP_NAME = "kvrl_plan_attention"  # torch.ops.vllm.kvrl_plan_attention: a layer's attention, opaque to torch.compile
@@ -184,20 +185,12 @@ class CompressedHeads:
             self._prefill(query, key, value, kept, metadata, span, output)
 
     def _decode(self, query: torch.Tensor, kept: torch.Tensor, metadata, output: torch.Tensor) -> None:
-        # Explicit products, not SDPA: at one query and 81 keys per head SDPA's CPU kernel costs ~10x the arithmetic.
-        d, g, count = self.head_size, self.group, metadata.num_decodes
+        g, count = self.group, metadata.num_decodes
         if metadata.decode_tokens is None:  # every request of the step decodes one token: request r is token r
             q, kept, valid = query[:count], kept[:, :count], metadata.kept_valid[:count]
         else:
             q, kept, valid = query[metadata.decode_tokens], kept[:, metadata.decode_requests], metadata.kept_valid[metadata.decode_requests]
-        rows = self._rows(kept).transpose(0, 1)  # [R, C, K + 1]: gathered straight into the layout of the products
-        entries = self.rows.index_select(0, rows.reshape(-1)).view(*rows.shape, 2 * d)  # [R, C, K + 1, 2 D]
-        keys, values = entries[..., :d], entries[..., d:]
-        q = q.view(count, -1, g, d).float()  # [R, C, G, D]
-        scores = torch.matmul(q, keys.float().transpose(-1, -2)) * self.scale  # [R, C, G, K + 1], in float32
-        weights = scores.masked_fill(~valid[:, None, None, :], float("-inf")).softmax(dim=-1)
-        # the weights in the cache's dtype for the product with the values, as flash attention kernels do
-        out = torch.matmul(weights.to(values.dtype), values).view(count, -1, d).to(output.dtype)  # [R, C * G, D]
+        out = decode_over_kept(self.rows, self._rows(kept).transpose(0, 1), q, valid, self.scale, g).to(output.dtype)
         if metadata.decode_tokens is None:
             output[:count] = out
         else:

@@ -18,7 +18,7 @@ REQUESTS = [(0, 50), (300, 1), (70, 1), (200, 30), (1000, 1)]
 
 @pytest.mark.parametrize("computed", [0, 1, 15, 16, 17, 79, 80, 81, 95, 96, 97, 500])
 def test_kept_positions_are_the_kept_history_and_the_token_itself(computed):
-    from kvpress_rl.engines.vllm.backend import kept_positions
+    from kvpress_rl.engines.vllm.kept_attention import kept_positions
 
     positions, valid = kept_positions(torch.tensor([computed]), SINK, WINDOW)
     assert positions[0][valid[0]].tolist() == kept_history(computed, SINK, WINDOW) + [computed]

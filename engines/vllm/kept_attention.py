@@ -1,0 +1,38 @@
+"""A compressed head's decoding attention over its kept keys, in plain torch (no vLLM: the GPU check runs it alone).
+
+The cache is seen as rows of `[key | value]`, one per (head, slot). A decoding step reads, for every request and
+compressed head, the rows of its sinks, its window and its own new token (`kept_positions`), at most
+`sink + window + 1`; padding entries are masked. Both products are explicit: at one query and 81 keys a head, SDPA's
+CPU kernel costs about ten times the arithmetic.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def kept_positions(computed: torch.Tensor, sink: int, window: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(positions, valid)` `[R, sink + window + 1]` of what a compressed head reads in a step that starts with
+    `computed` cached tokens: the sinks, the window (`layout.kept_history`, padded) and position `computed` itself.
+    Invalid entries point at position 0, which every request has written before it reads."""
+    c = computed.long().clamp_min(0)[:, None]  # CUDA-graph padding rows have no tokens
+    sinks = torch.arange(sink, device=computed.device)[None]
+    start = torch.clamp(c - window, min=sink)
+    recent = start + torch.arange(window, device=computed.device)[None]
+    positions = torch.cat([sinks.expand(c.shape[0], -1), recent, c], dim=1)
+    valid = torch.cat([sinks < c, recent < c, torch.ones_like(c, dtype=torch.bool)], dim=1)
+    return torch.where(valid, positions, 0), valid
+
+
+def decode_over_kept(rows: torch.Tensor, index: torch.Tensor, query: torch.Tensor, valid: torch.Tensor, scale: float,
+                     group: int) -> torch.Tensor:
+    """One decoding token per request: `rows` `[N, 2 D]` the cache, `index` `[R, C, K]` the rows each request's
+    compressed heads read, `query` `[R, C * G, D]`, `valid` `[R, K]`. Returns `[R, C * G, D]` in float32.
+    Scores and softmax in float32; the weights meet the values in the cache's dtype, as flash attention kernels do."""
+    requests, heads, keys = index.shape
+    d = rows.shape[-1] // 2
+    entries = rows.index_select(0, index.reshape(-1)).view(requests, heads, keys, 2 * d)
+    q = query.view(requests, heads, group, d).float()
+    scores = torch.matmul(q, entries[..., :d].float().transpose(-1, -2)) * scale  # [R, C, G, K]
+    weights = scores.masked_fill(~valid[:, None, None, :], float("-inf")).softmax(dim=-1)
+    return torch.matmul(weights.to(rows.dtype), entries[..., d:]).float().view(requests, heads * group, d)
