@@ -71,7 +71,7 @@ class EngineSettings:
     model: str
     plan: EnginePlan | None
     max_model_len: int
-    dtype: str | None = "float32"  # None: vLLM's default (the checkpoint's dtype)
+    dtype: str | None = None  # None: vLLM's default (the checkpoint's dtype); the equality tests ask for float32
     block_size: int = CPU_BLOCK_SIZE
     exact_prefill: bool | None = True  # True: one chunk per prompt (the executor's prefill); False: chunked; None: vLLM's default
     max_num_batched_tokens: int | None = None

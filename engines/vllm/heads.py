@@ -181,7 +181,13 @@ class CompressedHeads:
         kept = stacked([m.kept_slots for m, _, _ in groups])  # [groups, R, K + 1]
         if metadata.num_decodes:
             self._decode(query, kept, metadata, output)
-        for span in metadata.prefills:
+        prompts = [span for span in metadata.prefills if span.computed == 0]
+        if prompts and query.device.type == "cpu":  # vLLM's CPU kernel, all of the step's prompts in one call
+            from kvpress_rl.engines.vllm.cpu_full import prompt_attention
+
+            prompt_attention(query, key, value, [(span.start, span.end) for span in prompts], self.scale, output)
+            prompts = []
+        for span in prompts + [span for span in metadata.prefills if span.computed]:
             self._prefill(query, key, value, kept, metadata, span, output)
 
     def _decode(self, query: torch.Tensor, kept: torch.Tensor, metadata, output: torch.Tensor) -> None:

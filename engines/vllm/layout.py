@@ -134,6 +134,9 @@ def ideal_capacity_ratio(sparsity: float, length: int, budget: int = SINK_TOKENS
 
 
 MAX_GROUPS = 16  # KV-cache groups the layout may ask of vLLM (each one is a block table the scheduler walks every step)
+# A tagging must save this share of the blocks: each more group is one more metadata build per step, and a layer whose
+# full heads fall in two groups runs two kernel calls instead of one (`heads.head_runs`).
+MIN_SAVING = 0.05
 
 
 def padded_head_blocks(full: int, compressed: int, group: int, length: int, block_size: int) -> int:
@@ -171,6 +174,8 @@ def group_layout(full: int, compressed: int, length: int, block_size: int) -> in
         tagged = padded_head_blocks(full, compressed, group, length, block_size)
         if tagged < cost:
             best, cost = group, tagged
+    if best is not None and cost > (1 - MIN_SAVING) * padded_head_blocks(full, compressed, default, length, block_size):
+        return None  # not worth its per-step cost
     return best
 
 

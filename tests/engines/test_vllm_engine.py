@@ -35,7 +35,7 @@ def test_greedy_tokens_equal_the_executor_on_a_random_model(tmp_path_factory, ar
     plan = CompressionPlan(full, Streaming(), 0.5)
     generator = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, 512, (n,), generator=generator).tolist() for n in (20, 80, 300)]
-    settings = EngineSettings(model=folder, plan=EnginePlan.from_plan(plan), max_model_len=1024, eager=eager)
+    settings = EngineSettings(model=folder, plan=EnginePlan.from_plan(plan), max_model_len=1024, dtype="float32", eager=eager)
     with VllmGenerator(settings) as engine:
         got = [out.token_ids for out in engine.generate(prompts, NEW_TOKENS)]
     differs_from_full = 0
@@ -68,7 +68,7 @@ def test_greedy_tokens_equal_the_executor_on_the_embedded_model(embedded, sparsi
     prompts = [prompt_ids(tokenizer, p) for p in task_problems(COUNTED_TASK, "test", 20)]
     end_ids = [tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.eos_token_id]
     limit = ANSWER_LIMITS[COUNTED_TASK]
-    settings = EngineSettings(model=model_folder("embedded"), plan=EnginePlan.from_plan(plan), max_model_len=2048)
+    settings = EngineSettings(model=model_folder("embedded"), plan=EnginePlan.from_plan(plan), max_model_len=2048, dtype="float32")
     with VllmGenerator(settings) as engine:
         got = [list(out.token_ids) for out in engine.generate(prompts, limit, stop_token_ids=end_ids)]
     ids, mask = left_pad(prompts, tokenizer.pad_token_id)
@@ -86,7 +86,7 @@ def test_greedy_tokens_equal_the_executor_on_the_embedded_model(embedded, sparsi
 def reported_capacity(folder: str, plan: EnginePlan | None, length: int) -> tuple[int, float]:
     from vllm.v1.core.kv_cache_utils import get_kv_cache_capacity
 
-    settings = EngineSettings(model=folder, plan=plan, max_model_len=length, exact_prefill=False, max_num_batched_tokens=64,
+    settings = EngineSettings(model=folder, plan=plan, max_model_len=length, dtype="float32", exact_prefill=False, max_num_batched_tokens=64,
                               kv_cache_memory_bytes=512 * 2**20)  # holds one full-cache sequence of 8,192 tokens
     with VllmGenerator(settings) as engine:
         core = engine.llm.llm_engine.engine_core.engine_core  # in-process engine core (tests/engines/conftest.py)
