@@ -19,6 +19,7 @@ What keeps it up and its answers the same under load:
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import subprocess
@@ -156,8 +157,6 @@ def supervise(command: list[str], health_url: str, env: dict) -> int:
 def die_with_parent() -> None:
     """In the server's process: get SIGTERM when `kvrl serve` dies, however it dies (Linux; elsewhere nothing)."""
     try:
-        import ctypes
-
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except OSError:
         pass
