@@ -37,7 +37,7 @@ from kvpress_rl.cli.output import console
 from kvpress_rl.engines.vllm.engine import EngineSettings, check_vllm, default_block_size, model_config, model_folder
 from kvpress_rl.engines.vllm.layout import EnginePlan, sequence_head_blocks
 from kvpress_rl.errors import KvrlError
-from kvpress_rl.models import DEFAULT_MODEL, ModelShape
+from kvpress_rl.models import _DTYPES, DEFAULT_MODEL, ModelShape
 from kvpress_rl.plan import PLAN_RULES, check_sparsity, plan_from_scores
 from kvpress_rl.scores import HeadScores
 
@@ -235,8 +235,12 @@ def serve_dtype(args: list[str], config) -> torch.dtype:
     """The dtype vLLM will run in: `--dtype` if passed (not `auto`), else the checkpoint's (float16/bfloat16/float32)."""
     for i, arg in enumerate(args):
         if arg == "--dtype" or arg.startswith("--dtype="):
-            name = arg.split("=", 1)[1] if "=" in arg else args[i + 1]
-            if name not in ("auto", ""):
-                return getattr(torch, {"half": "float16", "float": "float32"}.get(name, name))
+            name = arg.split("=", 1)[1] if "=" in arg else (args[i + 1] if i + 1 < len(args) else "")
+            name = {"half": "float16", "float": "float32"}.get(name, name)
+            if name == "auto":
+                break
+            if name not in _DTYPES:
+                raise KvrlError(f"--dtype {name!r} is not a dtype vLLM serves here; accepted: auto, half, float, {', '.join(_DTYPES)}")
+            return _DTYPES[name]
     declared = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.bfloat16
     return declared if isinstance(declared, torch.dtype) else getattr(torch, str(declared))

@@ -88,33 +88,31 @@ class FullHeads:
     group: int  # query heads per KV head
 
     def __post_init__(self) -> None:
-        self.layers: list = []
         self.views: list[tuple[int, int, torch.Tensor, str]] = []
         self.bound_at = -1
 
     def _bind(self) -> None:
         contexts = [layer_context(name) for name in self.names]
-        self.layers = [layer for _, layer, _ in contexts]
         self.views = []  # (first head, heads, view, name of the run's first sub-layer: its group's metadata)
         start = 0
         for end in range(1, len(contexts) + 1):  # heads of different KV-cache groups have different block tables
             if end == len(contexts) or contexts[end][0] is not contexts[start][0]:
-                caches = [layer.kv_cache for layer in self.layers[start:end]]
+                caches = [layer.kv_cache for _, layer, _ in contexts[start:end]]
                 for first, count in head_runs(caches):
                     self.views.append((start + first, count, multi_head_view(caches[first:first + count]), self.names[start + first]))
                 start = end
 
     def __call__(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, output: torch.Tensor) -> None:
         """query `[T, F * G, D]`, key and value `[T, F, D]`, output `[T, F * G, D]` (written)."""
-        metadata, first_layer, _ = layer_context(self.names[0])
-        if metadata is None:  # vLLM's profiling and warm-up runs
+        context = layer_context(self.names[0])
+        if context[0] is None:  # vLLM's profiling and warm-up runs
             return
-        if not self.layers or first_layer.kv_cache.data_ptr() != self.bound_at:
+        if context[1].kv_cache.data_ptr() != self.bound_at:
             self._bind()  # once: vLLM binds the caches before the first real step
-            self.bound_at = first_layer.kv_cache.data_ptr()
+            self.bound_at = context[1].kv_cache.data_ptr()
         g = self.group
         for first, count, view, name in self.views:
-            metadata, layer, slot_mapping = layer_context(name)
+            metadata, layer, slot_mapping = context if first == 0 else layer_context(name)  # the first run starts at head 0
             heads = slice(first, first + count)
             q, k, v, out = query[:, first * g:(first + count) * g], key[:, heads], value[:, heads], output[:, first * g:(first + count) * g]
             layer.impl.do_kv_cache_update(layer, k, v, view, slot_mapping)
@@ -167,12 +165,13 @@ class CompressedHeads:
 
     def __call__(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, output: torch.Tensor) -> None:
         """query `[T, C * G, D]`, key and value `[T, C, D]`, output `[T, C * G, D]` (written)."""
-        metadata, first_layer, _ = layer_context(self.names[0])
+        context = layer_context(self.names[0])
+        metadata = context[0]
         if metadata is None:  # vLLM's profiling and warm-up runs
             return
-        if first_layer.kv_cache.data_ptr() != self.bound_at:
+        if context[1].kv_cache.data_ptr() != self.bound_at:
             self._bind()
-        groups = [layer_context(name) for name in self.group_names]
+        groups = [context] + [layer_context(name) for name in self.group_names[1:]]  # group_names[0] is names[0]
         tokens, d = metadata.num_actual_tokens, self.head_size
         # the step's keys and values first: a decoding token reads itself back with its history
         rows = self._rows(stacked([slot_mapping[:tokens].long() for _, _, slot_mapping in groups]))  # [C, T]

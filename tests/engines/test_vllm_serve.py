@@ -114,6 +114,7 @@ def test_serve_answers_chat_completions_as_the_executor(tmp_path):
     (["--concurrency", "0"], "--concurrency must be a positive number"),
     (["--kv-cache-memory-bytes", "lots"], "--kv-cache-memory-bytes takes a number of bytes"),
     (["--enable-chunked-prefill"], "--enable-chunked-prefill is set by kvrl serve"),
+    (["--dtype", "fp7"], "--dtype 'fp7' is not a dtype vLLM serves here"),
 ])
 def test_what_serve_cannot_run_exactly_is_refused_in_one_line(cli, args, message):
     result = cli("serve", *args)
