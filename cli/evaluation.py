@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import click
@@ -146,7 +147,8 @@ def results_table(rows: list[dict]) -> RenderableType:
 @click.option("--chat-template/--no-chat-template", default=None, help="apply the tokenizer's chat template; the flag wins over a task's own setting (default: on for the "
                    "embedded and *_r1 tasks, else when the tokenizer has one)")
 @click.option("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when there is one, one GPU per process)")
-@click.option("--dtype", default="auto", show_default=True, help="auto (float32 on CPU, bfloat16 on GPU), float32, float16, bfloat16")
+@click.option("--dtype", default="auto", show_default=True,
+              help="auto (bfloat16 on GPU; on CPU float32, the embedded model bfloat16), float32, float16, bfloat16")
 @click.option("--num-processes", default=1, show_default=True, type=int, help="data-parallel processes (accelerate launch)")
 @click.option("--engine", type=click.Choice(ENGINES), default="transformers", show_default=True,
               help="what generates: transformers (the executor) or vllm (the kvpress-rl vLLM plugin, head plans with streaming heads)")
@@ -201,8 +203,9 @@ def check_engine(spec: GridSpec) -> None:
 
 def eval_inputs(*, tasks, strategies, sparsities, seeds, model, heads, limit, batch_size, max_tokens, data_dir, compressed_policy,
                 full_policy, full_budgets, plan_rule, decoding_simulation, allow_code_execution, chat_template, device, dtype,
-                engine: str = "transformers", quiet: bool = False):
-    """`(GridSpec, device)`: every input checked before any model loads (and before any process is launched)."""
+                engine: str = "transformers", quiet: bool = False, validation: bool = False):
+    """`(GridSpec, device)`: every input checked before any model loads (and before any process is launched);
+    `validation`: the tasks' validation split (tasks without one refused)."""
     found = strategies_with_warnings(quiet)  # quiet: a rank of a data-parallel run (the launching process showed them)
     chosen = [(name, get_strategy(name, found)) for name in split_list(strategies, str, "--strategy")]
     levels = [check_sparsity(s) for s in split_list(sparsities, float, "--sparsity")]
@@ -232,8 +235,8 @@ def eval_inputs(*, tasks, strategies, sparsities, seeds, model, heads, limit, ba
     task_names = split_list(tasks, str, "--tasks") if tasks else [default_task]
     spec = GridSpec(chosen, levels, seed_list, limit or None, batch_size, max_tokens, head_files, task_names, data_dir,
                     compressed_policy, plan_rule, allow_code_execution, chat_template, decoding_simulation=decoding_simulation,
-                    model=identity, weights=weights_identity(identity), dtype=dtype if dtype != "auto" else ("float32" if device == "cpu" else "bfloat16"),
-                    full_policy=full_policy, full_budgets=budget_list, engine=engine)
+                    model=identity, weights=weights_identity(identity), dtype=dtype if dtype != "auto" else auto_dtype(model_spec, device),
+                    full_policy=full_policy, full_budgets=budget_list, engine=engine, split="validation" if validation else "test")
     if engine != "transformers":
         check_engine(spec)
     check_heads(spec)  # every --heads file exists and loads; its shape is checked once the model is loaded
@@ -243,8 +246,6 @@ def eval_inputs(*, tasks, strategies, sparsities, seeds, model, heads, limit, ba
 
 def run_eval(settings: dict, output: Path, recompute: bool) -> None:
     """One process of `kvrl eval` (the only one, or a rank of a data-parallel run, where rank 0 alone reports)."""
-    from kvpress_rl.evaluators.harness import KvrlLM  # lm-eval's model stack: loaded when an evaluation runs
-
     quiet_lm_eval()
     rank, world_size = distributed_rank()
     main_process = rank == 0  # under `--num-processes`, only rank 0 reports
@@ -254,27 +255,23 @@ def run_eval(settings: dict, output: Path, recompute: bool) -> None:
     lock = None
     if main_process and os.environ.get(LOCK_HELD_ENV) != str(output.resolve()):
         lock = lock_output(output)  # a second writer into the same folder is refused here, before the model loads
+    try:
+        run_locked_eval(spec, device, settings["model"] or DEFAULT_MODEL, output, recompute, console, main_process)
+    finally:
+        if lock is not None:
+            lock.close()
+
+
+def run_locked_eval(spec: GridSpec, device: str, model_spec: str, output: Path, recompute: bool, console: Console,
+                    main_process: bool) -> None:
     plan_resume(spec, output, recompute)  # cells made with other settings: refused before the model loads
-    model_spec = settings["model"] or DEFAULT_MODEL
     terminal = console.is_terminal
-    with console.status(f"loading model {model_spec}") if terminal else nullcontext():
-        # under --engine vllm the transformers copy only answers shape and tokenizer questions: it stays off the GPU vLLM takes
-        lm_model, tokenizer = load_model(model_spec, dtype=settings["dtype"], device="cpu" if spec.engine == "vllm" else device)
-    if tokenizer is None:
-        raise KvrlError(f"model {model_spec!r} has no tokenizer; evaluation needs a real model (the embedded one, a directory or a hub id)")
-    check_head_shapes(spec, lm_model)  # --heads of another model shape: refused before any cell runs
     task_count, limit = len(spec.tasks), spec.limit
     cells_total = task_count * len(grid_cells(spec))
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console,
-                  disable=not (main_process and terminal)) as progress:
+    with evaluation_model(spec, model_spec, device, console) as lm, grid_progress(console, main_process) as progress:
         cells_bar = progress.add_task("cells", total=cells_total)
         samples_bar = progress.add_task("samples", total=limit)
-        engine = None
-        if spec.engine == "vllm":
-            engine = PlanEngines(model_folder(model_spec), dtype=spec.dtype, max_model_len=min(lm_max_length(lm_model), 32768),
-                                 max_num_seqs=spec.batch_size)
-        lm = KvrlLM(lm_model, tokenizer=tokenizer, batch_size=spec.batch_size, on_samples=lambda n: progress.advance(samples_bar, n),
-                    engine=engine)
+        lm.on_samples = lambda n: progress.advance(samples_bar, n)
 
         def on_cell(cell):
             progress.advance(cells_bar)
@@ -285,11 +282,7 @@ def run_eval(settings: dict, output: Path, recompute: bool) -> None:
             elif main_process:
                 print(line, flush=True)  # a log file gets one plain line per cell
 
-        try:
-            cells = run_grid(lm, spec, output, on_cell=on_cell, recompute=recompute)
-        finally:
-            if engine is not None:
-                engine.close()
+        cells = run_grid(lm, spec, output, on_cell=on_cell, recompute=recompute)
         progress.update(cells_bar, completed=cells_total)
     if cells and main_process:
         rows = summarize(cells)
@@ -299,8 +292,42 @@ def run_eval(settings: dict, output: Path, recompute: bool) -> None:
         else:  # a log file: a plain Markdown table, whatever its width
             print("accuracy by strategy and sparsity\n\n" + markdown_table(rows), flush=True)
             print(f"grid: {output / 'grid.csv'}; plot it with `kvrl report {output}`", flush=True)
-    if lock is not None:
-        lock.close()
+
+
+def grid_progress(console: Console, main_process: bool = True) -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console,
+                    disable=not (main_process and console.is_terminal))
+
+
+@contextmanager
+def evaluation_model(spec: GridSpec, model_spec: str, device: str, console: Console) -> Iterator:
+    """The lm-eval model (`KvrlLM`) that runs a grid's cells, on the executor or on vLLM (closed on exit).
+
+    Under --engine vllm the transformers copy only answers shape and tokenizer questions: it stays off the GPU vLLM takes."""
+    from kvpress_rl.evaluators.harness import KvrlLM  # lm-eval's model stack: loaded when an evaluation runs
+
+    with console.status(f"loading model {model_spec}") if console.is_terminal else nullcontext():
+        lm_model, tokenizer = load_model(model_spec, dtype=spec.dtype, device="cpu" if spec.engine == "vllm" else device)
+    if tokenizer is None:
+        raise KvrlError(f"model {model_spec!r} has no tokenizer; evaluation needs a real model (the embedded one, a directory or a hub id)")
+    check_head_shapes(spec, lm_model)  # --heads of another model shape: refused before any cell runs
+    engine = None
+    if spec.engine == "vllm":
+        engine = PlanEngines(model_folder(model_spec), dtype=spec.dtype, max_model_len=min(lm_max_length(lm_model), 32768),
+                             max_num_seqs=spec.batch_size)
+    try:
+        yield KvrlLM(lm_model, tokenizer=tokenizer, batch_size=spec.batch_size, engine=engine)
+    finally:
+        if engine is not None:
+            engine.close()
+
+
+def auto_dtype(model_spec: str, device: str) -> str:
+    """`--dtype auto`: bfloat16 on a GPU; on the CPU float32, or the dtype the model's profile evaluates in (the
+    embedded model: bfloat16, where its accuracy holds)."""
+    if device != "cpu":
+        return "bfloat16"
+    return (EMBEDDED_PROFILE.eval_dtype or "float32") if model_spec == DEFAULT_MODEL else "float32"
 
 
 def quiet_lm_eval() -> None:

@@ -26,6 +26,7 @@ from kvpress_rl.cli.launch import check_num_processes, distributed_rank, join_pr
 from kvpress_rl.cli.options import describe_options, parse_strategy_options
 from kvpress_rl.cli.output import console, strategies_with_warnings
 from kvpress_rl.cli.serve import serve_command
+from kvpress_rl.cli.tune import tune_command
 from kvpress_rl.engines.vllm.engine import GatedRollouts, check_vllm, model_folder
 from kvpress_rl.engines.vllm.layout import GatedBranch
 from kvpress_rl.errors import KvrlError
@@ -369,6 +370,7 @@ app.add_command(report_command)
 app.add_command(embedded_group)
 app.add_command(export_command)
 app.add_command(serve_command)
+app.add_command(tune_command)
 
 
 def main() -> None:

@@ -168,6 +168,7 @@ class GridSpec:
     full_policy: str | None = None  # a hybrid plan: token policy of the full heads of head strategies
     full_budgets: list[str] = field(default_factory=list)  # what they keep, one grid axis ("all": everything, "0.5", "512")
     engine: str = "transformers"  # what generates: the executor in this process, or "vllm" (kvpress_rl.engines.vllm)
+    split: str = "test"  # the tasks' problems: test, or validation (`kvrl tune` chooses there)
 
 
 def heads_identity(heads: str) -> str:
@@ -206,13 +207,20 @@ def selection_key(spec: GridSpec, name: str, entry: StrategyEntry, seed: int) ->
                        "kvrl": code_identity()})
 
 
+def scores_path(entry: StrategyEntry, name: str, spec: GridSpec, seed: int, out: Path) -> str:
+    """Where a strategy's scores come from: its `--heads`, else the file a grid in `out` caches its `select` in."""
+    if name in spec.heads:
+        return spec.heads[name]
+    return str(out / "heads" / f"{name}-seed{seed}-{selection_key(spec, name, entry, seed)}.safetensors")
+
+
 def scores_for(entry: StrategyEntry, name: str, spec: GridSpec, model, tokenizer, seed: int, out: Path) -> HeadScores:
     """The strategy's scores: from `--heads`, from an earlier run in `out` on the same model, or by running `select`
     (strategies that do not train)."""
     if name in spec.heads:
         scores = HeadScores.load(spec.heads[name])
     else:
-        cached = out / "heads" / f"{name}-seed{seed}-{selection_key(spec, name, entry, seed)}.safetensors"
+        cached = Path(scores_path(entry, name, spec, seed, out))
         if cached.is_file():
             scores = HeadScores.load(cached)
         else:
@@ -251,6 +259,8 @@ def cell_definition(spec: GridSpec, config: TaskConfig, name: str, entry: Strate
     }
     if spec.engine != "transformers":  # cells of another engine are other cells (transformers cells keep their old keys)
         definition["engine"] = spec.engine
+    if spec.split != "test":
+        definition["split"] = spec.split
     if entry is not None:
         definition.update(strategy_version=entry.cls.version, decoding_simulation=spec.decoding_simulation)
         if entry.cls.kind == "head":
@@ -264,7 +274,7 @@ def cell_definition(spec: GridSpec, config: TaskConfig, name: str, entry: Strate
 FLAG_OF = {"kvrl": "kvrl version", "model": "--model", "weights": "model weights", "dtype": "--dtype", "data": "task data (--data-dir)", "limit": "--limit",
            "max_tokens": "--max-tokens", "chat_template": "--chat-template", "strategy_version": "strategy version",
            "decoding_simulation": "--decoding-simulation", "heads": "--heads", "compressed_policy": "--compressed-policy",
-           "plan_rule": "--plan-rule", "engine": "--engine"}
+           "plan_rule": "--plan-rule", "engine": "--engine", "split": "split"}
 
 
 def describe_change(old: dict[str, Any], new: dict[str, Any]) -> str:
@@ -393,7 +403,7 @@ def resolve_tasks(spec: GridSpec) -> list[TaskConfig]:
     """Every task's config, checked (names, data files, code execution) before any model work."""
     manager = task_manager()
     data_dir = data_dir_from(spec.data_dir)
-    configs = [resolve_task(name, data_dir, manager, embedded_tokens=spec.max_new_tokens) for name in spec.tasks]
+    configs = [resolve_task(name, data_dir, manager, embedded_tokens=spec.max_new_tokens, split=spec.split) for name in spec.tasks]
     offline = any(os.environ.get(v, "0").lower() in ("1", "true", "yes") for v in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"))
     for config in configs:
         if offline and config.reads_hub:
@@ -502,7 +512,8 @@ def run_cell(lm, config: TaskConfig, spec: GridSpec, plan, key: tuple[str, float
     # --max-tokens replaces the task's answer limit, and the *_r1 tasks' cap on the total length with it
     gen_kwargs = {"max_gen_toks": spec.max_new_tokens, "max_total_tokens": None} if spec.max_new_tokens else None
     check_answer_limit(spec, config, lm.max_length)
-    results = simple_evaluate(model=lm, tasks=[config.spec], limit=spec.limit, log_samples=True, apply_chat_template=chat,
+    results = simple_evaluate(model=lm, tasks=[config.spec], task_manager=task_manager(), limit=spec.limit, log_samples=True,
+                              apply_chat_template=chat,
                               fewshot_as_multiturn=chat, gen_kwargs=gen_kwargs, confirm_run_unsafe_code=spec.allow_code_execution,
                               bootstrap_iters=0, random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, verbosity="ERROR")
     if results is None:

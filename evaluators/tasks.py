@@ -46,6 +46,8 @@ R1_TOTAL_TOKENS = 8192
 R1_TOTAL_TOKENS_AIME = 16384
 EMBEDDED_TEST_PROBLEMS = 500
 R1_DECODING_SIMULATION = 50  # RLKV eval/bench/pred.py: --decoding_simulation_length 50
+GSM8K_VALIDATION_ROWS = 500  # gsm8k_r1's validation split: the last rows of GSM8K's train file (RLKV trains on its first)
+SPLITS = ("test", "validation")
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,8 @@ class R1Task:
     correct: Callable[[str, dict], bool]
     total_tokens: int = R1_TOTAL_TOKENS
     code: bool = False
+    # a validation split: (file under the data directory, how many of its last rows); None: the task has none
+    validation: tuple[str, int] | None = None
 
 
 def _gsm8k_doc(row: dict) -> dict:
@@ -111,7 +115,8 @@ def _mbpp_correct(response: str, doc: dict) -> bool:
 R1_TASKS = {
     t.name: t
     for t in (
-        R1Task("gsm8k_r1", "gsm8k/test.jsonl", ("openai/gsm8k", "main", "test"), _gsm8k_doc, lambda r, d: math_equal(r, d["gold"])),
+        R1Task("gsm8k_r1", "gsm8k/test.jsonl", ("openai/gsm8k", "main", "test"), _gsm8k_doc, lambda r, d: math_equal(r, d["gold"]),
+               validation=("gsm8k/train.jsonl", GSM8K_VALIDATION_ROWS)),
         R1Task("math500_r1", "math500/test.jsonl", ("HuggingFaceH4/MATH-500", None, "test"), _math_doc, lambda r, d: math_equal(r, d["gold"])),
         R1Task("aime24_r1", "aime24/test.jsonl", ("Maxwell-Jia/AIME_2024", None, "train"), _aime_doc,
                lambda r, d: integer_equal(r, d["gold"]), total_tokens=R1_TOTAL_TOKENS_AIME),
@@ -160,8 +165,12 @@ def _accuracy_metric() -> list[dict]:
     return [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}]
 
 
-def r1_config(task: R1Task, data_dir: Path | None) -> TaskConfig:
+def r1_config(task: R1Task, data_dir: Path | None, split: str = "test") -> TaskConfig:
+    validation = split == "validation"
+
     def process_docs(dataset):
+        if validation:  # the file's last rows
+            dataset = dataset.select(range(max(0, len(dataset) - task.validation[1]), len(dataset)))
         return dataset.map(task.to_doc, remove_columns=dataset.column_names)
 
     def process_results(doc: dict, results: list[str]) -> dict:
@@ -181,11 +190,17 @@ def r1_config(task: R1Task, data_dir: Path | None) -> TaskConfig:
         "num_fewshot": 0,
         "metadata": {"version": 1.0, "source": "kvpress-rl: the RLKV paper's evaluation setting"},
     }
+    if validation and data_dir is None:
+        raise KvrlError(f"the validation split of task {task.name!r} is read from the data directory; "
+                        "pass --data-dir (a folder laid out like shared/data)")
     if data_dir is not None:
-        config.update(dataset_path="json", dataset_kwargs={"data_files": {"test": _require(data_dir, task.local_file, task.name)}})
+        local = task.validation[0] if validation else task.local_file
+        config.update(dataset_path="json", dataset_kwargs={"data_files": {"test": _require(data_dir, local, task.name)}})
+        if validation:
+            config["metadata"]["split"] = f"validation: the last {task.validation[1]} rows of {local}"
     else:
-        path, name, split = task.hub
-        config.update(dataset_path=path, dataset_name=name, test_split=split)
+        path, name, hub_split = task.hub
+        config.update(dataset_path=path, dataset_name=name, test_split=hub_split)
     if task.code:
         config["unsafe_code"] = True
     return TaskConfig(task.name, config, "acc,none", chat_template=True, unsafe_code=task.code)
@@ -194,15 +209,17 @@ def r1_config(task: R1Task, data_dir: Path | None) -> TaskConfig:
 EMBEDDED_TASKS = tuple(EVAL_TASKS)
 
 
-def embedded_config(count: int = EMBEDDED_TEST_PROBLEMS, max_new_tokens: int | None = None, name: str = EMBEDDED_TASK) -> TaskConfig:
-    """An embedded task's test problems; `max_new_tokens` None: the task's own answer limit."""
+def embedded_config(count: int = EMBEDDED_TEST_PROBLEMS, max_new_tokens: int | None = None, name: str = EMBEDDED_TASK,
+                    split: str = "test") -> TaskConfig:
+    """An embedded task's problems of `split` (test, or validation: other seeds, never trained on);
+    `max_new_tokens` None: the task's own answer limit."""
     max_new_tokens = max_new_tokens or ANSWER_LIMITS[name]
 
     def dataset(**_: Any):
         import datasets
 
         rows = [{"prompt": p.prompt(), "answer": p.answer, "seed": p.seed, "hops": p.hops, "links": len(p.table)}
-                for p in task_problems(name, "test", count)]
+                for p in task_problems(name, split, count)]
         return {"test": datasets.Dataset.from_list(rows)}
 
     def process_results(doc: dict, results: list[str]) -> dict:
@@ -219,7 +236,7 @@ def embedded_config(count: int = EMBEDDED_TEST_PROBLEMS, max_new_tokens: int | N
         "metric_list": _accuracy_metric(),
         "generation_kwargs": {"until": [], "do_sample": False, "max_gen_toks": max_new_tokens},
         "num_fewshot": 0,
-        "metadata": {"version": 1.0, "source": f"kvpress-rl embedded task {name}"},
+        "metadata": {"version": 1.0, "source": f"kvpress-rl embedded task {name} ({split} split)"},
     }
     return TaskConfig(name, config, "acc,none", chat_template=True)
 
@@ -280,12 +297,24 @@ def offline_task_names() -> list[str]:
     return [*EMBEDDED_TASKS, *LM_EVAL_LOCAL, *R1_TASKS]
 
 
-def resolve_task(name: str, data_dir: Path | None, task_manager=None, embedded_tokens: int | None = None) -> TaskConfig:
-    """The lm-eval config of task `name`; unknown names get an error that lists the close ones."""
+def validation_task_names() -> list[str]:
+    """The tasks with a validation split (problems apart from the test split, for choosing settings)."""
+    return [*EMBEDDED_TASKS, *(name for name, task in R1_TASKS.items() if task.validation)]
+
+
+def resolve_task(name: str, data_dir: Path | None, task_manager=None, embedded_tokens: int | None = None,
+                 split: str = "test") -> TaskConfig:
+    """The lm-eval config of task `name` on `split` (test, or validation where the task has one); unknown names get
+    an error that lists the close ones."""
+    if split not in SPLITS:
+        raise KvrlError(f"unknown split {split!r}; accepted: {', '.join(SPLITS)}")
+    if split == "validation" and name not in validation_task_names():
+        raise KvrlError(f"task {name!r} has no validation split, and settings are chosen on validation problems only; "
+                        f"tasks with one: {', '.join(validation_task_names())}")
     if name in EMBEDDED_TASKS:
-        return embedded_config(max_new_tokens=embedded_tokens, name=name)
+        return embedded_config(max_new_tokens=embedded_tokens, name=name, split=split)
     if name in R1_TASKS:
-        return r1_config(R1_TASKS[name], data_dir)
+        return r1_config(R1_TASKS[name], data_dir, split)
     if task_manager is None:
         from lm_eval.tasks import TaskManager
 

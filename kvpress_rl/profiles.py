@@ -25,13 +25,15 @@ class ModelProfile:
     `strategy_defaults`: per strategy name, option values sized for this model (unset options only);
     `haystack_words`: words whose single tokens build synthetic contexts (empty: the whole vocabulary);
     `default_task`: what `kvrl eval` runs when no `--tasks` is given;
-    `select_dtype`: what `kvrl select --dtype auto` runs in on the CPU (None: float32, as every command)."""
+    `select_dtype`: what `kvrl select --dtype auto` runs in on the CPU (None: float32, as every command);
+    `eval_dtype`: likewise for `kvrl eval` and `kvrl tune`."""
 
     family: str
     strategy_defaults: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     haystack_words: tuple[str, ...] = ()
     default_task: str = "gsm8k_r1"
     select_dtype: str | None = None
+    eval_dtype: str | None = None
 
     def defaults_for(self, strategy: str) -> dict[str, Any]:
         return dict(self.strategy_defaults.get(strategy, {}))
@@ -50,11 +52,12 @@ EMBEDDED_RLKV = {
     "advantage": "group",  # the paper's per-group z-score: these values were tuned with it (real models: the official batch one)
 }
 
-# Selection trains in bfloat16 (issue 26: gated rollouts 1.6x faster than float32 on AVX-512 BF16 / AMX CPUs); the task keeps its
-# accuracy in it (`kvrl embedded evaluate --dtype bfloat16`, AMD EPYC): full cache 99.8% of 500 link test problems (float32:
-# 100.0%), 98.7% of 300 counted validation problems (float32, issue 19: 98.7%); the bars were 99% and 98%.
+# Selection and evaluation run in bfloat16 (gated rollouts 1.6x faster than float32 on AVX-512 BF16 / AMX CPUs, decoding
+# 1.7x); the task keeps its accuracy in it (`kvrl embedded evaluate --dtype bfloat16`, AMD EPYC): full cache 99.8% of 500
+# link test problems (float32: 100.0%), 98.7% of 300 counted validation problems (float32: 98.7%), within 1 point.
 EMBEDDED_PROFILE = ModelProfile(family="embedded", strategy_defaults={"rlkv": EMBEDDED_RLKV},
-                                haystack_words=tuple(WORDS), default_task=EMBEDDED_TASK, select_dtype="bfloat16")
+                                haystack_words=tuple(WORDS), default_task=EMBEDDED_TASK, select_dtype="bfloat16",
+                                eval_dtype="bfloat16")
 REGISTERED = {EMBEDDED_PROFILE.family: EMBEDDED_PROFILE}  # profiles a loader can attach by name (read-only)
 
 
