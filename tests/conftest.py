@@ -11,6 +11,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+MARKERS = {
+    "engine": "starts a vLLM engine (tens of seconds each on a CPU)",
+    "slow": "runs a model end to end or a kvrl subprocess for more than a few seconds",
+}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    for name, meaning in MARKERS.items():
+        config.addinivalue_line("markers", f"{name}: {meaning}")
 SHARED_DATA = Path(os.environ.get("KVRL_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
 
 

@@ -8,6 +8,8 @@ import pytest
 
 from tests.helpers import pip_install_target, run_kvrl
 
+pytestmark = pytest.mark.slow
+
 README = Path(__file__).resolve().parents[1] / "README.md"
 CI_RUN = Path(__file__).resolve().parents[1] / ".ci" / "run"
 

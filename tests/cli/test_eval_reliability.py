@@ -12,6 +12,8 @@ import torch
 from kvpress_rl import HeadScores
 from tests.helpers import KVRL, only_error_line
 
+pytestmark = pytest.mark.slow
+
 LINE_CUT = "\u2026"  # rich's ellipsis when a column is cut
 
 

@@ -9,6 +9,8 @@ import torch
 from kvpress_rl import HeadScores
 from tests.helpers import run_kvrl
 
+pytestmark = pytest.mark.slow
+
 FOUR_TASKS = "gsm8k,aime24,minerva_math500,mbpp"
 
 

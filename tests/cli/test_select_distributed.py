@@ -1,9 +1,12 @@
 """`kvrl select --num-processes N`: the same select under `accelerate launch`, on the embedded model and CPU processes."""
 
+import pytest
 import torch
 
 from kvpress_rl import HeadScores
 from tests.helpers import only_error_line, run_kvrl
+
+pytestmark = pytest.mark.slow
 
 TINY = ("--steps", "1", "--prompts-per-step", "2", "--group-size", "2", "--max-new-tokens", "64", "--no-self-distillation")
 

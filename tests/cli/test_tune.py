@@ -40,6 +40,7 @@ def tune_args(folder, *extra):
             "--max-tokens", "4", "--batch-size", "3", "--step", "0.25", "--resolution", "0.125", "--output", "out", *extra)
 
 
+@pytest.mark.slow
 def test_a_tune_run_chooses_on_validation_measures_on_test_and_resumes(cli, tmp_path, random_weight_folder):
     result = cli(*tune_args(random_weight_folder, "--margin", "99"))
     assert result.exit_code == 0, result.output

@@ -13,6 +13,8 @@ from kvpress_rl.executor import compressed
 from tests.executor.reference import masked_reference, teacher_forced_logits
 from tests.helpers import run_kvrl
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def embedded():

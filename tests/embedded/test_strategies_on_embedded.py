@@ -12,6 +12,8 @@ from kvpress_rl.strategies.duo import DuoOptions
 from kvpress_rl.strategies.retrieval import RetrievalOptions
 from kvpress_rl.strategies.rlkv import RLKVOptions
 
+pytestmark = pytest.mark.slow
+
 SMALL = {
     "rlkv": RLKVOptions(steps=1, prompts_per_step=1, group_size=2, pool_size=4, max_new_tokens=60),
     "duo": DuoOptions(steps=2, context_length=100, batch_size=1),

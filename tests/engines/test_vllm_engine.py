@@ -14,7 +14,7 @@ from kvpress_rl.scores import HeadScores
 from tests.conftest import REPO_ROOT
 from tests.engines.conftest import tiny_folder
 
-pytestmark = pytest.mark.usefixtures("vllm_installed")
+pytestmark = [pytest.mark.usefixtures("vllm_installed"), pytest.mark.engine]
 RLKV_HEADS = REPO_ROOT / "benchmarks" / "results" / "heads-rlkv-embedded-count.safetensors"
 NEW_TOKENS = 200
 

@@ -10,7 +10,7 @@ import pytest
 
 from tests.conftest import REPO_ROOT
 
-pytestmark = pytest.mark.usefixtures("vllm_installed")
+pytestmark = [pytest.mark.usefixtures("vllm_installed"), pytest.mark.engine]
 RLKV_HEADS = REPO_ROOT / "benchmarks" / "results" / "heads-rlkv-embedded-count.safetensors"
 GRID = ["eval", "--tasks", "embedded_count", "--strategy", "rlkv", "--heads", str(RLKV_HEADS), "--sparsity", "0.8", "--limit", "6", "--dtype", "float32",
         "--batch-size", "6"]

@@ -14,7 +14,7 @@ from kvpress_rl.executor.gated import gated, new_gates
 from kvpress_rl.strategies.rlkv.backward import completion_logprobs
 from tests.engines.conftest import tiny_folder
 
-pytestmark = pytest.mark.usefixtures("vllm_installed")
+pytestmark = [pytest.mark.usefixtures("vllm_installed"), pytest.mark.engine]
 # float32 on both sides: the two implementations differ by summation order only. The issue's bar is bfloat16's
 # tolerance (a relative 2**-8 on a log-probability); these runs hold a far tighter one.
 TOLERANCE = 2e-3

@@ -19,7 +19,7 @@ import torch
 
 from tests.conftest import REPO_ROOT
 
-pytestmark = pytest.mark.usefixtures("vllm_installed")
+pytestmark = [pytest.mark.usefixtures("vllm_installed"), pytest.mark.engine]
 RLKV_HEADS = REPO_ROOT / "benchmarks" / "results" / "heads-rlkv-embedded-count.safetensors"
 KVRL = str(Path(sys.executable).with_name("kvrl"))
 

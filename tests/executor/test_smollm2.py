@@ -1,6 +1,7 @@
 """The executor on real pretrained weights: SmolLM2-135M-Instruct from its GGUF (30 layers, 9 query
 heads, 3 KV heads, Llama architecture)."""
 
+import pytest
 import torch
 from transformers import DynamicCache
 
@@ -9,6 +10,8 @@ from kvpress_rl.executor import compressed, generate
 from kvpress_rl.plan import plan_from_scores
 from kvpress_rl.policies import Streaming
 from tests.executor.reference import masked_reference, teacher_forced_logits
+
+pytestmark = pytest.mark.slow
 
 PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "Explain what a prime number is in one sentence."]
 

@@ -1,9 +1,12 @@
 """Retrieval heads on real weights: SmolLM2-135M-Instruct has heads that copy a planted needle."""
 
+import pytest
 import torch
 
 from kvpress_rl.selector import SelectionContext
 from kvpress_rl.strategies.retrieval import RetrievalHeads, RetrievalOptions
+
+pytestmark = pytest.mark.slow
 
 
 def test_retrieval_finds_copying_heads_in_smollm2(smollm2):
