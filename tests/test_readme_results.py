@@ -8,7 +8,7 @@ tables (the strategies, the CLI, the tasks, the layers, the method's defaults) d
 Every results table carries an HTML comment that ends on the line just before it, of one of two kinds.
 Today the `source:` tables are the counted grid (README, docs/results.md), the links grid, the walk lengths
 and the frontier (docs/results.md), and in benchmarks/README.md the executor's three tables, the decode
-speeds in `kvrl eval`, the SmolLM2 GSM8K grid, the grid before issue 15, the training seeds and the token
+speeds in `kvrl eval`, the SmolLM2 GSM8K grid, the embedded grid of 2026-11-29, the training seeds and the token
 strategies; the `run:` tables are the learner's memory (three) and the validation screen (benchmarks/README.md).
 
 **1. `source:`** the table is recomputed, cell by cell, from committed files::

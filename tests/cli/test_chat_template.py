@@ -1,4 +1,4 @@
-"""Issue 24, part 5, through the command line: `--no-chat-template` is honoured on a task that asks for the
+"""The chat template through the command line: `--no-chat-template` is honoured on a task that asks for the
 chat template, and a chat template asked for on a tokenizer without one is one line (exit 2), before the model loads."""
 
 import json

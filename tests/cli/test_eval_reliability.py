@@ -1,4 +1,4 @@
-"""Issue 16 through the command line: bad input refused as one line before the model loads (also under
+"""`kvrl eval` through the command line: bad input refused as one line before the model loads (also under
 `--num-processes`), one writer per output folder, damaged grids left alone, a readable log."""
 
 import os

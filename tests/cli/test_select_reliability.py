@@ -1,4 +1,4 @@
-"""Issue 16, `kvrl` side: bad input is one line and exit 2 before any work; plugins cannot break kvrl; a fresh
+"""`kvrl select` and the CLI: bad input is one line and exit 2 before any work; plugins cannot break kvrl; a fresh
 rlkv run starts a clean work folder; a run outside a terminal prints one plain line per step."""
 
 import json
@@ -219,7 +219,7 @@ def test_outside_a_terminal_every_step_prints_one_plain_line(tiny_dir, tmp_path)
     assert "\x1b[" not in result.stdout  # no terminal control codes in a log file
 
 
-# --- issue 24: a rank that fails ends the whole data-parallel run, as one line ---------------------------------
+# --- a rank that fails ends the whole data-parallel run, as one line ---------------------------------
 FAILING_PLUGIN = """
 import os
 

@@ -1,4 +1,4 @@
-"""Issue 24, part 1: a result knows the weights and the code that made it (`kvpress_rl.identity`), and a grid
+"""A result knows the weights and the code that made it (`kvpress_rl.identity`), and a grid
 cell made with other weights or other code is never resumed."""
 
 import json

@@ -1,4 +1,4 @@
-"""Issue 16, the library side: files, scores, devices, seeds, model paths and plugins fail in one clear line."""
+"""The library's refusals: files, scores, devices, seeds, model paths and plugins fail in one clear line."""
 
 import json
 import os

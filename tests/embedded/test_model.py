@@ -49,7 +49,7 @@ def test_solves_the_counted_task_and_both_tasks_fail_without_far_heads(embedded)
 
 
 def test_a_long_walk_through_the_executor_is_the_masked_reference(embedded):
-    """Issue 19's check: walks longer than those the heads were chosen on fail under compression; the executor
+    """The counted task's check: walks longer than those the heads were chosen on fail under compression; the executor
     must not be the cause. 14 hops and 48 links (a 300-token prompt, a 100-token chain), teacher-forced."""
     model, tokenizer = embedded
     problem = make_problem(20_900_000, Difficulty(hops=14, links=48))

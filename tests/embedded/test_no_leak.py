@@ -1,4 +1,4 @@
-"""Issue 24, parts 2 and 3: no training stream of any seed is test or validation data, and the counted task
+"""No training stream of any seed is test or validation data, and the counted task
 needs its count (no walk's last word links to itself)."""
 
 import random

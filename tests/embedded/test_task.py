@@ -63,7 +63,7 @@ def test_extract_answer_none_without_answer():
 
 
 @pytest.mark.parametrize(("index", "stream", "seed", "hops", "links", "answer", "prompt_sha256"), [
-    # training streams since issue 24 (seeds from 2**32 up, disjoint from every evaluation split); a change here
+    # training streams (seeds from 2**32 up, disjoint from every evaluation split); a change here
     # changes what `kvrl embedded train` and `kvrl select --data embedded-mixed` train on
     (0, 0, 2**32, 4, 31, "pen", "c3e228cbf172d5d9"),
     (1, 0, 2**32 + 1, 5, 36, "pond", "9fd483da9f7b2f9c"),

@@ -1,4 +1,4 @@
-"""Issue 24, part 5: a task's settings are defaults and the user's flags win (`--chat-template`/`--no-chat-template`,
+"""A task's settings are defaults and the user's flags win (`--chat-template`/`--no-chat-template`,
 `--max-tokens`); a chat template asked for on a tokenizer without one, or an answer limit the model cannot hold, is refused
 with one line before lm-eval runs."""
 

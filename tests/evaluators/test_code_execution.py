@@ -48,7 +48,7 @@ def test_the_last_python_block_is_the_answer():
     assert score_mbpp("I cannot do that.", {"test_list": TESTS}).reason == "no code"
 
 
-# Issue 16: the promises of run_tests.
+# The promises of run_tests.
 
 
 WRONG = "def add(a, b):\n    return a - b\n"

@@ -1,4 +1,4 @@
-"""Issue 16, "nothing stale, nothing lost": the grid resumes only cells made with today's settings,
+"""Nothing stale, nothing lost: the grid resumes only cells made with today's settings,
 reads damaged files as one-line errors, and lets one writer at a time into an output folder."""
 
 import json

@@ -33,7 +33,7 @@ def test_batch_advantages_follow_the_official_code():
     assert torch.all(batch_advantages(torch.ones(4), torch.tensor([3, 1, 2, 5])) == 0)  # no signal
 
 
-# Issue 24: two groups of 2, the first agreeing. (r - 0.5) * 10 = +5, +5 | +5, -5 on 1, 3 | 2, 2 completion tokens:
+# The official batch advantage: two groups of 2, the first agreeing. (r - 0.5) * 10 = +5, +5 | +5, -5 on 1, 3 | 2, 2 completion tokens:
 # token-weighted mean 20 / 8 = 2.5; squared deviations 6 * 2.5^2 + 2 * 7.5^2 = 150 over 8 - 1 tokens (unbiased);
 # advantages (x - 2.5) / (sqrt(150 / 7) + 1e-5) = 2.5 / 4.6291105, -7.5 / 4.6291105.
 AGREEING = torch.tensor([1.0, 1.0, 1.0, 0.0])

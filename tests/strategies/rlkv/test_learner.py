@@ -154,7 +154,7 @@ def test_resolved_options_are_printable_with_their_source():
     assert "beta = 0.5\n" in text + "\n" and "steps = 186  [official]" in text
 
 
-# --- issue 24: the official batch advantage by default on real models; r_bar of the whole batch ------------------------
+# --- the official batch advantage by default on real models; r_bar of the whole batch ------------------------
 def test_real_models_default_to_the_official_batch_advantage_and_the_embedded_model_keeps_the_group_one():
     for model_type in ("qwen2", "llama", "qwen3"):
         assert resolved(fake_model(model_type)).advantage == "batch"
@@ -527,7 +527,7 @@ def test_the_output_head_in_chunks_gives_the_logprobs_and_gradients_of_one_call(
     assert torch.allclose(results[0][1], results[1][1], atol=1e-6) and results[0][1].abs().max() > 0
 
 
-# --- issue 16: a fresh run starts clean, resumes count their whole time, bad input is one line ----------------
+# --- reliability: a fresh run starts clean, resumes count their whole time, bad input is one line ----------------
 def test_a_fresh_run_in_a_used_work_folder_starts_its_log_afresh(tiny, data, tmp_path):
     model, tokenizer = tiny
     work = tmp_path / "run"
