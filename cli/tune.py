@@ -75,9 +75,10 @@ def tune_command(heads: str | None, tasks: str | None, strategies: str, margin: 
     check_chat_template_before_loading(spec)
     quiet_lm_eval()
     console = Console()
-    if spec.limit and 100 * least_bound(spec.limit, settings.confidence) > settings.margin:
+    least = 100 * least_bound(spec.limit, settings.confidence) if spec.limit else 0.0
+    if least > settings.margin:
         console.print(f"warning: on {spec.limit} problems the {100 * settings.confidence:g}% bound of the drop is at least "
-                      f"{100 * least_bound(spec.limit, settings.confidence):.1f} points even when no answer changes, so no sparsity can "
+                      f"{least:.1f} points even when no answer changes, so no sparsity can "
                       f"hold within {settings.margin:g} with it; --limit {problems_for(settings.margin, settings.confidence)} or more "
                       "makes that possible (the observed choice is reported either way)", highlight=False, markup=False)
     lock = lock_output(output)

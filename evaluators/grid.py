@@ -513,8 +513,7 @@ def run_cell(lm, config: TaskConfig, spec: GridSpec, plan, key: tuple[str, float
     gen_kwargs = {"max_gen_toks": spec.max_new_tokens, "max_total_tokens": None} if spec.max_new_tokens else None
     check_answer_limit(spec, config, lm.max_length)
     results = simple_evaluate(model=lm, tasks=[config.spec], task_manager=task_manager(), limit=spec.limit, log_samples=True,
-                              apply_chat_template=chat,
-                              fewshot_as_multiturn=chat, gen_kwargs=gen_kwargs, confirm_run_unsafe_code=spec.allow_code_execution,
+                              apply_chat_template=chat, fewshot_as_multiturn=chat, gen_kwargs=gen_kwargs, confirm_run_unsafe_code=spec.allow_code_execution,
                               bootstrap_iters=0, random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, verbosity="ERROR")
     if results is None:
         return None
@@ -569,15 +568,25 @@ def sample_context(sample: dict) -> str:
     return str(arguments[0][0]) if arguments and arguments[0] else ""
 
 
+def sample_response(sample: dict) -> str:
+    """The answer lm-eval recorded for a sample (its `resps` are `[[text]]` or `[text]`)."""
+    return sample["resps"][0][0] if sample["resps"] and isinstance(sample["resps"][0], list) else str(sample["resps"][0])
+
+
+def sample_length(lm, sample: dict, answer_ids: list[int] | None = None) -> int:
+    """A sample's total length in tokens: the prompt lm-eval sent and the answer."""
+    if answer_ids is None:
+        answer_ids = lm.tok_encode(sample_response(sample), add_special_tokens=False)
+    return len(lm.tok_encode(sample_context(sample))) + len(answer_ids)
+
+
 def classify_samples(lm, samples: list[dict], metric: str, token_limit: int) -> tuple[list[str], list[int]]:
     """Each sample's classification, and its total length (prompt + answer tokens)."""
     kinds, lengths = [], []
     for sample in samples:
-        response = sample["resps"][0][0] if sample["resps"] and isinstance(sample["resps"][0], list) else str(sample["resps"][0])
-        answer_ids = lm.tok_encode(response, add_special_tokens=False)
-        context = sample_context(sample)
+        answer_ids = lm.tok_encode(sample_response(sample), add_special_tokens=False)
         kinds.append(classify(bool(sample.get(metric, 0)), answer_ids, token_limit))
-        lengths.append(len(lm.tok_encode(context)) + len(answer_ids))
+        lengths.append(sample_length(lm, sample, answer_ids))
     return kinds, lengths
 
 

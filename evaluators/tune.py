@@ -37,7 +37,7 @@ from kvpress_rl.evaluators.grid import (
     read_grid,
     resolve_tasks,
     run_grid,
-    sample_context,
+    sample_length,
     scores_for,
     scores_path,
 )
@@ -254,8 +254,10 @@ def test_measurements(lm, spec: GridSpec, out: Path, choices: list[Choice], on_c
     entries = dict(spec.strategies)
     test_spec = replace(spec, split="test")
     folder = out / "test"
+    validation = out / "validation"
+    full_cells = {c.task: c for c in current_cells(replace(spec, split="validation"), read_grid(validation / "grid.csv")) if c.strategy == FULL}
+    lengths = {task: mean_sequence_length(lm, validation, cell) for task, cell in full_cells.items()}
     results: list[Outcome] = []
-    cells: list[Cell] = []
     for choice in choices:
         entry = entries[choice.strategy]
         outcome = Outcome(choice, heads=scores_path(entry, choice.strategy, spec, spec.seeds[0], out / "validation"))
@@ -272,7 +274,7 @@ def test_measurements(lm, spec: GridSpec, out: Path, choices: list[Choice], on_c
         if not choice.monotonic:
             outcome.notes.append(f"non-monotonic ladder: s = {choice.largest('observed'):g} holds but a lower sparsity fails; the choice "
                                  f"is the largest sparsity below which every tested one holds")
-        describe_memory(lm, spec, out, outcome)
+        describe_memory(lm, spec, validation, outcome, lengths[choice.task])
         results.append(outcome)
     return results
 
@@ -280,31 +282,21 @@ def test_measurements(lm, spec: GridSpec, out: Path, choices: list[Choice], on_c
 def mean_sequence_length(lm, directory: Path, cell: Cell) -> float:
     """Tokens (prompt and answer) of a cell's sequences, averaged."""
     with cell_samples(directory, cell).open() as handle:
-        rows = [json.loads(line) for line in handle]
-    lengths = [len(lm.tok_encode(sample_context(r))) + len(lm.tok_encode(answer_text(r), add_special_tokens=False)) for r in rows]
+        lengths = [sample_length(lm, json.loads(line)) for line in handle]
     return statistics.mean(lengths) if lengths else 0.0
 
 
-def answer_text(sample: dict) -> str:
-    resps = sample.get("resps") or [[""]]
-    return resps[0][0] if isinstance(resps[0], list) else str(resps[0])
-
-
-def describe_memory(lm, spec: GridSpec, out: Path, outcome: Outcome) -> None:
+def describe_memory(lm, spec: GridSpec, validation: Path, outcome: Outcome, mean_length: float) -> None:
     """The chosen plan's KV bytes per sequence at the task's measured length (validation, full cache), and `kvrl serve`."""
     choice = outcome.choice
-    folder = out / "validation"
-    spec = replace(spec, split="validation")
-    full = next(c for c in current_cells(spec, read_grid(folder / "grid.csv")) if c.task == choice.task and c.strategy == FULL)
-    outcome.mean_length = mean_sequence_length(lm, folder, full)
+    outcome.mean_length = mean_length
     entry = dict(spec.strategies)[choice.strategy]
-    scores = scores_for(entry, choice.strategy, spec, lm.model, lm.tokenizer, spec.seeds[0], folder)
+    scores = scores_for(entry, choice.strategy, replace(spec, split="validation"), lm.model, lm.tokenizer, spec.seeds[0], validation)
     plan = build_plan(entry.cls(), scores, choice.chosen, spec.compressed_policy, spec.plan_rule)
-    length = max(1, round(outcome.mean_length))
+    length = max(1, round(mean_length))
     head_dim = ModelShape.from_config(lm.model.config).head_dim
     outcome.kv_bytes_full = plan.full_kv_bytes(length, head_dim=head_dim)
     outcome.kv_bytes_plan = plan.kv_bytes(length, head_dim=head_dim)
     if choice.chosen:
         model = "" if spec.model == DEFAULT_MODEL else f" --model {shlex.quote(spec.model)}"
         outcome.serve_command = f"kvrl serve --heads {shlex.quote(outcome.heads)} --sparsity {choice.chosen:g}{model}"
-
