@@ -5,8 +5,8 @@ heads each), for batches of 32 and 128 requests at an 8k context.
     python benchmarks/plan_attention_gpu.py                    # on the device: at most a few minutes
     python benchmarks/plan_attention_gpu.py --smoke --device cpu  # the same code at a toy size (CI-sized)
 
-Compressed: `kept_attention.decode_over_kept`, the code the vLLM plugin runs for a layer's compressed heads, reading
-81 rows a head from a paged cache whose blocks are shuffled (as vLLM's are). Full: `scaled_dot_product_attention` over
+Compressed: `paged_rows.PagedRows.read` then `kept_attention.decode_over_kept`, the code the vLLM plugin runs for a
+layer's compressed heads, reading 81 rows a head from a paged cache whose blocks are shuffled (as vLLM's are). Full: `scaled_dot_product_attention` over
 a contiguous `[R, 4, L, 128]` cache (the lower bound of any paged kernel), one query a request. Prints the error
 against the reference and milliseconds per layer step; a line per setting.
 """
@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from kvpress_rl.engines.vllm.kept_attention import decode_over_kept, kept_positions
+from kvpress_rl.engines.vllm.paged_rows import PagedRows
 
 KV_HEADS, GROUP, DIM, SINK, WINDOW, BLOCK = 4, 7, 128, 16, 64, 16
 
@@ -36,21 +37,29 @@ def timed(fn, device: str, repeats: int) -> float:
     return (time.perf_counter() - began) / repeats * 1e3
 
 
+def compressed_heads(kv: PagedRows, slots: torch.Tensor, query: torch.Tensor, valid: torch.Tensor,
+                     scale: float) -> torch.Tensor:
+    """What the plugin runs for a decoding step of a layer's compressed heads: one gather, one batched attention."""
+    keys, values = kv.read(kv.index(slots[None]).transpose(0, 1))  # [R, C, K, D]
+    return decode_over_kept(keys, values, query, valid, scale, GROUP)
+
+
 def check(requests: int, context: int, device: str, dtype: torch.dtype, repeats: int) -> str:
     generator = torch.Generator(device="cpu").manual_seed(0)
     blocks = requests * -(-(context + 1) // BLOCK) + 1
-    table = (torch.randperm(blocks - 1, generator=generator) + 1).view(requests, -1).to(device)  # block 0: the null block
+    table = (torch.randperm(blocks - 1, generator=generator) + 1).view(requests, -1).to(device)  # block 0: null block
     rows = torch.randn(KV_HEADS * blocks * BLOCK, 2 * DIM, generator=generator).to(device, dtype)
-    base = torch.arange(KV_HEADS, device=device) * blocks * BLOCK  # each head's region, as the plugin sees vLLM's allocation
+    # each head's region, as the plugin sees vLLM's allocation (a layer-outer layout)
+    kv = PagedRows(rows=rows, base=torch.arange(KV_HEADS, device=device) * blocks * BLOCK,
+                   block_rows=torch.full((KV_HEADS,), BLOCK, device=device), slot_rows=1, block_size=BLOCK, plain=True)
     computed = torch.full((requests,), context, device=device)
     positions, valid = kept_positions(computed, SINK, WINDOW)
     slots = table.gather(1, positions // BLOCK) * BLOCK + positions % BLOCK  # [R, K]
-    index = base[None, :, None] + slots[:, None, :]  # [R, C, K]
     query = torch.randn(requests, KV_HEADS * GROUP, DIM, generator=generator).to(device, dtype)
     scale = DIM**-0.5
 
-    out = decode_over_kept(rows, index, query, valid, scale, GROUP)
-    kept = rows[index]  # the reference: dense attention over exactly the kept rows, in float32
+    out = compressed_heads(kv, slots, query, valid, scale)
+    kept = rows[kv.base[None, :, None] + slots[:, None, :]]  # the reference: dense attention over the kept rows
     keys, values = kept[..., :DIM].float(), kept[..., DIM:].float()
     reference = F.scaled_dot_product_attention(query.view(requests, KV_HEADS, GROUP, DIM).float(), keys, values,
                                                attn_mask=valid[:, None, None, :], scale=scale).view_as(out)
@@ -59,10 +68,11 @@ def check(requests: int, context: int, device: str, dtype: torch.dtype, repeats:
     full_keys = torch.randn(requests, KV_HEADS, context + 1, DIM, generator=generator).to(device, dtype)
     full_values = torch.randn(requests, KV_HEADS, context + 1, DIM, generator=generator).to(device, dtype)
     q4 = query.view(requests, KV_HEADS * GROUP, 1, DIM)
-    full_ms = timed(lambda: F.scaled_dot_product_attention(q4, full_keys, full_values, scale=scale, enable_gqa=True), device, repeats)
-    kept_ms = timed(lambda: decode_over_kept(rows, index, query, valid, scale, GROUP), device, repeats)
-    return (f"R={requests} L={context}: max |error| {error:.2e}; full attention {full_ms:.3f} ms, compressed heads {kept_ms:.3f} ms "
-            f"({full_ms / kept_ms:.1f}x faster per layer with every head compressed)")
+    full_ms = timed(lambda: F.scaled_dot_product_attention(q4, full_keys, full_values, scale=scale, enable_gqa=True),
+                    device, repeats)
+    kept_ms = timed(lambda: compressed_heads(kv, slots, query, valid, scale), device, repeats)
+    return (f"R={requests} L={context}: max |error| {error:.2e}; full attention {full_ms:.3f} ms, "
+            f"compressed heads {kept_ms:.3f} ms ({full_ms / kept_ms:.1f}x faster per layer with every head compressed)")
 
 
 def main() -> None:

@@ -1,6 +1,9 @@
 """Data-parallel runs of `kvrl select` and `kvrl eval`: relaunch under `accelerate launch`, join the
 process group, and end the whole run with one line when a rank fails.
 
+The launching process writes the command's request (a frozen dataclass, as JSON) into a folder and starts every
+rank on it (`python -m kvpress_rl.cli.rank FILE`); each rank rebuilds the request and runs it (`run_in_process`).
+
 The launching process names a folder (`RANK_ERRORS_ENV`) where every rank records its process id and,
 when it fails, a report: a `KvrlError` through `report_rank_error`, any other uncaught error through the
 hook `watch_rank` installs on a rank (its traceback written beside the report). A rank that
@@ -13,6 +16,8 @@ another process left reports that as a symptom (`.peer`): the failing rank's own
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import shutil
 import signal
@@ -21,7 +26,9 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -34,6 +41,10 @@ ERROR, PEER, TRACEBACK, PID = ".error", ".peer", ".traceback", ".pid"  # file su
 POLL_S = 0.1  # how often the launching process looks for a report
 PEER_GRACE_S = 5.0  # how long a symptom (`.peer`) waits for the failing rank's own report before every rank is stopped
 MESSAGE_CHARS = 300  # of an unexpected error's message in the one line (its traceback is kept in full)
+REQUEST_FILE = "request.json"  # in that folder: what every rank runs
+RANK_MODULE = "kvpress_rl.cli.rank"
+
+Request = TypeVar("Request")
 
 
 def distributed_rank() -> tuple[int, int]:
@@ -69,44 +80,66 @@ def join_process_group(device: str) -> str:
     return device
 
 
+def run_in_process(run: Callable[[Request], None], request: Request) -> None:
+    """One process of a command: the only one, or a rank of a data-parallel run, whose `KvrlError` is left for the
+    launching process (`report_rank_error`) and which leaves the process group when it ends."""
+    if distributed_rank()[1] <= 1:
+        run(request)
+        return
+    try:
+        run(request)
+    except KvrlError as err:
+        report_rank_error(err)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+# --- the request every rank runs ------------------------------------------------------------------
+def encode_request(request: Any) -> str:
+    """A command's request as JSON: its class name and its fields (strings, numbers, booleans, None, tuples)."""
+    return json.dumps({"kind": type(request).__name__, "fields": dataclasses.asdict(request)})
+
+
+def decode_request(text: str, kinds: Mapping[str, type]) -> Any:
+    """The request `encode_request` wrote, rebuilt as one of `kinds` (by class name); JSON lists become tuples."""
+    data = json.loads(text)
+    fields = {name: tuple(value) if isinstance(value, list) else value for name, value in data["fields"].items()}
+    return kinds[data["kind"]](**fields)
+
+
 # --- the launching process ------------------------------------------------------------------------
-def launch_data_parallel(num_processes: int) -> None:
-    """Run this same `kvrl` command (select or eval) under `accelerate launch`; a rank's failure stops every
-    rank and comes back as one line (`KvrlError`)."""
+def launch_data_parallel(num_processes: int, request: Any) -> None:
+    """Run `request` (of `kvrl select` or `kvrl eval`) on `num_processes` ranks under `accelerate launch`; a rank's
+    failure stops every rank and comes back as one line (`KvrlError`)."""
     folder = Path(tempfile.mkdtemp(prefix="kvrl-ranks-"))
+    write_report_file(folder / REQUEST_FILE, encode_request(request))
     os.environ[RANK_ERRORS_ENV] = str(folder)
     try:
-        code = run_ranks(relaunch_command(num_processes), folder)
+        code = run_ranks(rank_command(num_processes, folder / REQUEST_FILE), folder)
     finally:
         os.environ.pop(RANK_ERRORS_ENV, None)
     report = first_report(folder)
     if any(folder.glob(f"rank-*{TRACEBACK}")):  # kept: the one line names it
-        for path in folder.glob(f"rank-*{PID}"):
+        for path in [*folder.glob(f"rank-*{PID}"), folder / REQUEST_FILE]:
             path.unlink(missing_ok=True)
     else:
         shutil.rmtree(folder, ignore_errors=True)
     if report:
         raise KvrlError(report)
     if code:
-        raise KvrlError(f"a process of the {num_processes}-process run failed without a report (accelerate launch exited "
-                        f"with {code}); its output is above")
+        raise KvrlError(f"a process of the {num_processes}-process run failed without a report "
+                        f"(accelerate launch exited with {code}); its output is above")
     raise SystemExit(0)
 
 
-def relaunch_command(num_processes: int) -> list[str]:
-    """This same `kvrl` command under `accelerate launch` with N processes (lm-eval's data-parallel path:
-    each process loads the model, takes its share of every cell's requests; rank 0 writes the results)."""
-    args, skip = [], False
-    for arg in sys.argv[1:]:
-        if skip:
-            skip = False
-        elif arg == "--num-processes":
-            skip = True
-        elif not arg.startswith("--num-processes="):
-            args.append(arg)
+def rank_command(num_processes: int, request_file: Path) -> list[str]:
+    """`accelerate launch` of N ranks, each running the request in `request_file` (lm-eval's data-parallel path for
+    `kvrl eval`: each process loads the model, takes its share of every cell's requests; rank 0 writes the results)."""
     # `--multi_gpu` is accelerate's torchrun path; on a machine without GPUs it runs CPU processes (gloo)
-    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(num_processes), "--num_machines", "1",
-            "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "kvpress_rl.cli.main", *args]
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(num_processes),
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            "-m", RANK_MODULE, str(request_file)]
 
 
 def run_ranks(command: list[str], folder: Path) -> int:

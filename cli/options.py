@@ -1,4 +1,5 @@
-"""Strategy options on the command line: every field of a strategy's options dataclass is `--field-name VALUE`."""
+"""Options on the command line: every field of a strategy's options dataclass is `--field-name VALUE`; the
+hybrid plan's `--full-policy` and `--full-budget`, which go together; `--heads`, each strategy's scores file."""
 
 from __future__ import annotations
 
@@ -6,7 +7,9 @@ import typing
 from typing import Any
 
 from kvpress_rl.errors import KvrlError
-from kvpress_rl.selector import HeadSelector, default_of, field_types, option_fields
+from kvpress_rl.evaluators.strategy_scores import training_refusal
+from kvpress_rl.plugins import StrategyEntry
+from kvpress_rl.selector import Strategy, default_of, field_types, option_fields
 
 
 def flag_of(field_name: str) -> str:
@@ -32,7 +35,7 @@ def _convert(raw: str, kind: Any, flag: str) -> Any:
     return raw
 
 
-def parse_strategy_options(selector_cls: type[HeadSelector], args: list[str]) -> Any:
+def parse_strategy_options(selector_cls: type[Strategy], args: list[str]) -> Any:
     """Build the strategy's options dataclass from leftover command-line words."""
     fields = {f.name: f for f in option_fields(selector_cls)}
     kinds = field_types(selector_cls.Options) if fields else {}
@@ -65,7 +68,7 @@ def parse_strategy_options(selector_cls: type[HeadSelector], args: list[str]) ->
         raise KvrlError(f"invalid options for strategy {selector_cls.name!r}: {err}") from None
 
 
-def describe_options(selector_cls: type[HeadSelector]) -> list[tuple[str, str, str, str]]:
+def describe_options(selector_cls: type[Strategy]) -> list[tuple[str, str, str, str]]:
     """Rows `(flag, type, default, help)` for `kvrl strategies NAME`."""
     if not option_fields(selector_cls):
         return []
@@ -73,5 +76,37 @@ def describe_options(selector_cls: type[HeadSelector]) -> list[tuple[str, str, s
     rows = []
     for f in option_fields(selector_cls):
         kind = kinds[f.name]
-        rows.append((flag_of(f.name), getattr(kind, "__name__", str(kind)), repr(default_of(f)), str(f.metadata.get("help", ""))))
+        rows.append((flag_of(f.name), getattr(kind, "__name__", str(kind)), repr(default_of(f)),
+                     str(f.metadata.get("help", ""))))
     return rows
+
+
+def check_full_heads_pair(full_policy: str | None, full_budget: str | None) -> None:
+    """`--full-policy` and `--full-budget` (a hybrid plan's full heads) are given together or not at all."""
+    if (full_policy is None) != (full_budget is None):
+        raise KvrlError("--full-policy and --full-budget go together: a policy and what it keeps "
+                        "(0.5 of the sequence, or 512 tokens)")
+
+
+def parse_heads(value: str | None, strategies: list[tuple[str, StrategyEntry]]) -> dict[str, str]:
+    """`--heads FILE` (one head strategy that is not a seeded draw) or `--heads NAME=FILE,NAME=FILE`."""
+    if not value:
+        return {}
+    if "=" not in value:
+        learned = [name for name, entry in strategies if entry.cls.kind == "head" and not entry.cls.averaged_over_seeds]
+        if len(learned) != 1:
+            raise KvrlError(f"--heads FILE needs exactly one head strategy besides random, got {learned or 'none'}; "
+                            "use --heads NAME=FILE,...")
+        return {learned[0]: value}
+    pairs = dict(part.split("=", 1) for part in value.split(",") if part)
+    unknown = sorted(set(pairs) - {name for name, _ in strategies})
+    if unknown:
+        raise KvrlError(f"--heads names {', '.join(unknown)}, which --strategy does not list")
+    return pairs
+
+
+def check_training_strategies(strategies: list[tuple[str, StrategyEntry]], heads: dict[str, str]) -> None:
+    """A strategy whose `select` is a training run needs its scores from `kvrl select`: evaluation does not train."""
+    for name, entry in strategies:
+        if entry.cls.trains and name not in heads:
+            raise training_refusal(name, f"--heads {name}=")

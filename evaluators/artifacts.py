@@ -29,21 +29,16 @@ from typing import Any
 
 import kvpress_rl
 from kvpress_rl.errors import KvrlError
+from kvpress_rl.evaluators.model_card import CARD_DTYPE, CURVE_FILE, HEATMAP_FILE, model_card, pattern_name
 from kvpress_rl.evaluators.plots import gate_heatmap, training_curves
 from kvpress_rl.hub import is_hub_ref
 from kvpress_rl.io import STALE_AFTER_S, check_folder_writable, stale_leftovers
 from kvpress_rl.plan import plan_from_scores
-from kvpress_rl.policies import BUDGET_BASE, SINK_TOKENS, WINDOW_TOKENS
 from kvpress_rl.scores import CARD_FILE, CONFIG_FILE, SCORES_FILE, HeadScores
 
 FORMAT = "kvpress_rl.HeadPattern/1"
-HEATMAP_FILE = "gates.png"
-CURVE_FILE = "training.png"
 TRAIN_LOG = "train_log.jsonl"  # in the work folder `kvrl select` keeps beside its output: OUTPUT.run/
 SPARSITIES = (0.2, 0.4, 0.5, 0.6, 0.8)
-CARD_DTYPE = "bfloat16"  # the dtype of keys and values in the card's memory table (the plan's default)
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
-_PLAIN_YAML = re.compile(r"[A-Za-z0-9][\w./-]*")
 
 
 # --- inputs --------------------------------------------------------------------------------------
@@ -61,7 +56,8 @@ def read_training_log(path: Path) -> list[dict[str, Any]]:
     try:
         lines = path.read_text().splitlines()
     except (OSError, UnicodeDecodeError) as err:
-        raise KvrlError(f"cannot read the training log {path}: {getattr(err, 'strerror', None) or type(err).__name__}") from None
+        raise KvrlError(f"cannot read the training log {path}: "
+                        f"{getattr(err, 'strerror', None) or type(err).__name__}") from None
     records = []
     for number, line in enumerate(lines, start=1):
         if not line.strip():
@@ -70,9 +66,10 @@ def read_training_log(path: Path) -> list[dict[str, Any]]:
             record = json.loads(line)
         except json.JSONDecodeError:
             record = None
-        if not isinstance(record, dict) or not all(_number(record.get(key)) for key in ("step", "mean_reward", "mean_alpha")):
-            raise KvrlError(f"{path} line {number} is not a training-log record (JSON with numbers step, mean_reward and "
-                            "mean_alpha); repair or move the log, then export again")
+        if not isinstance(record, dict) or not all(_number(record.get(key))
+                                                   for key in ("step", "mean_reward", "mean_alpha")):
+            raise KvrlError(f"{path} line {number} is not a training-log record (JSON with numbers step, mean_reward "
+                            "and mean_alpha); repair or move the log, then export again")
         records.append(record)
     return records
 
@@ -87,13 +84,14 @@ def check_output_folder(folder: Path, overwrite: bool) -> None:
         if not overwrite:
             raise KvrlError(f"{folder} exists; pass --overwrite to replace it")
         if any(folder.iterdir()) and not ((folder / CONFIG_FILE).is_file() or (folder / SCORES_FILE).is_file()):
-            raise KvrlError(f"{folder} is not a head-pattern folder (no {CONFIG_FILE} or {SCORES_FILE}); --overwrite replaces "
-                            "only an earlier export: choose another --output")
+            raise KvrlError(f"{folder} is not a head-pattern folder (no {CONFIG_FILE} or {SCORES_FILE}); --overwrite "
+                            "replaces only an earlier export: choose another --output")
     check_folder_writable(folder.parent)
 
 
 # --- contents ------------------------------------------------------------------------------------
-def plan_rows(scores: HeadScores, seq_len: int, head_dim: int, sparsities: tuple[float, ...] = SPARSITIES) -> list[dict[str, Any]]:
+def plan_rows(scores: HeadScores, seq_len: int, head_dim: int,
+              sparsities: tuple[float, ...] = SPARSITIES) -> list[dict[str, Any]]:
     """The plan at each sparsity (`plan_from_scores`, the official rule): compressed heads and KV bytes for one
     sequence of `seq_len` tokens against the full cache."""
     rows = []
@@ -105,7 +103,8 @@ def plan_rows(scores: HeadScores, seq_len: int, head_dim: int, sparsities: tuple
     return rows
 
 
-def pattern_config(scores: HeadScores, source: str, *, seq_len: int, head_dim: int, training_curve: bool) -> dict[str, Any]:
+def pattern_config(scores: HeadScores, source: str, *, seq_len: int, head_dim: int,
+                   training_curve: bool) -> dict[str, Any]:
     layers, kv_heads = scores.shape
     return {
         "format": FORMAT,
@@ -121,108 +120,16 @@ def pattern_config(scores: HeadScores, source: str, *, seq_len: int, head_dim: i
         "wall_time_s": scores.wall_time_s,
         "source": source,
         "extra": scores.extra,
-        "files": {"scores": SCORES_FILE, "card": CARD_FILE, "gate_heatmap": HEATMAP_FILE, "training_curve": CURVE_FILE if training_curve else None},
+        "files": {"scores": SCORES_FILE, "card": CARD_FILE, "gate_heatmap": HEATMAP_FILE,
+                  "training_curve": CURVE_FILE if training_curve else None},
         "card": {"seq_len": seq_len, "head_dim": head_dim, "dtype": CARD_DTYPE, "sparsities": list(SPARSITIES)},
     }
 
 
-def model_card(scores: HeadScores, config: dict[str, Any], rows: list[dict[str, Any]], *, training: list[dict[str, Any]] | None,
-               training_log: Path | None, reference: str) -> str:
-    """The README: YAML front matter, then how the pattern was made, its training curve and gates, and its plans.
-
-    `training`: the log's records (None: no log found); `reference`: how a reader names this folder
-    (`hf://OWNER/REPO` or a path)."""
-    layers, kv_heads = scores.shape
-    model = scores.model_id
-    strategy = scores.strategy or "unknown"
-    published = _published(scores)
-    name = pattern_name(scores)
-    front = ["---", "library_name: kvpress-rl", "tags:", "- kv-cache", "- head-pattern", f"- {_yaml(strategy)}"]
-    if _HUB_ID.fullmatch(model) and ".." not in model:
-        front.append(f"base_model: {_yaml(model)}")
-    front.append("---")
-    seq_len, head_dim = config["card"]["seq_len"], config["card"]["head_dim"]
-    lines = [
-        *front, "",
-        f"# Head pattern: {_text(name)} for {_text(model or 'an unnamed model')}", "",
-        f"One score per (layer, KV head) of {_code(model) if model else 'the model'}: {layers} layers x {kv_heads} KV heads "
-        f"= {layers * kv_heads} KV heads. A higher score keeps the head's full KV cache. At sparsity s, "
-        "kvpress-rl (head-wise KV-cache compression after RLKV, [arXiv 2510.08525](https://arxiv.org/abs/2510.08525)) ranks all "
-        f"KV heads of the model together and compresses the "
-        f"lowest-scoring fraction s: each of those keeps {BUDGET_BASE} tokens ({SINK_TOKENS} sink + {WINDOW_TOKENS} recent), "
-        "the others their whole history.", "",
-        "## How it was made", "",
-        "| | |", "| --- | --- |",
-        f"| model | {_code(model) if model else 'not recorded'} |",
-        f"| layers x KV heads | {layers} x {kv_heads} |",
-        f"| strategy | {_code(strategy)}{', version ' + _code(scores.strategy_version) if scores.strategy_version else ''} |",
-        f"| options | {_code(json.dumps(scores.options, sort_keys=True, default=str)) if scores.options else 'none recorded'} |",
-        f"| data | {_code(scores.data) if scores.data else 'not recorded'} |",
-        f"| seed | {scores.seed if scores.seed is not None else 'not recorded'} |",
-        f"| wall time | {_duration(scores.wall_time_s)} |",
-        f"| exported from | {_code(config['source'])} |",
-        f"| exported by | kvpress-rl {_text(config['kvpress_rl_version'])} |",
-        "",
-    ]
-    if published:
-        lines += [f"Imported from a published TSV pattern ({_code(Path(scores.data).name)}): the file records no training "
-                  "provenance (who trained it, on what data, with which options and seed, for how long); see where it was "
-                  "published." + (" The model id was set at export (`--model-id`)." if model else ""), ""]
-    lines += ["## Training", ""]
-    if training:
-        first, last = training[0], training[-1]
-        lines += [f"![training curve]({CURVE_FILE})", "",
-                  f"{len(training)} logged steps (last step {last['step']:g}): mean reward {first['mean_reward']:.3f} -> "
-                  f"{last['mean_reward']:.3f}, mean gate (alpha) {first['mean_alpha']:.3f} -> {last['mean_alpha']:.3f}.", ""]
-    elif training_log is not None:
-        lines += [f"The training log found beside the scores ({_code(training_log.name)}) holds no step, so there is no training curve.", ""]
-    else:
-        lines += ["No training log was found beside the scores (`HEADS.run/train_log.jsonl`, the work folder of `kvrl select`), "
-                  "so there is no training curve.", ""]
-    lines += ["## Gates", "", f"![gate heat map]({HEATMAP_FILE})", "",
-              "Scores clipped to [0, 1] as the plan sees them: rows are layers, columns KV heads.", "",
-              "## Plans and KV memory", "",
-              f"For one sequence of {seq_len} tokens (`--seq-len`), keys and values in {CARD_DTYPE}, head dim {head_dim} "
-              "(`--head-dim` at export: the scores do not record it; check it against the model's config). Plans follow the "
-              "official rule (`kvpress_rl.plan.plan_from_scores`).", "",
-              "| sparsity s | compressed KV heads | full KV heads | KV cache (MiB) | of the full cache |",
-              "| --- | --- | --- | --- | --- |"]
-    full_bytes = rows[0]["full_kv_bytes"] if rows else 0
-    lines.append(f"| 0 (full cache) | 0 / {layers * kv_heads} | {layers * kv_heads} | {full_bytes / 2**20:.1f} | 100.0% |")
-    for row in rows:
-        lines.append(f"| {row['sparsity']:g} | {row['compressed']} / {row['heads']} | {row['heads'] - row['compressed']} | "
-                     f"{row['kv_bytes'] / 2**20:.1f} | {100 * row['share']:.1f}% |")
-    lines += ["", "## Use it", "", "With kvpress-rl installed:", "", "```bash",
-              f"kvrl plan --heads {reference} --sparsity 0.5 --seq-len {seq_len} --head-dim {head_dim}"]
-    if model:
-        lines.append(f"kvrl eval --model {model} --strategy {strategy} --heads {reference} --sparsity 0.5")
-    lines += ["```", "", "```python", "from kvpress_rl import HeadScores, plan_from_scores", "",
-              f"scores = HeadScores.load({json.dumps(reference)})", "plan = plan_from_scores(scores, 0.5)", "```", "",
-              "## Files", "",
-              f"- `{SCORES_FILE}`: the scores, a float32 `[{layers}, {kv_heads}]` tensor `scores`, with their provenance "
-              "(`HeadScores.load` reads it, or this folder)",
-              f"- `{CONFIG_FILE}`: the provenance and shape as JSON",
-              f"- `{HEATMAP_FILE}`: the gate heat map"]
-    if training:
-        lines.append(f"- `{CURVE_FILE}`: the training curve (mean reward and mean alpha per step)")
-    lines.append("")
-    return "\n".join(lines)
-
-
-def pattern_name(scores: HeadScores) -> str:
-    """What the card and the heat map call the pattern: its strategy, and the file name of a published TSV."""
-    strategy = scores.strategy or "unknown"
-    return f"{Path(scores.data).name} ({strategy})" if _published(scores) else strategy
-
-
-def _published(scores: HeadScores) -> bool:
-    """A pattern read from a TSV file (`HeadScores.from_tsv`, or the `file` strategy on one)."""
-    return scores.strategy == "file" and str(scores.data).endswith((".tsv", ".txt"))
-
-
 # --- the folder ----------------------------------------------------------------------------------
-def export_pattern(heads: str, output: str | Path, *, model_id: str | None = None, seq_len: int = 8192, head_dim: int = 128,
-                   overwrite: bool = False, reference: str | None = None) -> tuple[Path, HeadScores]:
+def export_pattern(heads: str, output: str | Path, *, model_id: str | None = None, seq_len: int = 8192,
+                   head_dim: int = 128, overwrite: bool = False,
+                   reference: str | None = None) -> tuple[Path, HeadScores]:
     """`kvrl export`: load `heads` (a scores file, a `.tsv`, a head-pattern folder or `hf://OWNER/REPO[@REVISION]`),
     set its model id (`model_id`, e.g. for a published TSV, whose provenance is empty) and write the folder
     `output`, with the training curve when `HEADS.run/train_log.jsonl` lies beside a local `heads`.
@@ -238,8 +145,8 @@ def export_pattern(heads: str, output: str | Path, *, model_id: str | None = Non
     hub = scores.extra.get("hub") if is_hub_ref(heads) else None
     source = f"hf://{hub['repo']}@{hub['revision']}" if isinstance(hub, dict) else str(heads)
     log = None if is_hub_ref(heads) else training_log_of(heads)
-    written = write_pattern(scores, output, source=source, training_log=log, seq_len=seq_len, head_dim=head_dim, overwrite=overwrite,
-                            reference=reference or output.name or str(output))
+    written = write_pattern(scores, output, source=source, training_log=log, seq_len=seq_len, head_dim=head_dim,
+                            overwrite=overwrite, reference=reference or output.name or str(output))
     return written, scores
 
 
@@ -249,8 +156,9 @@ def _check_sizes(seq_len: int, head_dim: int) -> None:
             raise KvrlError(f"{label} must be a positive whole number, got {value!r}")
 
 
-def write_pattern(scores: HeadScores, output: str | Path, *, source: str, training_log: Path | None = None, seq_len: int = 8192,
-                  head_dim: int = 128, overwrite: bool = False, reference: str | None = None) -> Path:
+def write_pattern(scores: HeadScores, output: str | Path, *, source: str, training_log: Path | None = None,
+                  seq_len: int = 8192, head_dim: int = 128, overwrite: bool = False,
+                  reference: str | None = None) -> Path:
     """Write the head-pattern folder `output` (see the module docstring); every input is checked first, so a
     refusal writes nothing. `reference`: how the card names the folder (default: its path)."""
     output = Path(output)
@@ -259,12 +167,14 @@ def write_pattern(scores: HeadScores, output: str | Path, *, source: str, traini
     check_output_folder(output, overwrite)
     rows = plan_rows(scores, seq_len, head_dim)
     config = pattern_config(scores, source, seq_len=seq_len, head_dim=head_dim, training_curve=bool(training))
-    card = model_card(scores, config, rows, training=training, training_log=training_log, reference=reference or str(output))
+    card = model_card(scores, config, rows, training=training, training_log=training_log,
+                      reference=reference or str(output))
 
     def write(folder: Path) -> None:
         scores.save(folder / SCORES_FILE)
         (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2, default=str) + "\n")
-        gate_heatmap(scores, folder / HEATMAP_FILE, title=f"{pattern_name(scores)} scores ({scores.model_id or 'model not recorded'})")
+        gate_heatmap(scores, folder / HEATMAP_FILE,
+                     title=f"{pattern_name(scores)} scores ({scores.model_id or 'model not recorded'})")
         if training:
             training_curves(training_log, folder / CURVE_FILE)
         (folder / CARD_FILE).write_text(card)
@@ -335,32 +245,6 @@ def _new_sibling(folder: Path, kind: str) -> Path:
     raise KvrlError(f"cannot create a temporary folder next to {folder}")
 
 
-# --- text ----------------------------------------------------------------------------------------
+# --- checks --------------------------------------------------------------------------------------
 def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _yaml(value: str) -> str:
-    """A YAML scalar: plain when it is a simple name, else double-quoted (a JSON string is valid YAML)."""
-    return value if _PLAIN_YAML.fullmatch(value) else json.dumps(value)
-
-
-def _text(value: Any) -> str:
-    """One line of user text for Markdown (a table cell or a heading)."""
-    return " ".join(str(value).split()).replace("|", "\\|")
-
-
-def _code(value: Any) -> str:
-    text = " ".join(str(value).split()).replace("|", "\\|")
-    fence = "``" if "`" in text else "`"
-    return f"{fence}{text}{fence}" if fence == "`" else f"{fence} {text} {fence}"
-
-
-def _duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "not recorded"
-    whole = int(round(seconds))
-    hours, rest = divmod(whole, 3600)
-    minutes, secs = divmod(rest, 60)
-    spelled = f"{hours} h {minutes} min" if hours else f"{minutes} min {secs} s" if minutes else f"{seconds:.1f} s"
-    return f"{spelled} ({seconds:.0f} s)" if hours or minutes else spelled

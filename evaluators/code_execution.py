@@ -127,7 +127,8 @@ def _sandbox_ids() -> tuple[int, int] | None:
     return entry.pw_uid, entry.pw_gid
 
 
-def _limit_and_drop(memory_bytes: int, cpu_seconds: int, ids: tuple[int, int] | None) -> None:  # in the child, before exec
+# in the child, before exec
+def _limit_and_drop(memory_bytes: int, cpu_seconds: int, ids: tuple[int, int] | None) -> None:
     resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
     resource.setrlimit(resource.RLIMIT_CPU, (cpu_seconds, cpu_seconds))
     resource.setrlimit(resource.RLIMIT_FSIZE, (FILE_SIZE_LIMIT_BYTES, FILE_SIZE_LIMIT_BYTES))
@@ -147,7 +148,8 @@ def _candidates() -> list[str]:
     """Interpreters to try for the sandbox user: ours, then a system one of the same minor version."""
     name = "python{}.{}".format(*sys.version_info[:2])
     found = [sys.executable, os.path.realpath(sys.executable), getattr(sys, "_base_executable", "")]
-    found += [shutil.which(name, path="/usr/local/bin:/usr/bin:/bin") or "", shutil.which("python3", path="/usr/local/bin:/usr/bin:/bin") or ""]
+    found += [shutil.which(name, path="/usr/local/bin:/usr/bin:/bin") or "",
+              shutil.which("python3", path="/usr/local/bin:/usr/bin:/bin") or ""]
     return list(dict.fromkeys(path for path in found if path))
 
 
@@ -161,15 +163,16 @@ def sandbox() -> tuple[str, tuple[int, int] | None]:
         return sys.executable, None
     for interpreter in _candidates():
         try:
-            probe = subprocess.run([interpreter, "-I", "-c", _PROBE], cwd="/", env={"PATH": "/usr/bin:/bin"}, capture_output=True,
-                                   timeout=30, check=False, preexec_fn=lambda: _limit_and_drop(MEMORY_LIMIT_BYTES, 30, ids))
+            probe = subprocess.run([interpreter, "-I", "-c", _PROBE], cwd="/", env={"PATH": "/usr/bin:/bin"},
+                                   capture_output=True, timeout=30, check=False,
+                                   preexec_fn=lambda: _limit_and_drop(MEMORY_LIMIT_BYTES, 30, ids))
         except (OSError, subprocess.SubprocessError):
             continue
         if probe.returncode == 0 and probe.stdout.decode().strip() == "{}.{}".format(*sys.version_info[:2]):
             return interpreter, ids
-    warnings.warn(f"no Python {sys.version_info[0]}.{sys.version_info[1]} is usable by user {SANDBOX_USER!r} (is the installation "
-                  "readable by others?); model-written code will run as root and can read the caller's environment",
-                  RuntimeWarning, stacklevel=2)
+    warnings.warn(f"no Python {sys.version_info[0]}.{sys.version_info[1]} is usable by user {SANDBOX_USER!r} (is the "
+                  "installation readable by others?); model-written code will run as root and can read the caller's "
+                  "environment", RuntimeWarning, stacklevel=2)
     return sys.executable, None
 
 
@@ -270,7 +273,8 @@ def _exited(pid: int) -> bool:
 
 def _collect(process: subprocess.Popen, time_limit_s: float) -> tuple[bool, _Capped, _Capped]:
     """Read stdout/stderr (capped) until the child exits or the time is up; kill its group; reap it."""
-    captured = {process.stdout.fileno(): _Capped(OUTPUT_LIMIT_BYTES), process.stderr.fileno(): _Capped(OUTPUT_LIMIT_BYTES)}
+    captured = {process.stdout.fileno(): _Capped(OUTPUT_LIMIT_BYTES),
+                process.stderr.fileno(): _Capped(OUTPUT_LIMIT_BYTES)}
     deadline = time.monotonic() + time_limit_s
     timed_out = False
     with selectors.DefaultSelector() as selector:
@@ -310,7 +314,8 @@ def _collect(process: subprocess.Popen, time_limit_s: float) -> tuple[bool, _Cap
 
 def run_tests(code: str, tests: list[str], setup: str = "", time_limit_s: float = TIME_LIMIT_S,
               memory_bytes: int = MEMORY_LIMIT_BYTES) -> Outcome:
-    """Run `setup`, `code` and the assert lines of `tests`; passed only if they all ran to the end and the process exits 0."""
+    """Run `setup`, `code` and the assert lines of `tests`; passed only if they all ran to the end and the process
+    exits 0."""
     program = "\n".join([setup, code, *tests, ""])
     remove_stale_folders()
     interpreter, ids = sandbox()

@@ -33,7 +33,9 @@ from __future__ import annotations
 import os
 import sys
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, fields
 from typing import Any, Protocol
 
 import torch
@@ -43,27 +45,30 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 from kvpress_rl.errors import KvrlError
 from kvpress_rl.evaluators.scoring import REPETITION_DISTINCT, REPETITION_WINDOW
+from kvpress_rl.evaluators.strategy_scores import strategy_scores
 from kvpress_rl.executor import generate
-from kvpress_rl.models import ModelShape, available_device, load_model, model_id
-from kvpress_rl.plan import CompressionPlan, build_plan
+from kvpress_rl.models import ModelShape, available_device, load_model
+from kvpress_rl.plan import CompressionPlan, build_plan, kv_bytes_of
 from kvpress_rl.plugins import discover_strategies, get_strategy
-from kvpress_rl.scores import HeadScores
-from kvpress_rl.selector import SelectionContext
+from kvpress_rl.throughput import Throughput
 
 MODEL_NAME = "kvrl"
 
 
 class PlanGenerator(Protocol):
-    """An engine that generates under a plan (`kvpress_rl.engines.vllm.engine.PlanEngines`): new token ids per prompt."""
+    """An engine that generates under a plan (`kvpress_rl.engines.vllm.engine.PlanSwitchingEngine`): new token ids per
+    prompt."""
 
-    def generate(self, plan: CompressionPlan | None, prompts: list[list[int]], max_new_tokens: int, *, stop_token_ids: list[int],
-                 stop: list[str] | None = None, temperature: float = 0.0, seed: int | None = None) -> list[list[int]]: ...
+    def generate(self, plan: CompressionPlan | None, prompts: list[list[int]], max_new_tokens: int, *,
+                 stop_token_ids: list[int], stop: list[str] | None = None, temperature: float = 0.0,
+                 seed: int | None = None) -> list[list[int]]: ...
 
 
 class RepetitionStop(StoppingCriteria):
     """Stops a sequence once its last `window` generated tokens hold fewer than `distinct` ids."""
 
-    def __init__(self, prompt_length: int, window: int = REPETITION_WINDOW, distinct: int = REPETITION_DISTINCT) -> None:
+    def __init__(self, prompt_length: int, window: int = REPETITION_WINDOW,
+                 distinct: int = REPETITION_DISTINCT) -> None:
         self.prompt_length, self.window, self.distinct = prompt_length, window, distinct
         self.stopped: torch.Tensor | None = None
 
@@ -77,35 +82,39 @@ class RepetitionStop(StoppingCriteria):
         return done
 
 
-@dataclass
-class GenerationStats:
+@dataclass(kw_only=True)
+class GenerationStats(Throughput):
     sequences: int = 0
-    generated_tokens: int = 0
-    seconds: float = 0.0
     repetition_stops: int = 0
     kv_bytes_held: int = 0  # keys and values the caches held at the end of each generation (measured)
     kv_bytes_full: int = 0  # what a full cache would have held for the same sequences
 
     @property
-    def tokens_per_second(self) -> float:
-        return self.generated_tokens / self.seconds if self.seconds else 0.0
+    def kv_measured_fraction(self) -> float:
+        """KV bytes held / a full cache's (-1: not measured, as on an engine)."""
+        return self.kv_bytes_held / self.kv_bytes_full if self.kv_bytes_full else -1.0
+
+    def add(self, other: GenerationStats) -> None:
+        for counter in fields(self):
+            setattr(self, counter.name, getattr(self, counter.name) + getattr(other, counter.name))
 
 
 class KvrlLM(HFLM):
     """lm-eval's `HFLM` whose generation runs through the head-wise cache executor.
 
     `pretrained` is anything `kvrl --model` accepts (hub id, directory, `.gguf`, `random:ARCH`,
-    `embedded`) or a loaded model (then pass `tokenizer` too). `plan` can be swapped between runs
-    (`lm.plan = ...`) to evaluate many cells on one loaded model.
+    `embedded`) or a loaded model (then pass `tokenizer` too). Many cells run on one loaded model,
+    each inside `cell_settings(plan=...)`, which counts the cell's generation apart.
     """
 
     engine: PlanGenerator | None = None  # what generates: None = the executor in this process (transformers)
+    cell_stats: GenerationStats | None = None  # the generation of the cell in progress (`cell_settings`)
 
     def __init__(self, pretrained: Any = "embedded", strategy: str | None = None, heads: str | None = None,
-                 sparsity: float = 0.0, seed: int = 0, compressed_policy: str = "streaming", data_dir: str | None = None, plan_rule: str = "official",
-                 decoding_simulation: int | str | None = None,
-                 tokenizer: Any = None, plan: CompressionPlan | None = None, on_samples: Any = None, engine: PlanGenerator | None = None,
-                 **kwargs: Any) -> None:
+                 sparsity: float = 0.0, seed: int = 0, compressed_policy: str = "streaming",
+                 data_dir: str | None = None, plan_rule: str = "official", decoding_simulation: int | str | None = None,
+                 tokenizer: Any = None, plan: CompressionPlan | None = None, on_samples: Any = None,
+                 engine: PlanGenerator | None = None, **kwargs: Any) -> None:
         self.decoding_simulation = parse_decoding_simulation(decoding_simulation)
         self.decoding_simulation_used: set[int] = set()
         if isinstance(pretrained, str):
@@ -123,8 +132,31 @@ class KvrlLM(HFLM):
         self.engine = engine
         self.plan = plan
         if plan is None and strategy:
-            self.plan = plan_for(model, tokenizer, strategy, model_arg(sparsity, float, "sparsity"), heads=heads, seed=model_arg(seed, int, "seed"),
-                                 compressed_policy=compressed_policy, data_dir=data_dir, rule=plan_rule)
+            self.plan = plan_for(model, tokenizer, strategy, model_arg(sparsity, float, "sparsity"), heads=heads,
+                                 seed=model_arg(seed, int, "seed"), compressed_policy=compressed_policy,
+                                 data_dir=data_dir, rule=plan_rule)
+
+    @contextmanager
+    def cell_settings(self, *, plan: CompressionPlan | None,
+                      decoding_simulation: int | None = None) -> Iterator[GenerationStats]:
+        """Generate under `plan` (and `decoding_simulation` prompt tokens; None: the model's own setting) inside the
+        block, which receives the block's own generation counts (added to `stats` as well); the previous settings
+        come back on exit."""
+        previous = self.plan, self.decoding_simulation, self.cell_stats
+        self.plan = plan
+        if decoding_simulation is not None:
+            self.decoding_simulation = decoding_simulation
+        self.cell_stats = GenerationStats()
+        try:
+            yield self.cell_stats
+        finally:
+            self.plan, self.decoding_simulation, self.cell_stats = previous
+
+    def _count(self, counts: GenerationStats) -> None:
+        """Add one batch's generation to the model's totals and to the cell in progress."""
+        self.stats.add(counts)
+        if self.cell_stats is not None:
+            self.cell_stats.add(counts)
 
     def _join_data_parallel(self) -> None:
         """Under `accelerate launch`, take this process's share of the requests (HFLM does this only
@@ -149,14 +181,16 @@ class KvrlLM(HFLM):
             "lengths_used": sorted(self.decoding_simulation_used)}
         info["kvrl_processes"] = self.world_size
         info["kvrl_generation"] = {"sequences": self.stats.sequences, "generated_tokens": self.stats.generated_tokens,
-                                   "repetition_stops": self.stats.repetition_stops, "decode_tokens_per_s": self.stats.tokens_per_second}
+                                   "repetition_stops": self.stats.repetition_stops,
+                                   "decode_tokens_per_s": self.stats.tokens_per_second}
         return info
 
     def generate_until(self, requests: list, disable_tqdm: bool = False) -> list[str]:
         # with a progress callback the caller shows its own bar
         return super().generate_until(requests, disable_tqdm=disable_tqdm or self.on_samples is not None)
 
-    def _model_generate(self, context: torch.Tensor, max_length: int, stop: list[str], **generation_kwargs: Any) -> torch.Tensor:
+    def _model_generate(self, context: torch.Tensor, max_length: int, stop: list[str],
+                        **generation_kwargs: Any) -> torch.Tensor:
         task_simulation = int(generation_kwargs.pop("decoding_simulation", 0) or 0)
         simulation = task_simulation if self.decoding_simulation is None else self.decoding_simulation
         total = generation_kwargs.pop("max_total_tokens", None)
@@ -175,23 +209,26 @@ class KvrlLM(HFLM):
             self.decoding_simulation_used.add(simulation)
         caches: list = []
         with torch.inference_mode():
-            out = generate(self.model, self.plan, context, decoding_simulation=simulation, caches=caches, max_length=max_length,
-                           stopping_criteria=criteria, pad_token_id=self.tokenizer.pad_token_id, use_cache=True, **generation_kwargs)
-        self.stats.seconds += time.perf_counter() - began
-        self._count_kv_bytes(caches[0] if caches else None, out)
+            out = generate(self.model, self.plan, context, decoding_simulation=simulation, caches=caches,
+                           max_length=max_length, stopping_criteria=criteria, pad_token_id=self.tokenizer.pad_token_id,
+                           use_cache=True, **generation_kwargs)
+        seconds = time.perf_counter() - began
         new = out[:, context.shape[1]:]
-        self.stats.generated_tokens += int((new != self.tokenizer.pad_token_id).sum())
-        self.stats.sequences += out.shape[0]
+        counts = self._kv_bytes(caches[0] if caches else None, out)
+        counts.seconds, counts.sequences = seconds, out.shape[0]
+        counts.generated_tokens = int((new != self.tokenizer.pad_token_id).sum())
         if repetition.stopped is not None:
-            self.stats.repetition_stops += int(repetition.stopped.sum())
+            counts.repetition_stops = int(repetition.stopped.sum())
+        self._count(counts)
         if self.on_samples:
             self.on_samples(out.shape[0])
         return out
 
-
-    def _engine_generate(self, context: torch.Tensor, max_length: int, stop: list[str], simulation: int, kwargs: dict) -> torch.Tensor:
-        """`_model_generate` through the engine: the same prompts (left padding removed), answer limit, end-of-sequence
-        ids and stop strings; the answers come back in the layout of `generate` (prompt, answer, padding)."""
+    def _engine_generate(self, context: torch.Tensor, max_length: int, stop: list[str], simulation: int,
+                         kwargs: dict) -> torch.Tensor:
+        """`_model_generate` through the engine: the same prompts (left padding removed), answer limit,
+        end-of-sequence ids and stop strings; the answers come back in the layout of `generate` (prompt, answer,
+        padding)."""
         if simulation and self.plan is not None:
             raise KvrlError(f"the vLLM engine has no decoding simulation (this task asks for {simulation} tokens); "
                             "pass --decoding-simulation 0, or evaluate with --engine transformers")
@@ -202,26 +239,25 @@ class KvrlLM(HFLM):
         end_ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
         sample = bool(kwargs.get("do_sample"))
         began = time.perf_counter()
-        answers = self.engine.generate(self.plan, prompts, max(1, max_length - context.shape[1]), stop_token_ids=end_ids, stop=stop,
-                                       temperature=float(kwargs.get("temperature", 1.0)) if sample else 0.0, seed=None)
-        self.stats.seconds += time.perf_counter() - began
+        temperature = float(kwargs.get("temperature", 1.0)) if sample else 0.0
+        answers = self.engine.generate(self.plan, prompts, max(1, max_length - context.shape[1]),
+                                       stop_token_ids=end_ids, stop=stop, temperature=temperature, seed=None)
+        self._count(GenerationStats(seconds=time.perf_counter() - began, generated_tokens=sum(map(len, answers)),
+                                    sequences=len(answers)))
         width = max(len(a) for a in answers)
         pad = self.tokenizer.pad_token_id
         new = torch.tensor([a + [pad] * (width - len(a)) for a in answers], dtype=context.dtype, device=context.device)
-        self.stats.generated_tokens += sum(map(len, answers))
-        self.stats.sequences += len(answers)
         if self.on_samples:
             self.on_samples(len(answers))
         return torch.cat([context, new], dim=1)
 
-    def _count_kv_bytes(self, cache, out: torch.Tensor) -> None:
-        """Add what `cache` holds now (None: a full cache) and what a full cache would hold for these sequences."""
+    def _kv_bytes(self, cache, out: torch.Tensor) -> GenerationStats:
+        """What `cache` holds now (None: a full cache) and what a full cache would hold for these sequences."""
         shape = ModelShape.from_config(self.model.config)
-        element = torch.empty((), dtype=self.model.dtype).element_size()
         seen = cache.get_seq_length() if cache is not None else out.shape[1] - 1  # the last token is never fed back
-        full = out.shape[0] * seen * shape.num_layers * shape.num_kv_heads * 2 * shape.head_dim * element
-        self.stats.kv_bytes_full += full
-        self.stats.kv_bytes_held += cache.kv_nbytes() if cache is not None else full
+        head_tokens = out.shape[0] * seen * shape.num_layers * shape.num_kv_heads
+        full = kv_bytes_of(head_tokens, shape.head_dim, self.model.dtype)
+        return GenerationStats(kv_bytes_full=full, kv_bytes_held=cache.kv_nbytes() if cache is not None else full)
 
 
 def parse_decoding_simulation(value: int | str | None) -> int | None:
@@ -246,20 +282,14 @@ def model_arg(value: Any, kind: type, name: str) -> Any:
 
 
 def plan_for(model: Any, tokenizer: Any, strategy: str, sparsity: float, *, heads: str | None = None, seed: int = 0,
-             compressed_policy: str = "streaming", data_dir: str | None = None, rule: str = "official") -> CompressionPlan:
+             compressed_policy: str = "streaming", data_dir: str | None = None,
+             rule: str = "official") -> CompressionPlan:
     """The plan of `strategy` at `sparsity`: from a scores file, else by running its `select` (strategies that
     do not train; a training strategy needs `heads`, made by `kvrl select`)."""
     entry = get_strategy(strategy, discover_strategies())
-    selector = entry.cls()
-    if heads:
-        scores = HeadScores.load(heads)
-    elif entry.cls.trains:
-        raise KvrlError(f"strategy {strategy!r} trains its scores: run `kvrl select --strategy {strategy} --output heads-{strategy}.safetensors` "
-                        f"and pass heads=heads-{strategy}.safetensors")
-    else:
-        scores = selector.select(model, tokenizer, SelectionContext(seed=seed, data_dir=data_dir, model_id=model_id(model)))
-    scores.check_shape(ModelShape.from_config(model.config))
-    return build_plan(selector, scores, sparsity, compressed_policy, rule)
+    scores = strategy_scores(entry, strategy, model, tokenizer, heads=heads, seed=seed, data_dir=data_dir,
+                             heads_argument="heads=")
+    return build_plan(entry.cls(), scores, sparsity, compressed_policy, rule)
 
 
 def register() -> None:

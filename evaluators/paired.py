@@ -41,7 +41,8 @@ def paired_counts(full: dict[object, bool], compressed: list[dict[object, bool]]
     """Pair the full cache's per-problem outcomes with the compressed setting's (one dict per seed) on the same
     problems; settings run on other problems are refused."""
     if not full or any(set(seed) != set(full) for seed in compressed):
-        raise KvrlError("the full cache and the compressed setting were run on different problems; rerun with the same --limit")
+        raise KvrlError("the full cache and the compressed setting were run on different problems; rerun with the "
+                        "same --limit")
     counts = [0.0, 0.0, 0.0, 0.0]
     for problem, full_right in full.items():
         share = statistics.mean(float(seed[problem]) for seed in compressed)

@@ -21,7 +21,8 @@ def _pyplot():
 
 def _save(fig, path: Path) -> Path:
     plt = _pyplot()
-    written = write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight"), overwrite=True)
+    written = write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight"),
+                           overwrite=True)
     plt.close(fig)
     return written
 
@@ -37,9 +38,12 @@ def gate_heatmaps(panels: list[tuple[str, HeadScores]], path: str | Path, kept_a
 
     plt = _pyplot()
     layers, heads = panels[0][1].shape
-    fig, axes = plt.subplots(1, len(panels), figsize=(len(panels) * max(3.0, 0.5 * heads + 2), max(3.0, 0.22 * layers + 1)), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels),
+                             figsize=(len(panels) * max(3.0, 0.5 * heads + 2), max(3.0, 0.22 * layers + 1)),
+                             squeeze=False)
     for ax, (title, scores) in zip(axes[0], panels):
-        image = ax.imshow(scores.scores.clamp(0, 1).numpy(), aspect="auto", cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
+        image = ax.imshow(scores.scores.clamp(0, 1).numpy(), aspect="auto", cmap="viridis", vmin=0, vmax=1,
+                          interpolation="nearest")
         if kept_at is not None:
             rows, cols = plan_from_scores(scores, kept_at).full.nonzero(as_tuple=True)
             ax.scatter(cols.numpy(), rows.numpy(), s=12, c="red", label=f"full cache at s = {kept_at}")

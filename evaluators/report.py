@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kvpress_rl.errors import KvrlError
-from kvpress_rl.evaluators.grid import FULL, Cell, read_grid, summarize
+from kvpress_rl.evaluators.cells import FULL, Cell, read_grid, summarize
 from kvpress_rl.evaluators.plots import _pyplot, _save
 from kvpress_rl.io import write_atomic
 

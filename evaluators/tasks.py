@@ -29,6 +29,7 @@ answer limit and of the `*_r1` cap on the total length) and `--decoding-simulati
 from __future__ import annotations
 
 import difflib
+import functools
 import json
 import os
 from collections.abc import Callable
@@ -40,13 +41,15 @@ from kvpress_rl.answers import embedded_equal, gsm8k_gold, integer_equal, math_e
 from kvpress_rl.embedded.task import ANSWER_LIMITS, EMBEDDED_TASK, EVAL_TASKS, task_problems
 from kvpress_rl.errors import KvrlError
 from kvpress_rl.evaluators.code_execution import score_mbpp
+from kvpress_rl.evaluators.grid_spec import GridSpec
 
 R1_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 R1_TOTAL_TOKENS = 8192
 R1_TOTAL_TOKENS_AIME = 16384
 EMBEDDED_TEST_PROBLEMS = 500
 R1_DECODING_SIMULATION = 50  # RLKV eval/bench/pred.py: --decoding_simulation_length 50
-GSM8K_VALIDATION_ROWS = 500  # gsm8k_r1's validation split: the last rows of GSM8K's train file (RLKV trains on its first)
+# gsm8k_r1's validation split: the last rows of GSM8K's train file (RLKV trains on its first)
+GSM8K_VALIDATION_ROWS = 500
 SPLITS = ("test", "validation")
 
 
@@ -99,13 +102,16 @@ def _math_doc(row: dict) -> dict:
 
 
 def _aime_doc(row: dict) -> dict:
-    return {"question": row.get("problem") or row["Problem"], "gold": str(int(str(row.get("answer", row.get("Answer"))).strip()))}
+    return {"question": row.get("problem") or row["Problem"],
+            "gold": str(int(str(row.get("answer", row.get("Answer"))).strip()))}
 
 
 def _mbpp_doc(row: dict) -> dict:
     tests = "\n".join(row["test_list"])
-    question = f"{row['text']}\nYour code should pass these tests:\n{tests}\nWrite the function in a ```python``` code block."
-    return {"question": question, "gold": tests, "test_list": list(row["test_list"]), "test_setup_code": row.get("test_setup_code") or ""}
+    question = (f"{row['text']}\nYour code should pass these tests:\n{tests}\nWrite the function in a ```python``` "
+                "code block.")
+    return {"question": question, "gold": tests, "test_list": list(row["test_list"]),
+            "test_setup_code": row.get("test_setup_code") or ""}
 
 
 def _mbpp_correct(response: str, doc: dict) -> bool:
@@ -115,18 +121,22 @@ def _mbpp_correct(response: str, doc: dict) -> bool:
 R1_TASKS = {
     t.name: t
     for t in (
-        R1Task("gsm8k_r1", "gsm8k/test.jsonl", ("openai/gsm8k", "main", "test"), _gsm8k_doc, lambda r, d: math_equal(r, d["gold"]),
+        R1Task("gsm8k_r1", "gsm8k/test.jsonl", ("openai/gsm8k", "main", "test"), _gsm8k_doc,
+               lambda r, d: math_equal(r, d["gold"]),
                validation=("gsm8k/train.jsonl", GSM8K_VALIDATION_ROWS)),
-        R1Task("math500_r1", "math500/test.jsonl", ("HuggingFaceH4/MATH-500", None, "test"), _math_doc, lambda r, d: math_equal(r, d["gold"])),
+        R1Task("math500_r1", "math500/test.jsonl", ("HuggingFaceH4/MATH-500", None, "test"), _math_doc,
+               lambda r, d: math_equal(r, d["gold"])),
         R1Task("aime24_r1", "aime24/test.jsonl", ("Maxwell-Jia/AIME_2024", None, "train"), _aime_doc,
                lambda r, d: integer_equal(r, d["gold"]), total_tokens=R1_TOTAL_TOKENS_AIME),
-        R1Task("mbpp_r1", "mbpp/test.jsonl", ("google-research-datasets/mbpp", "full", "test"), _mbpp_doc, _mbpp_correct, code=True),
+        R1Task("mbpp_r1", "mbpp/test.jsonl", ("google-research-datasets/mbpp", "full", "test"), _mbpp_doc,
+               _mbpp_correct, code=True),
     )
 }
 
 CODE_TASKS = {"mbpp", "mbpp_r1"}
 # lm-eval tasks that would exec model code in-process: refused rather than run outside the sandbox
-UNCONTAINED_CODE_TASKS = {"mbpp_plus", "mbpp_instruct", "mbpp_plus_instruct", "humaneval", "humaneval_plus", "humaneval_instruct"}
+UNCONTAINED_CODE_TASKS = {"mbpp_plus", "mbpp_instruct", "mbpp_plus_instruct", "humaneval", "humaneval_plus",
+                          "humaneval_instruct"}
 MBPP_FEWSHOT_IDS = (2, 3, 4)  # lm-eval's (and the paper's) three MBPP examples
 
 
@@ -185,7 +195,8 @@ def r1_config(task: R1Task, data_dir: Path | None, split: str = "test") -> TaskC
         "doc_to_target": "{{gold}}",
         "process_results": process_results,
         "metric_list": _accuracy_metric(),
-        "generation_kwargs": {"until": [], "do_sample": False, "max_gen_toks": task.total_tokens, "max_total_tokens": task.total_tokens,
+        "generation_kwargs": {"until": [], "do_sample": False, "max_gen_toks": task.total_tokens,
+                              "max_total_tokens": task.total_tokens,
                               "decoding_simulation": R1_DECODING_SIMULATION},
         "num_fewshot": 0,
         "metadata": {"version": 1.0, "source": "kvpress-rl: the RLKV paper's evaluation setting"},
@@ -195,7 +206,8 @@ def r1_config(task: R1Task, data_dir: Path | None, split: str = "test") -> TaskC
                         "pass --data-dir (a folder laid out like shared/data)")
     if data_dir is not None:
         local = task.validation[0] if validation else task.local_file
-        config.update(dataset_path="json", dataset_kwargs={"data_files": {"test": _require(data_dir, local, task.name)}})
+        config.update(dataset_path="json",
+                      dataset_kwargs={"data_files": {"test": _require(data_dir, local, task.name)}})
         if validation:
             config["metadata"]["split"] = f"validation: the last {task.validation[1]} rows of {local}"
     else:
@@ -262,7 +274,8 @@ def lm_eval_config(name: str, data_dir: Path | None, task_manager) -> TaskConfig
     if data_dir is not None:
         local = LM_EVAL_LOCAL.get(name)
         if local is None:
-            raise KvrlError(f"task {name!r} has no offline copy; with --data-dir the tasks are: {', '.join(offline_task_names())}")
+            raise KvrlError(f"task {name!r} has no offline copy; with --data-dir the tasks are: "
+                            f"{', '.join(offline_task_names())}")
         files = {split: _require(data_dir, path, name) for split, path in local.splits.items()}
         config.update(dataset_path="json", dataset_name=None, dataset_kwargs={"data_files": files})
         if local.to_schema is not None:
@@ -276,7 +289,9 @@ def lm_eval_config(name: str, data_dir: Path | None, task_manager) -> TaskConfig
 
 def _mbpp_fewshot(data_dir: Path | None) -> list[dict]:
     if data_dir is not None:
-        rows = [json.loads(line) for line in Path(_require(data_dir, "mbpp/prompt.jsonl", "mbpp")).read_text().splitlines() if line.strip()]
+        rows = [json.loads(line)
+                for line in Path(_require(data_dir, "mbpp/prompt.jsonl", "mbpp")).read_text().splitlines()
+                if line.strip()]
     else:
         import datasets
 
@@ -325,3 +340,28 @@ def resolve_task(name: str, data_dir: Path | None, task_manager=None, embedded_t
         hint = f"; close names: {', '.join(close)}" if close else ""
         raise KvrlError(f"unknown task {name!r}; offline tasks: {', '.join(offline_task_names())}{hint}")
     return lm_eval_config(name, data_dir, task_manager)
+
+
+@functools.lru_cache(maxsize=1)
+def task_manager():
+    """lm-eval's task index (slow to build: once per process)."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager()
+
+
+def resolve_tasks(spec: GridSpec) -> list[TaskConfig]:
+    """Every task of a grid, checked (names, data files, code execution) before any model work."""
+    manager = task_manager()
+    data_dir = data_dir_from(spec.data_dir)
+    configs = [resolve_task(name, data_dir, manager, embedded_tokens=spec.max_new_tokens, split=spec.split)
+               for name in spec.tasks]
+    offline = any(os.environ.get(v, "0").lower() in ("1", "true", "yes")
+                  for v in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"))
+    for config in configs:
+        if offline and config.reads_hub:
+            raise KvrlError(f"task {config.name!r} reads its data from the Hugging Face hub, which is offline here; "
+                            "pass --data-dir (a folder laid out like shared/data)")
+        if config.unsafe_code and not spec.allow_code_execution:
+            raise KvrlError(f"task {config.name!r} runs model-written code; pass --allow-code-execution to allow it")
+    return configs

@@ -29,20 +29,15 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from kvpress_rl.errors import KvrlError
-from kvpress_rl.evaluators.grid import (
-    FULL,
-    Cell,
-    GridSpec,
-    cell_definition,
-    read_grid,
-    resolve_tasks,
-    run_grid,
-    sample_length,
-    scores_for,
-    scores_path,
-)
+from kvpress_rl.evaluators.cells import FULL, GRID_FILE, Cell, read_grid
+from kvpress_rl.evaluators.grid import run_grid
+from kvpress_rl.evaluators.grid_spec import CellSetting, GridSpec
 from kvpress_rl.evaluators.paired import drop_upper_bound, least_bound, paired_counts
 from kvpress_rl.evaluators.report import cell_samples
+from kvpress_rl.evaluators.resume import cell_definition
+from kvpress_rl.evaluators.samples import sample_length
+from kvpress_rl.evaluators.strategy_scores import scores_for, scores_path
+from kvpress_rl.evaluators.tasks import resolve_tasks
 from kvpress_rl.models import DEFAULT_MODEL, ModelShape
 from kvpress_rl.plan import build_plan
 from kvpress_rl.policies import SINK_TOKENS, WINDOW_TOKENS
@@ -99,9 +94,10 @@ class Choice:
         return self.safe("bound")
 
     def as_dict(self) -> dict:
-        return {"task": self.task, "strategy": self.strategy, "full_accuracy": self.full_accuracy, "problems": self.problems,
-                "margin_points": self.margin, "confidence": self.confidence, "largest_observed": self.largest("observed"),
-                "largest_bound": self.largest("bound"), "safe_observed": self.safe("observed"), "safe_bound": self.safe("bound"),
+        return {"task": self.task, "strategy": self.strategy, "full_accuracy": self.full_accuracy,
+                "problems": self.problems, "margin_points": self.margin, "confidence": self.confidence,
+                "largest_observed": self.largest("observed"), "largest_bound": self.largest("bound"),
+                "safe_observed": self.safe("observed"), "safe_bound": self.safe("bound"),
                 "monotonic": self.monotonic, "chosen": self.chosen, "ladder": [asdict(p) for p in self.points]}
 
 
@@ -143,7 +139,8 @@ def outcomes(directory: Path, cell: Cell) -> dict[object, bool]:
     """Per problem (lm-eval's doc_id), whether the cell's answer was correct."""
     path = cell_samples(directory, cell)
     if not path.is_file():
-        raise KvrlError(f"{path} is missing: the samples of cell {cell.task} {cell.strategy} s={cell.sparsity:g}; rerun with --recompute")
+        raise KvrlError(f"{path} is missing: the samples of cell {cell.task} {cell.strategy} s={cell.sparsity:g}; "
+                        "rerun with --recompute")
     with path.open() as handle:
         return {row["doc_id"]: row.get("classification") == "correct" for row in map(json.loads, handle)}
 
@@ -195,10 +192,11 @@ class Outcome:
         return ideal_gain(self.choice.chosen, self.mean_length) if self.mean_length else 1.0
 
     def as_dict(self) -> dict:
-        return {**self.choice.as_dict(), "heads": self.heads, "test_full_accuracy": self.test_full, "test_accuracy": self.test_accuracy,
-                "test_problems": self.test_problems, "mean_sequence_tokens": self.mean_length, "kv_bytes_full": self.kv_bytes_full,
-                "kv_bytes_plan": self.kv_bytes_plan, "ideal_throughput_gain": self.gain, "serve_command": self.serve_command,
-                "notes": self.notes}
+        return {**self.choice.as_dict(), "heads": self.heads, "test_full_accuracy": self.test_full,
+                "test_accuracy": self.test_accuracy, "test_problems": self.test_problems,
+                "mean_sequence_tokens": self.mean_length, "kv_bytes_full": self.kv_bytes_full,
+                "kv_bytes_plan": self.kv_bytes_plan, "ideal_throughput_gain": self.gain,
+                "serve_command": self.serve_command, "notes": self.notes}
 
 
 # --- running the ladders ------------------------------------------------------------------------------------
@@ -210,23 +208,25 @@ class TuneSettings:
     resolution: float = RESOLUTION
 
 
-def validation_ladders(lm, spec: GridSpec, out: Path, settings: TuneSettings, on_cell: Callable[[Cell], None] | None = None,
-                       recompute: bool = False) -> list[Choice]:
+def validation_ladders(lm, spec: GridSpec, out: Path, settings: TuneSettings,
+                       on_cell: Callable[[Cell], None] | None = None, recompute: bool = False) -> list[Choice]:
     """Every strategy's ladder on every task's validation split in `out/validation` (a `kvrl eval` output folder:
     resumable, `kvrl report` draws it): the coarse ladder, then refinements until each gap is at the resolution."""
     folder = out / "validation"
     spec = replace(spec, split="validation", sparsities=coarse_ladder(settings.step))
     run_grid(lm, spec, folder, on_cell=on_cell, recompute=recompute)
     while True:
-        cells = current_cells(spec, read_grid(folder / "grid.csv"))
+        cells = current_cells(spec, read_grid(folder / GRID_FILE))
+        choices = {(task, name): choose(folder, cells, task, name, settings.margin, settings.confidence)
+                   for task in spec.tasks for name, _ in spec.strategies}
         pending = []
         for task in spec.tasks:
             for name, entry in spec.strategies:
-                extra = refinements(choose(folder, cells, task, name, settings.margin, settings.confidence), settings.resolution)
+                extra = refinements(choices[(task, name)], settings.resolution)
                 if extra:
                     pending.append(replace(spec, tasks=[task], strategies=[(name, entry)], sparsities=extra))
         if not pending:
-            return [choose(folder, cells, task, name, settings.margin, settings.confidence) for task in spec.tasks for name, _ in spec.strategies]
+            return list(choices.values())
         for part in pending:
             run_grid(lm, part, folder, on_cell=on_cell, recompute=recompute)
 
@@ -239,44 +239,54 @@ def current_cells(spec: GridSpec, cells: list[Cell]) -> list[Cell]:
     for cell in cells:
         if cell.task not in configs or (cell.strategy != FULL and cell.strategy not in entries):
             continue
-        entry = entries.get(cell.strategy)
-        expected = cell_definition(spec, configs[cell.task], cell.strategy, entry, cell.seed, cell.full_heads)
-        if cell.definition and json.loads(cell.definition) == json.loads(json.dumps(expected, sort_keys=True, default=str)):
+        setting = CellSetting(strategy=cell.strategy, sparsity=cell.sparsity, seed=cell.seed,
+                              entry=entries.get(cell.strategy), full_heads=cell.full_heads)
+        expected = json.dumps(cell_definition(spec, configs[cell.task], setting), sort_keys=True, default=str)
+        if cell.definition and json.loads(cell.definition) == json.loads(expected):
             kept.append(cell)
     return kept
 
 
-def test_measurements(lm, spec: GridSpec, out: Path, choices: list[Choice], on_cell: Callable[[Cell], None] | None = None,
-                      recompute: bool = False) -> list[Outcome]:
+def test_measurements(lm, spec: GridSpec, out: Path, choices: list[Choice],
+                      on_cell: Callable[[Cell], None] | None = None, recompute: bool = False) -> list[Outcome]:
     """Each choice measured once on the test split (`out/test`), with its memory, ideal gain and serve command.
 
     Nothing here feeds back into a choice: the test cells are run after every choice is final."""
     entries = dict(spec.strategies)
-    test_spec = replace(spec, split="test")
-    folder = out / "test"
     validation = out / "validation"
-    full_cells = {c.task: c for c in current_cells(replace(spec, split="validation"), read_grid(validation / "grid.csv")) if c.strategy == FULL}
+    validation_cells = current_cells(replace(spec, split="validation"), read_grid(validation / GRID_FILE))
+    full_cells = {c.task: c for c in validation_cells if c.strategy == FULL}
     lengths = {task: mean_sequence_length(lm, validation, cell) for task, cell in full_cells.items()}
     results: list[Outcome] = []
     for choice in choices:
         entry = entries[choice.strategy]
-        outcome = Outcome(choice, heads=scores_path(entry, choice.strategy, spec, spec.seeds[0], out / "validation"))
+        heads = scores_path(spec, validation, name=choice.strategy, entry=entry, seed=spec.seeds[0])
+        outcome = Outcome(choice, heads=heads)
         if choice.chosen:
-            part = replace(test_spec, tasks=[choice.task], strategies=[(choice.strategy, entry)], sparsities=[choice.chosen])
-            cells = current_cells(part, run_grid(lm, part, folder, on_cell=on_cell, recompute=recompute))
-            measured = [c for c in cells if c.task == choice.task and c.strategy == choice.strategy and abs(c.sparsity - choice.chosen) < 1e-9]
-            outcome.test_full = next(c.accuracy for c in cells if c.task == choice.task and c.strategy == FULL)
-            outcome.test_accuracy = statistics.mean(c.accuracy for c in measured)
-            outcome.test_problems = measured[0].total
+            part = replace(spec, split="test", tasks=[choice.task], strategies=[(choice.strategy, entry)],
+                           sparsities=[choice.chosen])
+            measure_on_test(outcome, current_cells(part, run_grid(lm, part, out / "test", on_cell=on_cell,
+                                                                  recompute=recompute)))
         else:
-            outcome.notes.append(f"no tested sparsity holds within {choice.margin:g} points at {100 * choice.confidence:g}% confidence "
-                                 f"on {choice.problems} problems: keep the full cache, or tune on more problems (--limit)")
+            outcome.notes.append(f"no tested sparsity holds within {choice.margin:g} points at "
+                                 f"{100 * choice.confidence:g}% confidence on {choice.problems} problems: keep the "
+                                 "full cache, or tune on more problems (--limit)")
         if not choice.monotonic:
-            outcome.notes.append(f"non-monotonic ladder: s = {choice.largest('observed'):g} holds but a lower sparsity fails; the choice "
-                                 f"is the largest sparsity below which every tested one holds")
+            outcome.notes.append(f"non-monotonic ladder: s = {choice.largest('observed'):g} holds but a lower sparsity "
+                                 "fails; the choice is the largest sparsity below which every tested one holds")
         describe_memory(lm, spec, validation, outcome, lengths[choice.task])
         results.append(outcome)
     return results
+
+
+def measure_on_test(outcome: Outcome, cells: list[Cell]) -> None:
+    """The chosen setting's test accuracy (averaged over seeds) and the full cache's, from the test grid's cells."""
+    choice = outcome.choice
+    measured = [c for c in cells if c.task == choice.task and c.strategy == choice.strategy
+                and abs(c.sparsity - choice.chosen) < 1e-9]
+    outcome.test_full = next(c.accuracy for c in cells if c.task == choice.task and c.strategy == FULL)
+    outcome.test_accuracy = statistics.mean(c.accuracy for c in measured)
+    outcome.test_problems = measured[0].total
 
 
 def mean_sequence_length(lm, directory: Path, cell: Cell) -> float:
@@ -287,11 +297,13 @@ def mean_sequence_length(lm, directory: Path, cell: Cell) -> float:
 
 
 def describe_memory(lm, spec: GridSpec, validation: Path, outcome: Outcome, mean_length: float) -> None:
-    """The chosen plan's KV bytes per sequence at the task's measured length (validation, full cache), and `kvrl serve`."""
+    """The chosen plan's KV bytes per sequence at the task's measured length (validation, full cache), and
+    `kvrl serve`."""
     choice = outcome.choice
     outcome.mean_length = mean_length
     entry = dict(spec.strategies)[choice.strategy]
-    scores = scores_for(entry, choice.strategy, replace(spec, split="validation"), lm.model, lm.tokenizer, spec.seeds[0], validation)
+    scores = scores_for(replace(spec, split="validation"), validation, name=choice.strategy, entry=entry,
+                        seed=spec.seeds[0], model=lm.model, tokenizer=lm.tokenizer)
     plan = build_plan(entry.cls(), scores, choice.chosen, spec.compressed_policy, spec.plan_rule)
     length = max(1, round(mean_length))
     head_dim = ModelShape.from_config(lm.model.config).head_dim

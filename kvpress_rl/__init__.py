@@ -2,13 +2,18 @@
 
 Public API for users and plugin authors:
 
-- `HeadScores`, `CompressionPlan`, `plan_from_scores`, `build_plan`: scores per (layer, KV head) and the plan built from them.
-- `HeadSelector`, `SelectionContext`, `hookimpl`: what a third-party strategy implements and registers.
+- `HeadScores`, `CompressionPlan`, `plan_from_scores`, `build_plan`: scores per (layer, KV head) and the plan built
+  from them.
+- `HeadSelector` (head strategies), `TokenSelector` (token strategies), both a `Strategy`; `SelectionContext`,
+  `hookimpl`: what a third-party strategy implements and registers.
 - `compressed(model, plan)`: the context manager that runs a model under a plan with real memory savings
-  (`session.generate(...)`, or `model.generate(..., cache=session.new_cache())`; `past_key_values=` on transformers 5.19); `gated(model, gates)` for training gates.
-- `load_model`: a hub id, a local directory, a GGUF file, `random:ARCH` or `embedded`; `profile_of(model)`: its `ModelProfile`.
+  (`session.generate(...)`, or `model.generate(..., cache=session.new_cache())`; `past_key_values=` on transformers
+  5.19); `gated(model, gates)` for training gates.
+- `load_model`: a hub id, a local directory, a GGUF file, `random:ARCH` or `embedded`; `profile_of(model)`: its
+  `ModelProfile`.
 
-Importing this package loads torch but not transformers: the executor is imported on first use of `compressed` or `gated`.
+Importing this package loads torch but not transformers: the executor is imported on first use of `compressed` or
+`gated`.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from kvpress_rl.plan import CompressionPlan, build_plan, plan_from_scores
 from kvpress_rl.plugins import hookimpl
 from kvpress_rl.profiles import ModelProfile, profile_of
 from kvpress_rl.scores import HeadScores
-from kvpress_rl.selector import HeadSelector, SelectionContext
+from kvpress_rl.selector import HeadSelector, SelectionContext, Strategy, TokenSelector
 
 try:
     __version__ = version("kvpress-rl")
@@ -46,6 +51,8 @@ __all__ = [
     "ModelProfile",
     "ModelShape",
     "SelectionContext",
+    "Strategy",
+    "TokenSelector",
     "__version__",
     "build_plan",
     "compressed",

@@ -26,7 +26,8 @@ def all_sum(value: torch.Tensor) -> torch.Tensor:
     current GPU, so a tensor elsewhere goes there and back."""
     _, size = world()
     if size > 1:
-        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+        nccl = dist.get_backend() == "nccl"
+        device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
         moved = value.to(device)
         dist.all_reduce(moved, op=dist.ReduceOp.SUM)
         if moved is not value:

@@ -3,8 +3,9 @@
 `huggingface_hub` loads its parts on first use (`import huggingface_hub` and its `constants` take a
 millisecond; `snapshot_download` and `HfApi` bring httpx, about 130 ms), so this module imports the
 package at the top and reaches `snapshot_download` and `HfApi` through it when a command needs them;
-hub errors are told apart by class name, so that `huggingface_hub.errors` (httpx) is not loaded for that. Offline (`HF_HUB_OFFLINE`), or without a network, every call here
-fails in one line that says so and what to do instead; a folder already in the local cache still loads.
+hub errors are told apart by class name, so that `huggingface_hub.errors` (httpx) is not loaded for that. Offline
+(`HF_HUB_OFFLINE`), or without a network, every call here fails in one line that says so and what to do instead; a
+folder already in the local cache still loads.
 """
 
 from __future__ import annotations
@@ -77,11 +78,15 @@ def download(ref: HubRef, files: list[str]) -> tuple[Path, str]:
     try:
         folder = Path(huggingface_hub.snapshot_download(ref.repo, revision=ref.revision, allow_patterns=list(files),
                                                         local_files_only=offline))
-        revision = folder.name if _COMMIT.fullmatch(folder.name) else huggingface_hub.HfApi().model_info(ref.repo, revision=ref.revision).sha
+        if _COMMIT.fullmatch(folder.name):
+            revision = folder.name
+        else:
+            revision = huggingface_hub.HfApi().model_info(ref.repo, revision=ref.revision).sha
     except Exception as err:  # huggingface_hub and httpx raise many types: each becomes one line
         elsewhere = (f"; download the folder where the hub is reachable (`hf download {ref.repo}"
                      f"{f' --revision {ref.revision}' if ref.revision else ''} --local-dir DIR`) and pass DIR")
-        raise KvrlError(f"cannot download {ref}: {_reason(err, offline)}{elsewhere if _unreachable(err) else ''}") from None
+        raise KvrlError(f"cannot download {ref}: "
+                        f"{_reason(err, offline)}{elsewhere if _unreachable(err) else ''}") from None
     return folder, revision
 
 
@@ -115,7 +120,8 @@ def upload(folder: Path, repo: str, message: str) -> str:
     return str(getattr(commit, "commit_url", "") or f"hf://{repo}")
 
 
-_UNREACHABLE = {"LocalEntryNotFoundError", "OfflineModeIsEnabled", "ConnectError", "TimeoutException", "ConnectionError"}
+_UNREACHABLE = {"LocalEntryNotFoundError", "OfflineModeIsEnabled", "ConnectError", "TimeoutException",
+                "ConnectionError"}
 
 
 def _unreachable(err: Exception) -> bool:

@@ -30,7 +30,8 @@ from kvpress_rl.hub import model_commit
 
 DIGEST_CACHE = "digests.json"
 RANDOM_PREFIX = "random:"
-SOURCE_PATHS = ("kvpress_rl", "strategies", "evaluators", "engines", "cli", "pyproject.toml")  # what makes results; docs and tests do not
+# what makes results; docs and tests do not
+SOURCE_PATHS = ("kvpress_rl", "strategies", "evaluators", "engines", "cli", "pyproject.toml")
 SKIPPED_SUFFIXES = (".md",)  # a model folder's card does not change what the model computes
 
 
@@ -90,7 +91,8 @@ def folder_digest(folder: str | Path) -> str:
     """A hash of a model folder: the name and content hash of every file in it (sub-folders included; hidden
     files and `.md` cards left out)."""
     root = Path(folder).resolve()
-    files = sorted(p for p in root.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
+    files = sorted(p for p in root.rglob("*") if p.is_file()
+                   and not any(part.startswith(".") for part in p.relative_to(root).parts)
                    and p.suffix not in SKIPPED_SUFFIXES)
     if not files:
         raise KvrlError(f"model folder {root} holds no files")

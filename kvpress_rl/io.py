@@ -62,7 +62,8 @@ def _writer_alive(pid_text: str | None) -> bool | None:
     return True
 
 
-def stale_leftovers(folder: Path, pattern: re.Pattern, older_than_s: float = STALE_AFTER_S) -> list[tuple[Path, re.Match]]:
+def stale_leftovers(folder: Path, pattern: re.Pattern,
+                    older_than_s: float = STALE_AFTER_S) -> list[tuple[Path, re.Match]]:
     """Entries of `folder` whose name matches `pattern` (group 1: the writer's pid, or None) left by a writer that is
     gone, or older than `older_than_s` whatever their writer: `(path, match)` pairs, for the caller to remove."""
     found = []

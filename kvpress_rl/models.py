@@ -49,6 +49,14 @@ class ModelShape:
     def num_groups(self) -> int:
         return self.num_query_heads // self.num_kv_heads
 
+    def check_heads_shape(self, shape: tuple[int, int], subject: str) -> None:
+        """Refuse a per-(layer, KV head) object made for another model; `subject` opens the message ("plan has",
+        "head scores have")."""
+        expected = (self.num_layers, self.num_kv_heads)
+        if tuple(shape) != expected:
+            raise KvrlError(f"{subject} shape {shape[0]} layers x {shape[1]} KV heads, "
+                            f"the model has {expected[0]} x {expected[1]}")
+
 
 DEVICES = "cpu, cuda, cuda:N, mps"
 
@@ -94,6 +102,16 @@ def check_seed(seed: int, flag: str = "--seed") -> int:
     return seed
 
 
+def model_spec(model: str | None) -> str:
+    """What a `--model` value names: the value, else `$KVRL_MODEL`, else the embedded model."""
+    return model or os.environ.get("KVRL_MODEL") or DEFAULT_MODEL
+
+
+def auto_dtype(device: str, profile_dtype: str | None = None) -> str:
+    """`--dtype auto`: bfloat16 on a GPU; on the CPU the dtype the model's profile asks for (None: float32)."""
+    return "bfloat16" if device != "cpu" else profile_dtype or "float32"
+
+
 def looks_like_path(spec: str) -> bool:
     """A --model value that is meant as a local path rather than a hub id."""
     return spec.endswith(".gguf") or ("/" in spec and spec.startswith((".", "/", "~")))
@@ -116,7 +134,8 @@ def small_config(arch: str = "llama", **overrides: Any):
     from transformers import AutoConfig
 
     if arch not in SUPPORTED_ARCHITECTURES:
-        raise KvrlError(f"unknown architecture {arch!r} for a random model; accepted: {', '.join(SUPPORTED_ARCHITECTURES)}")
+        raise KvrlError(f"unknown architecture {arch!r} for a random model; accepted: "
+                        f"{', '.join(SUPPORTED_ARCHITECTURES)}")
     fields: dict[str, Any] = dict(
         vocab_size=256,
         hidden_size=64,
@@ -162,10 +181,10 @@ def load_model(
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    spec = model or os.environ.get("KVRL_MODEL") or DEFAULT_MODEL
+    spec = model_spec(model)
     if dtype != "auto" and dtype not in _DTYPES:
         raise KvrlError(f"unknown dtype {dtype!r}; accepted: auto, {', '.join(_DTYPES)}")
-    torch_dtype = _DTYPES.get(dtype, torch.float32 if device == "cpu" else torch.bfloat16)
+    torch_dtype = _DTYPES[auto_dtype(device) if dtype == "auto" else dtype]
 
     if spec == EMBEDDED_MODEL:
         return load_embedded(dtype=torch_dtype, device=device)

@@ -22,6 +22,11 @@ def check_sparsity(sparsity: float) -> float:
     return sparsity
 
 
+def kv_bytes_of(head_tokens: int, head_dim: int, dtype: torch.dtype) -> int:
+    """Bytes of keys and values for `head_tokens` tokens, counted once per KV head (and per sequence) holding them."""
+    return head_tokens * 2 * head_dim * torch.empty((), dtype=dtype).element_size()
+
+
 @dataclass(frozen=True)
 class CompressionPlan:
     """What the executor runs.
@@ -51,11 +56,7 @@ class CompressionPlan:
         return int((~self.full).sum())
 
     def check_shape(self, shape: ModelShape) -> None:
-        expected = (shape.num_layers, shape.num_kv_heads)
-        if self.shape != expected:
-            raise KvrlError(
-                f"plan has shape {self.shape[0]} layers x {self.shape[1]} KV heads, the model has {expected[0]} x {expected[1]}"
-            )
+        shape.check_heads_shape(self.shape, "plan has")
 
     def tokens_held(self, seq_len: int) -> torch.Tensor:
         """Tokens each head holds after `seq_len` tokens, `[layers, kv_heads]`."""
@@ -65,12 +66,10 @@ class CompressionPlan:
 
     def kv_bytes(self, seq_len: int, batch: int = 1, *, head_dim: int, dtype: torch.dtype = torch.bfloat16) -> int:
         """Exact bytes of keys and values the executor holds for `batch` sequences of `seq_len` tokens."""
-        element = torch.empty((), dtype=dtype).element_size()
-        return int(self.tokens_held(seq_len).sum()) * 2 * batch * head_dim * element
+        return kv_bytes_of(int(self.tokens_held(seq_len).sum()) * batch, head_dim, dtype)
 
     def full_kv_bytes(self, seq_len: int, batch: int = 1, *, head_dim: int, dtype: torch.dtype = torch.bfloat16) -> int:
-        element = torch.empty((), dtype=dtype).element_size()
-        return self.full.numel() * seq_len * 2 * batch * head_dim * element
+        return kv_bytes_of(self.full.numel() * seq_len * batch, head_dim, dtype)
 
     def summary(self) -> str:
         """Per layer, which KV heads keep the full cache (`F`) and which are compressed (`.`)."""
@@ -93,7 +92,7 @@ class CompressionPlan:
 #             `numpy.quantile(scores, s)` (linear interpolation) over every (layer, KV head), and keep
 #             the full cache where `score >= threshold`: `ceil((n - 1) * s)` heads compressed.
 #   round:    compress exactly `round(n * s)` heads, lowest clipped score first, ties by raw score and
-#             then by (layer, head) order (this project's rule before the official one was adopted).
+#             then by (layer, head) order.
 PLAN_RULES = ("official", "round")
 OFFICIAL_NOISE_SEED = 42
 OFFICIAL_NOISE_SCALE = 1e-6
@@ -114,8 +113,9 @@ def official_full_heads(values: torch.Tensor, sparsity: float) -> torch.Tensor:
     raw = values.detach().cpu().double().numpy()
     outside = int(((raw < -CLIP_TOLERANCE) | (raw > 1.0 + CLIP_TOLERANCE)).sum())
     if outside:  # published gates stray at most ~0.011 from [0, 1]; other scales lose their order here
-        warnings.warn(f"{outside} of {raw.size} head scores lie outside [0, 1] by more than {CLIP_TOLERANCE:g}; the official "
-                      "rule clips them to [0, 1], losing their order: rescale the scores to [0, 1] first", stacklevel=2)
+        warnings.warn(f"{outside} of {raw.size} head scores lie outside [0, 1] by more than {CLIP_TOLERANCE:g}; the "
+                      "official rule clips them to [0, 1], losing their order: rescale the scores to [0, 1] first",
+                      stacklevel=2)
     scores = np.clip(raw, 0.0, 1.0)
     noise = np.random.RandomState(OFFICIAL_NOISE_SEED).uniform(0.0, OFFICIAL_NOISE_SCALE, scores.shape)
     scores = scores + noise

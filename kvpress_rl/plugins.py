@@ -1,7 +1,8 @@
 """Plugins: the hook specification that is the only contract between the core and strategies.
 
 A plugin is a module registered under the entry-point group `kvpress_rl`; it implements
-`kvrl_strategies()` with the `kvpress_rl.hookimpl` marker and returns `HeadSelector` subclasses.
+`kvrl_strategies()` with the `kvpress_rl.hookimpl` marker and returns `Strategy` subclasses (`HeadSelector` or
+`TokenSelector`).
 Our built-in strategies are found the same way. Nothing is cached in a global: every call of
 `discover_strategies` reads the entry points afresh.
 """
@@ -18,7 +19,7 @@ from typing import Any
 import pluggy
 
 from kvpress_rl.errors import KvrlError
-from kvpress_rl.selector import HeadSelector, field_types
+from kvpress_rl.selector import Strategy, field_types
 
 PROJECT = "kvpress_rl"
 ENTRY_POINT_GROUP = "kvpress_rl"
@@ -32,8 +33,8 @@ class StrategyHooks:
     """Hook specifications a plugin may implement."""
 
     @hookspec
-    def kvrl_strategies(self) -> list[type[HeadSelector]]:  # type: ignore[empty-body]
-        """Return the `HeadSelector` subclasses this plugin provides."""
+    def kvrl_strategies(self) -> list[type[Strategy]]:  # type: ignore[empty-body]
+        """Return the strategy classes (`HeadSelector` or `TokenSelector` subclasses) this plugin provides."""
 
 
 class PluginWarning(UserWarning):
@@ -42,7 +43,7 @@ class PluginWarning(UserWarning):
 
 @dataclass(frozen=True)
 class StrategyEntry:
-    cls: type[HeadSelector]
+    cls: type[Strategy]
     origin: str  # "built-in" or the distribution that registered it
 
 
@@ -62,7 +63,8 @@ def discover_strategies(extra_plugins: list[tuple[str, ModuleType | Any]] | None
     manager = pluggy.PluginManager(PROJECT)
     manager.add_hookspecs(StrategyHooks)
     origins: dict[str, str] = {}
-    for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: (_origin(e.dist.name if e.dist else None) != "built-in", e.name)):
+    for ep in sorted(entry_points(group=ENTRY_POINT_GROUP),
+                     key=lambda e: (_origin(e.dist.name if e.dist else None) != "built-in", e.name)):
         origin = _origin(ep.dist.name if ep.dist else None)
         try:
             plugin = ep.load()
@@ -74,7 +76,8 @@ def discover_strategies(extra_plugins: list[tuple[str, ModuleType | Any]] | None
         except KeyboardInterrupt:
             raise
         except BaseException as err:  # noqa: B036 -- a third party's import error (or sys.exit) must not break kvrl
-            warnings.warn(f"plugin {ep.name!r} from {origin} failed to load and was skipped: {type(err).__name__}: {err}", PluginWarning, stacklevel=2)
+            warnings.warn(f"plugin {ep.name!r} from {origin} failed to load and was skipped: {type(err).__name__}: "
+                          f"{err}", PluginWarning, stacklevel=2)
     for origin, plugin in extra_plugins or []:
         name = f"{origin}:{getattr(plugin, '__name__', id(plugin))}"
         manager.register(plugin, name=name)
@@ -83,7 +86,8 @@ def discover_strategies(extra_plugins: list[tuple[str, ModuleType | Any]] | None
     found: dict[str, StrategyEntry] = {}
     registration_order = list(origins)
     impls = sorted(manager.hook.kvrl_strategies.get_hookimpls(),
-                   key=lambda impl: (origins[impl.plugin_name] != "built-in", registration_order.index(impl.plugin_name)))
+                   key=lambda impl: (origins[impl.plugin_name] != "built-in",
+                                     registration_order.index(impl.plugin_name)))
     for impl in impls:  # built-ins first, so a plugin cannot take their names
         origin = origins[impl.plugin_name]
         try:
@@ -91,21 +95,25 @@ def discover_strategies(extra_plugins: list[tuple[str, ModuleType | Any]] | None
         except KeyboardInterrupt:
             raise
         except BaseException as err:  # noqa: B036 -- SystemExit included: a plugin must not end kvrl
-            warnings.warn(f"plugin from {origin} raised in kvrl_strategies and was skipped: {type(err).__name__}: {err}", PluginWarning, stacklevel=2)
+            warnings.warn(f"plugin from {origin} raised in kvrl_strategies and was skipped: {type(err).__name__}: "
+                          f"{err}", PluginWarning, stacklevel=2)
             continue
         for cls in classes:
-            if not (isinstance(cls, type) and issubclass(cls, HeadSelector) and isinstance(cls.name, str) and cls.name):
-                warnings.warn(f"plugin from {origin} returned {cls!r}, not a named HeadSelector subclass; skipped", PluginWarning, stacklevel=2)
+            if not (isinstance(cls, type) and issubclass(cls, Strategy) and isinstance(cls.name, str) and cls.name):
+                warnings.warn(f"plugin from {origin} returned {cls!r}, not a named HeadSelector or TokenSelector "
+                              "subclass; skipped", PluginWarning, stacklevel=2)
             elif (problem := _class_problem(cls)) is not None:
-                warnings.warn(f"strategy {cls.name!r} from {origin} is unusable and was skipped: {problem}", PluginWarning, stacklevel=2)
+                warnings.warn(f"strategy {cls.name!r} from {origin} is unusable and was skipped: {problem}",
+                              PluginWarning, stacklevel=2)
             elif cls.name in found:
-                warnings.warn(f"strategy {cls.name!r} from {origin} is already provided by {found[cls.name].origin}; skipped", PluginWarning, stacklevel=2)
+                warnings.warn(f"strategy {cls.name!r} from {origin} is already provided by {found[cls.name].origin}; "
+                              "skipped", PluginWarning, stacklevel=2)
             else:
                 found[cls.name] = StrategyEntry(cls, origin)
     return found
 
 
-def _class_problem(cls: type[HeadSelector]) -> str | None:
+def _class_problem(cls: type[Strategy]) -> str | None:
     """Why a strategy class cannot be listed (None: it can): its text attributes must be strings and the
     type hints of its options dataclass must resolve."""
     for attribute in ("kind", "version", "description"):

@@ -83,7 +83,8 @@ class TokenPolicy:
     def observe(self, stats: dict[str, torch.Tensor], probs: torch.Tensor) -> None:
         """Fold attention probabilities `(batch, kv_heads, queries, slots)` into `stats`."""
 
-    def keep_scores(self, keys: torch.Tensor, valid: torch.Tensor, stats: dict[str, torch.Tensor]) -> torch.Tensor:  # pragma: no cover
+    def keep_scores(self, keys: torch.Tensor, valid: torch.Tensor,
+                    stats: dict[str, torch.Tensor]) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
 
     def describe(self) -> str:
@@ -136,7 +137,8 @@ class Streaming(TokenPolicy):
 
     def __post_init__(self) -> None:
         if self.sink < 0 or self.window < 1:
-            raise KvrlError(f"streaming needs sink >= 0 and window >= 1 (a budget of at least sink + 1), got sink={self.sink}, window={self.window}")
+            raise KvrlError("streaming needs sink >= 0 and window >= 1 (a budget of at least sink + 1), got "
+                            f"sink={self.sink}, window={self.window}")
         if self.budget_spec is not None:
             _check_budget(self.budget_spec, self.sink + 1, self.name)
 
@@ -156,7 +158,8 @@ class Streaming(TokenPolicy):
 
 def _check_budget(budget: Budget, minimum: int, name: str) -> None:
     if budget.fixed is not None and budget.fixed < minimum:
-        raise KvrlError(f"{name}: a budget of {budget.fixed} tokens is smaller than its protected window + 1 ({minimum})")
+        raise KvrlError(f"{name}: a budget of {budget.fixed} tokens is smaller than its protected window + 1 "
+                        f"({minimum})")
 
 
 @dataclass(frozen=True)
@@ -340,7 +343,8 @@ def full_head_policy(name: str, budget: str | float | int) -> TokenPolicy:
     try:
         value = float(text)
     except ValueError:
-        raise KvrlError(f"full-head budget {text!r}: give a fraction of the sequence (e.g. 0.5) or a token count (e.g. 512)") from None
+        raise KvrlError(f"full-head budget {text!r}: give a fraction of the sequence (e.g. 0.5) or a token count (e.g. "
+                        "512)") from None
     if "." in text or "e" in text.lower():
         if not 0.0 < value <= 1.0:
             raise KvrlError(f"full-head budget {text}: a fraction must lie in (0, 1]")
@@ -350,11 +354,15 @@ def full_head_policy(name: str, budget: str | float | int) -> TokenPolicy:
     return make_policy(name, budget=Budget(fixed=int(value)))
 
 
-def make_policy(name: str, *, sparsity: float | None = None, fixed_budget: int | None = None, budget: Budget | None = None,
-                **options: Any) -> TokenPolicy:
-    """Build a policy by name. Budgeted policies grow with `sparsity` unless `fixed_budget` (or a whole `budget`) is given."""
+def make_policy(name: str, *, sparsity: float | None = None, fixed_budget: int | None = None,
+                budget: Budget | None = None, **options: Any) -> TokenPolicy:
+    """Build a policy by name. Budgeted policies grow with `sparsity` unless `fixed_budget` (or a whole `budget`) is
+    given."""
     if name not in POLICIES:
         raise KvrlError(f"unknown token policy {name!r}; accepted: {', '.join(POLICIES)}")
     if budget is None:
-        budget = Budget(fixed=fixed_budget) if fixed_budget is not None else Budget(sparsity=0.5 if sparsity is None else sparsity)
+        if fixed_budget is not None:
+            budget = Budget(fixed=fixed_budget)
+        else:
+            budget = Budget(sparsity=0.5 if sparsity is None else sparsity)
     return POLICIES[name](budget_spec=budget, **options)

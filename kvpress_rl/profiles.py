@@ -39,22 +39,23 @@ class ModelProfile:
         return dict(self.strategy_defaults.get(strategy, {}))
 
 
-# RLKV on the embedded model. Its ~270-token problems would fit whole in the paper's 128 + 256 window
-# (no signal), so training uses the token-exact 16 + 64 window it is evaluated with. With 40 steps
-# instead of 186, beta 1e-3 leaves mean alpha still falling at the last step (0.51); at 1e-2 it
-# settles near 0.3 with the reward back at 1.0. Its chains take 51 tokens, so 64 new tokens end only
-# rambling rollouts, and the time saved buys 6 prompts a step instead of 4. Every solved problem of
-# a 64-problem pool (train_set_size None = the pool size), one generate call a step.
+# RLKV on the embedded model. Its ~270-token problems would fit whole in the official training window (`OFFICIAL_SINK` +
+# `OFFICIAL_WINDOW` of strategies/rlkv/presets.py: no signal), so training uses the token-exact sink + window it is
+# evaluated with. With 40 steps instead of 186, beta 1e-3 leaves mean alpha still falling at the last step (0.51); at
+# 1e-2 it settles near 0.3 with the reward back at 1.0. Its chains take 51 tokens, so 64 new tokens end only rambling
+# rollouts, and the time saved buys 6 prompts a step instead of 4. Every solved problem of a 64-problem pool
+# (train_set_size None = the pool size), one generate call a step.
 EMBEDDED_RLKV = {
     "steps": 40, "prompts_per_step": 6, "max_new_tokens": 64, "lr": 0.1, "beta": 1e-2, "tau": 0.5,
     "temperature": 1.0, "sink": SINK_TOKENS, "window": WINDOW_TOKENS, "train_mask": "token", "reward_level": "batch",
     "pool_size": 64, "train_set_size": None, "gradient_checkpointing": False, "rollout_batch": None,
-    "advantage": "group",  # the paper's per-group z-score: these values were tuned with it (real models: the official batch one)
+    # the paper's per-group z-score: these values were tuned with it (real models: the official batch one)
+    "advantage": "group",
 }
 
 # Selection and evaluation run in bfloat16 (gated rollouts 1.6x faster than float32 on AVX-512 BF16 / AMX CPUs, decoding
-# 1.7x); the task keeps its accuracy in it (`kvrl embedded evaluate --dtype bfloat16`, AMD EPYC): full cache 99.8% of 500
-# link test problems (float32: 100.0%), 98.7% of 300 counted validation problems (float32: 98.7%), within 1 point.
+# 1.7x); the task keeps its accuracy in it (`kvrl embedded evaluate --dtype bfloat16`, AMD EPYC): full cache 99.8% of
+# 500 link test problems (float32: 100.0%), 98.7% of 300 counted validation problems (float32: 98.7%), within 1 point.
 EMBEDDED_PROFILE = ModelProfile(family="embedded", strategy_defaults={"rlkv": EMBEDDED_RLKV},
                                 haystack_words=tuple(WORDS), default_task=EMBEDDED_TASK, select_dtype="bfloat16",
                                 eval_dtype="bfloat16")

@@ -46,7 +46,8 @@ class HeadScores:
     def __post_init__(self) -> None:
         scores = torch.as_tensor(self.scores).detach().to("cpu", torch.float32)
         if scores.ndim != 2 or scores.numel() == 0:
-            raise KvrlError(f"head scores must be a non-empty [layers, kv_heads] matrix, got shape {tuple(scores.shape)}")
+            raise KvrlError("head scores must be a non-empty [layers, kv_heads] matrix, got shape "
+                            f"{tuple(scores.shape)}")
         if not torch.isfinite(scores).all():
             raise KvrlError("head scores contain NaN or infinite values")
         self.scores = scores.contiguous()
@@ -57,12 +58,7 @@ class HeadScores:
 
     def check_shape(self, shape: ModelShape) -> None:
         """Refuse scores made for another model."""
-        expected = (shape.num_layers, shape.num_kv_heads)
-        if self.shape != expected:
-            raise KvrlError(
-                f"head scores have shape {self.shape[0]} layers x {self.shape[1]} KV heads, "
-                f"the model has {expected[0]} x {expected[1]}"
-            )
+        shape.check_heads_shape(self.shape, "head scores have")
 
     def provenance(self) -> dict[str, Any]:
         return {
@@ -79,7 +75,8 @@ class HeadScores:
     # --- safetensors -------------------------------------------------------------------------
     def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
         metadata = {"format": _FORMAT, "provenance": json.dumps(self.provenance(), default=str)}
-        # the bytes go into the temporary file write_atomic made (safetensors' save_file would replace it with a 0600 file)
+        # the bytes go into the temporary file write_atomic made (safetensors' save_file would replace it with a
+        # 0600 file)
         data = safetensors_bytes({"scores": self.scores}, metadata=metadata)
         return write_atomic(path, lambda tmp: tmp.write_bytes(data), overwrite=overwrite)
 
@@ -106,7 +103,8 @@ class HeadScores:
                 scores = handle.get_tensor("scores")
             provenance = json.loads(metadata.get("provenance", "{}"))
         except Exception as err:  # safetensors raises several types for a damaged file
-            raise KvrlError(f"{path} is not a readable head-scores file (.safetensors with a 'scores' tensor, or .tsv)") from err
+            raise KvrlError(f"{path} is not a readable head-scores file (.safetensors with a 'scores' tensor, or "
+                            ".tsv)") from err
         return cls(scores=scores, **_checked_provenance(path, provenance))
 
     @classmethod

@@ -1,4 +1,7 @@
-"""`HeadSelector`: the interface every strategy implements, built-in or third-party."""
+"""`Strategy`: the interface every strategy implements, built-in or third-party.
+
+Head strategies subclass `HeadSelector` (scores rank heads globally), token strategies `TokenSelector`
+(every head compressed by the strategy's token policy)."""
 
 from __future__ import annotations
 
@@ -30,7 +33,8 @@ class SelectionContext:
     on_step: Any = None  # callable(step, total, metrics: dict) for progress, or None
     # For strategies that sample from a gated model (`samples_rollouts`): None samples in transformers; otherwise
     # callable(sink=, window=, mask=, block_size=) -> an engine with `generate(gates, prompts, *, copies, temperature,
-    # max_new_tokens, stop_ids, pad_id)` -> (sequences, mask, offset) and `close()` (`kvrl select --rollout-engine vllm`)
+    # max_new_tokens, stop_ids, pad_id)` -> (sequences, mask, offset) and `close()` (`kvrl select --rollout-engine
+    # vllm`)
     rollout_engine: Any = None
 
 
@@ -39,7 +43,7 @@ class NoOptions:
     """A strategy without options."""
 
 
-class HeadSelector:
+class Strategy:
     """A strategy: `select` scores every (layer, KV head); `plan` turns scores into a `CompressionPlan`.
 
     Subclasses set `name`, `kind` ("head" or "token"), `version`, `description`, and `Options`
@@ -48,7 +52,8 @@ class HeadSelector:
     wants its scores from `kvrl select` rather than running it inside) and `averaged_over_seeds` (the
     scores are a seeded draw: the grid evaluates every seed and reports the mean), and what selection
     can be given: `samples_rollouts` (it samples from a gated model, so `kvrl select --rollout-engine` applies).
-    Head strategies inherit the global ranking of `plan`; token strategies override it.
+    Head strategies (`HeadSelector`) inherit the global ranking of `plan`; token strategies (`TokenSelector`)
+    give every head the policy of `make_policy`.
     """
 
     name: ClassVar[str] = ""
@@ -85,7 +90,8 @@ class HeadSelector:
     def option_values(self) -> dict[str, Any]:
         return dataclasses.asdict(self.options) if dataclasses.is_dataclass(self.options) else {}
 
-    def scores(self, values: Any, model_id: str, context: SelectionContext, wall_time_s: float, **extra: Any) -> HeadScores:
+    def scores(self, values: Any, model_id: str, context: SelectionContext, wall_time_s: float,
+               **extra: Any) -> HeadScores:
         """Wrap a score tensor with this strategy's provenance."""
         return HeadScores(
             scores=values,
@@ -114,7 +120,7 @@ def _base_type(annotation: Any) -> Any:
     return annotation
 
 
-def option_fields(selector_cls: type[HeadSelector]) -> list[dataclasses.Field]:
+def option_fields(selector_cls: type[Strategy]) -> list[dataclasses.Field]:
     return list(dataclasses.fields(selector_cls.Options)) if dataclasses.is_dataclass(selector_cls.Options) else []
 
 
@@ -130,7 +136,13 @@ def default_of(f: dataclasses.Field) -> Any:
     return None
 
 
-class TokenSelector(HeadSelector):
+class HeadSelector(Strategy):
+    """Base of head strategies: `select` scores every (layer, KV head) and `plan` ranks the scores globally."""
+
+    kind: ClassVar[str] = "head"
+
+
+class TokenSelector(Strategy):
     """Base of token-dropping strategies: no head ranks above another; every head is compressed by
     the strategy's token policy at the budget that matches head sparsity `s` in KV memory,
     `int(seq_len * (1 - s)) + 80` tokens per head (or a fixed budget)."""
@@ -143,11 +155,13 @@ class TokenSelector(HeadSelector):
     def select(self, model: Any, tokenizer: Any, context: SelectionContext) -> HeadScores:
         started = time.perf_counter()
         shape = ModelShape.from_config(model.config)
-        return self.scores(torch.zeros(shape.num_layers, shape.num_kv_heads), model_id(model), context, time.perf_counter() - started)
+        return self.scores(torch.zeros(shape.num_layers, shape.num_kv_heads), model_id(model), context,
+                           time.perf_counter() - started)
 
     def budget(self, sparsity: float) -> Budget:
         fixed = getattr(self.options, "fixed_budget", None)
         return Budget(fixed=fixed) if fixed else Budget(sparsity=sparsity)
 
 
-__all__ = ["HeadSelector", "NoOptions", "SelectionContext", "TokenSelector", "default_of", "field", "field_types", "help_of", "option_fields"]
+__all__ = ["HeadSelector", "NoOptions", "SelectionContext", "Strategy", "TokenSelector", "default_of", "field",
+           "field_types", "help_of", "option_fields"]

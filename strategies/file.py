@@ -13,7 +13,8 @@ from kvpress_rl.selector import HeadSelector, SelectionContext
 
 @dataclass
 class FileOptions:
-    path: str = field(default="", metadata={"help": "scores file: .safetensors written by kvrl, or a .tsv head pattern"})
+    path: str = field(default="", metadata={"help": (
+        "scores file: .safetensors written by kvrl, or a .tsv head pattern")})
 
 
 class FileScores(HeadSelector):
@@ -34,4 +35,5 @@ class FileScores(HeadSelector):
         start = time.perf_counter()
         loaded = HeadScores.load(self.options.path)
         loaded.check_shape(ModelShape.from_config(model.config))
-        return self.scores(loaded.scores, model_id(model), context, time.perf_counter() - start, source=loaded.provenance())
+        return self.scores(loaded.scores, model_id(model), context, time.perf_counter() - start,
+                           source=loaded.provenance())

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from kvpress_rl.policies import H2O
+from kvpress_rl.policies import BUDGET_BASE, H2O
 from kvpress_rl.selector import TokenSelector
 
 
 @dataclass
 class H2OOptions:
-    fixed_budget: int = field(default=0, metadata={"help": "tokens per head (0: int(L*(1-s)) + 80)"})
+    fixed_budget: int = field(default=0, metadata={"help": f"tokens per head (0: int(L*(1-s)) + {BUDGET_BASE})"})
 
 
 class H2OTokens(TokenSelector):

@@ -28,8 +28,10 @@ from kvpress_rl.selector import HeadSelector, SelectionContext
 class RetrievalOptions:
     needles: int = field(default=3, metadata={"help": "needles per (length, depth)"})
     needle_length: int = field(default=8, metadata={"help": "tokens per needle"})
-    lengths: tuple[int, ...] = field(default=(256, 512), metadata={"help": "haystack lengths in tokens (comma-separated)"})
-    depths: tuple[float, ...] = field(default=(0.1, 0.3, 0.5, 0.7, 0.9), metadata={"help": "needle depths in [0, 1] (comma-separated)"})
+    lengths: tuple[int, ...] = field(default=(256, 512), metadata={"help": (
+        "haystack lengths in tokens (comma-separated)")})
+    depths: tuple[float, ...] = field(default=(0.1, 0.3, 0.5, 0.7, 0.9), metadata={"help": (
+        "needle depths in [0, 1] (comma-separated)")})
     aggregate: str = field(default="mean", metadata={"help": "query heads to KV head: mean or max"})
 
 

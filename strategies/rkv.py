@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from kvpress_rl.policies import RKV
+from kvpress_rl.policies import BUDGET_BASE, RKV
 from kvpress_rl.selector import TokenSelector
 
 
@@ -13,8 +13,9 @@ class RKVOptions:
     window: int = field(default=RKV.window, metadata={"help": "observation window of recent queries"})
     kernel: int = field(default=RKV.kernel, metadata={"help": "max-pooling kernel over importance (odd)"})
     mix: float = field(default=RKV.mix, metadata={"help": "weight of importance against redundancy"})
-    buffer: int = field(default=RKV.buffer, metadata={"help": "tokens gathered above the budget before each compression"})
-    fixed_budget: int = field(default=0, metadata={"help": "tokens per head (0: int(L*(1-s)) + 80)"})
+    buffer: int = field(default=RKV.buffer, metadata={"help": (
+        "tokens gathered above the budget before each compression")})
+    fixed_budget: int = field(default=0, metadata={"help": f"tokens per head (0: int(L*(1-s)) + {BUDGET_BASE})"})
 
 
 class RKVTokens(TokenSelector):

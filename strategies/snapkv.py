@@ -4,15 +4,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from kvpress_rl.policies import SnapKV
+from kvpress_rl.policies import BUDGET_BASE, SnapKV
 from kvpress_rl.selector import TokenSelector
 
 
 @dataclass
 class SnapKVOptions:
-    window: int = field(default=SnapKV.window, metadata={"help": "observation window: the last queries whose attention scores tokens"})
+    window: int = field(default=SnapKV.window, metadata={"help": (
+        "observation window: the last queries whose attention scores tokens")})
     kernel: int = field(default=SnapKV.kernel, metadata={"help": "average-pooling kernel over token scores (odd)"})
-    fixed_budget: int = field(default=0, metadata={"help": "tokens per head (0: int(L*(1-s)) + 80)"})
+    fixed_budget: int = field(default=0, metadata={"help": f"tokens per head (0: int(L*(1-s)) + {BUDGET_BASE})"})
 
 
 class SnapKVTokens(TokenSelector):

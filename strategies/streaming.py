@@ -4,14 +4,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from kvpress_rl.policies import Streaming
+from kvpress_rl.policies import BUDGET_BASE, Streaming
 from kvpress_rl.selector import TokenSelector
 
 
 @dataclass
 class StreamingOptions:
     sink: int = field(default=Streaming.sink, metadata={"help": "attention-sink tokens kept at the start"})
-    fixed_budget: int = field(default=0, metadata={"help": "tokens per head (0: int(L*(1-s)) + 80, as the paper's token baselines)"})
+    fixed_budget: int = field(default=0, metadata={"help": (
+        f"tokens per head (0: int(L*(1-s)) + {BUDGET_BASE}, as the paper's token baselines)")})
 
 
 class StreamingLLM(TokenSelector):

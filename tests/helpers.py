@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+from kvpress_rl.evaluators.cells import Cell, write_grid
+from kvpress_rl.evaluators.resume import cell_definition, plan_resume
+from kvpress_rl.evaluators.tasks import resolve_tasks
+
 KVRL = str(Path(sys.executable).parent / "kvrl")
 
 
-def run_kvrl(*args: str, cwd: Path | None = None, pythonpath: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+def run_kvrl(*args: str, cwd: Path | None = None, pythonpath: Path | None = None,
+             timeout: int = 300) -> subprocess.CompletedProcess:
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", COLUMNS="200")
     if pythonpath is not None:
         env["PYTHONPATH"] = str(pythonpath)
@@ -20,7 +26,8 @@ def run_kvrl(*args: str, cwd: Path | None = None, pythonpath: Path | None = None
 def pip_install_target(source: Path, target: Path) -> None:
     """Install a distribution the way a user would, into `target` (kept off the test environment)."""
     subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--target", str(target), str(source)],
+        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--target",
+         str(target), str(source)],
         check=True, capture_output=True, text=True, timeout=300,
     )
 
@@ -68,3 +75,17 @@ def tiny_model_and_tokenizer():
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=raw, pad_token="<pad>", eos_token="<eos>")
     model = random_model(small_config("llama", vocab_size=len(chars), num_hidden_layers=2), seed=0)
     return model, tokenizer
+
+
+def finish_grid(spec, out: Path) -> list[Cell]:
+    """Write `out/grid.csv` as if every cell of `spec` (one task) had run, each row with its definition."""
+    (config,) = resolve_tasks(spec)
+    cells = []
+    for pending in plan_resume(spec, out)[1]:
+        setting = pending.setting
+        cell = Cell(task=config.name, strategy=setting.strategy, sparsity=setting.sparsity, seed=setting.seed,
+                    accuracy=0.5, correct=2, total=4, kv_fraction=1.0, decode_tokens_per_s=10.0)
+        cell.definition = json.dumps(cell_definition(spec, config, setting), sort_keys=True)
+        cells.append(cell)
+    write_grid(out / "grid.csv", cells)
+    return cells

@@ -188,7 +188,7 @@ def records(path: str) -> tuple[dict, ...]:
         return tuple(hops_records(file))
     with file.open(newline="") as handle:
         header = next(csv.reader(handle), [])
-    from kvpress_rl.evaluators.grid import GRID_REQUIRED
+    from kvpress_rl.evaluators.cells import GRID_REQUIRED
 
     if set(GRID_REQUIRED) <= set(header):
         return tuple(grid_records(file))
@@ -198,7 +198,7 @@ def records(path: str) -> tuple[dict, ...]:
 
 def grid_records(file: Path) -> list[dict]:
     """A `kvrl eval` grid through kvrl's own reader and summary (the mean over seeds) and `kvrl report --frontier`'s front."""
-    from kvpress_rl.evaluators.grid import read_grid, summarize
+    from kvpress_rl.evaluators.cells import read_grid, summarize
     from kvpress_rl.evaluators.report import frontier_points
 
     cells = read_grid(file)

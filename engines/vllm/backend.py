@@ -17,11 +17,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from vllm.v1.attention.backend import AttentionBackend, AttentionImpl, AttentionMetadataBuilder, AttentionType, CommonAttentionMetadata
+from vllm.v1.attention.backend import (
+    AttentionBackend,
+    AttentionImpl,
+    AttentionMetadataBuilder,
+    AttentionType,
+    CommonAttentionMetadata,
+)
 
 from kvpress_rl.engines.vllm.kept_attention import kept_positions
-
-BACKEND_NAME = "KVRL_SINK_WINDOW"
+from kvpress_rl.engines.vllm.plugin import SINK_WINDOW_BACKEND
 
 
 @dataclass
@@ -45,7 +50,8 @@ class SinkWindowMetadata:
     kept_slots: torch.Tensor  # [R, K + 1] cache slots: sinks, window, position c (invalid entries: slot of position 0)
     kept_valid: torch.Tensor  # [R, K + 1] True where the entry is a kept position
     num_decodes: int  # one-token requests
-    decode_tokens: torch.Tensor | None  # their token index, [num_decodes]; None when every request decodes (row r = token r)
+    # their token index, [num_decodes]; None when every request decodes (row r = token r)
+    decode_tokens: torch.Tensor | None
     decode_requests: torch.Tensor | None  # their row, [num_decodes]
     prefills: list[PrefillSpan]  # requests with more than one query token this step (host data vLLM already has)
 
@@ -60,26 +66,27 @@ def kept_metadata(meta: CommonAttentionMetadata, block_size: int, sink: int, win
     table = meta.block_table_tensor[:requests].long()
     slots = table.gather(1, positions // block_size) * block_size + positions % block_size
     if meta.max_query_len <= 1:
-        return SinkWindowMetadata(meta.num_actual_tokens, slots, valid, requests, None, None, [])
+        return SinkWindowMetadata(num_actual_tokens=meta.num_actual_tokens, kept_slots=slots, kept_valid=valid,
+                                  num_decodes=requests, decode_tokens=None, decode_requests=None, prefills=[])
     starts_cpu = meta.query_start_loc_cpu[: requests + 1]
     lengths = (starts_cpu[1:] - starts_cpu[:-1]).tolist()
     first = starts_cpu[:-1].tolist()
-    seq_lens = meta.seq_lens_cpu_upper_bound if meta.seq_lens_cpu_upper_bound is not None else meta.seq_lens.cpu()  # exact for prefills
+    seq_lens = meta.seq_lens_cpu_upper_bound  # exact for prefills
+    seq_lens = meta.seq_lens.cpu() if seq_lens is None else seq_lens
     decodes = [r for r, n in enumerate(lengths) if n == 1]
-    prefills = []
-    for r, n in enumerate(lengths):
-        if n > 1:
-            prefills.append(PrefillSpan(r, first[r], first[r] + n, int(seq_lens[r]) - n))
+    prefills = [PrefillSpan(request=r, start=first[r], end=first[r] + n, computed=int(seq_lens[r]) - n)
+                for r, n in enumerate(lengths) if n > 1]
     device = slots.device
     tokens = torch.tensor([first[r] for r in decodes], dtype=torch.long).to(device, non_blocking=True)
     rows = torch.tensor(decodes, dtype=torch.long).to(device, non_blocking=True)
-    return SinkWindowMetadata(meta.num_actual_tokens, slots, valid, len(decodes), tokens, rows, prefills)
+    return SinkWindowMetadata(num_actual_tokens=meta.num_actual_tokens, kept_slots=slots, kept_valid=valid,
+                              num_decodes=len(decodes), decode_tokens=tokens, decode_requests=rows, prefills=prefills)
 
 
 def split_requests(meta: CommonAttentionMetadata, block_size: int, device, history: Callable[[int], torch.Tensor]):
-    """`(prefills, decode_tokens, decode_rows)` of a step: each request with more than one query token as a `RequestSpan`,
-    each one-token request as its token index and the cache slots of its history; `history(computed)` gives the
-    positions a request with `computed` cached tokens attends to."""
+    """`(prefills, decode_tokens, decode_rows)` of a step: each request with more than one query token as a
+    `RequestSpan`, each one-token request as its token index and the cache slots of its history; `history(computed)`
+    gives the positions a request with `computed` cached tokens attends to."""
     starts = meta.query_start_loc_cpu[: meta.num_reqs + 1].tolist()
     seq_lens = meta.seq_lens[: meta.num_reqs].cpu().tolist()
     tables = meta.block_table_tensor[: meta.num_reqs].cpu()
@@ -94,16 +101,18 @@ def split_requests(meta: CommonAttentionMetadata, block_size: int, device, histo
             decode_tokens.append(start)
             decode_rows.append(slots)
         else:
-            prefills.append(RequestSpan(start, end, slots.to(device)))
+            prefills.append(RequestSpan(start=start, end=end, history=slots.to(device)))
     return prefills, decode_tokens, decode_rows
 
 
 class SinkWindowMetadataBuilder(AttentionMetadataBuilder[SinkWindowMetadata]):
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
-        self.block_size, self.sink, self.window = kv_cache_spec.block_size, kv_cache_spec.sink, kv_cache_spec.window
+        spec = kv_cache_spec
+        self.block_size, self.sink, self.window = spec.block_size, spec.sink, spec.window
 
-    def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata, fast_build: bool = False) -> SinkWindowMetadata:
+    def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
+              fast_build: bool = False) -> SinkWindowMetadata:
         return kept_metadata(common_attn_metadata, self.block_size, self.sink, self.window)
 
 
@@ -115,12 +124,13 @@ class TorchAttentionImpl(AttentionImpl):
     one_kv_head = False
 
     def __init__(self, num_heads: int, head_size: int, scale: float, num_kv_heads: int | None = None, alibi_slopes=None,
-                 sliding_window=None, kv_cache_dtype: str = "auto", logits_soft_cap=None, attn_type: str = AttentionType.DECODER,
-                 kv_sharing_target_layer_name=None, **unsupported) -> None:
+                 sliding_window=None, kv_cache_dtype: str = "auto", logits_soft_cap=None,
+                 attn_type: str = AttentionType.DECODER, kv_sharing_target_layer_name=None, **unsupported) -> None:
         if self.one_kv_head and (num_kv_heads or num_heads) != 1:
             raise ValueError(f"the {self.label} backend runs one KV head")
         if alibi_slopes is not None or sliding_window is not None or logits_soft_cap or unsupported:
-            raise ValueError(f"the {self.label} backend runs attention without alibi, sliding window, soft cap or sinks")
+            raise ValueError(f"the {self.label} backend runs attention without alibi, sliding window, soft cap "
+                             "or sinks")
         if kv_cache_dtype != "auto" or attn_type != AttentionType.DECODER or kv_sharing_target_layer_name is not None:
             raise ValueError(f"the {self.label} backend runs decoder attention with an unquantised, unshared cache")
         self.num_heads, self.head_size, self.scale = num_heads, head_size, float(scale)
@@ -164,4 +174,4 @@ class SinkWindowImpl(TorchAttentionImpl):
 
 
 class SinkWindowBackend(TorchBackend):
-    name, impl, builder = BACKEND_NAME, SinkWindowImpl, SinkWindowMetadataBuilder
+    name, impl, builder = SINK_WINDOW_BACKEND, SinkWindowImpl, SinkWindowMetadataBuilder

@@ -58,12 +58,13 @@ class SinkWindowManager(SingleTypeKVCacheManager):
         self.sink = kv_cache_spec.sink
         self.window = kv_cache_spec.window
 
-    def remove_skipped_blocks(self, request_id: str, processed_computed_tokens: int, num_prompt_tokens: int | None = None) -> None:
+    def remove_skipped_blocks(self, request_id: str, processed_computed_tokens: int,
+                              num_prompt_tokens: int | None = None) -> None:
         gap = freeable_blocks(processed_computed_tokens, self.block_size, self.sink, self.window)
         remove_blocks(self, request_id, gap.start, gap.stop)
 
     @classmethod
-    def find_longest_cache_hit(cls, block_hashes, max_length, kv_cache_group_ids, block_pool, kv_cache_spec, drop_eagle_block,
-                               alignment_tokens, dcp_world_size=1, pcp_world_size=1):
+    def find_longest_cache_hit(cls, block_hashes, max_length, kv_cache_group_ids, block_pool, kv_cache_spec,
+                               drop_eagle_block, alignment_tokens, dcp_world_size=1, pcp_world_size=1):
         # No prefix caching: a cached prefix would have lost its middle. The engine turns prefix caching off.
         return tuple([] for _ in kv_cache_group_ids), 0

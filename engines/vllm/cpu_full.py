@@ -13,11 +13,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 
 import torch
-from vllm import _custom_ops as ops
 from vllm import envs
 from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, CPUAttentionMetadata, CPUAttentionMetadataBuilder
 
-BACKEND_NAME = "KVRL_CPU_FULL"
+from kvpress_rl.engines.vllm.plugin import CPU_FULL_BACKEND
+from kvpress_rl.engines.vllm.vllm_compat import cpu_attention_isa, ops
 
 
 @dataclass
@@ -36,8 +36,8 @@ class FullHeadsCPUMetadata(CPUAttentionMetadata):
 
 
 class FullHeadsCPUBuilder(CPUAttentionMetadataBuilder):
-    """Builds vLLM's CPU metadata with the schedule of the group's most common call (a layer's full heads in this group:
-    its sub-layers `...kvh{j}` counted by layer), and the others' on demand."""
+    """Builds vLLM's CPU metadata with the schedule of the group's most common call (a layer's full heads in this
+    group: its sub-layers `...kvh{j}` counted by layer), and the others' on demand."""
 
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
@@ -68,7 +68,7 @@ class FullHeadsCPUBuilder(CPUAttentionMetadataBuilder):
 class FullHeadsCPUBackend(CPUAttentionBackend):
     @staticmethod
     def get_name() -> str:
-        return BACKEND_NAME
+        return CPU_FULL_BACKEND
 
     @staticmethod
     def get_builder_cls() -> type[FullHeadsCPUBuilder]:
@@ -78,43 +78,59 @@ class FullHeadsCPUBackend(CPUAttentionBackend):
 PROMPT_BLOCK = 32  # the scratch cache's block size (vLLM's CPU kernel wants multiples of 32)
 
 
-def prompt_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, spans: list[tuple[int, int]], scale: float,
-                     output: torch.Tensor) -> None:
-    """Causal attention of prompts prefilled in one step (`spans`: `(start, end)` token ranges of the step, nothing cached
-    before them) through vLLM's CPU kernel, all spans in one call: query `[T, H, D]`, key and value `[T, C, D]`, output
-    `[T, H, D]` written at the spans' tokens. The keys go through a scratch paged cache made for this call (the
-    compressed heads' own pages hold rows of `[key | value]`, not the kernel's layout)."""
-    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+@dataclass(frozen=True)
+class ScratchCache:
+    """A paged cache made for one call of the kernel, holding the keys and values of prompts `spans`."""
 
-    heads, kv_heads, dim = query.shape[1], key.shape[1], key.shape[2]
-    lengths = [end - start for start, end in spans]
-    blocks = [-(-n // PROMPT_BLOCK) for n in lengths]
-    tokens = torch.cat([torch.arange(start, end) for start, end in spans]) if len(spans) > 1 else None
-    q = query[spans[0][0]:spans[0][1]] if tokens is None else query[tokens]
-    k = key[spans[0][0]:spans[0][1]] if tokens is None else key[tokens]
-    v = value[spans[0][0]:spans[0][1]] if tokens is None else value[tokens]
-    table = torch.zeros((len(spans), max(blocks)), dtype=torch.int32)
-    slots, first = [], 0
-    for r, (n, count) in enumerate(zip(lengths, blocks)):
-        table[r, :count] = torch.arange(first, first + count, dtype=torch.int32)
-        slots.append(first * PROMPT_BLOCK + torch.arange(n))
-        first += count
-    cache = torch.zeros((first, kv_heads, PROMPT_BLOCK * 2, dim), dtype=key.dtype)  # the kernel reads whole blocks
-    key_cache, value_cache = cache.chunk(2, dim=2)
-    isa = _get_attn_isa(key.dtype, PROMPT_BLOCK, dim, "auto")
-    ops.cpu_attn_reshape_and_cache(k, v, key_cache, value_cache, torch.cat(slots), isa, k_scale=1.0, v_scale=1.0, kv_cache_dtype="auto")
-    starts = torch.tensor([0, *lengths], dtype=torch.int32).cumsum(0, dtype=torch.int32)
-    seq_lens = torch.tensor(lengths, dtype=torch.int32)
-    schedule = ops.cpu_attn_get_scheduler_metadata(
-        num_reqs=len(spans), num_heads=heads, num_kv_heads=kv_heads, head_dim=dim, seq_lens=seq_lens, dtype=key.dtype,
-        query_start_loc=starts, causal=True, sliding_window_size=-1, isa=isa, enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV,
-        dynamic_causal=None, kv_cache_dtype="auto")
-    out = torch.empty_like(q)
-    ops.cpu_attention_with_kv_cache(query=q.contiguous(), key_cache=key_cache, value_cache=value_cache, output=out, query_start_loc=starts,
-                                    seq_lens=seq_lens, scale=scale, causal=True, alibi_slopes=None, sliding_window=-1, block_table=table,
-                                    softcap=0.0, scheduler_metadata=schedule, s_aux=None, dynamic_causal=None, k_scale=1.0, v_scale=1.0,
-                                    kv_cache_dtype="auto")
-    if tokens is None:
-        output[spans[0][0]:spans[0][1]] = out
+    key_cache: torch.Tensor  # [blocks, kv_heads, PROMPT_BLOCK, D]
+    value_cache: torch.Tensor
+    block_table: torch.Tensor  # [prompts, most blocks of a prompt]
+    query_start_loc: torch.Tensor  # [prompts + 1]
+    seq_lens: torch.Tensor  # [prompts]
+    isa: str
+
+    @classmethod
+    def of(cls, key: torch.Tensor, value: torch.Tensor, lengths: list[int]) -> ScratchCache:
+        """Keys and values `[T, C, D]` of consecutive prompts of `lengths` tokens written into a new paged cache."""
+        kv_heads, dim = key.shape[1], key.shape[2]
+        blocks = [-(-n // PROMPT_BLOCK) for n in lengths]
+        table = torch.zeros((len(lengths), max(blocks)), dtype=torch.int32)
+        slots, first = [], 0
+        for r, (n, count) in enumerate(zip(lengths, blocks)):
+            table[r, :count] = torch.arange(first, first + count, dtype=torch.int32)
+            slots.append(first * PROMPT_BLOCK + torch.arange(n))
+            first += count
+        cache = torch.zeros((first, kv_heads, PROMPT_BLOCK * 2, dim), dtype=key.dtype)  # the kernel reads whole blocks
+        key_cache, value_cache = cache.chunk(2, dim=2)
+        isa = cpu_attention_isa(key.dtype, PROMPT_BLOCK, dim)
+        ops.cpu_attn_reshape_and_cache(key, value, key_cache, value_cache, torch.cat(slots), isa, k_scale=1.0,
+                                       v_scale=1.0, kv_cache_dtype="auto")
+        starts = torch.tensor([0, *lengths], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+        return cls(key_cache=key_cache, value_cache=value_cache, block_table=table, query_start_loc=starts,
+                   seq_lens=torch.tensor(lengths, dtype=torch.int32), isa=isa)
+
+
+def prompt_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, spans: list[tuple[int, int]],
+                     scale: float, output: torch.Tensor) -> None:
+    """Causal attention of prompts prefilled in one step (`spans`: `(start, end)` token ranges of the step, nothing
+    cached before them) through vLLM's CPU kernel, all spans in one call: query `[T, H, D]`, key and value
+    `[T, C, D]`, output `[T, H, D]` written at the spans' tokens. The keys go through a scratch paged cache made for
+    this call (the compressed heads' own pages hold rows of `[key | value]`, not the kernel's layout)."""
+    if len(spans) == 1:
+        tokens = slice(*spans[0])
     else:
-        output[tokens] = out
+        tokens = torch.cat([torch.arange(start, end) for start, end in spans])
+    q, k, v = query[tokens], key[tokens], value[tokens]
+    cache = ScratchCache.of(k, v, [end - start for start, end in spans])
+    schedule = ops.cpu_attn_get_scheduler_metadata(
+        num_reqs=len(spans), num_heads=query.shape[1], num_kv_heads=key.shape[1], head_dim=key.shape[2],
+        seq_lens=cache.seq_lens, dtype=key.dtype, query_start_loc=cache.query_start_loc, causal=True,
+        sliding_window_size=-1, isa=cache.isa, enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV, dynamic_causal=None,
+        kv_cache_dtype="auto")
+    out = torch.empty_like(q)
+    ops.cpu_attention_with_kv_cache(
+        query=q.contiguous(), key_cache=cache.key_cache, value_cache=cache.value_cache, output=out,
+        query_start_loc=cache.query_start_loc, seq_lens=cache.seq_lens, scale=scale, causal=True, alibi_slopes=None,
+        sliding_window=-1, block_table=cache.block_table, softcap=0.0, scheduler_metadata=schedule, s_aux=None,
+        dynamic_causal=None, k_scale=1.0, v_scale=1.0, kv_cache_dtype="auto")
+    output[tokens] = out

@@ -35,7 +35,8 @@ def check_vllm() -> None:
 
 
 def model_folder(model: str | None) -> str:
-    """What vLLM loads for a `--model` value: the embedded model's merged folder (written once), a folder, or a hub id."""
+    """What vLLM loads for a `--model` value: the embedded model's merged folder (written once), a folder, or a hub
+    id."""
     if model in (None, "", EMBEDDED_MODEL):
         return str(merged_folder())
     if model.startswith("random:") or model.endswith(".gguf"):
@@ -55,7 +56,8 @@ def model_config(folder: str) -> Any:
 def engine_architecture(config: Any) -> str:
     stock = (getattr(config, "architectures", None) or [""])[0]
     if stock not in ARCHITECTURES:
-        raise KvrlError(f"the vLLM engine runs {', '.join(ARCHITECTURES)}; this model is {stock or 'of no known architecture'}")
+        raise KvrlError(f"the vLLM engine runs {', '.join(ARCHITECTURES)}; "
+                        f"this model is {stock or 'of no known architecture'}")
     return ARCHITECTURES[stock]
 
 
@@ -73,7 +75,8 @@ class EngineSettings:
     max_model_len: int
     dtype: str | None = None  # None: vLLM's default (the checkpoint's dtype); the equality tests ask for float32
     block_size: int = CPU_BLOCK_SIZE
-    exact_prefill: bool | None = True  # True: one chunk per prompt (the executor's prefill); False: chunked; None: vLLM's default
+    # True: one chunk per prompt (the executor's prefill); False: chunked; None: vLLM's default
+    exact_prefill: bool | None = True
     max_num_batched_tokens: int | None = None
     max_num_seqs: int | None = 64
     kv_cache_memory_bytes: int | None = None
@@ -82,7 +85,8 @@ class EngineSettings:
     gated: GatedBranch | None = None
     worker_extension_cls: str | None = None  # a class mixed into vLLM's workers (`GateLoader` for the gated model)
     gpu_memory_utilization: float | None = None  # vLLM's share of the GPU (None: vLLM's default, 0.9)
-    eager: bool | None = None  # None: eager on the CPU build (as the stock model it is measured against), compiled on CUDA
+    # None: eager on the CPU build (as the stock model it is measured against), compiled on CUDA
+    eager: bool | None = None
 
     def overrides(self, config: Any) -> dict:
         if self.gated is not None:
@@ -100,18 +104,20 @@ class EngineSettings:
         if self.plan is None and self.gated is None:
             engine_architecture(config)  # the same architectures as under a plan, so that full and compressed compare
         batched = self.max_num_batched_tokens or (self.max_model_len if self.exact_prefill else None)
-        # compiled: vLLM's compilation (and CUDA graphs on CUDA), cut around each layer's attention op as around vLLM's own
+        # compiled: vLLM's compilation (and CUDA graphs on CUDA), cut around each layer's attention op as around
+        # vLLM's own
         eager = self.eager if self.eager is not None else not torch.cuda.is_available()
-        kwargs = dict(model=self.model, max_model_len=self.max_model_len, block_size=self.block_size, enable_prefix_caching=False,
-                      enforce_eager=eager, hf_overrides=self.overrides(config))
+        kwargs = dict(model=self.model, max_model_len=self.max_model_len, block_size=self.block_size,
+                      enable_prefix_caching=False, enforce_eager=eager, hf_overrides=self.overrides(config))
         if not eager:
             from kvpress_rl.engines.vllm.heads import OP_NAME
             from kvpress_rl.engines.vllm.vllm_compat import splitting_ops
 
             kwargs["compilation_config"] = {"splitting_ops": splitting_ops(f"vllm::{OP_NAME}")}
-        optional = dict(dtype=self.dtype, max_num_seqs=self.max_num_seqs, seed=self.seed, max_num_batched_tokens=batched,
-                        kv_cache_memory_bytes=self.kv_cache_memory_bytes, served_model_name=self.served_model_name,
-                        worker_extension_cls=self.worker_extension_cls, gpu_memory_utilization=self.gpu_memory_utilization,
+        optional = dict(dtype=self.dtype, max_num_seqs=self.max_num_seqs, seed=self.seed,
+                        max_num_batched_tokens=batched, kv_cache_memory_bytes=self.kv_cache_memory_bytes,
+                        served_model_name=self.served_model_name, worker_extension_cls=self.worker_extension_cls,
+                        gpu_memory_utilization=self.gpu_memory_utilization,
                         enable_chunked_prefill=None if self.exact_prefill is None else not self.exact_prefill)
         kwargs.update({key: value for key, value in optional.items() if value is not None})
         return kwargs
@@ -153,15 +159,17 @@ class VllmGenerator:
             if space is not None:
                 os.environ["VLLM_CPU_KVCACHE_SPACE"] = space
 
-    def generate(self, prompts: list[list[int]], max_new_tokens: int | list[int], *, stop_token_ids: list[int] | None = None,
-                 stop: list[str] | None = None, temperature: float = 0.0, seed: int | None = None, logprobs: int | None = None) -> list[Any]:
+    def generate(self, prompts: list[list[int]], max_new_tokens: int | list[int], *,
+                 stop_token_ids: list[int] | None = None, stop: list[str] | None = None, temperature: float = 0.0,
+                 seed: int | None = None, logprobs: int | None = None) -> list[Any]:
         """vLLM's `CompletionOutput` of each prompt (`.token_ids`, `.logprobs`, `.finish_reason`), greedy by default.
         Without `stop_token_ids` a sequence runs to `max_new_tokens`; `stop` strings need the engine's tokenizer."""
         from vllm import SamplingParams
 
         budgets = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * len(prompts)
-        params = [SamplingParams(temperature=temperature, max_tokens=budget, stop_token_ids=stop_token_ids or [], stop=stop or None,
-                                 seed=seed, logprobs=logprobs, ignore_eos=stop_token_ids is None, detokenize=bool(stop))
+        params = [SamplingParams(temperature=temperature, max_tokens=budget, stop_token_ids=stop_token_ids or [],
+                                 stop=stop or None, seed=seed, logprobs=logprobs, ignore_eos=stop_token_ids is None,
+                                 detokenize=bool(stop))
                   for budget in budgets]
         outputs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False)
         return [out.outputs[0] for out in outputs]
@@ -179,10 +187,10 @@ class VllmGenerator:
         self.close()
 
 
-class PlanEngines:
-    """The engine of `kvrl eval --engine vllm`: one vLLM engine at a time, for the plan of the current grid cell (started
-    again when the plan changes; a grid's cells for one plan run back to back). Prompts run in one prefill step (the
-    executor's semantics), with the tokenizer loaded for lm-eval's stop strings."""
+class PlanSwitchingEngine:
+    """The engine of `kvrl eval --engine vllm`: one vLLM engine at a time, for the plan of the current grid cell
+    (started again when the plan changes; a grid's cells for one plan run back to back). Prompts run in one prefill
+    step (the executor's semantics), with the tokenizer loaded for lm-eval's stop strings."""
 
     def __init__(self, model: str, *, dtype: str, max_model_len: int, max_num_seqs: int = 64) -> None:
         check_vllm()
@@ -190,16 +198,19 @@ class PlanEngines:
         self.key: str | None = None
         self.engine: VllmGenerator | None = None
 
-    def generate(self, plan: CompressionPlan | None, prompts: list[list[int]], max_new_tokens: int, *, stop_token_ids: list[int],
-                 stop: list[str] | None = None, temperature: float = 0.0, seed: int | None = None) -> list[list[int]]:
+    def generate(self, plan: CompressionPlan | None, prompts: list[list[int]], max_new_tokens: int, *,
+                 stop_token_ids: list[int], stop: list[str] | None = None, temperature: float = 0.0,
+                 seed: int | None = None) -> list[list[int]]:
         engine_plan = None if plan is None else EnginePlan.from_plan(plan)
         key = "full" if engine_plan is None else engine_plan.digest
         if self.engine is None or key != self.key:
             self.close()
-            settings = EngineSettings(model=self.model, plan=engine_plan, max_model_len=self.max_model_len, dtype=self.dtype,
-                                      block_size=default_block_size(), max_num_seqs=self.max_num_seqs)
+            settings = EngineSettings(model=self.model, plan=engine_plan, max_model_len=self.max_model_len,
+                                      dtype=self.dtype, block_size=default_block_size(),
+                                      max_num_seqs=self.max_num_seqs)
             self.engine, self.key = VllmGenerator(settings, tokenizer=True), key
-        outputs = self.engine.generate(prompts, max_new_tokens, stop_token_ids=stop_token_ids, stop=stop, temperature=temperature, seed=seed)
+        outputs = self.engine.generate(prompts, max_new_tokens, stop_token_ids=stop_token_ids, stop=stop,
+                                       temperature=temperature, seed=seed)
         return [list(out.token_ids) for out in outputs]
 
     def close(self) -> None:
@@ -236,11 +247,13 @@ class GatedRollouts:
 
     name = "vllm"
 
-    def __init__(self, model: str | None, branch: GatedBranch, *, dtype: str, max_model_len: int, max_num_seqs: int = 256) -> None:
+    def __init__(self, model: str | None, branch: GatedBranch, *, dtype: str, max_model_len: int,
+                 max_num_seqs: int = 256) -> None:
         folder = model_folder(model)
+        share = ROLLOUT_GPU_SHARE if torch.cuda.is_available() else None
         settings = EngineSettings(model=folder, plan=None, gated=branch, max_model_len=max_model_len, dtype=dtype,
-                                  block_size=default_block_size(), max_num_seqs=max_num_seqs, worker_extension_cls=GATE_LOADER,
-                                  gpu_memory_utilization=ROLLOUT_GPU_SHARE if torch.cuda.is_available() else None)
+                                  block_size=default_block_size(), max_num_seqs=max_num_seqs,
+                                  worker_extension_cls=GATE_LOADER, gpu_memory_utilization=share)
         self.engine = VllmGenerator(settings)
         self.gates_sum: float | None = None
 
@@ -252,34 +265,41 @@ class GatedRollouts:
             raise KvrlError(f"the rollout engine holds gates summing to {held}, the learner sent {expected}")
         self.gates_sum = expected
 
-    def generate(self, gates: torch.Tensor, prompts: list[list[int]], *, copies: int, temperature: float | None, max_new_tokens: int,
-                 stop_ids: list[int], pad_id: int, logprobs: bool = False):
-        """Every prompt `copies` times, sampled at `temperature` (None: greedy); with `logprobs`, also the log-probability
-        of each sampled token as the engine computed it, `(rows, completion)` (0 at padding)."""
+    def generate(self, gates: torch.Tensor, prompts: list[list[int]], *, copies: int, temperature: float | None,
+                 max_new_tokens: int, stop_ids: list[int], pad_id: int, logprobs: bool = False):
+        """Every prompt `copies` times, sampled at `temperature` (None: greedy); with `logprobs`, also the
+        log-probability of each sampled token as the engine computed it, `(rows, completion)` (0 at padding)."""
         from vllm import SamplingParams
 
         self.set_gates(gates)
         rows = [list(p) for p in prompts for _ in range(copies)]
         seeds = torch.randint(0, 2**31 - 1, (len(rows),)).tolist()
-        # only `stop_ids` end a rollout (the learner's `end_ids`), as in transformers: not the checkpoint's own end token
-        params = [SamplingParams(temperature=temperature or 0.0, top_k=0, top_p=1.0, max_tokens=max_new_tokens, stop_token_ids=stop_ids,
-                                 ignore_eos=True, seed=seed if temperature else None, logprobs=0 if logprobs else None, detokenize=False)
+        # only `stop_ids` end a rollout (the learner's `end_ids`), as in transformers: not the checkpoint's own end
+        params = [SamplingParams(temperature=temperature or 0.0, top_k=0, top_p=1.0, max_tokens=max_new_tokens,
+                                 stop_token_ids=stop_ids, ignore_eos=True, seed=seed if temperature else None,
+                                 logprobs=0 if logprobs else None, detokenize=False)
                   for seed in seeds]
-        outputs = [out.outputs[0] for out in self.engine.llm.generate([{"prompt_token_ids": r} for r in rows], params, use_tqdm=False)]
-        offset = max(len(r) for r in rows)
-        width = max(1, max(len(out.token_ids) for out in outputs))
-        sequences = torch.full((len(rows), offset + width), pad_id, dtype=torch.long)
-        mask = torch.zeros_like(sequences)
-        sampled = torch.zeros((len(rows), width), dtype=torch.float32)
-        for i, (prompt, out) in enumerate(zip(rows, outputs)):
-            new = list(out.token_ids)
-            sequences[i, offset - len(prompt):offset] = torch.tensor(prompt)
-            mask[i, offset - len(prompt):offset] = 1
-            sequences[i, offset:offset + len(new)] = torch.tensor(new, dtype=torch.long)
-            mask[i, offset:offset + len(new)] = 1
-            if logprobs:
-                sampled[i, :len(new)] = torch.tensor([step[token].logprob for step, token in zip(out.logprobs, new)])
-        return (sequences, mask, offset, sampled) if logprobs else (sequences, mask, offset)
+        requests = [{"prompt_token_ids": r} for r in rows]
+        outputs = [out.outputs[0] for out in self.engine.llm.generate(requests, params, use_tqdm=False)]
+        return rollout_tensors(rows, outputs, pad_id, logprobs)
 
     def close(self) -> None:
         self.engine.close()
+
+
+def rollout_tensors(rows: list[list[int]], outputs: list[Any], pad_id: int, logprobs: bool):
+    """The learner's layout of rollouts (`GatedRollouts.generate`) from each prompt row and vLLM's output for it."""
+    offset = max(len(r) for r in rows)
+    width = max(1, max(len(out.token_ids) for out in outputs))
+    sequences = torch.full((len(rows), offset + width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(sequences)
+    sampled = torch.zeros((len(rows), width), dtype=torch.float32)
+    for i, (prompt, out) in enumerate(zip(rows, outputs)):
+        new = list(out.token_ids)
+        sequences[i, offset - len(prompt):offset] = torch.tensor(prompt)
+        mask[i, offset - len(prompt):offset] = 1
+        sequences[i, offset:offset + len(new)] = torch.tensor(new, dtype=torch.long)
+        mask[i, offset:offset + len(new)] = 1
+        if logprobs:
+            sampled[i, :len(new)] = torch.tensor([step[token].logprob for step, token in zip(out.logprobs, new)])
+    return (sequences, mask, offset, sampled) if logprobs else (sequences, mask, offset)

@@ -1,9 +1,8 @@
 """A compressed head's decoding attention over its kept keys, in plain torch (no vLLM: the GPU check runs it alone).
 
-The cache is seen as rows of `[key | value]`, one per (head, slot). A decoding step reads, for every request and
-compressed head, the rows of its sinks, its window and its own new token (`kept_positions`), at most
-`sink + window + 1`; padding entries are masked. Both products are explicit: at one query and 81 keys a head, SDPA's
-CPU kernel costs about ten times the arithmetic.
+A decoding step reads, for every request and compressed head, the cache rows of its sinks, its window and its own new
+token (`kept_positions`), at most `sink + window + 1` (`paged_rows.PagedRows.read`); padding entries are masked. Both
+products are explicit: at one query and 81 keys a head, SDPA's CPU kernel costs about ten times the arithmetic.
 """
 
 from __future__ import annotations
@@ -24,15 +23,13 @@ def kept_positions(computed: torch.Tensor, sink: int, window: int) -> tuple[torc
     return torch.where(valid, positions, 0), valid
 
 
-def decode_over_kept(rows: torch.Tensor, index: torch.Tensor, query: torch.Tensor, valid: torch.Tensor, scale: float,
+def decode_over_kept(keys: torch.Tensor, values: torch.Tensor, query: torch.Tensor, valid: torch.Tensor, scale: float,
                      group: int) -> torch.Tensor:
-    """One decoding token per request: `rows` `[N, 2 D]` the cache, `index` `[R, C, K]` the rows each request's
-    compressed heads read, `query` `[R, C * G, D]`, `valid` `[R, K]`. Returns `[R, C * G, D]` in float32.
+    """One decoding token per request: `keys` and `values` `[R, C, K, D]` (in the cache's dtype) the kept entries each
+    request's compressed heads read, `query` `[R, C * G, D]`, `valid` `[R, K]`. Returns `[R, C * G, D]` in float32.
     Scores and softmax in float32; the weights meet the values in the cache's dtype, as flash attention kernels do."""
-    requests, heads, keys = index.shape
-    d = rows.shape[-1] // 2
-    entries = rows.index_select(0, index.reshape(-1)).view(requests, heads, keys, 2 * d)
+    requests, heads, _, d = keys.shape
     q = query.view(requests, heads, group, d).float()
-    scores = torch.matmul(q, entries[..., :d].float().transpose(-1, -2)) * scale  # [R, C, G, K]
+    scores = torch.matmul(q, keys.float().transpose(-1, -2)) * scale  # [R, C, G, K]
     weights = scores.masked_fill(~valid[:, None, None, :], float("-inf")).softmax(dim=-1)
-    return torch.matmul(weights.to(rows.dtype), entries[..., d:]).float().view(requests, heads * group, d)
+    return torch.matmul(weights.to(values.dtype), values).float().view(requests, heads * group, d)

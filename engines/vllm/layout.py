@@ -14,8 +14,9 @@ import json
 from dataclasses import dataclass
 
 from kvpress_rl.errors import KvrlError
+from kvpress_rl.masks import BLOCK_SIZE
 from kvpress_rl.plan import CompressionPlan
-from kvpress_rl.policies import SINK_TOKENS, WINDOW_TOKENS, Streaming
+from kvpress_rl.policies import BUDGET_BASE, SINK_TOKENS, WINDOW_TOKENS, Streaming
 
 OVERRIDES_KEY = "kvrl_plan"  # the model-config attribute the plan travels under (`hf_overrides`)
 GATED_KEY = "kvrl_gated"  # the attribute a gated engine's streaming branch travels under (`GatedBranch`)
@@ -41,9 +42,9 @@ class EnginePlan:
         """The engine form of a head plan; token and hybrid plans are refused (they need attention scores)."""
         policy = plan.policy
         if plan.full_policy is not None or not isinstance(policy, Streaming) or policy.budget_spec is not None:
-            raise KvrlError(f"the vLLM engine runs head plans whose compressed heads keep sink + recent tokens (`streaming`); "
-                            f"this plan's compressed heads keep {policy.describe()}"
-                            + ("" if plan.full_policy is None else f" and its full heads {plan.full_policy.describe()}"))
+            full_heads = "" if plan.full_policy is None else f" and its full heads {plan.full_policy.describe()}"
+            raise KvrlError("the vLLM engine runs head plans whose compressed heads keep sink + recent tokens "
+                            f"(`streaming`); this plan's compressed heads keep {policy.describe()}{full_heads}")
         full = tuple(tuple(bool(x) for x in row) for row in plan.full.tolist())
         return cls(full=full, sink=policy.sink, window=policy.window, source=plan.source)
 
@@ -68,8 +69,8 @@ class EnginePlan:
         return self.sink + self.window
 
     def to_json(self) -> dict:
-        return {"v": 1, "full": [[int(x) for x in row] for row in self.full], "sink": self.sink, "window": self.window,
-                "source": self.source}
+        return {"v": 1, "full": [[int(x) for x in row] for row in self.full], "sink": self.sink,
+                "window": self.window, "source": self.source}
 
     @classmethod
     def from_json(cls, data: dict) -> EnginePlan:
@@ -91,25 +92,28 @@ class EnginePlan:
 @dataclass(frozen=True)
 class GatedBranch:
     """The streaming branch of a gated engine (every head keeps its whole cache and mixes `alpha * full + (1 - alpha) *
-    streaming`): the learner's, `kvpress_rl.executor.gated.streaming_mask` with these settings."""
+    streaming`): the learner's, `kvpress_rl.masks.streaming_mask` with these settings."""
 
     sink: int
     window: int
     mask: str = "token"
-    block_size: int = 128
+    block_size: int = BLOCK_SIZE
 
     def to_json(self) -> dict:
-        return {"v": 1, "sink": self.sink, "window": self.window, "mask": self.mask, "block_size": self.block_size}
+        return {"v": 1, "sink": self.sink, "window": self.window, "mask": self.mask,
+                "block_size": self.block_size}
 
     @classmethod
     def from_json(cls, data: dict) -> GatedBranch:
         if not isinstance(data, dict) or data.get("v") != 1:
             raise KvrlError(f"`{GATED_KEY}` is not a kvpress-rl gated branch (version 1): {str(data)[:80]}")
-        return cls(sink=int(data["sink"]), window=int(data["window"]), mask=str(data["mask"]), block_size=int(data["block_size"]))
+        return cls(sink=int(data["sink"]), window=int(data["window"]), mask=str(data["mask"]),
+                   block_size=int(data["block_size"]))
 
 
 def kept_history(computed: int, sink: int = SINK_TOKENS, window: int = WINDOW_TOKENS) -> list[int]:
-    """Positions of the cached tokens a compressed head attends to in a step that starts with `computed` cached tokens."""
+    """Positions of the cached tokens a compressed head attends to in a step that starts with `computed` cached
+    tokens."""
     head = list(range(min(sink, computed)))
     return head + list(range(max(sink, computed - window), computed))
 
@@ -120,7 +124,8 @@ def freeable_blocks(processed: int, block_size: int, sink: int = SINK_TOKENS, wi
     return range(-(-sink // block_size), max(0, processed - window) // block_size)
 
 
-def head_blocks_held(tokens: int, block_size: int, full: bool, sink: int = SINK_TOKENS, window: int = WINDOW_TOKENS) -> int:
+def head_blocks_held(tokens: int, block_size: int, full: bool, sink: int = SINK_TOKENS,
+                     window: int = WINDOW_TOKENS) -> int:
     """Blocks one KV head holds in the steady state after `tokens` tokens (what the manager keeps allocated)."""
     allocated = -(-tokens // block_size)
     if full:
@@ -128,7 +133,7 @@ def head_blocks_held(tokens: int, block_size: int, full: bool, sink: int = SINK_
     return allocated - len(freeable_blocks(tokens, block_size, sink, window))
 
 
-def ideal_capacity_ratio(sparsity: float, length: int, budget: int = SINK_TOKENS + WINDOW_TOKENS) -> float:
+def ideal_capacity_ratio(sparsity: float, length: int, budget: int = BUDGET_BASE) -> float:
     """Sequences that fit a fixed KV budget under a plan, over those of the full cache: `1 / ((1-s) + s * 80 / L)`."""
     return 1.0 / ((1.0 - sparsity) + sparsity * min(budget, length) / length)
 
@@ -147,10 +152,12 @@ def padded_head_blocks(full: int, compressed: int, group: int, length: int, bloc
     return full_groups * group * -(-length // block_size) + compressed_groups * group * steady
 
 
-def vllm_group_size(bucket_sizes: list[int]) -> int:
-    """The group size vLLM 0.32 chooses for buckets of same-spec layers (`_get_kv_cache_groups_uniform_page_size`)."""
-    smallest, largest = min(bucket_sizes), max(bucket_sizes)
-    return largest if largest < 1.5 * smallest else smallest
+def vllm_group_size(full: int, compressed: int) -> int:
+    """The KV-cache group size vLLM itself gives `full` and `compressed` one-head layers (one bucket of each spec): its
+    rule, behind the version check of `vllm_compat`."""
+    from kvpress_rl.engines.vllm.vllm_compat import uniform_group_size
+
+    return uniform_group_size([full, compressed])
 
 
 def group_layout(full: int, compressed: int, length: int, block_size: int) -> int | None:
@@ -164,7 +171,7 @@ def group_layout(full: int, compressed: int, length: int, block_size: int) -> in
     """
     if not full or not compressed:
         return None
-    default = vllm_group_size([full, compressed])
+    default = vllm_group_size(full, compressed)
     best, cost = None, padded_head_blocks(full, compressed, default, length, block_size)
     for group in range(full, 0, -1):
         if full % group or not (compressed == group or compressed >= 1.5 * group):
@@ -179,14 +186,15 @@ def group_layout(full: int, compressed: int, length: int, block_size: int) -> in
     return best
 
 
-def sequence_head_blocks(plan: EnginePlan | None, num_layers: int, num_kv_heads: int, length: int, block_size: int) -> int:
-    """Head-blocks (one KV head's block of `block_size` tokens) one sequence of `length` tokens holds in vLLM under a plan
-    (None: every head full), with the KV-cache grouping the engine asks for (`group_layout`; vLLM pads groups)."""
+def sequence_head_blocks(plan: EnginePlan | None, num_layers: int, num_kv_heads: int, length: int,
+                         block_size: int) -> int:
+    """Head-blocks (one KV head's block of `block_size` tokens) one sequence of `length` tokens holds in vLLM under a
+    plan (None: every head full), with the KV-cache grouping the engine asks for (`group_layout`; vLLM pads groups)."""
     heads = num_layers * num_kv_heads
     if plan is None or not plan.num_compressed:
         return heads * -(-length // block_size)
     full, compressed = heads - plan.num_compressed, plan.num_compressed
     if not full:
         return compressed * (head_blocks_held(length, block_size, full=False, sink=plan.sink, window=plan.window) + 1)
-    group = group_layout(full, compressed, length, block_size) or vllm_group_size([full, compressed])
+    group = group_layout(full, compressed, length, block_size) or vllm_group_size(full, compressed)
     return padded_head_blocks(full, compressed, group, length, block_size)

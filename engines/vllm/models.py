@@ -12,12 +12,14 @@ allocation. At load time each layer's q/k/v rows and output columns are permuted
 (`reorder_heads`), so each kind of head is a slice of q, k and v, not a copy.
 
 The classes extend vLLM's stock ones (weights, RoPE, qk-norm unchanged) and, after the stock constructor, swap each
-layer's `self_attn.attn` for a `PlanAttention` built from the plan in the model config (`layout.OVERRIDES_KEY`); the
-stock attention layer is taken out of vLLM's forward context so that it gets no cache. Nothing else is replaced.
+layer's `self_attn.attn` (`replace_attention`) for a `PlanAttention` built from the plan in the model config
+(`layout.OVERRIDES_KEY`), or for the gated model's `gated.GatedAttention` (`layout.GATED_KEY`); the stock attention
+layer is taken out of vLLM's forward context so that it gets no cache. Nothing else is replaced.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import fields
 
 import torch
@@ -31,9 +33,9 @@ from vllm.platforms import current_platform
 
 from kvpress_rl.engines.vllm.backend import SinkWindowBackend
 from kvpress_rl.engines.vllm.cache import SinkWindowSpec, TaggedFullSpec
-from kvpress_rl.engines.vllm.gated import gate_attention, set_model_gates
+from kvpress_rl.engines.vllm.gated import GatedAttention, set_model_gates
 from kvpress_rl.engines.vllm.heads import CompressedHeads, FullHeads
-from kvpress_rl.engines.vllm.layout import GATED_KEY, OVERRIDES_KEY, EnginePlan, group_layout
+from kvpress_rl.engines.vllm.layout import GATED_KEY, OVERRIDES_KEY, EnginePlan, GatedBranch, group_layout
 
 
 class SinkWindowAttention(Attention):
@@ -44,8 +46,9 @@ class SinkWindowAttention(Attention):
         self.sink, self.window = sink, window
 
     def get_kv_cache_spec(self, vllm_config) -> SinkWindowSpec:
-        return SinkWindowSpec(block_size=vllm_config.cache_config.block_size, num_kv_heads=1, head_size=self.head_size,
-                              head_size_v=self.head_size_v, dtype=self.kv_cache_torch_dtype, sink=self.sink, window=self.window)
+        return SinkWindowSpec(block_size=vllm_config.cache_config.block_size, num_kv_heads=1,
+                              head_size=self.head_size, head_size_v=self.head_size_v, dtype=self.kv_cache_torch_dtype,
+                              sink=self.sink, window=self.window)
 
 
 class FullHeadAttention(Attention):
@@ -57,7 +60,8 @@ class FullHeadAttention(Attention):
 
     def get_kv_cache_spec(self, vllm_config) -> TaggedFullSpec:
         spec = super().get_kv_cache_spec(vllm_config)
-        return TaggedFullSpec(**{f.name: getattr(spec, f.name) for f in fields(spec) if f.init}, group_tag=self.group_tag)
+        settings = {f.name: getattr(spec, f.name) for f in fields(spec) if f.init}
+        return TaggedFullSpec(**settings, group_tag=self.group_tag)
 
 
 def cpu_full_backend() -> type:
@@ -72,42 +76,45 @@ class PlanAttention(nn.Module):
 
     The sub-layers `kvh{j}` (one per KV head `j`, registered full heads first) only give vLLM one cache per head."""
 
-    def __init__(self, stock: Attention, full: tuple[bool, ...], plan: EnginePlan, cache_config, tags: list[int]) -> None:
+    def __init__(self, stock: Attention, full: tuple[bool, ...], plan: EnginePlan, cache_config,
+                 tags: list[int]) -> None:
         super().__init__()
-        if stock.sliding_window is not None or stock.has_sink or stock.kv_sharing_target_layer_name is not None:
-            raise ValueError(f"{stock.layer_name}: the kvpress-rl engine runs plain causal attention layers "
-                             "(no sliding window, learned sinks or shared KV)")
         if len(full) != stock.num_kv_heads:
             raise ValueError(f"{stock.layer_name}: the plan has {len(full)} KV heads, the layer {stock.num_kv_heads}")
         self.num_kv_heads = stock.num_kv_heads
         self.group = stock.num_heads // stock.num_kv_heads
         self.head_size = stock.head_size
         self.layer_name = stock.layer_name  # the stock layer's place in vLLM's forward context, now this module's
-        self.order = [j for j in range(self.num_kv_heads) if full[j]] + [j for j in range(self.num_kv_heads) if not full[j]]
-        self.num_full = sum(full)
+        heads = range(self.num_kv_heads)
+        self.order = [j for j in heads if full[j]] + [j for j in heads if not full[j]]
+        self.num_full = f = sum(full)
         full_backend = cpu_full_backend() if current_platform.is_cpu() else None  # elsewhere: the platform's own
         names = []
         for j in self.order:
             name = f"{stock.layer_name}.kvh{j}"
+            common = dict(num_kv_heads=1, cache_config=cache_config, prefix=name)
             if full[j]:
-                layer = FullHeadAttention(self.group, stock.head_size, stock.impl.scale, num_kv_heads=1, cache_config=cache_config,
-                                          prefix=name, group_tag=tags[j], attn_backend=full_backend)
+                layer = FullHeadAttention(self.group, stock.head_size, stock.impl.scale, **common, group_tag=tags[j],
+                                          attn_backend=full_backend)
             else:
-                layer = SinkWindowAttention(self.group, stock.head_size, stock.impl.scale, num_kv_heads=1, cache_config=cache_config,
-                                            prefix=name, sink=plan.sink, window=plan.window)
+                layer = SinkWindowAttention(self.group, stock.head_size, stock.impl.scale, **common, sink=plan.sink,
+                                            window=plan.window)
             self.add_module(f"kvh{j}", layer)
             names.append(name)
-        f = self.num_full
+        scale = float(stock.impl.scale)
         self.full_heads = FullHeads(names[:f], self.group) if f else None
-        self.compressed_heads = CompressedHeads(names[f:], self.group, self.head_size, float(stock.impl.scale)) if f < self.num_kv_heads else None
+        compressed = f < len(heads)
+        self.compressed_heads = CompressedHeads(names[f:], self.group, self.head_size, scale) if compressed else None
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        output = torch.empty((q.shape[0], self.num_kv_heads * self.group * self.head_size), dtype=q.dtype, device=q.device)
+        width = self.num_kv_heads * self.group * self.head_size
+        output = torch.empty((q.shape[0], width), dtype=q.dtype, device=q.device)
         torch.ops.vllm.kvrl_plan_attention(q, k, v, output, self.layer_name)
         return output
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, output: torch.Tensor) -> None:
-        """q `[T, H * G * D]`, k and v `[T, H * D]` (heads in the reordered order), output `[T, H * G * D]` (written)."""
+        """q `[T, H * G * D]`, k and v `[T, H * D]` (heads in the reordered order), output `[T, H * G * D]`
+        (written)."""
         tokens, g, d, f, heads = q.shape[0], self.group, self.head_size, self.num_full, self.num_kv_heads
         q = q.view(tokens, heads * g, d)
         k, v = k.view(tokens, heads, d), v.view(tokens, heads, d)
@@ -138,34 +145,70 @@ def reorder_heads(self_attn: nn.Module, order: list[int]) -> None:
         if param is None:
             continue
         if param.shape[0] != rows.numel():
-            raise ValueError(f"{attn.__class__.__name__}: qkv_proj.{name} has {param.shape[0]} rows, not {rows.numel()} "
-                             "(the engine reorders unquantised, unsharded weights)")
+            raise ValueError(f"{attn.__class__.__name__}: qkv_proj.{name} has {param.shape[0]} rows, "
+                             f"not {rows.numel()} (the engine reorders unquantised, unsharded weights)")
         param.data.copy_(param.data[rows.to(param.device)])
     o.weight.data.copy_(o.weight.data[:, q_rows.to(o.weight.device)])
 
 
-def split_attention(model: nn.Module, vllm_config) -> EnginePlan:
-    """Give every decoder layer of `model` (the inner `...Model`) one attention sub-layer per KV head, as the plan says."""
-    hf_config = vllm_config.model_config.hf_config
-    plan = EnginePlan.from_json(getattr(hf_config, OVERRIDES_KEY, None))
-    if vllm_config.parallel_config.tensor_parallel_size != 1 or vllm_config.parallel_config.pipeline_parallel_size != 1:
-        raise ValueError("the kvpress-rl engine runs on one device (tensor and pipeline parallel size 1)")
-    layers = list(model.layers)
-    plan.check_shape(len(layers), layers[0].self_attn.attn.num_kv_heads)
+def replace_attention(model: nn.Module, vllm_config, engine: str, make: Callable[[int, Attention], nn.Module]) -> None:
+    """Give every decoder layer of `model` (the inner `...Model`) the attention `make(layer index, stock attention)` in
+    place of its stock one (`engine`: the engine's name in errors). The stock layer leaves vLLM's forward context (it
+    gets no cache); the new module takes its place there (an `Attention` registers itself; a `PlanAttention` is found
+    there by its op, `heads.plan_attention`)."""
+    parallel = vllm_config.parallel_config
+    if parallel.tensor_parallel_size != 1 or parallel.pipeline_parallel_size != 1:
+        raise ValueError(f"the kvpress-rl {engine} runs on one device (tensor and pipeline parallel size 1)")
     forward_context = vllm_config.compilation_config.static_forward_context
-    full_heads = plan.num_heads - plan.num_compressed
-    per_group = group_layout(full_heads, plan.num_compressed, vllm_config.model_config.max_model_len, vllm_config.cache_config.block_size)
-    seen = 0
-    for layer, full in zip(layers, plan.full):
-        tags = []
-        for keeps_all in full:  # full heads in order, `per_group` to a tag (None: all one tag, vLLM's own grouping)
-            tags.append(seen // per_group if keeps_all and per_group else 0)
-            seen += keeps_all
+    for index, layer in enumerate(model.layers):
         stock = layer.self_attn.attn
+        if stock.sliding_window is not None or stock.has_sink or stock.kv_sharing_target_layer_name is not None:
+            raise ValueError(f"{stock.layer_name}: the kvpress-rl {engine} runs plain causal attention layers "
+                             "(no sliding window, learned sinks or shared KV)")
         forward_context.pop(stock.layer_name)
-        layer.self_attn.attn = PlanAttention(stock, full, plan, vllm_config.cache_config, tags)
-        forward_context[stock.layer_name] = layer.self_attn.attn  # found by its op (`heads.plan_attention`); no cache
+        layer.self_attn.attn = make(index, stock)
+        forward_context.setdefault(stock.layer_name, layer.self_attn.attn)
+
+
+def group_tags(plan: EnginePlan, per_group: int | None) -> list[list[int]]:
+    """Each KV head's group tag, by layer: full heads in order, `per_group` to a tag (None: all one tag, vLLM's own
+    grouping); compressed heads 0 (their spec is their own)."""
+    tags, seen = [], 0
+    for full in plan.full:
+        row = []
+        for keeps_all in full:
+            row.append(seen // per_group if keeps_all and per_group else 0)
+            seen += keeps_all
+        tags.append(row)
+    return tags
+
+
+def split_attention(model: nn.Module, vllm_config) -> EnginePlan:
+    """Give every decoder layer of `model` one attention sub-layer per KV head, as the plan says."""
+    plan = EnginePlan.from_json(getattr(vllm_config.model_config.hf_config, OVERRIDES_KEY, None))
+    plan.check_shape(len(model.layers), model.layers[0].self_attn.attn.num_kv_heads)
+    full_heads = plan.num_heads - plan.num_compressed
+    per_group = group_layout(full_heads, plan.num_compressed, vllm_config.model_config.max_model_len,
+                             vllm_config.cache_config.block_size)
+    tags = group_tags(plan, per_group)
+
+    def make(index: int, stock: Attention) -> PlanAttention:
+        return PlanAttention(stock, plan.full[index], plan, vllm_config.cache_config, tags[index])
+
+    replace_attention(model, vllm_config, "engine", make)
     return plan
+
+
+def gate_attention(model: nn.Module, vllm_config) -> GatedBranch:
+    """Give every decoder layer of `model` a `GatedAttention` in place of its stock one."""
+    branch = GatedBranch.from_json(getattr(vllm_config.model_config.hf_config, GATED_KEY, None))
+
+    def make(index: int, stock: Attention) -> GatedAttention:
+        return GatedAttention(stock.num_heads, stock.head_size, stock.impl.scale, num_kv_heads=stock.num_kv_heads,
+                              cache_config=vllm_config.cache_config, prefix=stock.layer_name, branch=branch)
+
+    replace_attention(model, vllm_config, "gated engine", make)
+    return branch
 
 
 class HeadwiseModel:

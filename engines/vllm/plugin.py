@@ -1,8 +1,9 @@
 """`register()`: the `vllm.general_plugins` entry point of kvpress-rl (pyproject.toml).
 
 vLLM calls it once in each of its processes. It only gives vLLM names: the four model classes (`models.py`, imported
-lazily by vLLM), the compressed-head and gated attention backends, the compressed heads' KV-cache spec with the manager that frees its blocks, and the torch op of a head plan's layer attention.
-It patches nothing, and a model that does not ask for a `Kvrl...` architecture runs exactly as without the plugin.
+lazily by vLLM), the attention backends (`BACKENDS`), the compressed heads' KV-cache spec with the manager that frees
+its blocks, and the torch op of a head plan's layer attention. It patches nothing, and a model that does not ask for a
+`Kvrl...` architecture runs exactly as without the plugin.
 """
 
 from __future__ import annotations
@@ -10,6 +11,14 @@ from __future__ import annotations
 from kvpress_rl.engines.vllm.layout import ARCHITECTURES
 
 MODELS_MODULE = "kvpress_rl.engines.vllm.models"
+SINK_WINDOW_BACKEND = "KVRL_SINK_WINDOW"  # compressed heads (`backend.py`)
+CPU_FULL_BACKEND = "KVRL_CPU_FULL"  # full heads on vLLM's CPU build (`cpu_full.py`, imported by vLLM there only)
+GATED_BACKEND = "KVRL_GATED"  # the gated model of RLKV's rollouts (`gated.py`)
+BACKENDS = {
+    SINK_WINDOW_BACKEND: "kvpress_rl.engines.vllm.backend.SinkWindowBackend",
+    CPU_FULL_BACKEND: "kvpress_rl.engines.vllm.cpu_full.FullHeadsCPUBackend",
+    GATED_BACKEND: "kvpress_rl.engines.vllm.gated.GatedBackend",
+}
 
 
 def register() -> None:
@@ -19,23 +28,16 @@ def register() -> None:
     from vllm.v1.kv_cache_interface import FullAttentionSpec
     from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
 
-    from kvpress_rl.engines.vllm.backend import BACKEND_NAME
     from kvpress_rl.engines.vllm.cache import SinkWindowManager, SinkWindowSpec, TaggedFullSpec
-    from kvpress_rl.engines.vllm.gated import BACKEND_NAME as GATED_BACKEND_NAME
     from kvpress_rl.engines.vllm.heads import register_op
-
-    CPU_FULL_BACKEND_NAME = "KVRL_CPU_FULL"  # kvpress_rl.engines.vllm.cpu_full (imported by vLLM only on its CPU build)
 
     known = set(ModelRegistry.get_supported_archs())
     for ours in ARCHITECTURES.values():
         if ours not in known:
             ModelRegistry.register_model(ours, f"{MODELS_MODULE}:{ours}")
-    if BACKEND_NAME not in AttentionBackendEnum.__members__:
-        register_backend(BACKEND_NAME, "kvpress_rl.engines.vllm.backend.SinkWindowBackend")
-    if CPU_FULL_BACKEND_NAME not in AttentionBackendEnum.__members__:
-        register_backend(CPU_FULL_BACKEND_NAME, "kvpress_rl.engines.vllm.cpu_full.FullHeadsCPUBackend")
-    if GATED_BACKEND_NAME not in AttentionBackendEnum.__members__:
-        register_backend(GATED_BACKEND_NAME, "kvpress_rl.engines.vllm.gated.GatedBackend")
+    for name, backend in BACKENDS.items():
+        if name not in AttentionBackendEnum.__members__:
+            register_backend(name, backend)
     # vLLM registers its own specs only into an empty registry: register them first, or they would be skipped.
     register_all_kvcache_specs(None)
     KVCacheSpecRegistry.register(SinkWindowSpec, SinkWindowManager, uniform_type_base_spec=SinkWindowSpec)

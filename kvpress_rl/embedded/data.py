@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import torch
 
-from kvpress_rl.embedded.task import Problem
+from kvpress_rl.embedded.task import EmbeddedProblem
 
 
-def prompt_ids(tokenizer, problem: Problem) -> list[int]:
+def prompt_ids(tokenizer, problem: EmbeddedProblem) -> list[int]:
     messages = [{"role": "user", "content": problem.prompt()}]
-    return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
+    return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                              return_dict=True)["input_ids"])
 
 
-def training_example(tokenizer, problem: Problem) -> tuple[list[int], list[int]]:
+def training_example(tokenizer, problem: EmbeddedProblem) -> tuple[list[int], list[int]]:
     """`(input_ids, labels)`: the loss covers the assistant's answer (and its end-of-turn) only."""
     prompt = prompt_ids(tokenizer, problem)
     answer = tokenizer(problem.solution() + "<|im_end|>\n", add_special_tokens=False)["input_ids"]

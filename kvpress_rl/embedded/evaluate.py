@@ -9,16 +9,15 @@ from dataclasses import dataclass, field
 import torch
 
 from kvpress_rl.embedded.data import left_pad, prompt_ids
-from kvpress_rl.embedded.task import Problem, score
+from kvpress_rl.embedded.task import EmbeddedProblem, score
 from kvpress_rl.executor import generate
+from kvpress_rl.throughput import Throughput
 
 
 @dataclass
-class EvalResult:
+class EvalResult(Throughput):
     correct: int = 0
     total: int = 0
-    generated_tokens: int = 0
-    seconds: float = 0.0
     prompt_lengths: list[int] = field(default_factory=list)
     output_lengths: list[int] = field(default_factory=list)
     outputs: list[str] = field(default_factory=list)
@@ -28,12 +27,8 @@ class EvalResult:
     def accuracy(self) -> float:
         return self.correct / self.total if self.total else 0.0
 
-    @property
-    def tokens_per_second(self) -> float:
-        return self.generated_tokens / self.seconds if self.seconds else 0.0
 
-
-def evaluate(model, tokenizer, items: list[Problem], plan=None, batch_size: int = 16, max_new_tokens: int = 64,
+def evaluate(model, tokenizer, items: list[EmbeddedProblem], plan=None, batch_size: int = 16, max_new_tokens: int = 64,
              on_batch: Callable[[int], None] | None = None) -> EvalResult:
     """Accuracy of greedy answers on `items` (the plan, if any, runs through the executor)."""
     result = EvalResult()
@@ -44,7 +39,8 @@ def evaluate(model, tokenizer, items: list[Problem], plan=None, batch_size: int 
         ids, mask = left_pad(prompts, tokenizer.pad_token_id)
         begin = time.perf_counter()
         with torch.inference_mode():
-            out = generate(model, plan, ids.to(model.device), attention_mask=mask.to(model.device), max_new_tokens=max_new_tokens,
+            out = generate(model, plan, ids.to(model.device), attention_mask=mask.to(model.device),
+                           max_new_tokens=max_new_tokens,
                                  do_sample=False, eos_token_id=end_ids, pad_token_id=tokenizer.pad_token_id)
         result.seconds += time.perf_counter() - begin
         for problem, prompt, row in zip(chunk, prompts, out[:, ids.shape[1]:]):

@@ -53,7 +53,8 @@ def dequantized_copy(gguf: Path) -> Path:
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     except Exception as err:  # the gguf reader raises many types for a damaged file
-        raise KvrlError(f"cannot read GGUF file {gguf}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from err
+        raise KvrlError(f"cannot read GGUF file {gguf}: {type(err).__name__}: "
+                        f"{str(err).splitlines()[0] if str(err) else ''}") from err
     model.hf_quantizer = None  # the weights are plain float32 now
     model.config.__dict__.pop("quantization_config", None)
     return save_folder(model, tokenizer, target)

@@ -7,7 +7,7 @@ per hop (`1. cat -> dog`, `2. dog -> sun`, ...) and then `Answer: WORD`. Each ho
 (the current word and the hop count, carried in the model's own chain of thought). Distractor links are links that
 the path never uses; some of them point into the path, so a guess from the recent window fails.
 
-Two families share the table and the chain (`Problem.family`):
+Two families share the table and the chain (`EmbeddedProblem.family`):
 
 - `links` (task `embedded`): "Start at cat and follow 8 links" closes the prompt, so while the chain is
   short the hop count is still among the recent tokens; every hop is a look-up in the prompt.
@@ -29,7 +29,19 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 # Short common words that SmolLM2's tokenizer encodes as one token with a leading space.
-WORDS = ["cat", "dog", "sun", "map", "cup", "pen", "box", "hat", "key", "car", "bus", "fox", "owl", "bee", "ant", "cow", "pig", "hen", "egg", "ice", "oak", "elm", "ash", "fig", "jam", "tea", "pie", "bun", "rye", "oat", "pea", "bean", "corn", "rice", "salt", "milk", "wine", "beer", "soup", "cake", "bread", "fish", "bird", "frog", "duck", "goat", "lamb", "wolf", "bear", "deer", "lion", "seal", "crab", "moth", "wasp", "rose", "lily", "fern", "moss", "reed", "vine", "leaf", "root", "seed", "tree", "bush", "hill", "lake", "pond", "sea", "bay", "reef", "rock", "sand", "clay", "mud", "dust", "snow", "rain", "hail", "wind", "fog", "mist", "star", "moon", "cloud", "storm", "wave", "tide", "gold", "iron", "lead", "zinc", "tin", "copper", "silk", "wool", "lace", "rope", "wire", "nail", "bolt", "gear", "lamp", "desk", "door", "wall", "roof", "gate", "fence", "road", "path", "bridge", "tower", "castle", "farm", "barn", "mill", "shop", "bank", "park", "zoo", "school", "church", "club", "hall", "room", "bed", "chair", "table", "shelf", "drum", "horn", "bell", "flute", "harp", "piano", "song", "poem", "book", "page", "note", "letter", "word", "name", "king", "queen", "duke", "lord", "knight", "judge", "nurse", "chef", "poet", "monk", "baker", "ship", "boat", "train", "plane", "truck", "bike", "kite", "ball", "doll", "game", "card", "coin", "ring", "belt", "coat", "shoe", "sock", "glove", "mask"]
+WORDS = ["cat", "dog", "sun", "map", "cup", "pen", "box", "hat", "key", "car", "bus", "fox", "owl", "bee", "ant", "cow",
+         "pig", "hen", "egg", "ice", "oak", "elm", "ash", "fig", "jam", "tea", "pie", "bun", "rye", "oat", "pea",
+         "bean", "corn", "rice", "salt", "milk", "wine", "beer", "soup", "cake", "bread", "fish", "bird", "frog",
+         "duck", "goat", "lamb", "wolf", "bear", "deer", "lion", "seal", "crab", "moth", "wasp", "rose", "lily", "fern",
+         "moss", "reed", "vine", "leaf", "root", "seed", "tree", "bush", "hill", "lake", "pond", "sea", "bay", "reef",
+         "rock", "sand", "clay", "mud", "dust", "snow", "rain", "hail", "wind", "fog", "mist", "star", "moon", "cloud",
+         "storm", "wave", "tide", "gold", "iron", "lead", "zinc", "tin", "copper", "silk", "wool", "lace", "rope",
+         "wire", "nail", "bolt", "gear", "lamp", "desk", "door", "wall", "roof", "gate", "fence", "road", "path",
+         "bridge", "tower", "castle", "farm", "barn", "mill", "shop", "bank", "park", "zoo", "school", "church", "club",
+         "hall", "room", "bed", "chair", "table", "shelf", "drum", "horn", "bell", "flute", "harp", "piano", "song",
+         "poem", "book", "page", "note", "letter", "word", "name", "king", "queen", "duke", "lord", "knight", "judge",
+         "nurse", "chef", "poet", "monk", "baker", "ship", "boat", "train", "plane", "truck", "bike", "kite", "ball",
+         "doll", "game", "card", "coin", "ring", "belt", "coat", "shoe", "sock", "glove", "mask"]
 
 LINKS, COUNTED = "links", "counted"  # the task families
 EMBEDDED_TASK = "embedded"  # the links task's name in `kvrl eval --tasks`
@@ -53,7 +65,7 @@ class Difficulty:
 
 
 @dataclass(frozen=True)
-class Problem:
+class EmbeddedProblem:
     seed: int
     table: tuple[tuple[str, str], ...]
     start: str
@@ -71,7 +83,8 @@ class Problem:
     def prompt(self) -> str:
         lines = "\n".join(f"- {src} -> {dst}" for src, dst in self.table)
         if self.family == COUNTED:
-            return f"Take {self.hops} steps through the links, one per line.\nLinks:\n{lines}\nStart at {self.start}. Where do you end?"
+            return (f"Take {self.hops} steps through the links, one per line.\nLinks:\n{lines}\nStart at {self.start}. "
+                    "Where do you end?")
         return f"{INSTRUCTION}\nLinks:\n{lines}\nStart at {self.start} and follow {self.hops} links. Where do you end?"
 
     def solution(self) -> str:
@@ -102,7 +115,7 @@ COUNTED_EVAL = DifficultyRange(hops=(5, 16), links=(20, 44), min_distractors=6)
 COUNTED_SELECT = DifficultyRange(hops=(5, 9), links=(20, 32), min_distractors=6)
 
 
-def make_problem(seed: int, difficulty: Difficulty = Difficulty(), family: str = LINKS) -> Problem:
+def make_problem(seed: int, difficulty: Difficulty = Difficulty(), family: str = LINKS) -> EmbeddedProblem:
     if not 1 <= difficulty.hops < difficulty.links <= len(WORDS) // 2:
         raise ValueError(f"need 1 <= hops < links <= {len(WORDS) // 2}, got {difficulty}")
     if family not in (LINKS, COUNTED):
@@ -121,7 +134,7 @@ def make_problem(seed: int, difficulty: Difficulty = Difficulty(), family: str =
                 targets[src] = rng.choice(path[1:-1])
     table = [(src, targets[src]) for src in sources]
     rng.shuffle(table)
-    return Problem(seed, tuple(table), path[0], tuple(path), family)
+    return EmbeddedProblem(seed, tuple(table), path[0], tuple(path), family)
 
 
 def split_seed(split: str, index: int) -> int:
@@ -136,16 +149,17 @@ def split_seed(split: str, index: int) -> int:
     return SPLIT_SEEDS[split] + index
 
 
-def problems(split: str, count: int, difficulty: Difficulty = Difficulty(), offset: int = 0) -> list[Problem]:
+def problems(split: str, count: int, difficulty: Difficulty = Difficulty(), offset: int = 0) -> list[EmbeddedProblem]:
     return [make_problem(split_seed(split, offset + i), difficulty) for i in range(count)]
 
 
-def counted_problem(seed: int, ranges: DifficultyRange = COUNTED_EVAL) -> Problem:
+def counted_problem(seed: int, ranges: DifficultyRange = COUNTED_EVAL) -> EmbeddedProblem:
     """The counted problem of `seed`, its difficulty drawn from `ranges` (from a stream of its own)."""
     return make_problem(seed, ranges.draw(random.Random(f"{COUNTED}-difficulty:{seed}")), COUNTED)
 
 
-def counted_problems(split: str, count: int, ranges: DifficultyRange = COUNTED_EVAL, offset: int = 0) -> list[Problem]:
+def counted_problems(split: str, count: int, ranges: DifficultyRange = COUNTED_EVAL,
+                     offset: int = 0) -> list[EmbeddedProblem]:
     return [counted_problem(split_seed(split, offset + i), ranges) for i in range(count)]
 
 
@@ -161,8 +175,9 @@ def is_training_seed(seed: int) -> bool:
     return seed >= TRAIN_SEED_BASE
 
 
-def mixed_problem(index: int, stream: int, hops: tuple[int, int] = (4, 10), links: tuple[int, int] = (20, 40)) -> Problem:
-    """Problem `index` of training stream `stream`, its difficulty drawn from its seed: `hops` and then
+def mixed_problem(index: int, stream: int, hops: tuple[int, int] = (4, 10),
+                  links: tuple[int, int] = (20, 40)) -> EmbeddedProblem:
+    """The problem `index` of training stream `stream`, its difficulty drawn from its seed: `hops` and then
     `links` (at least hops + 4) uniform in the given inclusive ranges. Streams use disjoint seeds."""
     seed = training_seed(index, stream)
     rng = random.Random(seed)
@@ -180,12 +195,12 @@ def extract_answer(text: str) -> str | None:
     return found[-1].lower() if found else None
 
 
-def score(text: str, problem: Problem) -> bool:
+def score(text: str, problem: EmbeddedProblem) -> bool:
     """True when the final answer in `text` is the word the path ends at."""
     return extract_answer(text) == problem.answer
 
 
-def accuracy_by_hops(items: list[Problem], solved: list[bool]) -> dict[int, tuple[float, int]]:
+def accuracy_by_hops(items: list[EmbeddedProblem], solved: list[bool]) -> dict[int, tuple[float, int]]:
     """`{hops: (accuracy, problems)}` in order of hops: how accuracy falls with the chain's length."""
     counts: dict[int, list[int]] = {}
     for problem, ok in zip(items, solved, strict=True):
@@ -198,15 +213,16 @@ def accuracy_by_hops(items: list[Problem], solved: list[bool]) -> dict[int, tupl
 # The evaluation tasks by name (`kvrl eval --tasks`, `kvrl embedded evaluate --task`): the links task at its
 # trained difficulty and with twice the links (prompts of about 500 tokens instead of 270, long enough that
 # token eviction inside the full heads saves memory beyond the 80-token compressed heads), and the counted task.
-EVAL_TASKS: dict[str, Callable[[str, int], list[Problem]]] = {
+EVAL_TASKS: dict[str, Callable[[str, int], list[EmbeddedProblem]]] = {
     EMBEDDED_TASK: lambda split, count: problems(split, count),
     f"{EMBEDDED_TASK}_long": lambda split, count: problems(split, count, Difficulty(hops=8, links=64)),
     COUNTED_TASK: lambda split, count: counted_problems(split, count),
 }
-ANSWER_LIMITS = {EMBEDDED_TASK: EMBEDDED_MAX_NEW_TOKENS, f"{EMBEDDED_TASK}_long": EMBEDDED_MAX_NEW_TOKENS, COUNTED_TASK: COUNTED_MAX_NEW_TOKENS}
+ANSWER_LIMITS = {EMBEDDED_TASK: EMBEDDED_MAX_NEW_TOKENS, f"{EMBEDDED_TASK}_long": EMBEDDED_MAX_NEW_TOKENS,
+                 COUNTED_TASK: COUNTED_MAX_NEW_TOKENS}
 
 
-def task_problems(task: str, split: str, count: int) -> list[Problem]:
+def task_problems(task: str, split: str, count: int) -> list[EmbeddedProblem]:
     """The `count` first problems of an embedded evaluation task's split."""
     if task not in EVAL_TASKS:
         raise ValueError(f"unknown embedded task {task!r}; accepted: {', '.join(EVAL_TASKS)}")

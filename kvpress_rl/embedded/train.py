@@ -20,7 +20,7 @@ import torch
 
 from kvpress_rl.embedded.data import right_pad, training_example
 from kvpress_rl.embedded.model import load_embedded
-from kvpress_rl.embedded.task import COUNTED_ADAPTER, Problem, counted_problem, mixed_problem, training_seed
+from kvpress_rl.embedded.task import COUNTED_ADAPTER, EmbeddedProblem, counted_problem, mixed_problem, training_seed
 
 
 @dataclass
@@ -42,8 +42,9 @@ class TrainConfig:
     max_steps: int = 64  # the schedule spans examples // batch_size steps; training stops here
 
 
-def curriculum_problem(index: int, config: TrainConfig) -> Problem:
-    """Problem `index` of the training stream: its family drawn with `counted_share`, its difficulty from its seed."""
+def curriculum_problem(index: int, config: TrainConfig) -> EmbeddedProblem:
+    """The problem `index` of the training stream: its family drawn with `counted_share`, its difficulty from its
+    seed."""
     if random.Random(f"family:{config.seed}:{index}").random() < config.counted_share:
         return counted_problem(training_seed(index, config.seed), COUNTED_ADAPTER)
     return mixed_problem(index, config.seed, (config.min_hops, config.max_hops), (config.min_links, config.max_links))
@@ -60,7 +61,8 @@ def _save_checkpoint(model, optimizer, step: int, out: Path) -> None:
     staging = out / ".checkpoint-staging"
     shutil.rmtree(staging, ignore_errors=True)
     model.save_pretrained(staging)
-    torch.save({"optimizer": optimizer.state_dict(), "step": step, "rng": torch.get_rng_state()}, staging / "trainer_state.pt")
+    torch.save({"optimizer": optimizer.state_dict(), "step": step, "rng": torch.get_rng_state()},
+               staging / "trainer_state.pt")
     final = out / "checkpoint"
     old = out / ".checkpoint-old"
     shutil.rmtree(old, ignore_errors=True)
@@ -70,7 +72,8 @@ def _save_checkpoint(model, optimizer, step: int, out: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def train_adapter(config: TrainConfig, resume: bool = False, on_step: Callable[[int, int, float], None] | None = None) -> Path:
+def train_adapter(config: TrainConfig, resume: bool = False,
+                  on_step: Callable[[int, int, float], None] | None = None) -> Path:
     """Train and write the adapter (fp16 safetensors + config) to `config.output`; returns that path."""
     from peft import LoraConfig, PeftModel, get_peft_model
 
@@ -103,7 +106,8 @@ def train_adapter(config: TrainConfig, resume: bool = False, on_step: Callable[[
             log.write(json.dumps({"config": asdict(config)}) + "\n")
         for step in range(start_step, last):
             started = time.perf_counter()
-            pairs = [training_example(tokenizer, curriculum_problem(step * config.batch_size + i, config)) for i in range(config.batch_size)]
+            pairs = [training_example(tokenizer, curriculum_problem(step * config.batch_size + i, config))
+                     for i in range(config.batch_size)]
             batch = right_pad(pairs, tokenizer.pad_token_id)
             for group in optimizer.param_groups:
                 group["lr"] = _lr_at(step, total, config)
@@ -112,7 +116,8 @@ def train_adapter(config: TrainConfig, resume: bool = False, on_step: Callable[[
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            record = {"step": step + 1, "loss": loss.item(), "lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - started}
+            record = {"step": step + 1, "loss": loss.item(), "lr": optimizer.param_groups[0]["lr"],
+                      "seconds": time.perf_counter() - started}
             log.write(json.dumps(record) + "\n")
             log.flush()
             if on_step:

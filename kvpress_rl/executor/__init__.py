@@ -3,7 +3,8 @@
     with compressed(model, plan) as session:
         out = session.generate(input_ids=ids, attention_mask=mask, max_new_tokens=100)
         # or, as transformers users pass caches:
-        out = model.generate(input_ids=ids, cache=session.new_cache(), max_new_tokens=100)  # past_key_values= on transformers 5.19
+        # (`past_key_values=` on transformers 5.19)
+        out = model.generate(input_ids=ids, cache=session.new_cache(), max_new_tokens=100)
 
 Inside the block the model attends through the executor's attention function (set with
 transformers' public `set_attn_implementation`); each generation gets its own `HeadwiseCache`,
@@ -76,8 +77,8 @@ class CompressedSession:
                        **cache_kwargs(self.model, cache), use_cache=True, logits_to_keep=1)
             for step in range(prefix, length - 1):
                 self.model(input_ids=ids[:, step : step + 1], attention_mask=mask[:, : step + 1],
-                           position_ids=positions[:, step : step + 1], **cache_kwargs(self.model, cache), use_cache=True,
-                           logits_to_keep=1)
+                           position_ids=positions[:, step : step + 1], **cache_kwargs(self.model, cache),
+                           use_cache=True, logits_to_keep=1)
 
     def _generation_mask(self, ids: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
         """The attention mask `generate` would infer: padding masked out when the pad id is set, present

@@ -24,14 +24,16 @@ def register() -> str:
     return ATTENTION_NAME
 
 
-def headwise_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None, **kwargs):
+def headwise_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
+                       **kwargs):
     """Returns `(output (batch, q_len, query_heads, head_dim), None)` like transformers' SDPA."""
     if not isinstance(key, LayerView):
         if key.shape[2] != query.shape[2]:  # a cache other than ours holds history: it would keep it all
-            raise KvrlError("inside compressed(model, plan), generate with session.generate(...) or pass the session's cache, "
-                            "session.new_cache() (as `cache=`, or `past_key_values=` on transformers 5.19); another cache "
-                            "would keep the full history")
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+            raise KvrlError("inside compressed(model, plan), generate with session.generate(...) or pass the "
+                            "session's cache, session.new_cache() (as `cache=`, or `past_key_values=` on transformers "
+                            "5.19); another cache would keep the full history")
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
     layer = key.layer
     batch, _, q_len, head_dim = query.shape
     scaling = scaling if scaling is not None else head_dim**-0.5
@@ -41,6 +43,7 @@ def headwise_attention(module, query, key, value, attention_mask, dropout: float
     output = query.new_empty((batch, q_len, query.shape[1], head_dim))
     for group in held:
         if len(group):
-            out = group.attend(module, query.index_select(1, group.query_heads), attention_mask, scaling, layer.seen, dropout, **kwargs)
+            out = group.attend(module, query.index_select(1, group.query_heads), attention_mask, scaling, layer.seen,
+                               dropout, **kwargs)
             output.index_copy_(2, group.query_heads, out)
     return output, None

@@ -34,6 +34,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 
+from kvpress_rl.masks import history_causal_mask
 from kvpress_rl.models import ModelShape
 from kvpress_rl.policies import TokenPolicy
 
@@ -84,14 +85,16 @@ class HeadGroup:
             # New tokens count as real until `attend` reads the padding mask (prefill); new slots have no
             # statistics yet: zeros along the slot dimension (always last).
             self.valid = torch.cat([self.valid, self.valid.new_ones(new_keys.shape[:3])], dim=2)
-            self.stats = {name: torch.nn.functional.pad(stat, (0, new_keys.shape[2])) for name, stat in self.stats.items()}
+            new = new_keys.shape[2]
+            self.stats = {name: torch.nn.functional.pad(stat, (0, new)) for name, stat in self.stats.items()}
 
     def attend(self, module, query: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float, seen: int,
                dropout: float = 0.0, **kwargs) -> torch.Tensor:
         """This group's queries `(batch, heads, q_len, head_dim)` over its slots, then eviction (see the module
         docstring); `seen` is the number of tokens the layer has seen. Returns `(batch, q_len, heads, head_dim)`."""
         if self.policy is None:
-            out, _ = sdpa_attention_forward(module, query, self.keys, self.values, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+            out, _ = sdpa_attention_forward(module, query, self.keys, self.values, attention_mask, dropout=dropout,
+                                            scaling=scaling, **kwargs)
             return out
         q_len = query.shape[2]
         if q_len == 1:
@@ -102,11 +105,10 @@ class HeadGroup:
         if old == 0:
             mask = attention_mask  # a fresh prefill: the model's own causal + padding mask
         else:  # a prefill continuing a compressed history: kept slots, then causal over the new tokens
-            new_part = attention_mask[..., -q_len:] if attention_mask is not None else torch.ones(q_len, q_len, dtype=torch.bool, device=query.device).tril()
-            kept = self.valid[:, :, None, :old].expand(-1, -1, q_len, -1)
-            mask = torch.cat([kept, new_part.expand(kept.shape[0], kept.shape[1], -1, -1)], dim=-1)
-            mask = mask.repeat_interleave(self.groups, dim=1)
-        out, _ = sdpa_attention_forward(module, query, self.keys, self.values, mask, dropout=dropout, scaling=scaling, **kwargs)
+            own = None if attention_mask is None else attention_mask[..., -q_len:]  # the model's: causal + padding
+            mask = history_causal_mask(self.valid[:, :, :old], q_len, causal=own).repeat_interleave(self.groups, dim=1)
+        out, _ = sdpa_attention_forward(module, query, self.keys, self.values, mask, dropout=dropout, scaling=scaling,
+                                        **kwargs)
         if self.policy.needs_attention:
             self._observe_prefill(query, mask, scaling)
         self.compress(seen)
@@ -115,8 +117,8 @@ class HeadGroup:
     def _decode_step(self, query: torch.Tensor, scaling: float, seen: int) -> torch.Tensor:
         mask = None if self.all_valid else self.valid.repeat_interleave(self.groups, dim=1)[:, :, None, :]
         if not self.policy.needs_attention:  # grouped-query attention inside SDPA: no copy of the keys per query head
-            out = torch.nn.functional.scaled_dot_product_attention(query, self.keys, self.values, attn_mask=mask, scale=scaling,
-                                                                   enable_gqa=self.groups > 1)
+            out = torch.nn.functional.scaled_dot_product_attention(query, self.keys, self.values, attn_mask=mask,
+                                                                   scale=scaling, enable_gqa=self.groups > 1)
         else:
             keys = repeat_kv(self.keys, self.groups)
             values = repeat_kv(self.values, self.groups)
@@ -141,9 +143,10 @@ class HeadGroup:
             logits = (query[:, :, start:stop] @ keys.transpose(-1, -2)).float() * scaling
             if mask is not None:
                 logits = logits.masked_fill(~mask[:, :, start:stop], float("-inf"))
-            else:
-                rows = torch.arange(start, stop, device=query.device)[:, None] + offset
-                logits = logits.masked_fill(torch.arange(keys.shape[2], device=query.device)[None, :] > rows, float("-inf"))
+            else:  # rows start..stop of a causal prefill after `offset` cached keys
+                visible = history_causal_mask(offset + start, stop - start, device=query.device)
+                visible = torch.nn.functional.pad(visible, (0, q_len - stop))
+                logits = logits.masked_fill(~visible, float("-inf"))
             self.policy.observe(self.stats, self._sum_groups(logits.softmax(dim=-1).nan_to_num(0.0)))
 
     def _sum_groups(self, probs: torch.Tensor) -> torch.Tensor:
@@ -169,9 +172,11 @@ class HeadGroup:
         if slots <= budget or slots < budget + slack:
             return
         prefix = self.policy.kept_prefix(budget)
-        if prefix is not None and self.all_valid and not self.stats:  # sinks + most recent, no padding: a slice, no ranking
+        # sinks + most recent, no padding: a slice, no ranking
+        if prefix is not None and self.all_valid and not self.stats:
             drop = slice(prefix, prefix + slots - budget)
-            self.keys, self.values = (torch.cat([t[:, :, :drop.start], t[:, :, drop.stop:]], dim=2) for t in (self.keys, self.values))
+            self.keys, self.values = (torch.cat([t[:, :, :drop.start], t[:, :, drop.stop:]], dim=2)
+                                      for t in (self.keys, self.values))
             self.valid = self.valid[:, :, :budget]  # all True: any `budget` of them
             return
         scores = self.policy.keep_scores(self.keys, self.valid, self.stats)
@@ -180,9 +185,11 @@ class HeadGroup:
         self.keys = self.keys.gather(2, gather_kv)
         self.values = self.values.gather(2, gather_kv)
         self.valid = self.valid.gather(2, keep)
-        self.all_valid = bool(self.valid.all())  # the padding is gone once every row holds more real tokens than its budget
+        # the padding is gone once every row holds more real tokens than its budget
+        self.all_valid = bool(self.valid.all())
         for name, stat in self.stats.items():
-            index = keep.reshape(keep.shape[:2] + (1,) * (stat.ndim - 3) + keep.shape[2:]).expand(stat.shape[:-1] + (budget,))
+            index = keep.reshape(keep.shape[:2] + (1,) * (stat.ndim - 3) + keep.shape[2:])
+            index = index.expand(stat.shape[:-1] + (budget,))
             self.stats[name] = stat.gather(-1, index)
 
     def select_batch(self, indices: torch.Tensor) -> None:
@@ -262,14 +269,16 @@ class HeadwiseLayer(CacheLayerMixin):
             group.initialize(key_states, value_states)
         self.is_initialized = True
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> tuple[LayerView, LayerView]:
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args,
+               **kwargs) -> tuple[LayerView, LayerView]:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         for group in self.head_groups:
             if len(group):
                 group.append(key_states, value_states)
         self.seen += key_states.shape[2]
-        view = LayerView(self, key_states.shape[2])  # eviction follows in `HeadGroup.attend`, after the new queries attended
+        # eviction follows in `HeadGroup.attend`, after the new queries attended
+        view = LayerView(self, key_states.shape[2])
         return view, view
 
     def compress(self, slack: int = 0) -> None:

@@ -5,18 +5,8 @@ Per KV head, `alpha * full + (1 - alpha) * streaming`, both from the same querie
 the model's own weights are untouched, so gradients reach the gates alone when the model is frozen.
 Works in teacher-forced forward passes and inside `generate` (rollouts from the gated model).
 
-What the streaming branch sees (always causal, never padding), by `mask`:
-
-- `"token"`: the first `sink` real keys and the last `window` keys up to the query (a token-exact
-  sink + window, as evaluation compresses).
-- `"block"`: the official RLKV training kernel (Block-Sparse-Attention's streaming mask): keys in
-  blocks of `block_size` tokens; the first `ceil(sink / block_size)` blocks, and the last
-  `ceil(window / block_size)` blocks counted back from the query's own block, which is included
-  (causally, up to the query). At sink 128 / window 256 / blocks of 128 a query therefore sees
-  between 257 and 384 keys (block 0, the previous block, and its own block up to itself).
-
-Positions are counted over real tokens: a key's position is its rank among the row's real keys and a
-query's position is its own rank, so left padding shifts no block boundary and no window.
+The streaming branch sees a sink + window of each query's keys, token-exact or in the official
+training kernel's blocks (`mask`): `kvpress_rl.masks.streaming_mask`, where both are defined.
 
 How the gates reach the attention function: transformers passes no per-call argument through
 `generate` to it, so on entry `gated()` registers the block's `Gating.attention` (a bound method:
@@ -38,40 +28,10 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
 from kvpress_rl.errors import KvrlError
+from kvpress_rl.masks import BLOCK_SIZE, MASKS, TRAIN_SINK, TRAIN_WINDOW, streaming_mask
 from kvpress_rl.models import ModelShape, check_supported, using_attention
 
-TRAIN_SINK = 128  # the official training's streaming branch: 128 sink + 256 recent tokens, in blocks of 128
-TRAIN_WINDOW = 256
-BLOCK_SIZE = 128
-MASKS = ("token", "block")
 GATED_ATTENTION = "kvrl_gated"
-
-
-def streaming_mask(attention_mask: torch.Tensor | None, q_len: int, kv_len: int, sink: int, window: int, device,
-                   *, mode: str = "token", block_size: int = BLOCK_SIZE) -> torch.Tensor:
-    """Bool `(batch or 1, 1, q_len, kv_len)`: causal, not padding, and a sink or recent key (see the module)."""
-    key_pos = torch.arange(kv_len, device=device)
-    if attention_mask is None:
-        allowed = (key_pos[None, :] <= key_pos[kv_len - q_len:, None])[None, None]
-        rank = key_pos.view(1, 1, 1, kv_len)
-    else:
-        allowed = attention_mask.bool()
-        key_valid = allowed[:, :, -1:, :]  # the last query sees every real key
-        rank = key_valid.long().cumsum(-1) - 1  # position among the row's real tokens
-    query_rank = rank[..., kv_len - q_len:].transpose(-1, -2)  # (batch, 1, q_len, 1)
-    if mode == "token":
-        recent = query_rank - rank < window
-        first = rank < sink
-    elif mode == "block":
-        query_block, key_block = query_rank // block_size, rank // block_size
-        recent = query_block - key_block < -(-window // block_size)
-        first = key_block < -(-sink // block_size)
-    else:
-        raise KvrlError(f"streaming mask must be one of {', '.join(MASKS)}, got {mode!r}")
-    mask = allowed & (first | recent)
-    if attention_mask is not None:  # rows that would be empty (padding queries) keep the model's own row
-        mask = torch.where(mask.any(-1, keepdim=True), mask, allowed)
-    return mask
 
 
 @dataclass
@@ -85,26 +45,40 @@ class Gating:
     block_size: int = BLOCK_SIZE
     one_pass_decode: bool = True  # decoding steps through `mixed_decode` (False: the two SDPA calls, for comparison)
     open: bool = True
-    last_mask: list = field(default_factory=list)  # (attention_mask, shape, streaming mask): every layer of a forward shares it
+    # (attention_mask, shape, streaming mask): every layer of a forward shares it
+    last_mask: list = field(default_factory=list)
 
     def streaming_mask_for(self, attention_mask, q_len: int, kv_len: int, device) -> torch.Tensor:
         shape = (q_len, kv_len, device)
         if not (self.last_mask and self.last_mask[0] is attention_mask and self.last_mask[1] == shape):
-            mask = streaming_mask(attention_mask, q_len, kv_len, self.sink, self.window, device, mode=self.mode, block_size=self.block_size)
+            mask = streaming_mask(attention_mask, q_len, kv_len, self.sink, self.window, device, mode=self.mode,
+                                  block_size=self.block_size)
             self.last_mask[:] = [attention_mask, shape, mask]
         return self.last_mask[2]
 
-    def attention(self, module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None, **kwargs):
+    def attention(self, module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
+                  **kwargs):
         """`alpha * full + (1 - alpha) * streaming` per KV head."""
         mask = self.streaming_mask_for(attention_mask, query.shape[2], key.shape[2], query.device)
         gates = self.gates[module.layer_idx].clamp(0.0, 1.0)
+        scaling_or_default = module.scaling if scaling is None else scaling
         if self.one_pass_decode and query.shape[2] == 1 and not torch.is_grad_enabled():  # a decoding step of a rollout
-            return mixed_decode(query, key, value, attention_mask, mask, gates, module.scaling if scaling is None else scaling), None
-        full, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+            return mixed_decode(query, key, value, attention_mask, mask, gates, scaling_or_default), None
+        full, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                         **kwargs)
         stream, _ = sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
-        alpha = gates.repeat_interleave(module.num_key_value_groups)
-        alpha = alpha.to(full.dtype)[None, None, :, None]  # output layout: (batch, q_len, heads, head_dim)
-        return alpha * full + (1.0 - alpha) * stream, None
+        # output layout: (batch, q_len, heads, head_dim)
+        return mix_branches(full, stream, gates, groups=module.num_key_value_groups, axis=-2), None
+
+
+def mix_branches(full: torch.Tensor, streaming: torch.Tensor, gates: torch.Tensor, *, groups: int,
+                 axis: int) -> torch.Tensor:
+    """`alpha * full + (1 - alpha) * streaming`: the gated attention's two branches mixed per KV head (their outputs,
+    or their probabilities). `gates` `[kv_heads]` (clamped by the caller), each repeated over its `groups` query heads
+    along `axis` of `full`, counted from the end (-2 for `(batch, q_len, heads, head_dim)`); in `full`'s dtype."""
+    alpha = gates.repeat_interleave(groups).to(full.dtype)
+    alpha = alpha.view(-1, *(1,) * (-axis - 1))
+    return alpha * full + (1.0 - alpha) * streaming
 
 
 def mixed_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, full_mask: torch.Tensor | None,
@@ -126,8 +100,7 @@ def mixed_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, fu
     # masks arrive as (batch or 1, 1, 1, kv_len): one row for every head
     full = scores if full_mask is None else scores.masked_fill(~full_mask[:, :, 0, None, :], float("-inf"))
     stream = scores.masked_fill(~stream_mask[:, :, 0, None, :], float("-inf"))
-    alpha = gates.float().view(1, kv_heads, 1, 1)
-    probs = alpha * torch.softmax(full, dim=-1) + (1.0 - alpha) * torch.softmax(stream, dim=-1)
+    probs = mix_branches(torch.softmax(full, dim=-1), torch.softmax(stream, dim=-1), gates, groups=1, axis=-3)
     out = torch.matmul(probs.to(value.dtype), value)  # (batch, kv_heads, groups, head_dim)
     return out.reshape(batch, 1, heads, dim)
 
@@ -142,7 +115,8 @@ def new_gates(model, init: float = 1.0) -> torch.nn.Parameter:
     The gates stay float32 whatever the model's dtype; the mixed output is cast to the model's.
     """
     shape = ModelShape.from_config(model.config)
-    return torch.nn.Parameter(torch.full((shape.num_layers, shape.num_kv_heads), float(init), device=model.device, dtype=torch.float32))
+    size = (shape.num_layers, shape.num_kv_heads)
+    return torch.nn.Parameter(torch.full(size, float(init), device=model.device, dtype=torch.float32))
 
 
 @contextmanager
@@ -158,7 +132,8 @@ def gated(model, gates: torch.Tensor, *, sink: int = TRAIN_SINK, window: int = T
     check_supported(model.config)
     shape = ModelShape.from_config(model.config)
     if tuple(gates.shape) != (shape.num_layers, shape.num_kv_heads):
-        raise KvrlError(f"gates have shape {tuple(gates.shape)}, the model needs ({shape.num_layers}, {shape.num_kv_heads})")
+        raise KvrlError(f"gates have shape {tuple(gates.shape)}, "
+                        f"the model needs ({shape.num_layers}, {shape.num_kv_heads})")
     if sink < 0 or window < 1:
         raise KvrlError(f"gated attention needs sink >= 0 and window >= 1, got {sink}, {window}")
     if mask not in MASKS:

@@ -22,7 +22,7 @@ from kvpress_rl.distributed import all_gather, is_main_process, rng_state, set_r
 from kvpress_rl.errors import KvrlError
 from kvpress_rl.io import write_atomic
 from kvpress_rl.strategies.rlkv.options import RLKVOptions
-from kvpress_rl.strategies.rlkv.problems import VERIFIERS, Problem
+from kvpress_rl.strategies.rlkv.problems import VERIFIERS, RewardProblem
 
 TRAIN_SET = "train_set.jsonl"  # the chosen training set: a resumed run reads it back
 TRAIN_LOG = "train_log.jsonl"
@@ -53,7 +53,8 @@ def clear_work(work: Path) -> None:
         except FileNotFoundError:
             pass
         except OSError as err:
-            raise KvrlError(f"cannot remove {work / name} of an earlier run: {err.strerror or type(err).__name__}") from None
+            raise KvrlError(f"cannot remove {work / name} of an earlier run: "
+                            f"{err.strerror or type(err).__name__}") from None
 
 
 def append_log(work: Path, record: dict) -> None:
@@ -62,14 +63,15 @@ def append_log(work: Path, record: dict) -> None:
         handle.write(json.dumps(record) + "\n")
 
 
-def train_set_text(chosen: list[tuple[Problem, int | None]]) -> str:
+def train_set_text(chosen: list[tuple[RewardProblem, int | None]]) -> str:
     """The training set as JSON Lines: prompt, answer, source, verifier and the model's solution length
     (tokens; null without self-distillation)."""
     rows = []
     for problem, length in chosen:
         verify = getattr(problem.verify, "__name__", "")
         if VERIFIERS.get(verify) is not problem.verify:
-            raise KvrlError(f"training problem {problem.source!r}: its verifier {verify!r} cannot be saved for --resume")
+            raise KvrlError(f"training problem {problem.source!r}: its verifier {verify!r} cannot be saved for "
+                            "--resume")
         rows.append(json.dumps({"prompt": problem.prompt, "answer": problem.answer, "source": problem.source,
                                 "verify": verify, "solution_tokens": length}))
     return "".join(row + "\n" for row in rows)
@@ -83,7 +85,7 @@ def save_train_set(work: Path, text: str) -> None:
     write_atomic(work / TRAIN_SET, lambda path: path.write_text(text), overwrite=True)
 
 
-def load_train_set(work: Path, state: dict) -> tuple[list[Problem], str]:
+def load_train_set(work: Path, state: dict) -> tuple[list[RewardProblem], str]:
     """The training set the checkpointed run chose, read back from the work folder (checked by hash)."""
     path = work / TRAIN_SET
     if not path.is_file():
@@ -96,7 +98,7 @@ def load_train_set(work: Path, state: dict) -> tuple[list[Problem], str]:
         row = json.loads(line)
         if row["verify"] not in VERIFIERS:
             raise KvrlError(f"{path}: unknown verifier {row['verify']!r}")
-        train.append(Problem(row["prompt"], row["answer"], VERIFIERS[row["verify"]], row["source"]))
+        train.append(RewardProblem(row["prompt"], row["answer"], VERIFIERS[row["verify"]], row["source"]))
     return train, text
 
 
@@ -122,17 +124,21 @@ def load_checkpoint(work: Path, options: RLKVOptions) -> dict | None:
     try:
         state = torch.load(path, weights_only=False)
     except Exception as err:  # a truncated or overwritten file: torch raises several types
-        raise KvrlError(f"{path} is damaged and cannot be read ({type(err).__name__}); start afresh without --resume") from None
+        raise KvrlError(f"{path} is damaged and cannot be read ({type(err).__name__}); start afresh without "
+                        "--resume") from None
     required = ("gates", "optimizer", "step", "log", "options")
-    if not isinstance(state, dict) or any(key not in state for key in required) or not isinstance(state["options"], dict):
+    if (not isinstance(state, dict) or any(key not in state for key in required)
+            or not isinstance(state["options"], dict)):
         raise KvrlError(f"{path} is damaged (not an rlkv checkpoint); start afresh without --resume")
     if state["options"] != asdict(options):
         changed = sorted(k for k, v in asdict(options).items() if state["options"].get(k) != v)
-        raise KvrlError(f"{path} was made with other options ({', '.join(changed)}); resume with the same options or start afresh")
+        raise KvrlError(f"{path} was made with other options ({', '.join(changed)}); resume with the same options or "
+                        "start afresh")
     _, size = world()
     if not isinstance(state.get("rng"), list) or len(state["rng"]) != size or "train_set_sha256" not in state:
         made = len(state["rng"]) if isinstance(state.get("rng"), list) else "an older version"
-        raise KvrlError(f"{path} was made by {made} process(es) or an older version; resume with {size} or start afresh")
+        raise KvrlError(f"{path} was made by {made} process(es) or an older version; resume with {size} or start "
+                        "afresh")
     return state
 
 

@@ -51,7 +51,8 @@ def batch_advantages(rewards: torch.Tensor, lengths: torch.Tensor, eps: float = 
     return ((x - mean) / (math.sqrt(var) + eps)).float()
 
 
-def step_advantages(kind: str, rewards: torch.Tensor, lengths: torch.Tensor, group_size: int, reduce=None) -> torch.Tensor:
+def step_advantages(kind: str, rewards: torch.Tensor, lengths: torch.Tensor, group_size: int,
+                    reduce=None) -> torch.Tensor:
     """Advantages `(sequences,)` of one step's raw 0/1 `rewards (sequences,)`, rows in groups of `group_size`
     rollouts of one prompt, by `kind` (`ADVANTAGES`): `batch` weighs each sequence by its completion `lengths`
     and normalises over every process (`reduce`); `group` needs neither."""
@@ -89,11 +90,13 @@ def level_weight(rewards: torch.Tensor, level: str, beta: float, tau: float, ada
         if parts is None or tokens is None:
             raise ValueError("the micro-batch level needs the micro-batches and their tokens")
         total = float(tokens.sum()) or 1.0
-        return sum(penalty_weight(rewards[p].mean().item(), beta, tau, adaptive) * float(tokens[p].sum()) / total for p in parts)
+        return sum(penalty_weight(rewards[p].mean().item(), beta, tau, adaptive) * float(tokens[p].sum()) / total
+                   for p in parts)
     raise ValueError(f"reward level must be one of {', '.join(REWARD_LEVELS)}, got {level!r}")
 
 
-def clipped_surrogate(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, epsilon: float) -> torch.Tensor:
+def clipped_surrogate(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                      epsilon: float) -> torch.Tensor:
     """Sum over completion tokens of the clipped PPO surrogate (to be divided by the token count).
 
     `logp`, `old_logp`, `mask`: `(sequences, tokens)`; `advantages`: `(sequences,)`.

@@ -49,11 +49,10 @@ import torch
 from kvpress_rl.distributed import all_sum, is_main_process, world
 from kvpress_rl.errors import KvrlError
 from kvpress_rl.executor.gated import gated, new_gates
-from kvpress_rl.models import frozen, model_id
+from kvpress_rl.models import model_id
 from kvpress_rl.scores import HeadScores
 from kvpress_rl.selector import HeadSelector, SelectionContext
-from kvpress_rl.strategies.rlkv import presets
-from kvpress_rl.strategies.rlkv.backward import checkpointed_layers, completion_logprobs, pack_groups
+from kvpress_rl.strategies.rlkv import backward, presets
 from kvpress_rl.strategies.rlkv.checkpoints import (
     TrainingRun,
     append_log,
@@ -66,9 +65,9 @@ from kvpress_rl.strategies.rlkv.checkpoints import (
     text_hash,
     train_set_text,
 )
-from kvpress_rl.strategies.rlkv.grpo import ADVANTAGES, clipped_surrogate, level_weight, penalty_weight, step_advantages
+from kvpress_rl.strategies.rlkv.grpo import ADVANTAGES, step_advantages
 from kvpress_rl.strategies.rlkv.options import RLKVOptions, check_resolved
-from kvpress_rl.strategies.rlkv.problems import Problem, check_not_eval_data, load_problems, step_batch
+from kvpress_rl.strategies.rlkv.problems import RewardProblem, check_not_eval_data, load_problems, step_batch
 from kvpress_rl.strategies.rlkv.rollouts import chat_ids, rollouts, self_distill
 
 
@@ -76,7 +75,7 @@ class RLKV(HeadSelector):
     __doc__ = __doc__
     name = "rlkv"
     kind = "head"
-    version = "3"  # 3: real models default to the official batch advantage
+    version = "3"  # in every scores file's provenance: raised whenever the same options give other gates
     trains = True
     samples_rollouts = True
     description = "RLKV: gates learned with RL on the model's own reasoning rewards"
@@ -124,14 +123,16 @@ class RLKV(HeadSelector):
         torch.manual_seed(context.seed + rank)  # rollout sampling: different on every process
         # a resume checks the checkpoint's options before anything costly, and reads the training set back
         state = load_checkpoint(run.work, o) if context.resume and run.work else None
-        engine = context.rollout_engine(sink=o.sink, window=o.window, mask=o.train_mask, block_size=o.block_size) if context.rollout_engine else None
+        engine = context.rollout_engine(sink=o.sink, window=o.window, mask=o.train_mask,
+                                        block_size=o.block_size) if context.rollout_engine else None
         try:
             return self._train(model, tokenizer, context, run, rng, state, engine)
         finally:
             if engine is not None:
                 engine.close()
 
-    def _train(self, model, tokenizer, context: SelectionContext, run: TrainingRun, rng: random.Random, state, engine) -> HeadScores:
+    def _train(self, model, tokenizer, context: SelectionContext, run: TrainingRun, rng: random.Random, state,
+               engine) -> HeadScores:
         o = self.options
         if state is not None:
             train, text = load_train_set(run.work, state)
@@ -169,8 +170,10 @@ class RLKV(HeadSelector):
         return self.scores(gates.detach().clone(), model_id(model), context, run.elapsed(),
                            train_sink=o.sink, train_window=o.window, solved_fraction=run.solved_fraction,
                            train_set=len(train), model_family=self.family, resolved_from=dict(self.sources),
-                           reward_curve={"first": rewards[:3], "last": rewards[-3:], "mean": sum(rewards) / len(rewards)},
-                           rollout_engine="transformers" if engine is None else getattr(engine, "name", type(engine).__name__),
+                           reward_curve={"first": rewards[:3], "last": rewards[-3:],
+                                         "mean": sum(rewards) / len(rewards)},
+                           rollout_engine="transformers" if engine is None
+                           else getattr(engine, "name", type(engine).__name__),
                            mean_alpha_curve=[r["mean_alpha"] for r in run.log])
 
     def policy_backward(self, model, gates: torch.Tensor, sequences: torch.Tensor, mask: torch.Tensor, offset: int,
@@ -186,83 +189,35 @@ class RLKV(HeadSelector):
         by the completion tokens of the whole step on *every* process (all-reduced), and the gate gradients
         are summed over processes, so the gradient is that of one process running the union of the batches.
 
-        Returns `tokens` (completion tokens of every process), `micro_batches`, `forward_tokens` (padded tokens through the
+        Returns `tokens` (completion tokens of every process), `micro_batches`, `forward_tokens` (padded tokens through
+        the
         model), `beta_prime` (the L1 weight applied) and `mean_reward` (r_bar of the whole batch).
         """
         if any(getattr(self.options, name) is None for name in presets.OFFICIAL):
             self.resolve(model)
-        o = self.options
-        copies = group_size or o.group_size
-        checkpointing = bool(o.gradient_checkpointing)
-        shared = not checkpointing  # a checkpointed layer cannot write the prompt cache (see checkpointed_layers)
-        comp_mask = mask[:, offset:].float()
-        lengths = comp_mask.sum(1)
-        local_tokens = lengths.sum().item()
-        tokens = max(all_sum(torch.tensor([local_tokens], dtype=torch.float64)).item(), 1.0)  # the global loss weight
-        prompt_len = mask[::copies, :offset].sum(1).tolist()
-        completion_len = lengths.reshape(-1, copies).max(1).values.long().tolist()
-        parts = pack_groups([int(p) for p in prompt_len], completion_len, copies, o.micro_batch_tokens, shared)
-        rows = [slice(p.start * copies, p.stop * copies) for p in parts]
-        advantages = advantages.flatten().to(sequences.device)
-        forward_tokens = 0
-        with (frozen(model), gated(model, gates, sink=sink, window=window, mask=o.train_mask, block_size=o.block_size),
-              checkpointed_layers(model, checkpointing)):
-            for part in parts:
-                # a group whose advantages are all 0 adds exactly nothing to the surrogate or its gradient: it is not run
-                live = [g for g in part if advantages[g * copies:(g + 1) * copies].any()]
-                if not live:
-                    continue
-                row = torch.tensor([g * copies + j for g in live for j in range(copies)])
-                prompt = max(prompt_len[g] for g in live)
-                width = max(completion_len[g] for g in live)
-                seq = sequences[row, offset - prompt:offset + width]
-                seq_mask = mask[row, offset - prompt:offset + width]
-                forward_tokens += seq.numel() if not shared else seq.shape[0] // copies * prompt + seq.shape[0] * width
-                logp = completion_logprobs(model, seq, seq_mask, prompt, copies, shared)
-                # one update per batch: the sampling policy is the current one, so old = new (detached)
-                surrogate = clipped_surrogate(logp, logp.detach(), advantages[row.to(advantages.device)],
-                                              comp_mask[row, :width].to(logp.device), o.epsilon)
-                (-surrogate / tokens).backward()
-        rewards = rewards.flatten().float()
-        # r_bar of the whole batch, on every process: summed rewards over summed counts
-        reward_sum, count = all_sum(torch.tensor([rewards.sum().item(), rewards.numel()], dtype=torch.float64)).tolist()
-        mean_reward = reward_sum / max(count, 1.0)
-        if o.reward_level == "batch":
-            beta_prime = penalty_weight(mean_reward, o.beta, o.tau, o.adaptive_penalty)
-        else:  # this process's weighted sum (per group, or per micro-batch token), over the total of every process
-            local = level_weight(rewards, o.reward_level, o.beta, o.tau, o.adaptive_penalty, group_size=copies,
-                                 parts=rows, tokens=lengths.cpu())
-            weight = rewards.numel() / copies if o.reward_level == "group" else local_tokens
-            total, weights = all_sum(torch.tensor([local * weight, weight], dtype=torch.float64)).tolist()
-            beta_prime = total / weights if weights else 0.0
-        _, size = world()
-        if size > 1:  # sum the gate gradients (each already over the global token count): the same step everywhere
-            if gates.grad is None:
-                gates.grad = torch.zeros_like(gates)
-            all_sum(gates.grad)
-        # The L1 term goes in after the sum, on every process alike: the summed gradients are identical on
-        # every process, so adding the same term to each counts it exactly once per step.
-        if beta_prime:
-            (beta_prime * gates.clamp(0.0, 1.0).mean()).backward()
-        return {"tokens": int(tokens), "micro_batches": len(parts), "forward_tokens": int(forward_tokens),
-                "beta_prime": beta_prime, "mean_reward": mean_reward, "reward_level": o.reward_level}
+        return backward.policy_backward(model, gates, sequences, mask, offset, advantages, rewards, sink, window,
+                                        options=self.options, copies=group_size or self.options.group_size)
 
-    def _step(self, model, tokenizer, gates, optimizer, problems: list[Problem], engine=None) -> dict:
+    def _step(self, model, tokenizer, gates, optimizer, problems: list[RewardProblem], engine=None) -> dict:
         o = self.options
         began = time.perf_counter()
         rank, size = world()
-        problems = problems[rank::size]  # data parallel: each process samples its share (`check_resolved`: an equal one)
+        # data parallel: each process samples its share (`check_resolved`: an equal one)
+        problems = problems[rank::size]
         prompts = [chat_ids(tokenizer, p.prompt) for p in problems]
         if engine is not None:  # the engine samples from the gated model under the gates it is sent
-            sequences, mask, offset = rollouts(model, tokenizer, prompts, o, sample=True, copies=o.group_size, engine=engine, gates=gates.detach())
+            sequences, mask, offset = rollouts(model, tokenizer, prompts, o, sample=True, copies=o.group_size,
+                                               engine=engine, gates=gates.detach())
         else:
             with gated(model, gates, sink=o.sink, window=o.window, mask=o.train_mask, block_size=o.block_size):
-                sequences, mask, offset = rollouts(model, tokenizer, prompts, o, sample=True, copies=o.group_size)  # from the gated model
+                # from the gated model
+                sequences, mask, offset = rollouts(model, tokenizer, prompts, o, sample=True, copies=o.group_size)
         generated = time.perf_counter()
         completions = sequences[:, offset:]
         comp_mask = mask[:, offset:]
         texts = [tokenizer.decode(row[m.bool()], skip_special_tokens=True) for row, m in zip(completions, comp_mask)]
-        rewards = torch.tensor([float(p.verify(t, p.answer)) for p, t in zip((p for p in problems for _ in range(o.group_size)), texts)])
+        rollout_problems = (p for p in problems for _ in range(o.group_size))
+        rewards = torch.tensor([float(p.verify(t, p.answer)) for p, t in zip(rollout_problems, texts)])
         # over the whole step (every process), before the backward splits it into micro-batches
         advantages = step_advantages(o.advantage, rewards, comp_mask.sum(1).cpu(), o.group_size, reduce=all_sum)
         optimizer.zero_grad()
@@ -276,8 +231,10 @@ class RLKV(HeadSelector):
             # gradient any more: it would stay there and keep its head for good.
             gates.clamp_(0.0, 1.0)
         alpha = gates.detach()
-        return {"mean_reward": stats["mean_reward"], "mean_alpha": alpha.mean().item(), "beta_prime": stats["beta_prime"],
+        return {"mean_reward": stats["mean_reward"], "mean_alpha": alpha.mean().item(),
+                "beta_prime": stats["beta_prime"],
                 "reward_level": stats["reward_level"], "grad_norm": grad_norm,
-                "gates_below_0.05": (alpha < 0.05).float().mean().item(), "gates_above_0.95": (alpha > 0.95).float().mean().item(),
+                "gates_below_0.05": (alpha < 0.05).float().mean().item(),
+                "gates_above_0.95": (alpha > 0.95).float().mean().item(),
                 "completion_tokens": stats["tokens"], "micro_batches": stats["micro_batches"],
                 "rollout_seconds": generated - began, "seconds": time.perf_counter() - began}

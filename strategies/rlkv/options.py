@@ -11,47 +11,75 @@ from dataclasses import dataclass, field
 
 from kvpress_rl.errors import KvrlError
 from kvpress_rl.executor.gated import MASKS
+from kvpress_rl.policies import SINK_TOKENS, WINDOW_TOKENS
 from kvpress_rl.strategies.rlkv.grpo import ADVANTAGES, REWARD_LEVELS
+from kvpress_rl.strategies.rlkv.presets import OFFICIAL_SINK, OFFICIAL_WINDOW
 
 
 @dataclass
 class RLKVOptions:
-    data: str = field(default="embedded", metadata={"help": "training problems: embedded, embedded-mixed (4 to 10 hops), embedded-count (the counted task, 5 to 9 steps), gsm8k (train split), math500 (with --data-dir) or a .jsonl file (the paper: DeepScaleR)"})
-    allow_eval_data: bool = field(default=False, metadata={"help": "allow training on a split an evaluation task scores (math500: math500_r1's test split)"})
-    steps: int | None = field(default=None, metadata={"help": "RL steps (default: the official 186 = 2 epochs of 3,000 / 32; 40 on the embedded model)"})
-    prompts_per_step: int | None = field(default=None, metadata={"help": "prompts per step (default: the paper's 32; 6 on the embedded model)"})
+    data: str = field(default="embedded", metadata={"help": (
+        "training problems: embedded, embedded-mixed (4 to 10 hops), embedded-count (the counted task, 5 to 9 steps), "
+        "gsm8k (train split), math500 (with --data-dir) or a .jsonl file (the paper: DeepScaleR)")})
+    allow_eval_data: bool = field(default=False, metadata={"help": (
+        "allow training on a split an evaluation task scores (math500: math500_r1's test split)")})
+    steps: int | None = field(default=None, metadata={"help": (
+        "RL steps (default: the official 186 = 2 epochs of 3,000 / 32; 40 on the embedded model)")})
+    prompts_per_step: int | None = field(default=None, metadata={"help": (
+        "prompts per step (default: the paper's 32; 6 on the embedded model)")})
     group_size: int = field(default=4, metadata={"help": "samples per prompt, G"})
-    temperature: float | None = field(default=None, metadata={"help": "sampling temperature of rollouts (default 1.0; 0.6 on Qwen3, the official Qwen3 setting)"})
-    max_new_tokens: int | None = field(default=None, metadata={"help": "tokens per rollout (default: the paper's 7,168; 64 on the embedded model, 80 with --data embedded-count)"})
-    lr: float | None = field(default=None, metadata={"help": "AdamW learning rate on the gates (default: the paper's 0.01; 0.1 on the embedded model)"})
+    temperature: float | None = field(default=None, metadata={"help": (
+        "sampling temperature of rollouts (default 1.0; 0.6 on Qwen3, the official Qwen3 setting)")})
+    max_new_tokens: int | None = field(default=None, metadata={"help": (
+        "tokens per rollout (default: the paper's 7,168; 64 on the embedded model, 80 with --data embedded-count)")})
+    lr: float | None = field(default=None, metadata={"help": (
+        "AdamW learning rate on the gates (default: the paper's 0.01; 0.1 on the embedded model)")})
     weight_decay: float = field(default=0.017, metadata={"help": "AdamW weight decay"})
     grad_clip: float = field(default=1.0, metadata={"help": "gradient-norm clip"})
     epsilon: float = field(default=0.4, metadata={"help": "PPO clip range"})
-    beta: float | None = field(default=None, metadata={"help": "L1 weight (default: the paper's 1e-3, 2.5e-3 on Qwen3; 1e-2 on the embedded model)"})
-    tau: float | None = field(default=None, metadata={"help": "mean reward above which the L1 penalty is on (default: 0.55 on Qwen2.5, 0.5 otherwise)"})
-    adaptive_penalty: bool = field(default=True, metadata={"help": "beta' = beta * (exp(r_bar) - 1) above tau (off: constant beta)"})
+    beta: float | None = field(default=None, metadata={"help": (
+        "L1 weight (default: the paper's 1e-3, 2.5e-3 on Qwen3; 1e-2 on the embedded model)")})
+    tau: float | None = field(default=None, metadata={"help": (
+        "mean reward above which the L1 penalty is on (default: 0.55 on Qwen2.5, 0.5 otherwise)")})
+    adaptive_penalty: bool = field(default=True, metadata={"help": (
+        "beta' = beta * (exp(r_bar) - 1) above tau (off: constant beta)")})
     reward_level: str | None = field(default=None, metadata={"help": (
         "where r_bar of the adaptive L1 weight is taken: batch (the whole step, all processes), group (mean of "
         "per-group weights) or micro-batch (per backward micro-batch, token-weighted). Default batch: the official "
         "engine adds the penalty per micro-batch with mb_input['rewards'], but its micro-batch split leaves the "
         "[batch]-shaped rewards tensor whole, so every micro-batch sees the whole batch's rewards")})
     advantage: str | None = field(default=None, metadata={"help": (
-        "how rewards become advantages: batch (the official training, AReaL's adv_norm: (r - 0.5) * 10, z-scored over the "
-        "step's completion tokens of every process, unbiased std, eps 1e-5; a group whose samples agree still gets the "
-        "batch's signal) or group (the paper's text: z-score within each prompt's group). Default batch; group on the "
-        "embedded model, whose values were tuned with it")})
-    self_distillation: bool = field(default=True, metadata={"help": "train on problems the model solves at full cache, stratified by length"})
-    pool_size: int | None = field(default=None, metadata={"help": "problems in the self-distillation pool (default: the paper's DeepScaleR pool, up to 40,315; 64 on the embedded model)"})
-    train_set_size: int | None = field(default=None, metadata={"help": "distinct training problems chosen once and iterated in epochs (default: the paper's 3,000; the whole pool on the embedded model)"})
-    length_bins: tuple[int, ...] = field(default=(0, 2000, 4000, 6000, 8000), metadata={"help": "solution-length bin edges in tokens"})
-    bin_proportions: tuple[float, ...] = field(default=(600.0, 600.0, 1000.0, 800.0), metadata={"help": "share of the training set per bin (paper: 600/600/1000/800)"})
-    sink: int | None = field(default=None, metadata={"help": "streaming sink in training (default: the paper's 128; 16 on the embedded model)"})
-    window: int | None = field(default=None, metadata={"help": "streaming window in training (default: the paper's 256; 64 on the embedded model)"})
-    train_mask: str | None = field(default=None, metadata={"help": "streaming mask in training: block (the official block-sparse kernel; default) or token (exact sink + window; the embedded model's default)"})
+        "how rewards become advantages: batch (the official training, AReaL's adv_norm: (r - 0.5) * 10, z-scored over "
+        "the step's completion tokens of every process, unbiased std, eps 1e-5; a group whose samples agree still gets "
+        "the batch's signal) or group (the paper's text: z-score within each prompt's group). Default batch; group on "
+        "the embedded model, whose values were tuned with it")})
+    self_distillation: bool = field(default=True, metadata={"help": (
+        "train on problems the model solves at full cache, stratified by length")})
+    pool_size: int | None = field(default=None, metadata={"help": (
+        "problems in the self-distillation pool (default: the paper's DeepScaleR pool, up to 40,315; 64 on the "
+        "embedded model)")})
+    train_set_size: int | None = field(default=None, metadata={"help": (
+        "distinct training problems chosen once and iterated in epochs (default: the paper's 3,000; the whole pool on "
+        "the embedded model)")})
+    length_bins: tuple[int, ...] = field(default=(0, 2000, 4000, 6000, 8000), metadata={"help": (
+        "solution-length bin edges in tokens")})
+    bin_proportions: tuple[float, ...] = field(default=(600.0, 600.0, 1000.0, 800.0), metadata={"help": (
+        "share of the training set per bin (paper: 600/600/1000/800)")})
+    sink: int | None = field(default=None, metadata={"help": (
+        f"streaming sink in training (default: the paper's {OFFICIAL_SINK}; {SINK_TOKENS} on the embedded model)")})
+    window: int | None = field(default=None, metadata={"help": (
+        f"streaming window in training (default: the paper's {OFFICIAL_WINDOW}; {WINDOW_TOKENS} on the embedded "
+        "model)")})
+    train_mask: str | None = field(default=None, metadata={"help": (
+        "streaming mask in training: block (the official block-sparse kernel; default) or token (exact sink + window; "
+        "the embedded model's default)")})
     block_size: int = field(default=128, metadata={"help": "block of the block mask, in tokens (official: 128)"})
-    micro_batch_tokens: int = field(default=7680, metadata={"help": "tokens per backward micro-batch, whole groups (official: 7,680); memory only"})
-    rollout_batch: int | None = field(default=None, metadata={"help": "prompts per generate call (default 8; the whole step on the embedded model); memory only"})
-    gradient_checkpointing: bool | None = field(default=None, metadata={"help": "activation checkpointing in the backward (default on; off on the embedded model); memory only"})
+    micro_batch_tokens: int = field(default=7680, metadata={"help": (
+        "tokens per backward micro-batch, whole groups (official: 7,680); memory only")})
+    rollout_batch: int | None = field(default=None, metadata={"help": (
+        "prompts per generate call (default 8; the whole step on the embedded model); memory only")})
+    gradient_checkpointing: bool | None = field(default=None, metadata={"help": (
+        "activation checkpointing in the backward (default on; off on the embedded model); memory only")})
     checkpoint_every: int = field(default=4, metadata={"help": "steps between checkpoints"})
 
     def __post_init__(self) -> None:
@@ -74,7 +102,8 @@ class RLKVOptions:
             ("block-size", self.block_size, lambda v: v >= 1, ">= 1"),
         )
         for flag, value, accepted, text in ranges:
-            if value is not None and not (isinstance(value, (int, float)) and not isinstance(value, bool) and accepted(value)):
+            if value is not None and not (isinstance(value, (int, float)) and not isinstance(value, bool)
+                                          and accepted(value)):
                 raise KvrlError(f"--{flag} must be {text}, got {value!r}")
 
 

@@ -2,8 +2,9 @@
 
 `resolve_values(model, options)` fills every option left at None from, in order: the RLKV defaults of
 the model's profile (`kvpress_rl.profiles.profile_of(model).defaults_for("rlkv")`: the embedded model's
-are `EMBEDDED_RLKV`, sized for its task and a CPU), or the per-family values of the paper (chosen from `config.model_type`) over the official training's common
-values. It also says where each value came from, for the printed table and provenance.
+are `EMBEDDED_RLKV`, sized for its task and a CPU), or the per-family values of the paper (chosen from
+`config.model_type`) over the official training's common values. It also says where each value came from,
+for the printed table and provenance.
 """
 
 from __future__ import annotations
@@ -19,10 +20,13 @@ from kvpress_rl.strategies.rlkv.problems import EMBEDDED_ROLLOUT_TOKENS
 # examples/rlkv/*_grpo.yaml (reward_bias -0.5, reward_scaling 10, adv_norm batch/batch; see
 # RLKVOptions.advantage), a DeepScaleR pool of 40,315 problems, activation checkpointing, rollouts
 # generated 8 prompts (x G) at a time.
+OFFICIAL_SINK = 128  # the block-sparse streaming window of the official training: sink tokens
+OFFICIAL_WINDOW = 256  # and recent tokens
 OFFICIAL: dict[str, Any] = {
     "steps": 186, "prompts_per_step": 32, "max_new_tokens": 7168, "lr": 0.01, "beta": 1e-3, "tau": 0.5,
-    "temperature": 1.0, "sink": 128, "window": 256, "train_mask": "block", "reward_level": "batch",
-    "advantage": "batch", "pool_size": 40315, "train_set_size": 3000, "gradient_checkpointing": True, "rollout_batch": 8,
+    "temperature": 1.0, "sink": OFFICIAL_SINK, "window": OFFICIAL_WINDOW, "train_mask": "block",
+    "reward_level": "batch", "advantage": "batch", "pool_size": 40315, "train_set_size": 3000,
+    "gradient_checkpointing": True, "rollout_batch": 8,
 }
 
 # Per model family (config.model_type), from the paper's hyperparameter table; Qwen3's temperature is

@@ -15,7 +15,7 @@ from kvpress_rl.errors import KvrlError
 
 
 @dataclass(frozen=True)
-class Problem:
+class RewardProblem:
     prompt: str
     answer: str
     verify: Callable[[str, str], bool]
@@ -35,23 +35,23 @@ def verify_math(text: str, answer: str) -> bool:
 
 # Every embedded training set draws from training stream 1 + seed (`training_seed`): streams start above every
 # evaluation split's seeds, whatever the seed, and stream 0 is the adapter's own.
-def embedded_problems(count: int, seed: int) -> list[Problem]:
+def embedded_problems(count: int, seed: int) -> list[RewardProblem]:
     drawn = (make_problem(training_seed(i, 1 + seed)) for i in range(count))
-    return [Problem(p.prompt(), p.answer, verify_embedded, f"embedded:{p.seed}") for p in drawn]
+    return [RewardProblem(p.prompt(), p.answer, verify_embedded, f"embedded:{p.seed}") for p in drawn]
 
 
-def embedded_mixed_problems(count: int, seed: int) -> list[Problem]:
+def embedded_mixed_problems(count: int, seed: int) -> list[RewardProblem]:
     """The embedded task at the difficulties the embedded model was trained on (4 to 10 hops, 20 to
     40 links), so its solutions vary in length and self-distillation has lengths to stratify."""
     drawn = (mixed_problem(i, 1 + seed) for i in range(count))  # streams 1, 2, ...: disjoint from the adapter's own (0)
-    return [Problem(p.prompt(), p.answer, verify_embedded, f"embedded-mixed:{p.seed}") for p in drawn]
+    return [RewardProblem(p.prompt(), p.answer, verify_embedded, f"embedded-mixed:{p.seed}") for p in drawn]
 
 
-def embedded_counted_problems(count: int, seed: int) -> list[Problem]:
+def embedded_counted_problems(count: int, seed: int) -> list[RewardProblem]:
     """The embedded counted task at 5 to 9 steps (`COUNTED_SELECT`), from training streams 1, 2, ...: the
     adapter learned on stream 0, and the test split spans 5 to 16 steps, lengths the heads are not chosen on."""
     drawn = (counted_problem(training_seed(i, 1 + seed), COUNTED_SELECT) for i in range(count))
-    return [Problem(p.prompt(), p.answer, verify_embedded, f"embedded-count:{p.seed}") for p in drawn]
+    return [RewardProblem(p.prompt(), p.answer, verify_embedded, f"embedded-count:{p.seed}") for p in drawn]
 
 
 # Rollout lengths of the embedded data sets: the profile's 64 tokens fit the links chains (51 tokens); the
@@ -62,7 +62,7 @@ EMBEDDED_ROLLOUT_TOKENS = {"embedded-count": 80}
 R1_SUFFIX = "\nPlease reason step by step, and put your final answer within \\boxed{}."
 
 
-def jsonl_problems(path: Path, count: int) -> list[Problem]:
+def jsonl_problems(path: Path, count: int) -> list[RewardProblem]:
     """A JSON Lines file with `question` (or `problem`) and `answer` fields; GSM8K's `#### n` is understood."""
     if not path.is_file():
         raise KvrlError(f"training data not found: {path}")
@@ -76,10 +76,11 @@ def jsonl_problems(path: Path, count: int) -> list[Problem]:
                 question = row.get("question") or row["problem"]
                 answer = str(row["answer"])
             except (json.JSONDecodeError, KeyError, AttributeError):
-                raise KvrlError(f"{path}:{line_no}: expected a JSON object with 'question' (or 'problem') and 'answer'") from None
+                raise KvrlError(f"{path}:{line_no}: expected a JSON object with 'question' (or 'problem') and "
+                                "'answer'") from None
             if "####" in answer:
                 answer = gsm8k_gold(answer)
-            rows.append(Problem(question + R1_SUFFIX, answer, verify_math, f"{path.name}:{line_no}"))
+            rows.append(RewardProblem(question + R1_SUFFIX, answer, verify_math, f"{path.name}:{line_no}"))
             if len(rows) == count:
                 break
     return rows
@@ -134,11 +135,11 @@ def bin_quotas(available: list[int], weights: list[float], total: int) -> list[i
     return quotas
 
 
-def training_set(solved: list[tuple[Problem, int]], size: int, edges: tuple[int, ...], proportions: tuple[float, ...],
-                 rng: random.Random) -> list[Problem]:
+def training_set(solved: list[tuple[RewardProblem, int]], size: int, edges: tuple[int, ...],
+                 proportions: tuple[float, ...], rng: random.Random) -> list[RewardProblem]:
     """The fixed set of distinct training problems, chosen once from `(problem, solution length)` pairs:
     stratified by length bins (`edges`; longer solutions count in the last bin) with `bin_quotas`."""
-    bins: list[list[Problem]] = [[] for _ in range(len(edges) - 1)]
+    bins: list[list[RewardProblem]] = [[] for _ in range(len(edges) - 1)]
     for problem, length in solved:
         index = next((i for i in range(len(edges) - 1) if edges[i] <= length < edges[i + 1]), len(edges) - 2)
         bins[index].append(problem)
@@ -161,8 +162,9 @@ def step_batch(size: int, batch: int, step: int, seed: int) -> list[int]:
     return order[index * batch:(index + 1) * batch]
 
 
-def load_problems(data: str, count: int, seed: int, data_dir: str | None) -> list[Problem]:
-    """`embedded`, `embedded-mixed`, `embedded-count`, a named set under `data_dir` (gsm8k, math500), or a JSON Lines path."""
+def load_problems(data: str, count: int, seed: int, data_dir: str | None) -> list[RewardProblem]:
+    """`embedded`, `embedded-mixed`, `embedded-count`, a named set under `data_dir` (gsm8k, math500), or a JSON Lines
+    path."""
     if data == "embedded":
         return embedded_problems(count, seed)
     if data == "embedded-mixed":
@@ -175,4 +177,5 @@ def load_problems(data: str, count: int, seed: int, data_dir: str | None) -> lis
         return jsonl_problems(Path(data_dir) / NAMED_SETS[data], count)
     if re.search(r"\.jsonl?$", data):
         return jsonl_problems(Path(data), count)
-    raise KvrlError(f"unknown training data {data!r}; accepted: embedded, embedded-mixed, embedded-count, {', '.join(NAMED_SETS)}, or a .jsonl file")
+    raise KvrlError(f"unknown training data {data!r}; accepted: embedded, embedded-mixed, embedded-count, "
+                    f"{', '.join(NAMED_SETS)}, or a .jsonl file")

@@ -19,14 +19,15 @@ from kvpress_rl.executor.gated import new_gates
 from kvpress_rl.models import cache_kwargs
 from kvpress_rl.strategies.rlkv.backward import join_rollouts
 from kvpress_rl.strategies.rlkv.options import RLKVOptions
-from kvpress_rl.strategies.rlkv.problems import Problem, training_set
+from kvpress_rl.strategies.rlkv.problems import RewardProblem, training_set
 
 
 def chat_ids(tokenizer, prompt: str) -> list[int]:
     """The prompt's token ids as a user turn of the tokenizer's chat template (plain ids without one)."""
     if getattr(tokenizer, "chat_template", None):
         messages = [{"role": "user", "content": prompt}]
-        return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
+        return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                  return_dict=True)["input_ids"])
     return tokenizer(prompt)["input_ids"]
 
 
@@ -48,8 +49,8 @@ def shared_prefill(model, ids: torch.Tensor, mask: torch.Tensor, copies: int):
     """The KV cache of `ids[:, :-1]`, each row repeated `copies` times (`generate` then feeds the last token)."""
     cache = DynamicCache(config=model.config)
     position = (mask.cumsum(-1) - 1).clamp_min(0)
-    model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=position[:, :-1], **cache_kwargs(model, cache), use_cache=True,
-          logits_to_keep=1)
+    model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=position[:, :-1],
+          **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1)
     cache.batch_repeat_interleave(copies)
     return cache
 
@@ -70,7 +71,8 @@ def generate(model, tokenizer, prompts: list[list[int]], options: RLKVOptions, s
         if copies > 1:
             cache = shared_prefill(model, ids, mask, copies)
             ids, mask = ids.repeat_interleave(copies, dim=0), mask.repeat_interleave(copies, dim=0)
-        completions = decode(model, ids, mask, cache, options.max_new_tokens, temperature, end_ids(tokenizer), tokenizer.pad_token_id)
+        completions = decode(model, ids, mask, cache, options.max_new_tokens, temperature, end_ids(tokenizer),
+                             tokenizer.pad_token_id)
     full_mask = torch.cat([mask, completion_mask(completions, end_ids(tokenizer))], dim=1)
     return torch.cat([ids, completions], dim=1), full_mask, ids.shape[1]
 
@@ -96,8 +98,8 @@ def decode(model, ids: torch.Tensor, mask: torch.Tensor, cache, max_new_tokens: 
     done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
     tokens = []
     for _ in range(max_new_tokens):
-        logits = model(input_ids=feed, attention_mask=mask, position_ids=at, **cache_kwargs(model, cache), use_cache=True,
-                       logits_to_keep=1).logits[:, -1].float()
+        logits = model(input_ids=feed, attention_mask=mask, position_ids=at, **cache_kwargs(model, cache),
+                       use_cache=True, logits_to_keep=1).logits[:, -1].float()
         token = logits.argmax(-1) if temperature is None else sample_tokens(logits / temperature)
         token = torch.where(done, torch.full_like(token, pad_id), token)
         tokens.append(token)
@@ -117,21 +119,24 @@ def sample_tokens(logits: torch.Tensor) -> torch.Tensor:
 
 
 def rollouts(model, tokenizer, prompts: list[list[int]], options: RLKVOptions, sample: bool,
-             copies: int = 1, *, engine=None, gates: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
+             copies: int = 1, *, engine=None,
+             gates: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
     """`generate` over `options.rollout_batch` prompts at a time (None: all at once), joined into one
     left/right-padded batch. With an `engine` (`SelectionContext.rollout_engine`), the engine samples them all
     from the gated model under `gates` and `model` is not used."""
     if engine is not None:
         temperature = (1.0 if options.temperature is None else options.temperature) if sample else None
-        return engine.generate(gates, prompts, copies=copies, temperature=temperature, max_new_tokens=options.max_new_tokens,
-                               stop_ids=end_ids(tokenizer), pad_id=tokenizer.pad_token_id)
+        return engine.generate(gates, prompts, copies=copies, temperature=temperature,
+                               max_new_tokens=options.max_new_tokens, stop_ids=end_ids(tokenizer),
+                               pad_id=tokenizer.pad_token_id)
     batch = options.rollout_batch or len(prompts)
-    parts = [generate(model, tokenizer, prompts[i:i + batch], options, sample, copies) for i in range(0, len(prompts), batch)]
+    parts = [generate(model, tokenizer, prompts[i:i + batch], options, sample, copies)
+             for i in range(0, len(prompts), batch)]
     return join_rollouts(parts, tokenizer.pad_token_id)
 
 
-def self_distill(model, tokenizer, pool: list[Problem], options: RLKVOptions,
-                 rng: random.Random, engine=None) -> tuple[list[tuple[Problem, int]], float]:
+def self_distill(model, tokenizer, pool: list[RewardProblem], options: RLKVOptions,
+                 rng: random.Random, engine=None) -> tuple[list[tuple[RewardProblem, int]], float]:
     """The fixed training set: distinct problems the model solves greedily with the full cache, chosen once
     stratified by the length of its solution (`training_set`), as `(problem, solution tokens)` pairs; and
     the fraction of the pool solved. Under data parallelism each process decodes its share of the pool.
@@ -145,7 +150,8 @@ def self_distill(model, tokenizer, pool: list[Problem], options: RLKVOptions,
         chunk = indices[start:start + chunk_size]
         prompts = [chat_ids(tokenizer, pool[i].prompt) for i in chunk]
         if engine is not None:
-            out, mask, offset = rollouts(model, tokenizer, prompts, o, sample=False, engine=engine, gates=new_gates(model, 1.0).detach())
+            out, mask, offset = rollouts(model, tokenizer, prompts, o, sample=False, engine=engine,
+                                         gates=new_gates(model, 1.0).detach())
         else:
             out, mask, offset = generate(model, tokenizer, prompts, o, sample=False)
         for index, row, row_mask in zip(chunk, out[:, offset:], mask[:, offset:]):

@@ -26,6 +26,9 @@ def test_a_wrong_attention_fails_the_check(monkeypatch, capsys):
     import kvpress_rl.engines.vllm.kept_attention as kept
 
     real = kept.decode_over_kept
-    monkeypatch.setattr(kept, "decode_over_kept", lambda rows, index, query, valid, scale, group: real(rows, index, query, valid, 2 * scale, group))
+    def wrong(keys, values, query, valid, scale, group):
+        return real(keys, values, query, valid, 2 * scale, group)
+
+    monkeypatch.setattr(kept, "decode_over_kept", wrong)
     with pytest.raises(SystemExit, match="off the reference"):
         run(monkeypatch, capsys, "--smoke", "--device", "cpu", "--dtype", "float32")

@@ -28,13 +28,14 @@ def test_a_head_plan_is_evaluated_on_the_validation_split(cli, tmp_path):
     split = ("embedded", "evaluate", "--split", "validation", "--limit", "4", "--batch-size", "4")
     full, full_line = accuracy_line(cli(*split))
     none, none_line = accuracy_line(cli(*split, "--heads", "heads.safetensors", "--sparsity", "1"))
-    assert "(4/4) on embedded validation, full cache" in full_line or "(3/4) on embedded validation, full cache" in full_line
+    assert any(f"({right}/4) on embedded validation, full cache" in full_line for right in (4, 3))
     assert "on embedded validation, heads.safetensors at sparsity 1" in none_line
     assert none < full  # every head compressed to 16 + 64 tokens breaks the look-ups
 
 
 def test_the_counted_task_is_reported_by_length(cli):
-    result = cli("embedded", "evaluate", "--task", "embedded_count", "--split", "validation", "--limit", "6", "--batch-size", "6")
+    result = cli("embedded", "evaluate", "--task", "embedded_count", "--split", "validation", "--limit", "6",
+                 "--batch-size", "6")
     right, line = accuracy_line(result)
     assert "on embedded_count validation, full cache" in line and right >= 5
     by_steps = next(line for line in result.output.splitlines() if line.startswith("by steps: "))
@@ -49,7 +50,8 @@ def test_heads_and_sparsity_go_together(cli, tmp_path):
 
 
 def test_the_full_cache_is_evaluated_in_bfloat16_as_selection_runs(cli):
-    right, line = accuracy_line(cli("embedded", "evaluate", "--split", "validation", "--limit", "4", "--batch-size", "4", "--dtype", "bfloat16"))
+    right, line = accuracy_line(cli("embedded", "evaluate", "--split", "validation", "--limit", "4",
+                                    "--batch-size", "4", "--dtype", "bfloat16"))
     assert "on embedded validation, full cache, bfloat16, greedy" in line and right >= 3
     refused = cli("embedded", "evaluate", "--limit", "2", "--dtype", "float8")
     assert refused.exit_code == 2 and "float32" in refused.output and "bfloat16" in refused.output

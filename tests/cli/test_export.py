@@ -45,7 +45,8 @@ def test_published_pattern_exports(export, head_patterns, tmp_path):
     # the folder is an input like any other: exported again, with another memory table
     again = export("qwen7b-rlkv", "--output", "again", "--seq-len", "1000", "--head-dim", "64")
     assert again.exit_code == 0, again.output
-    assert HeadScores.load(tmp_path / "again").model_id == QWEN and "one sequence of 1000 tokens" in (tmp_path / "again" / "README.md").read_text()
+    assert HeadScores.load(tmp_path / "again").model_id == QWEN
+    assert "one sequence of 1000 tokens" in (tmp_path / "again" / "README.md").read_text()
 
 
 @pytest.mark.parametrize("args, message", [
@@ -55,11 +56,12 @@ def test_published_pattern_exports(export, head_patterns, tmp_path):
     (["p.tsv", "--output", "out", "--model-id", " "], "Error: --model-id is empty; give the model's hub id"),
     (["p.tsv", "--output", "out", "--push-to-hub", "no-owner"], "Error: 'hf://no-owner' is not a hub reference"),
     (["p.tsv", "--output", "out", "--push-to-hub", "me/pattern"],
-     "Error: cannot push to hf://me/pattern: the Hugging Face hub is offline here (HF_HUB_OFFLINE=1); export without --push-to-hub "
-     "and upload the folder where the hub is reachable (`hf upload me/pattern out`)"),
+     "Error: cannot push to hf://me/pattern: the Hugging Face hub is offline here (HF_HUB_OFFLINE=1); export without "
+     "--push-to-hub and upload the folder where the hub is reachable (`hf upload me/pattern out`)"),
     (["hf://owner/pattern", "--output", "out"],
-     "Error: cannot download hf://owner/pattern: the Hugging Face hub is offline here (HF_HUB_OFFLINE=1) and the folder is not in "
-     "the local cache; download the folder where the hub is reachable (`hf download owner/pattern --local-dir DIR`) and pass DIR"),
+     "Error: cannot download hf://owner/pattern: the Hugging Face hub is offline here (HF_HUB_OFFLINE=1) and the "
+     "folder is not in the local cache; download the folder where the hub is reachable "
+     "(`hf download owner/pattern --local-dir DIR`) and pass DIR"),
     (["hf://owner", "--output", "out"], "Error: 'hf://owner' is not a hub reference"),
     (["p.tsv", "--output", "p.tsv"], "Error: p.tsv is a file; --output names the folder to write"),
 ])
@@ -127,7 +129,8 @@ def test_a_failed_push_keeps_the_folder_and_says_how_to_upload_it(export, tmp_pa
     result = export("p.tsv", "--output", "out", "--push-to-hub", "me/pattern")
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert result.output.splitlines() == [
-        "wrote out: 2 layers x 2 KV heads, strategy file, model not recorded; card with plans at s = 0.2, 0.4, 0.5, 0.6, 0.8",
-        "Error: out was written but uploading it to hf://me/pattern failed: the Hugging Face hub cannot be reached (no network?); "
-        "upload it later with `hf upload me/pattern out`"]
+        "wrote out: 2 layers x 2 KV heads, strategy file, model not recorded; card with plans at s = 0.2, 0.4, "
+        "0.5, 0.6, 0.8",
+        "Error: out was written but uploading it to hf://me/pattern failed: the Hugging Face hub cannot be reached "
+        "(no network?); upload it later with `hf upload me/pattern out`"]
     assert (tmp_path / "out" / "head_scores.safetensors").is_file()

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from kvpress_rl.evaluators.grid import read_grid
+from kvpress_rl.evaluators.cells import read_grid
 from kvpress_rl.evaluators.tune import choose
 
 
@@ -36,8 +36,9 @@ def random_weight_folder(tmp_path_factory):
 
 
 def tune_args(folder, *extra):
-    return ("tune", "--model", str(folder), "--strategy", "random", "--seeds", "0", "--tasks", "embedded", "--limit", "3",
-            "--max-tokens", "4", "--batch-size", "3", "--step", "0.25", "--resolution", "0.125", "--output", "out", *extra)
+    return ("tune", "--model", str(folder), "--strategy", "random", "--seeds", "0", "--tasks", "embedded",
+            "--limit", "3", "--max-tokens", "4", "--batch-size", "3", "--step", "0.25", "--resolution", "0.125",
+            "--output", "out", *extra)
 
 
 @pytest.mark.slow
@@ -54,7 +55,8 @@ def test_a_tune_run_chooses_on_validation_measures_on_test_and_resumes(cli, tmp_
     test = read_grid(out / "test" / "grid.csv")
     assert sorted((c.strategy, c.sparsity) for c in test) == [("full", 0.0), ("random", row["chosen"])]
     assert all("split" not in json.loads(c.definition) for c in test)
-    assert row["serve_command"].startswith("kvrl serve --heads ") and f"--sparsity {row['chosen']:g}" in row["serve_command"]
+    assert row["serve_command"].startswith("kvrl serve --heads ")
+    assert f"--sparsity {row['chosen']:g}" in row["serve_command"]
     assert (out / "tune.png").stat().st_size > 0 and "Near-lossless sparsity" in (out / "tune.md").read_text()
 
     results = {p: p.stat().st_mtime_ns for p in (out / "validation" / "results").rglob("*.json")}

@@ -27,7 +27,7 @@ CHECKERS = {"math": (verify_math, math_equal), "embedded": (verify_embedded, emb
     ("We have 2 apples and 7 pears, so 9 minus 5 gives \\boxed{4}", "4", True),
     ("\\boxed{3} was wrong: \\boxed{4}", "4", True),
     ("\\boxed{4}, though one might say 3", "3", False),
-    # the training verifier used to reject these (a bare-LaTeX gold was not parsed as LaTeX); evaluation accepted them
+    # a bare-LaTeX gold is parsed as LaTeX, by the training verifier as by evaluation
     ("\\boxed{x^2+2x+1}", "(x+1)^2", True),
     ("so \\boxed{\\sqrt{2}}", "\\sqrt{2}", True),
     ("\\boxed{2\\pi}", "2\\pi", True),
@@ -69,4 +69,5 @@ def test_last_boxed_handles_nesting_and_absence():
 
 
 def test_the_training_verifiers_keep_the_names_saved_training_sets_record():
-    assert {name: fn.__name__ for name, fn in VERIFIERS.items()} == {"verify_embedded": "verify_embedded", "verify_math": "verify_math"}
+    assert {name: fn.__name__ for name, fn in VERIFIERS.items()} == {"verify_embedded": "verify_embedded",
+                                                                     "verify_math": "verify_math"}

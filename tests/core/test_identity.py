@@ -9,30 +9,30 @@ import pytest
 
 import kvpress_rl
 from kvpress_rl import KvrlError
-from kvpress_rl.cli.evaluation import eval_inputs
+from kvpress_rl.cli.eval_request import EvalRequest, eval_inputs
 from kvpress_rl.embedded import model as embedded
-from kvpress_rl.evaluators.grid import Cell, cell_definition, plan_resume, resolve_tasks, write_grid
-from kvpress_rl.identity import _checkout_identity, code_identity, file_digest, folder_digest, git_identity, weights_identity
+from kvpress_rl.evaluators.resume import plan_resume
+from kvpress_rl.evaluators.strategy_scores import selection_key
+from kvpress_rl.identity import (
+    _checkout_identity,
+    code_identity,
+    file_digest,
+    folder_digest,
+    git_identity,
+    weights_identity,
+)
+from tests.helpers import finish_grid
 
 
 def eval_spec(model: str | None = None, tasks: str = "embedded"):
     """The `GridSpec` `kvrl eval --strategy random --sparsity 0.5 --limit 2` builds before the model loads."""
-    spec, _ = eval_inputs(tasks=tasks, strategies="random", sparsities="0.5", seeds="0", model=model, heads=None, limit=2, batch_size=2,
-                          max_tokens=None, data_dir=None, compressed_policy="streaming", full_policy=None, full_budgets=None,
-                          plan_rule="official", decoding_simulation=None, allow_code_execution=False, chat_template=None, device="cpu",
-                          dtype="auto", quiet=True)
+    request = EvalRequest(tasks=tasks, strategies="random", sparsities="0.5", seeds="0", model=model, heads=None,
+                          limit=2, batch_size=2, max_tokens=None, data_dir=None, compressed_policy="streaming",
+                          full_policy=None, full_budgets=None, plan_rule="official", decoding_simulation=None,
+                          allow_code_execution=False, chat_template=None, device="cpu", dtype="auto",
+                          engine="transformers", output="kvrl-eval", recompute=False)
+    spec, _ = eval_inputs(request, quiet=True)
     return spec
-
-
-def finish(spec, out):
-    """grid.csv as if every cell of `spec` had run."""
-    (config,) = resolve_tasks(spec)
-    cells = []
-    for _, name, sparsity, seed, entry, full_heads in plan_resume(spec, out)[1]:
-        cell = Cell(config.name, name, sparsity, seed, 0.5, 1, 2, 1.0, 10.0)
-        cell.definition = json.dumps(cell_definition(spec, config, name, entry, seed, full_heads), sort_keys=True)
-        cells.append(cell)
-    write_grid(out / "grid.csv", cells)
 
 
 def model_folder(path):
@@ -62,11 +62,13 @@ def test_a_retrained_adapter_is_not_resumed(adapter_copy, tmp_path):
     out = tmp_path / "out"
     spec = eval_spec()
     assert spec.weights.startswith("embedded:adapter=") and ",gguf=" in spec.weights
-    finish(spec, out)
+    finish_grid(spec, out)
     assert plan_resume(eval_spec(), out)[1] == []  # the same adapter: everything resumes
     weights = adapter_copy / "adapter_model.safetensors"
-    weights.write_bytes(weights.read_bytes()[:-8] + b"retrain!")  # `kvrl embedded train` wrote a new adapter in its place
-    with pytest.raises(KvrlError, match="model weights embedded:adapter=.* -> embedded:adapter=.*--recompute") as refused:
+    # `kvrl embedded train` wrote a new adapter in its place
+    weights.write_bytes(weights.read_bytes()[:-8] + b"retrain!")
+    with pytest.raises(KvrlError, match="model weights embedded:adapter=.* -> "
+                                        "embedded:adapter=.*--recompute") as refused:
         plan_resume(eval_spec(), out)
     assert "\n" not in str(refused.value)
     kept, todo = plan_resume(eval_spec(), out, recompute=True)
@@ -78,7 +80,7 @@ def test_a_changed_weight_file_in_a_model_folder_is_not_resumed(tmp_path):
     out = tmp_path / "out"
     spec = eval_spec(str(folder), tasks="embedded")
     assert spec.weights.startswith("folder:")
-    finish(spec, out)
+    finish_grid(spec, out)
     (folder / "README.md").write_text("an edited card")  # not the weights: still resumes
     assert plan_resume(eval_spec(str(folder)), out)[1] == []
     (folder / "model.safetensors").write_bytes(b"\1" * 64)  # same name, same size, new weights
@@ -90,20 +92,19 @@ def test_a_changed_weight_file_in_a_model_folder_is_not_resumed(tmp_path):
 def test_a_new_version_or_commit_is_not_resumed(tmp_path, monkeypatch):
     folder = model_folder(tmp_path / "model")
     out = tmp_path / "out"
-    finish(eval_spec(str(folder)), out)
+    finish_grid(eval_spec(str(folder)), out)
     monkeypatch.setattr(kvpress_rl, "__version__", "99.0.0")  # a bumped release
     with pytest.raises(KvrlError, match=r"kvrl version \S+ -> 99\.0\.0"):
         plan_resume(eval_spec(str(folder)), out)
     monkeypatch.undo()
     _checkout_identity.cache_clear()
-    monkeypatch.setattr("kvpress_rl.identity._checkout_identity", lambda: "git:0123456789ab")  # another commit of the same version
+    # another commit of the same version
+    monkeypatch.setattr("kvpress_rl.identity._checkout_identity", lambda: "git:0123456789ab")
     with pytest.raises(KvrlError, match=r"kvrl version .* -> .*\+git:0123456789ab"):
         plan_resume(eval_spec(str(folder)), out)
 
 
 def test_selected_heads_are_cached_per_weights(tmp_path):
-    from kvpress_rl.evaluators.grid import selection_key
-
     folder = model_folder(tmp_path / "model")
     spec = eval_spec(str(folder))
     ((name, entry),) = spec.strategies

@@ -3,7 +3,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from kvpress_rl import KvrlError, ModelShape, load_model
-from kvpress_rl.models import SUPPORTED_ARCHITECTURES, small_config
+from kvpress_rl.models import SUPPORTED_ARCHITECTURES, check_device, check_seed, small_config
 
 
 @pytest.mark.parametrize("arch", SUPPORTED_ARCHITECTURES)
@@ -46,3 +46,35 @@ def test_missing_model_and_bad_dtype_are_clear_errors(tmp_path):
 def test_dtype_option_is_applied():
     model, _ = load_model("random:llama", dtype="bfloat16")
     assert next(model.parameters()).dtype == torch.bfloat16
+
+
+def test_check_device_normalises_known_names_and_refuses_others(monkeypatch):
+    assert check_device("cpu") == "cpu" and check_device(" CPU ") == "cpu"
+    for bad in ("bogus", "cuda:x", "cpu:0", "cuda:-1", ""):
+        with pytest.raises(KvrlError, match="unknown device") as caught:
+            check_device(bad)
+        assert "\n" not in str(caught.value) and "cpu, cuda, cuda:N" in str(caught.value)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(KvrlError, match="no CUDA GPU"):
+        check_device("cuda")
+    with pytest.raises(KvrlError, match="no CUDA GPU"):
+        check_device("cuda:0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert check_device("cuda") == "cuda" and check_device("CUDA:01") == "cuda:1"
+    with pytest.raises(KvrlError, match="2 CUDA GPU\\(s\\), cuda:0 to cuda:1"):
+        check_device("cuda:2")
+
+
+def test_seeds_must_fit_torch_and_numpy():
+    assert check_seed(0) == 0 and check_seed(2**32 - 1) == 2**32 - 1
+    for bad in (-1, 2**32, 99999999999999999999999):
+        with pytest.raises(KvrlError, match="0 <= seed < 2\\*\\*32"):
+            check_seed(bad)
+
+
+@pytest.mark.parametrize("spec", ["./no/such/model", "/no/such/model", "~/no-such-kvrl-model/x"])
+def test_a_missing_model_path_is_called_a_missing_path(spec):
+    with pytest.raises(KvrlError, match="the path does not exist") as caught:
+        load_model(spec)
+    assert "Repo id" not in str(caught.value)

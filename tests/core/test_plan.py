@@ -43,8 +43,10 @@ def test_kvrl_plan_keeps_the_heads_of_the_official_rule(head_patterns, model, pa
 
 def test_published_counts_differ_between_the_rules_as_measured(head_patterns):
     qwen = HeadScores.load(head_patterns / "Qwen-2.5-7B-R1" / "rlkv.tsv")  # 112 heads
-    assert plan_from_scores(qwen, 0.2).num_compressed == 23 and plan_from_scores(qwen, 0.2, rule="round").num_compressed == 22
-    assert plan_from_scores(qwen, 0.8).num_compressed == 89 and plan_from_scores(qwen, 0.8, rule="round").num_compressed == 90
+    assert plan_from_scores(qwen, 0.2).num_compressed == 23
+    assert plan_from_scores(qwen, 0.2, rule="round").num_compressed == 22
+    assert plan_from_scores(qwen, 0.8).num_compressed == 89
+    assert plan_from_scores(qwen, 0.8, rule="round").num_compressed == 90
 
 
 def test_official_rule_compresses_ceil_of_n_minus_one_times_s_with_distinct_scores():
@@ -156,12 +158,14 @@ def test_a_hybrid_plan_counts_the_full_heads_budget(cli):
 
     from kvpress_rl.policies import full_head_policy
 
-    plan = replace(plan_from_scores(torch.arange(8.0).reshape(2, 4) / 8, 0.5), full_policy=full_head_policy("rkv", "0.25"))
+    plan = replace(plan_from_scores(torch.arange(8.0).reshape(2, 4) / 8, 0.5),
+                   full_policy=full_head_policy("rkv", "0.25"))
     assert plan.tokens_held(1000).tolist() == [[80, 80, 80, 80], [250, 250, 250, 250]]
     assert plan.kv_bytes(1000, head_dim=2, dtype=torch.float32) == (4 * 80 + 4 * 250) * 2 * 2 * 4
     assert "full heads keep rkv(budget=int(L*(1-0.75))+0" in plan.summary()
     assert full_head_policy("snapkv", "512").budget(10_000) == 512
-    for bad, message in (("1.5", "must lie in"), ("0", "whole number"), ("half", "fraction of the sequence"), ("12.5e3", "must lie in")):
+    for bad, message in (("1.5", "must lie in"), ("0", "whole number"), ("half", "fraction of the sequence"),
+                         ("12.5e3", "must lie in")):
         with pytest.raises(KvrlError, match=message):
             full_head_policy("h2o", bad)
     HeadScores(torch.arange(8.0).reshape(2, 4) / 8).save("h.safetensors")

@@ -8,6 +8,7 @@ import huggingface_hub
 import huggingface_hub.errors
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from kvpress_rl import HeadScores, KvrlError, ModelShape
 from kvpress_rl.hub import HubRef, is_hub_ref, parse_hub_ref
@@ -33,7 +34,8 @@ def test_tsv_round_trip(tmp_path):
     assert torch.equal(loaded.scores, scores.scores)
 
 
-@pytest.mark.parametrize("model,shape", [("Llama-3.1-8B-R1", (32, 8)), ("Qwen-2.5-7B-R1", (28, 4)), ("Qwen-3-4B-Thinking", (36, 8))])
+@pytest.mark.parametrize("model,shape", [("Llama-3.1-8B-R1", (32, 8)), ("Qwen-2.5-7B-R1", (28, 4)),
+                                         ("Qwen-3-4B-Thinking", (36, 8))])
 @pytest.mark.parametrize("name", ["rlkv.tsv", "duo_attention.tsv"])
 def test_published_patterns_load_as_they_are(head_patterns, model, shape, name):
     assert HeadScores.load(head_patterns / model / name).shape == shape
@@ -91,7 +93,8 @@ def test_a_folder_loads_its_head_scores_file(tmp_path):
 
 def test_a_folder_without_head_scores_is_one_line(tmp_path):
     (tmp_path / "empty").mkdir()
-    with pytest.raises(KvrlError, match=r"^\S*empty is a folder without head_scores.safetensors; pass a head-pattern folder") as err:
+    with pytest.raises(KvrlError, match=r"^\S*empty is a folder without head_scores.safetensors; pass a head-pattern "
+                                        r"folder") as err:
         HeadScores.load(tmp_path / "empty")
     assert "\n" not in str(err.value)
 
@@ -109,9 +112,11 @@ def test_save_follows_the_umask(tmp_path):
     ("hf://owner/repo", "owner/repo", None),
     ("hf://owner/repo/", "owner/repo", None),
     ("hf://owner/repo@main", "owner/repo", "main"),
-    ("hf://Owner-1/my.repo_2@0123456789abcdef0123456789abcdef01234567", "Owner-1/my.repo_2", "0123456789abcdef0123456789abcdef01234567"),
+    ("hf://Owner-1/my.repo_2@0123456789abcdef0123456789abcdef01234567", "Owner-1/my.repo_2",
+     "0123456789abcdef0123456789abcdef01234567"),
     ("hf://owner/repo@refs/pr/3", "owner/repo", "refs/pr/3"),
-    (Path("hf://owner/repo"), "owner/repo", None),  # a Path folds `//` into `/` (click.Path options): still a hub reference
+    # a Path folds `//` into `/` (click.Path options): still a hub reference
+    (Path("hf://owner/repo"), "owner/repo", None),
 ])
 def test_hub_references_parse(text, repo, revision):
     assert is_hub_ref(text)
@@ -119,7 +124,8 @@ def test_hub_references_parse(text, repo, revision):
     assert str(HubRef(repo, revision)) == f"hf://{repo}" + (f"@{revision}" if revision else "")
 
 
-@pytest.mark.parametrize("text", ["hf://repo", "hf://a/b/c", "hf://a/b@", "hf://../b", "hf://a/..b", "hf://a--b/c", "hf:///b", "hf://a/b c"])
+@pytest.mark.parametrize("text", ["hf://repo", "hf://a/b/c", "hf://a/b@", "hf://../b", "hf://a/..b", "hf://a--b/c",
+                                  "hf:///b", "hf://a/b c"])
 def test_bad_hub_references_are_one_line(text):
     with pytest.raises(KvrlError, match="expected hf://OWNER/REPO or hf://OWNER/REPO@REVISION"):
         HeadScores.load(text)
@@ -137,9 +143,10 @@ def test_hf_reference_offline_is_one_line_that_says_what_to_do(monkeypatch):
         HeadScores.load("hf://kvpress-rl-tests/no-such-pattern@v1")
     assert time.perf_counter() - started < 30
     message = str(err.value)
-    assert message.startswith("cannot download hf://kvpress-rl-tests/no-such-pattern@v1: the Hugging Face hub is offline here "
-                              "(HF_HUB_OFFLINE=1) and the folder is not in the local cache")
-    assert "hf download kvpress-rl-tests/no-such-pattern --revision v1 --local-dir DIR" in message and message.endswith("pass DIR")
+    assert message.startswith("cannot download hf://kvpress-rl-tests/no-such-pattern@v1: the Hugging Face hub is "
+                              "offline here (HF_HUB_OFFLINE=1) and the folder is not in the local cache")
+    assert "hf download kvpress-rl-tests/no-such-pattern --revision v1 --local-dir DIR" in message
+    assert message.endswith("pass DIR")
     assert "\n" not in message
 
 
@@ -178,7 +185,8 @@ def test_hf_reference_loads_the_snapshot_and_pins_its_commit(tmp_path, monkeypat
 
 def test_hf_reference_without_head_scores_is_refused(tmp_path, monkeypatch):
     fake_snapshot(tmp_path, monkeypatch, scores=None)
-    with pytest.raises(KvrlError, match=r"^hf://owner/readme-only holds no head_scores.safetensors: it is not a head-pattern folder"):
+    with pytest.raises(KvrlError, match=r"^hf://owner/readme-only holds no head_scores.safetensors: it is not a "
+                                        r"head-pattern folder"):
         HeadScores.load("hf://owner/readme-only")
 
 
@@ -186,20 +194,24 @@ def test_hf_reference_without_network_is_one_line(monkeypatch):
     """Not offline by setting, but the hub cannot be reached: snapshot_download (monkeypatched, as it fails without a
     network) raises huggingface_hub's LocalEntryNotFoundError."""
     def unreachable(repo_id, **kwargs):
-        raise huggingface_hub.errors.LocalEntryNotFoundError("An error happened while trying to locate the files on the Hub\nPlease check")
+        raise huggingface_hub.errors.LocalEntryNotFoundError("An error happened while trying to locate the files on "
+                                                             "the Hub\nPlease check")
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(huggingface_hub, "snapshot_download", unreachable)
-    with pytest.raises(KvrlError, match=r"^cannot download hf://a/b: the Hugging Face hub cannot be reached \(no network\?\) and the "
-                                        r"folder is not in the local cache; download the folder where the hub is reachable") as err:
+    with pytest.raises(KvrlError, match=r"^cannot download hf://a/b: the Hugging Face hub cannot be reached \(no "
+                                        r"network\?\) and the folder is not in the local cache; download the folder "
+                                        r"where the hub is reachable") as err:
         HeadScores.load("hf://a/b")
     assert "\n" not in str(err.value)
 
 
 def test_a_missing_hub_repository_is_one_line_without_the_download_hint(monkeypatch):
-    """snapshot_download (monkeypatched) raises as for a repository that does not exist: no advice to download it elsewhere."""
-    response = type("Response", (), {"status_code": 404, "headers": {}, "request": None, "url": "https://huggingface.co"})()
+    """snapshot_download (monkeypatched) raises as for a repository that does not exist: no advice to download it
+    elsewhere."""
+    response = type("Response", (),
+                    {"status_code": 404, "headers": {}, "request": None, "url": "https://huggingface.co"})()
 
     def missing(repo_id, **kwargs):
         raise huggingface_hub.errors.RepositoryNotFoundError("404 Client Error", response=response)
@@ -209,3 +221,36 @@ def test_a_missing_hub_repository_is_one_line_without_the_download_hint(monkeypa
         HeadScores.load("hf://owner/absent")
     assert str(err.value) == ("cannot download hf://owner/absent: no such model repository, or it is private or gated "
                               "(log in with `hf auth login`)")
+
+
+def test_a_tsv_of_random_bytes_is_refused_in_one_line(tmp_path):
+    path = tmp_path / "noise.tsv"
+    path.write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(KvrlError, match="not a TSV of numbers"):
+        HeadScores.load(path)
+
+
+def test_an_empty_tsv_is_called_empty(tmp_path):
+    for text in ("", "\n\n  \n"):
+        (tmp_path / "e.tsv").write_text(text)
+        with pytest.raises(KvrlError, match="is empty"):
+            HeadScores.load(tmp_path / "e.tsv")
+
+
+@pytest.mark.parametrize("provenance", ["5", "[1, 2]", '"model_id"', "null"])
+def test_provenance_that_is_not_a_json_object_is_refused(tmp_path, provenance):
+    path = tmp_path / "p.safetensors"
+    save_file({"scores": torch.rand(2, 2)}, str(path), metadata={"provenance": provenance})
+    with pytest.raises(KvrlError, match="not a JSON object"):
+        HeadScores.load(path)
+
+
+def test_provenance_fields_of_the_wrong_type_are_refused(tmp_path):
+    path = tmp_path / "p.safetensors"
+    save_file({"scores": torch.rand(2, 2)}, str(path), metadata={"provenance": json.dumps({"options": 3, "seed": 1})})
+    with pytest.raises(KvrlError, match="'options' should be dict, got int"):
+        HeadScores.load(path)
+    save_file({"scores": torch.rand(2, 2)}, str(path),
+              metadata={"provenance": json.dumps({"seed": 7, "strategy": "x"})})
+    loaded = HeadScores.load(path)
+    assert loaded.seed == 7 and loaded.strategy == "x" and loaded.options == {}

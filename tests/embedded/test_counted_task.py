@@ -22,7 +22,8 @@ from kvpress_rl.embedded.task import (
 def test_generation_is_deterministic_with_disjoint_splits_and_its_own_stream():
     assert counted_problems("test", 5) == counted_problems("test", 5)
     seeds = {split: {p.seed for p in counted_problems(split, 300)} for split in ("train", "validation", "test")}
-    assert not (seeds["train"] & seeds["validation"] or seeds["validation"] & seeds["test"] or seeds["train"] & seeds["test"])
+    assert not (seeds["train"] & seeds["validation"] or seeds["validation"] & seeds["test"]
+                or seeds["train"] & seeds["test"])
     counted, links = counted_problem(5), make_problem(5)
     assert counted.family == COUNTED and links.family == LINKS
     assert counted.table != links.table  # the same seed, an unrelated problem
@@ -52,7 +53,7 @@ def test_eval_lengths_span_the_selection_lengths_and_beyond():
     assert max(p.hops for p in train) == COUNTED_SELECT.hops[1]
 
 
-def test_within_the_cpu_limits_of_the_issue():
+def test_prompts_and_chains_stay_within_the_cpu_limits():
     # under 600 prompt tokens and 200 chain tokens: words are one token, so count words and symbols generously
     for problem in counted_problems("test", 500):
         assert len(problem.prompt().split()) * 2 < 600

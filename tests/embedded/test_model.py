@@ -44,7 +44,8 @@ def test_solves_the_counted_task_and_both_tasks_fail_without_far_heads(embedded)
     model, tokenizer = embedded
     items = task_problems(COUNTED_TASK, "test", 24)
     assert evaluate(model, tokenizer, items, batch_size=24, max_new_tokens=128).accuracy >= 0.9
-    streaming = evaluate(model, tokenizer, items, plan=plan_from_scores(torch.zeros(30, 3), 1.0), batch_size=24, max_new_tokens=128)
+    streaming = evaluate(model, tokenizer, items, plan=plan_from_scores(torch.zeros(30, 3), 1.0), batch_size=24,
+                         max_new_tokens=128)
     assert streaming.accuracy <= 0.3
 
 
@@ -78,7 +79,8 @@ def test_select_and_eval_run_without_model(tmp_path):
     select = run_kvrl("select", "--strategy", "random", cwd=tmp_path)
     assert select.returncode == 0, select.stderr
     assert "30 layers x 3 KV heads" in select.stdout
-    result = run_kvrl("eval", "--strategy", "random", "--sparsity", "0.5", "--seeds", "0", "--limit", "4", "--output", "out", cwd=tmp_path)
+    result = run_kvrl("eval", "--strategy", "random", "--sparsity", "0.5", "--seeds", "0", "--limit", "4", "--output",
+                      "out", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     grid = (tmp_path / "out" / "grid.csv").read_text().splitlines()
     assert len(grid) == 3 and grid[1].startswith("embedded,full,0.0,0,")

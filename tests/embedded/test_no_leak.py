@@ -27,7 +27,8 @@ EMBEDDED_SETS = ("embedded", "embedded-mixed", "embedded-count")
 
 @pytest.fixture(scope="module")
 def eval_prompts() -> set[str]:
-    return {p.prompt() for task, draw in EVAL_TASKS.items() for split in ("validation", "test") for p in draw(split, EVAL_COUNT)}
+    return {p.prompt() for draw in EVAL_TASKS.values() for split in ("validation", "test")
+            for p in draw(split, EVAL_COUNT)}
 
 
 @pytest.mark.parametrize("data", EMBEDDED_SETS)
@@ -44,7 +45,8 @@ def test_no_adapter_seed_trains_on_evaluation_problems(eval_prompts):
     for seed in SEEDS:
         drawn = [curriculum_problem(i, TrainConfig(seed=seed)) for i in range(20)]
         assert all(is_training_seed(p.seed) for p in drawn)
-        assert not [p.seed for p in drawn if p.prompt() in eval_prompts], f"kvrl embedded train --seed {seed} trains on evaluation problems"
+        leaked = [p.seed for p in drawn if p.prompt() in eval_prompts]
+        assert not leaked, f"kvrl embedded train --seed {seed} trains on evaluation problems"
 
 
 def test_training_and_evaluation_seeds_are_disjoint_by_construction():

@@ -41,11 +41,13 @@ def test_strategy_end_to_end(embedded, name):
     items = problems("test", 4)
     with compressed(model, plan) as session:  # the plan really runs: the cache holds what the plan says
         ids, mask = left_pad([prompt_ids(tokenizer, p) for p in items], tokenizer.pad_token_id)
-        session.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        session.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False,
+                         pad_token_id=tokenizer.pad_token_id)
         held = session.last_cache.kv_nbytes()
     length = ids.shape[1] + 8 - 1  # the last generated token is never fed back
     shape = ModelShape.from_config(model.config)
-    planned, full = (bytes_(length, 4, head_dim=shape.head_dim, dtype=torch.float32) for bytes_ in (plan.kv_bytes, plan.full_kv_bytes))
+    planned, full = (bytes_(length, 4, head_dim=shape.head_dim, dtype=torch.float32)
+                     for bytes_ in (plan.kv_bytes, plan.full_kv_bytes))
     assert held < full and (held == planned or plan.policy.slack())  # R-KV may hold its buffer above the budget
     result = evaluate(model, tokenizer, items, plan=plan, batch_size=4)
     assert result.total == 4 and all(result.output_lengths)

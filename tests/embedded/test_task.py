@@ -8,7 +8,8 @@ from kvpress_rl.embedded.task import WORDS, Difficulty, extract_answer, make_pro
 def test_generation_is_deterministic_and_splits_are_disjoint():
     assert problems("test", 5) == problems("test", 5)
     seeds = {split: {p.seed for p in problems(split, 200)} for split in ("train", "validation", "test")}
-    assert not (seeds["train"] & seeds["validation"]) and not (seeds["validation"] & seeds["test"]) and not (seeds["train"] & seeds["test"])
+    assert not (seeds["train"] & seeds["validation"]) and not (seeds["validation"] & seeds["test"])
+    assert not (seeds["train"] & seeds["test"])
     assert problems("test", 3) != problems("validation", 3)
 
 
@@ -25,7 +26,8 @@ def test_the_path_follows_the_table_and_every_word_is_the_source_of_one_link():
 
 
 def test_distractors_point_into_the_path_so_recency_does_not_answer():
-    into_path = sum(dst in make_problem(s).path for s in range(50) for src, dst in make_problem(s).table if src not in make_problem(s).path[:-1])
+    into_path = sum(dst in make_problem(s).path for s in range(50)
+                    for src, dst in make_problem(s).table if src not in make_problem(s).path[:-1])
     assert into_path > 100
 
 

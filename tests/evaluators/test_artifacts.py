@@ -11,7 +11,13 @@ import yaml
 import kvpress_rl
 from kvpress_rl import HeadScores, KvrlError
 from kvpress_rl.evaluators import artifacts
-from kvpress_rl.evaluators.artifacts import SPARSITIES, clean_stale_folders, export_pattern, write_folder_atomic, write_pattern
+from kvpress_rl.evaluators.artifacts import (
+    SPARSITIES,
+    clean_stale_folders,
+    export_pattern,
+    write_folder_atomic,
+    write_pattern,
+)
 from kvpress_rl.plan import plan_from_scores
 
 QWEN = "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B"
@@ -31,12 +37,13 @@ def plan_table(card: str) -> dict[str, list[str]]:
 
 
 def trained_scores(tmp_path, steps=3):
-    scores = HeadScores(torch.linspace(0, 1, 12).reshape(6, 2), model_id="org/model", strategy="rlkv", strategy_version="3",
-                        options={"lr": 0.01}, data="gsm8k", seed=1, wall_time_s=4000.0)
+    scores = HeadScores(torch.linspace(0, 1, 12).reshape(6, 2), model_id="org/model", strategy="rlkv",
+                        strategy_version="3", options={"lr": 0.01}, data="gsm8k", seed=1, wall_time_s=4000.0)
     path = scores.save(tmp_path / "heads-rlkv.safetensors")
     (tmp_path / "heads-rlkv.run").mkdir()
     (tmp_path / "heads-rlkv.run" / "train_log.jsonl").write_text(
-        "".join(json.dumps({"step": i, "mean_reward": 0.2 * i, "mean_alpha": 1 - 0.1 * i}) + "\n" for i in range(1, steps + 1)))
+        "".join(json.dumps({"step": i, "mean_reward": 0.2 * i, "mean_alpha": 1 - 0.1 * i}) + "\n"
+                for i in range(1, steps + 1)))
     return scores, path
 
 
@@ -46,13 +53,16 @@ def test_published_rlkv_pattern_exports_to_a_valid_card(head_patterns, tmp_path)
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "gates.png", "head_scores.safetensors"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["qwen7b-rlkv"]  # no temporary left
     card = (out / "README.md").read_text()
-    assert front_matter(card) == {"library_name": "kvpress-rl", "tags": ["kv-cache", "head-pattern", "file"], "base_model": QWEN}
+    assert front_matter(card) == {"library_name": "kvpress-rl", "tags": ["kv-cache", "head-pattern", "file"],
+                                  "base_model": QWEN}
     assert "# Head pattern: rlkv.tsv (file) for deepseek-ai/DeepSeek-R1-Distill-Qwen-7B" in card
-    assert "28 layers x 4 KV heads = 112 KV heads" in card and "Imported from a published TSV pattern (`rlkv.tsv`)" in card
+    assert "28 layers x 4 KV heads = 112 KV heads" in card
+    assert "Imported from a published TSV pattern (`rlkv.tsv`)" in card
     assert "No training log was found" in card and "training.png" not in card
     assert "| seed | not recorded |" in card and "| wall time | not recorded |" in card
     assert "8192 tokens" in card and "head dim 128 (`--head-dim`" in card
-    # the plan table: the official rule at each sparsity, the memory share of the full cache at 8192 tokens, head dim 128
+    # the plan table: the official rule at each sparsity, the memory share of the full cache at 8192 tokens, head dim
+    # 128
     table = plan_table(card)
     assert list(table) == ["0 (full cache)", *(f"{s:g}" for s in SPARSITIES)]
     assert table["0 (full cache)"] == ["0 / 112", "112", "448.0", "100.0%"]
@@ -67,7 +77,8 @@ def test_published_rlkv_pattern_exports_to_a_valid_card(head_patterns, tmp_path)
     assert torch.equal(loaded.scores, HeadScores.load(tsv).scores) and torch.equal(loaded.scores, scores.scores)
     assert loaded.model_id == QWEN and loaded.strategy == "file"
     config = json.loads((out / "config.json").read_text())
-    assert config["model_id"] == QWEN and (config["layers"], config["kv_heads"]) == (28, 4) and config["strategy"] == "file"
+    assert config["model_id"] == QWEN and (config["layers"],
+                                           config["kv_heads"]) == (28, 4) and config["strategy"] == "file"
     assert config["source"] == str(tsv) and config["kvpress_rl_version"] == kvpress_rl.__version__
     assert config["seed"] is None and config["wall_time_s"] is None and config["files"]["training_curve"] is None
     assert config["card"] == {"seq_len": 8192, "head_dim": 128, "dtype": "bfloat16", "sparsities": list(SPARSITIES)}
@@ -100,7 +111,8 @@ def test_a_training_log_beside_the_scores_gives_the_curve(tmp_path):
     assert "mean reward 0.200 -> 0.600" in card and "mean gate (alpha) 0.900 -> 0.700" in card
     assert "| strategy | `rlkv`, version `3` |" in card and '| options | `{"lr": 0.01}` |' in card
     assert "| data | `gsm8k` |" in card and "| seed | 1 |" in card and "| wall time | 1 h 6 min (4000 s) |" in card
-    assert front_matter(card)["tags"] == ["kv-cache", "head-pattern", "rlkv"] and front_matter(card)["base_model"] == "org/model"
+    assert front_matter(card)["tags"] == ["kv-cache", "head-pattern",
+                                          "rlkv"] and front_matter(card)["base_model"] == "org/model"
     assert json.loads((out / "config.json").read_text())["files"]["training_curve"] == "training.png"
     assert HeadScores.load(out).provenance() == scores.provenance()
 
@@ -116,7 +128,8 @@ def test_a_damaged_training_log_is_one_line_and_nothing_is_written(tmp_path):
 
 def test_model_ids_that_are_not_hub_ids_get_no_base_model(tmp_path):
     for model in ("embedded", "random:llama", "/models/local"):
-        out = write_pattern(HeadScores(torch.rand(2, 2), model_id=model, strategy="odd name"), tmp_path / "p", source="s", overwrite=True)
+        out = write_pattern(HeadScores(torch.rand(2, 2), model_id=model, strategy="odd name"), tmp_path / "p",
+                            source="s", overwrite=True)
         meta = front_matter((out / "README.md").read_text())
         assert "base_model" not in meta and meta["tags"] == ["kv-cache", "head-pattern", "odd name"]
 

@@ -6,7 +6,7 @@ import statistics
 import pytest
 from matplotlib.collections import PolyCollection
 
-from kvpress_rl.evaluators.grid import Cell, summarize, write_grid
+from kvpress_rl.evaluators.cells import Cell, summarize, write_grid
 from kvpress_rl.evaluators.report import SEED_BAND_CAPTION, accuracy_figure, markdown_table, write_report
 
 RANDOM_04 = [0.0, 0.2, 0.9]  # three seeds of `random` at sparsity 0.4: mean 36.7, a wide spread
@@ -14,7 +14,8 @@ RANDOM_08 = [0.1, 0.1, 0.4]
 
 
 def cell(strategy, sparsity, seed, accuracy):
-    return Cell("embedded", strategy, sparsity, seed, accuracy, round(accuracy * 30), 30, 1 - sparsity / 2, 50.0)
+    return Cell(task="embedded", strategy=strategy, sparsity=sparsity, seed=seed, accuracy=accuracy,
+                correct=round(accuracy * 30), total=30, kv_fraction=1 - sparsity / 2, decode_tokens_per_s=50.0)
 
 
 def seeded_grid():
@@ -79,11 +80,12 @@ def test_write_report_draws_the_band_and_explains_it(tmp_path):
 
 
 def test_the_frontier_marks_the_points_no_other_beats(tmp_path):
-    from kvpress_rl.evaluators.grid import Cell, write_grid
     from kvpress_rl.evaluators.report import frontier_points, write_frontier
 
     def point(strategy, sparsity, accuracy, memory, full_heads=""):
-        return Cell("embedded", strategy, sparsity, 0, accuracy, int(accuracy * 100), 100, memory, 50.0, full_heads=full_heads, kv_measured=memory)
+        return Cell(task="embedded", strategy=strategy, sparsity=sparsity, seed=0, accuracy=accuracy,
+                    correct=int(accuracy * 100), total=100, kv_fraction=memory, decode_tokens_per_s=50.0,
+                    full_heads=full_heads, kv_measured=memory)
 
     cells = [point("full", 0.0, 0.98, 1.0), point("rlkv", 0.6, 0.98, 0.42), point("rlkv", 0.8, 0.97, 0.30),
              point("snapkv", 0.8, 0.60, 0.35), point("rlkv", 0.8, 0.95, 0.20, "rkv:0.25")]

@@ -4,8 +4,8 @@ import datasets
 import pytest
 
 from kvpress_rl import KvrlError
-from kvpress_rl.evaluators.grid import GridSpec, resolve_tasks
-from kvpress_rl.evaluators.tasks import R1_INSTRUCTION, resolve_task
+from kvpress_rl.evaluators.grid_spec import GridSpec
+from kvpress_rl.evaluators.tasks import R1_INSTRUCTION, resolve_task, resolve_tasks
 
 
 def test_unknown_task_lists_close_names():
@@ -21,7 +21,7 @@ def test_a_data_directory_without_the_file_is_refused(tmp_path):
 
 
 def test_code_tasks_need_permission_to_execute_code(shared_data):
-    spec = GridSpec([], [0.5], [0], tasks=["mbpp_r1"], data_dir=str(shared_data))
+    spec = GridSpec(strategies=[], sparsities=[0.5], seeds=[0], tasks=["mbpp_r1"], data_dir=str(shared_data))
     with pytest.raises(KvrlError, match="pass --allow-code-execution"):
         resolve_tasks(spec)
     spec.allow_code_execution = True
@@ -62,8 +62,9 @@ def test_hub_tasks_are_refused_offline_with_the_fix(monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.delenv("KVRL_DATA_DIR", raising=False)
     with pytest.raises(KvrlError, match=r"task 'gsm8k_r1' reads its data from the Hugging Face hub.*pass --data-dir"):
-        resolve_tasks(GridSpec([], [0.5], [0], tasks=["gsm8k_r1"]))
-    assert [c.name for c in resolve_tasks(GridSpec([], [0.5], [0], tasks=["embedded"]))] == ["embedded"]
+        resolve_tasks(GridSpec(strategies=[], sparsities=[0.5], seeds=[0], tasks=["gsm8k_r1"]))
+    embedded_only = GridSpec(strategies=[], sparsities=[0.5], seeds=[0], tasks=["embedded"])
+    assert [c.name for c in resolve_tasks(embedded_only)] == ["embedded"]
 
 
 def test_decoding_simulation_is_the_r1_default_only(shared_data):
@@ -83,6 +84,7 @@ def test_the_embedded_tasks_carry_their_own_answer_limits_and_lengths():
     counted = resolve_task("embedded_count", None).spec
     assert counted["generation_kwargs"]["max_gen_toks"] == COUNTED_MAX_NEW_TOKENS
     assert resolve_task("embedded", None).spec["generation_kwargs"]["max_gen_toks"] == EMBEDDED_MAX_NEW_TOKENS
-    assert resolve_task("embedded_count", None, embedded_tokens=40).spec["generation_kwargs"]["max_gen_toks"] == 40  # --max-new-tokens
+    # --max-new-tokens
+    assert resolve_task("embedded_count", None, embedded_tokens=40).spec["generation_kwargs"]["max_gen_toks"] == 40
     rows = counted["custom_dataset"]()["test"]
     assert len(rows) == 500 and rows[0]["prompt"].startswith("Take ") and {"hops", "links"} <= set(rows.column_names)

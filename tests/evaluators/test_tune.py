@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from kvpress_rl.errors import KvrlError
-from kvpress_rl.evaluators.grid import Cell, write_grid
+from kvpress_rl.evaluators.cells import Cell, write_grid
 from kvpress_rl.evaluators.paired import PairedCounts, drop_upper_bound, paired_counts
 from kvpress_rl.evaluators.report import cell_samples
 from kvpress_rl.evaluators.tasks import resolve_task
@@ -22,7 +22,8 @@ def simulated_coverage(both: float, only_full: float, only_compressed: float, n:
         counts = [0, 0, 0, 0]
         for _ in range(n):
             u = rng.random()
-            counts[0 if u < both else 1 if u < both + only_full else 2 if u < both + only_full + only_compressed else 3] += 1
+            kind = 0 if u < both else 1 if u < both + only_full else 2 if u < both + only_full + only_compressed else 3
+            counts[kind] += 1
         covered += drop_upper_bound(PairedCounts(*counts), 0.95) >= truth
     return covered / trials
 
@@ -34,7 +35,8 @@ def test_the_paired_bound_covers_the_true_drop_at_its_confidence(both, only_full
 
 def test_the_bound_is_above_the_observed_drop_and_not_zero_when_nothing_changes():
     unchanged = PairedCounts(50, 0, 0, 0)
-    assert unchanged.drop == 0 and 0.03 < drop_upper_bound(unchanged) < 0.08  # 50 problems cannot prove a drop below 2 points
+    # 50 problems cannot prove a drop below 2 points
+    assert unchanged.drop == 0 and 0.03 < drop_upper_bound(unchanged) < 0.08
     assert drop_upper_bound(PairedCounts(500, 0, 0, 0)) < 0.01
     counts = PairedCounts(40, 6, 1, 3)
     assert counts.drop == pytest.approx(0.1) and drop_upper_bound(counts, 0.95) > 0.1
@@ -82,13 +84,16 @@ def test_refinement_halves_the_gap_where_each_rule_stops_holding():
     assert refinements(ladder((0.1, True, True), (0.2, True, True)), 0.025) == []  # nothing failed: nothing to refine
     few = Choice("t", "rlkv", 1.0, 50, choice.points, 2.0, 0.95)  # 50 problems: no bound is below 5 points
     assert refinements(few, 0.025) == [0.35]
-    assert coarse_ladder(0.1) == [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9] and coarse_ladder(0.25) == [0.25, 0.5, 0.75]
+    assert coarse_ladder(0.1) == [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
+    assert coarse_ladder(0.25) == [0.25, 0.5, 0.75]
 
 
 def write_cells(folder: Path, outcomes: dict[tuple[str, float, int], list[bool]]) -> list[Cell]:
     cells = []
     for (strategy, sparsity, seed), solved in outcomes.items():
-        cell = Cell("embedded", strategy, sparsity, seed, sum(solved) / len(solved), sum(solved), len(solved), 1.0, 1.0)
+        cell = Cell(task="embedded", strategy=strategy, sparsity=sparsity, seed=seed,
+                    accuracy=sum(solved) / len(solved), correct=sum(solved), total=len(solved), kv_fraction=1.0,
+                    decode_tokens_per_s=1.0)
         path = cell_samples(folder, cell)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("".join(json.dumps({"doc_id": i, "classification": "correct" if ok else "incorrect"}) + "\n"

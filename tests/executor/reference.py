@@ -5,6 +5,7 @@ and trim afterwards)."""
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 
 import torch
@@ -36,12 +37,17 @@ def reference_mask(valid: torch.Tensor, compressed: torch.Tensor, sink: int, win
 
 
 @contextmanager
-def masked_reference(model, full: torch.Tensor, sink: int, window: int, full_sink: int | None = None, full_window: int | None = None):
+def masked_reference(model, full: torch.Tensor, sink: int, window: int, full_sink: int | None = None,
+                     full_window: int | None = None):
     def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
         if query.shape[2] > 1:  # prefill: full attention for every head, as the paper evaluates
-            return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+            return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                          **kwargs)
         kv = key.shape[2]
-        valid = attention_mask[:, 0, -1, :] if attention_mask is not None else torch.ones(key.shape[0], kv, dtype=torch.bool)
+        if attention_mask is not None:
+            valid = attention_mask[:, 0, -1, :]
+        else:
+            valid = torch.ones(key.shape[0], kv, dtype=torch.bool)
         allowed = reference_mask(valid, ~full[module.layer_idx], sink, window, full_sink, full_window)
         allowed = allowed.repeat_interleave(module.num_key_value_groups, dim=1)[:, :, None, :]
         keys = key.repeat_interleave(module.num_key_value_groups, dim=1)
@@ -69,11 +75,44 @@ def left_padded_batch(batch: int, length: int, vocab: int = 256, seed: int = 0):
 def teacher_forced_logits(model, ids, mask, continuation, cache):
     """Prefill `ids`, then feed `continuation` one token per step; logits of every step."""
     position = mask.long().cumsum(-1) - 1
-    out = model(input_ids=ids, attention_mask=mask, position_ids=position.clamp_min(0), **cache_kwargs(model, cache), use_cache=True)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=position.clamp_min(0), **cache_kwargs(model, cache),
+                use_cache=True)
     logits = [out.logits[:, -1]]
     for step in range(continuation.shape[1]):
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         position = position[:, -1:] + 1
-        out = model(input_ids=continuation[:, step : step + 1], attention_mask=mask, position_ids=position, **cache_kwargs(model, cache), use_cache=True)
+        out = model(input_ids=continuation[:, step : step + 1], attention_mask=mask, position_ids=position,
+                    **cache_kwargs(model, cache), use_cache=True)
         logits.append(out.logits[:, -1])
     return torch.stack(logits, dim=1)
+
+
+def explicit_streaming_mask(valid: torch.Tensor, sink: int, window: int) -> torch.Tensor:
+    """Loops, not tensor tricks: query i may see key j if j <= i, j is real, and j is one of the first
+    `sink` real keys or i - j < window. Padding queries keep their ordinary causal row."""
+    batch, length = valid.shape
+    mask = torch.zeros(batch, 1, length, length, dtype=torch.bool)
+    for b in range(batch):
+        real = [j for j in range(length) if valid[b, j]]
+        for i in range(length):
+            for j in range(i + 1):
+                if valid[b, j] and (real.index(j) < sink or i - j < window):
+                    mask[b, 0, i, j] = True
+    return mask
+
+
+def explicit_block_mask(valid: torch.Tensor, sink: int, window: int, block: int) -> torch.Tensor:
+    """Loops: with real positions p (rank among the row's real tokens), query at p_q may see a real key at
+    p_k <= p_q if the key's block p_k // block is one of the first ceil(sink / block) blocks, or one of the
+    ceil(window / block) blocks that end with the query's own block."""
+    batch, length = valid.shape
+    sink_blocks, recent_blocks = math.ceil(sink / block), math.ceil(window / block)
+    mask = torch.zeros(batch, 1, length, length, dtype=torch.bool)
+    for b in range(batch):
+        real = [j for j in range(length) if valid[b, j]]
+        for i in real:
+            for j in real:
+                pq, pk = real.index(i), real.index(j)
+                if pk <= pq and (pk // block < sink_blocks or pq // block - pk // block < recent_blocks):
+                    mask[b, 0, i, j] = True
+    return mask

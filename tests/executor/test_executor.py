@@ -33,7 +33,8 @@ def test_sparsity_zero_matches_the_plain_model(arch):
     plain = model.generate(ids, max_new_tokens=30, do_sample=False, output_logits=True, return_dict_in_generate=True)
     plan = plan_from_scores(torch.rand(4, 4), 0.0)
     with compressed(model, plan) as session:
-        ours = session.generate(ids, max_new_tokens=30, do_sample=False, output_logits=True, return_dict_in_generate=True)
+        ours = session.generate(ids, max_new_tokens=30, do_sample=False, output_logits=True,
+                                return_dict_in_generate=True)
         assert isinstance(session.last_cache, HeadwiseCache)
     assert torch.equal(plain.sequences, ours.sequences)
     torch.testing.assert_close(torch.stack(ours.logits), torch.stack(plain.logits), rtol=1e-4, atol=1e-4)
@@ -45,7 +46,8 @@ def test_sparsity_zero_matches_the_plain_model(arch):
 def test_compressed_heads_match_the_masked_reference(arch, sparsity, batch):
     model = make_model(arch)
     sink, window = 4, 8
-    plan = plan_from_scores(torch.rand(4, 4, generator=torch.Generator().manual_seed(2)), sparsity, Streaming(sink, window))
+    plan = plan_from_scores(torch.rand(4, 4, generator=torch.Generator().manual_seed(2)), sparsity,
+                            Streaming(sink, window))
     ids, mask = left_padded_batch(batch, 30)
     continuation = torch.randint(1, 256, (batch, 100), generator=torch.Generator().manual_seed(3))
     actual, cache = check_against_reference(model, plan, ids, mask, continuation, sink, window)
@@ -135,7 +137,8 @@ def test_unsupported_architecture_is_refused():
     from transformers import AutoConfig, AutoModelForCausalLM
 
     gpt2 = AutoModelForCausalLM.from_config(AutoConfig.for_model("gpt2", n_layer=1, n_embd=16, n_head=2))
-    with pytest.raises(KvrlError, match="supported: llama, mistral, qwen2, qwen3"), compressed(gpt2, plan_from_scores(torch.rand(1, 2), 0.5)):
+    plan = plan_from_scores(torch.rand(1, 2), 0.5)
+    with pytest.raises(KvrlError, match="supported: llama, mistral, qwen2, qwen3"), compressed(gpt2, plan):
         pass
 
 
@@ -168,7 +171,8 @@ def test_decoding_simulation_is_a_no_op_without_compressed_heads():
 
 def test_decoding_simulation_feeds_the_prompt_tail_one_token_at_a_time():
     model = make_model("llama")
-    plan = plan_from_scores(torch.rand(4, 4, generator=torch.Generator().manual_seed(3)), 1.0, Streaming(sink=2, window=3))
+    plan = plan_from_scores(torch.rand(4, 4, generator=torch.Generator().manual_seed(3)), 1.0,
+                            Streaming(sink=2, window=3))
     ids, mask = left_padded_batch(2, 30)
     with compressed(model, plan, decoding_simulation=10) as session:
         simulated = session.generate(ids, attention_mask=mask, max_new_tokens=15, do_sample=False, pad_token_id=0)
@@ -183,13 +187,15 @@ def test_decoding_simulation_feeds_the_prompt_tail_one_token_at_a_time():
 
 
 def test_decoding_simulation_must_not_be_negative():
-    with pytest.raises(KvrlError, match="decoding_simulation"), compressed(make_model("llama"), plan_from_scores(torch.rand(4, 4), 0.5), decoding_simulation=-1):
+    model, plan = make_model("llama"), plan_from_scores(torch.rand(4, 4), 0.5)
+    with pytest.raises(KvrlError, match="decoding_simulation"), compressed(model, plan, decoding_simulation=-1):
         pass
 
 
 def test_generate_with_an_explicit_cache_equals_session_generate_and_a_foreign_cache_is_refused():
     model = make_model("llama")
-    plan = plan_from_scores(torch.rand(4, 4, generator=torch.Generator().manual_seed(5)), 0.5, Streaming(sink=2, window=3))
+    plan = plan_from_scores(torch.rand(4, 4, generator=torch.Generator().manual_seed(5)), 0.5,
+                            Streaming(sink=2, window=3))
     ids = torch.randint(1, 256, (2, 30), generator=torch.Generator().manual_seed(6))
     with compressed(model, plan) as session:
         ours = session.generate(ids, max_new_tokens=12, do_sample=False)
@@ -206,19 +212,22 @@ def test_generate_with_an_explicit_cache_equals_session_generate_and_a_foreign_c
 def test_a_hybrid_plan_matches_the_masked_reference(arch, batch):
     # full heads stream too (sink 3 + 9 recent), compressed heads keep 2 + 4: both groups follow the reference
     model = make_model(arch)
-    plan = plan_from_scores(torch.rand(4, 4, generator=torch.Generator().manual_seed(9)), 0.5, Streaming(sink=2, window=4))
+    plan = plan_from_scores(torch.rand(4, 4, generator=torch.Generator().manual_seed(9)), 0.5,
+                            Streaming(sink=2, window=4))
     plan = replace(plan, full_policy=Streaming(sink=3, budget_spec=Budget(fixed=12)))
     ids, mask = left_padded_batch(batch, 30)
     continuation = torch.randint(1, 256, (batch, 40), generator=torch.Generator().manual_seed(10))
     actual, cache = check_against_reference(model, plan, ids, mask, continuation, 2, 4, full_sink=3, full_window=9)
     for layer in cache.layers:
-        assert layer.keys.shape[2] == (12 if layer.has_full else 0) and layer.compressed_keys.shape[2] == (6 if layer.has_compressed else 0)
+        assert layer.keys.shape[2] == (12 if layer.has_full else 0)
+        assert layer.compressed_keys.shape[2] == (6 if layer.has_compressed else 0)
     with masked_reference(model, plan.full, 2, 4):  # and the full heads' eviction is not a no-op
         heads_only = teacher_forced_logits(model, ids, mask, continuation, DynamicCache())
     assert (heads_only - actual).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("full_policy, budget", [("streaming", "0.5"), ("snapkv", "0.25"), ("h2o", "100"), ("streaming", "1.0")])
+@pytest.mark.parametrize("full_policy, budget",
+                         [("streaming", "0.5"), ("snapkv", "0.25"), ("h2o", "100"), ("streaming", "1.0")])
 def test_measured_bytes_equal_a_hybrid_plan(full_policy, budget):
     model = make_model("llama")
     shape = ModelShape.from_config(model.config)

@@ -1,43 +1,10 @@
-import math
-
 import pytest
 import torch
 
 from kvpress_rl import KvrlError
 from kvpress_rl.executor import gated, new_gates
-from kvpress_rl.executor.gated import streaming_mask
 from kvpress_rl.models import SUPPORTED_ARCHITECTURES, random_model, small_config
-
-
-def explicit_streaming_mask(valid: torch.Tensor, sink: int, window: int) -> torch.Tensor:
-    """Loops, not tensor tricks: query i may see key j if j <= i, j is real, and j is one of the first
-    `sink` real keys or i - j < window. Padding queries keep their ordinary causal row."""
-    batch, length = valid.shape
-    mask = torch.zeros(batch, 1, length, length, dtype=torch.bool)
-    for b in range(batch):
-        real = [j for j in range(length) if valid[b, j]]
-        for i in range(length):
-            for j in range(i + 1):
-                if valid[b, j] and (real.index(j) < sink or i - j < window):
-                    mask[b, 0, i, j] = True
-    return mask
-
-
-def explicit_block_mask(valid: torch.Tensor, sink: int, window: int, block: int) -> torch.Tensor:
-    """Loops: with real positions p (rank among the row's real tokens), query at p_q may see a real key at
-    p_k <= p_q if the key's block p_k // block is one of the first ceil(sink / block) blocks, or one of the
-    ceil(window / block) blocks that end with the query's own block."""
-    batch, length = valid.shape
-    sink_blocks, recent_blocks = math.ceil(sink / block), math.ceil(window / block)
-    mask = torch.zeros(batch, 1, length, length, dtype=torch.bool)
-    for b in range(batch):
-        real = [j for j in range(length) if valid[b, j]]
-        for i in real:
-            for j in real:
-                pq, pk = real.index(i), real.index(j)
-                if pk <= pq and (pk // block < sink_blocks or pq // block - pk // block < recent_blocks):
-                    mask[b, 0, i, j] = True
-    return mask
+from tests.executor.reference import explicit_block_mask, explicit_streaming_mask
 
 
 def run(model, ids, mask, attention_mask_4d=None):
@@ -113,36 +80,6 @@ def test_bad_gates_and_windows_are_refused():
         pass
 
 
-def padded_4d(valid: torch.Tensor) -> torch.Tensor:
-    """The model's own bool mask (causal, keys not padding), as `sdpa_mask` gives the attention function."""
-    length = valid.shape[1]
-    causal = torch.tril(torch.ones(length, length, dtype=torch.bool))
-    return causal[None, None] & valid[:, None, None, :]
-
-
-@pytest.mark.parametrize("sink, window, block", [(3, 5, 4), (4, 8, 4), (1, 1, 3), (0, 6, 5)])
-def test_block_mask_matches_a_brute_force_reference_with_left_padding(sink, window, block):
-    valid = torch.ones(3, 23, dtype=torch.bool)
-    valid[1, :4] = False
-    valid[2, :9] = False
-    got = streaming_mask(padded_4d(valid), 23, 23, sink, window, "cpu", mode="block", block_size=block)
-    expected = explicit_block_mask(valid, sink, window, block)
-    real = valid[:, None, :, None].expand_as(got)  # padding query rows are free (they keep the model's own row)
-    assert torch.equal(got[real], expected[real])
-    # decoding one query against a cache gives the last row of the full mask
-    last = streaming_mask(padded_4d(valid)[:, :, -1:], 1, 23, sink, window, "cpu", mode="block", block_size=block)
-    assert torch.equal(last, expected[:, :, -1:])
-
-
-def test_block_mask_at_the_official_sizes_sees_257_to_384_keys():
-    mask = streaming_mask(None, 640, 640, 128, 256, "cpu", mode="block", block_size=128)[0, 0]
-    seen = mask.sum(-1)
-    assert seen[383].item() == 384 and seen[384].item() == 257 and seen[511].item() == 384 and seen[639].item() == 384
-    assert seen[384:].min().item() == 257 and seen[384:].max().item() == 384
-    token = streaming_mask(None, 640, 640, 128, 256, "cpu", mode="token")[0, 0].sum(-1)
-    assert token[384:].unique().tolist() == [384]  # the token mask: always 128 + 256
-
-
 def test_gated_block_mask_at_alpha_zero_is_the_block_streaming_model():
     model = random_model(small_config("llama"), seed=1)
     ids = torch.randint(1, 256, (2, 30), generator=torch.Generator().manual_seed(0))
@@ -160,7 +97,8 @@ def test_gated_block_mask_at_alpha_zero_is_the_block_streaming_model():
     real = mask.bool()
     torch.testing.assert_close(block[real], reference[real], rtol=1e-4, atol=1e-4)
     assert (block[real] - token[real]).abs().max() > 1e-3
-    with pytest.raises(KvrlError, match="mask must be one of token, block"), gated(model, new_gates(model), mask="dense"):
+    gates = new_gates(model)
+    with pytest.raises(KvrlError, match="mask must be one of token, block"), gated(model, gates, mask="dense"):
         pass
 
 
@@ -193,7 +131,8 @@ def test_decoding_steps_equal_the_teacher_forced_gated_forward(arch, mode):
     prompt = 20
     with torch.no_grad(), gated(model, gates, sink=3, window=7, mask=mode, block_size=4):
         whole = model(input_ids=ids, attention_mask=mask, position_ids=position).logits
-        out = model(input_ids=ids[:, :prompt], attention_mask=mask[:, :prompt], position_ids=position[:, :prompt], use_cache=True)
+        out = model(input_ids=ids[:, :prompt], attention_mask=mask[:, :prompt], position_ids=position[:, :prompt],
+                    use_cache=True)
         cache, steps = out.past_key_values, [out.logits[:, -1]]
         for t in range(prompt, ids.shape[1]):  # one token at a time: the decoding path
             out = model(input_ids=ids[:, t:t + 1], attention_mask=mask[:, :t + 1], position_ids=position[:, t:t + 1],

@@ -135,7 +135,8 @@ def test_h2o_keeps_half_heavy_hitters_half_recent():
 
 def test_h2o_accumulates_over_queries_and_group_heads():
     probs = torch.rand(1, 4, 3, 10)  # 2 KV heads x 2 query heads each
-    layer = HeadwiseLayer(torch.tensor([], dtype=torch.long), torch.arange(2), H2O(budget_spec=Budget(fixed=4)), groups=2)
+    layer = HeadwiseLayer(torch.tensor([], dtype=torch.long), torch.arange(2), H2O(budget_spec=Budget(fixed=4)),
+                          groups=2)
     summed = layer.compressed._sum_groups(probs)
     torch.testing.assert_close(summed[0, 1], probs[0, 2] + probs[0, 3])
     policy = H2O(budget_spec=Budget(fixed=4))

@@ -13,7 +13,8 @@ from tests.executor.reference import masked_reference, teacher_forced_logits
 
 pytestmark = pytest.mark.slow
 
-PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "Explain what a prime number is in one sentence."]
+PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.",
+           "Explain what a prime number is in one sentence."]
 
 
 def chat_batch(tokenizer, prompts=PROMPTS):
@@ -23,7 +24,8 @@ def chat_batch(tokenizer, prompts=PROMPTS):
 
 
 def greedy(model, tokenizer, ids, mask, new_tokens, plan=None):
-    return generate(model, plan, ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    return generate(model, plan, ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
+                    pad_token_id=tokenizer.pad_token_id)
 
 
 def test_the_gguf_loads_as_the_published_layout(smollm2):

@@ -7,13 +7,15 @@ from kvpress_rl import HeadScores, KvrlError, SelectionContext, plan_from_scores
 from kvpress_rl.models import random_model, small_config
 from kvpress_rl.strategies.file import FileOptions, FileScores
 
-PATTERNS = {"Llama-3.1-8B-R1": ("llama", 32, 8), "Qwen-2.5-7B-R1": ("qwen2", 28, 4), "Qwen-3-4B-Thinking": ("qwen3", 36, 8)}
+PATTERNS = {"Llama-3.1-8B-R1": ("llama", 32, 8), "Qwen-2.5-7B-R1": ("qwen2", 28, 4),
+            "Qwen-3-4B-Thinking": ("qwen3", 36, 8)}
 
 
 @pytest.mark.parametrize("folder", PATTERNS)
 def test_published_rlkv_pattern_compresses_the_lowest_heads_at_60_percent(head_patterns, folder):
     arch, layers, kv_heads = PATTERNS[folder]
-    config = small_config(arch, num_hidden_layers=layers, num_key_value_heads=kv_heads, num_attention_heads=kv_heads * 2,
+    config = small_config(arch, num_hidden_layers=layers, num_key_value_heads=kv_heads,
+                          num_attention_heads=kv_heads * 2,
                           hidden_size=32, head_dim=8, intermediate_size=32)
     model = random_model(config)
     path = head_patterns / folder / "rlkv.tsv"
@@ -39,7 +41,8 @@ def check_lowest_compressed(plan, clipped, count, exact_order):
 def test_file_of_another_shape_is_refused(head_patterns):
     model = random_model(small_config("llama"))
     with pytest.raises(KvrlError, match="32 layers x 8 KV heads, the model has 4 x 4"):
-        FileScores(FileOptions(path=str(head_patterns / "Llama-3.1-8B-R1" / "rlkv.tsv"))).select(model, None, SelectionContext())
+        llama = FileScores(FileOptions(path=str(head_patterns / "Llama-3.1-8B-R1" / "rlkv.tsv")))
+        llama.select(model, None, SelectionContext())
 
 
 def test_file_needs_a_path():

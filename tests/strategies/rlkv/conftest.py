@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 
@@ -12,5 +14,14 @@ def tiny():
     weights = {k: v.clone() for k, v in model.state_dict().items()}
     flags = [p.requires_grad for p in model.parameters()]
     yield model, tokenizer
-    assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items()), "a test changed the shared tiny model's weights"
-    assert [p.requires_grad for p in model.parameters()] == flags, "a test left the shared tiny model's requires_grad changed"
+    assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items()), (
+        "a test changed the shared tiny model's weights")
+    assert [p.requires_grad
+            for p in model.parameters()] == flags, "a test left the shared tiny model's requires_grad changed"
+
+
+@pytest.fixture
+def data(tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps({"question": f"{i}+0=", "answer": str(i % 3)}) + "\n" for i in range(20)))
+    return path

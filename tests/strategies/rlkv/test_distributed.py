@@ -31,7 +31,8 @@ def worker(rank: int, world_size: int, port: int, data: str, out: str) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
         model, tokenizer = tiny_model_and_tokenizer()  # a subprocess: the plain function, not the `tiny` fixture
-        options = RLKVOptions(data=data, steps=3, prompts_per_step=4, group_size=4, max_new_tokens=3, self_distillation=False,
+        options = RLKVOptions(data=data, steps=3, prompts_per_step=4, group_size=4, max_new_tokens=3,
+                              self_distillation=False,
                               lr=0.05, sink=1, window=2, train_mask="token", gradient_checkpointing=False)
         scores = RLKV(options).select(model, tokenizer, SelectionContext(seed=0))  # sampling is seeded with seed + rank
         torch.save(scores.scores, f"{out}/gates-{rank}.pt")
@@ -65,7 +66,8 @@ def backward_worker(rank: int, world_size: int, port: int, out: str) -> None:
         results = {}
         for level in LEVELS:
             gates = part["gates"].clone().requires_grad_(True)
-            stats = backward_learner(level).policy_backward(model, gates, part["sequences"], part["mask"], part["offset"],
+            stats = backward_learner(level).policy_backward(model, gates, part["sequences"], part["mask"],
+                                                            part["offset"],
                                                             part["advantages"], part["rewards"], 1, 2)
             results[level] = (gates.grad.clone(), stats)
         torch.save(results, f"{out}/result-{rank}.pt")
@@ -80,9 +82,11 @@ def test_two_processes_with_uneven_tokens_take_the_gradient_of_one_process_over_
     with torch.no_grad():
         gates.uniform_(0.2, 0.9)
     parts = []
-    for rank, (texts, new_tokens) in enumerate(((("12+0=", "3+0="), 8), (("456+78=", "9+1="), 2))):  # long vs short completions
+    # long vs short completions
+    for rank, (texts, new_tokens) in enumerate(((("12+0=", "3+0="), 8), (("456+78=", "9+1="), 2))):
         with gated(model, gates, sink=1, window=2):
-            sequences, mask, offset = rollouts(model, tokenizer, [tokenizer(t)["input_ids"] for t in texts], RLKVOptions(max_new_tokens=new_tokens),
+            sequences, mask, offset = rollouts(model, tokenizer, [tokenizer(t)["input_ids"] for t in texts],
+                                               RLKVOptions(max_new_tokens=new_tokens),
                                                sample=True, copies=4)
         parts.append(dict(sequences=sequences, mask=mask, offset=offset, gates=gates.detach().clone(),
                           advantages=torch.linspace(-1.0, 1.0, 8) * (rank + 1),
@@ -90,7 +94,8 @@ def test_two_processes_with_uneven_tokens_take_the_gradient_of_one_process_over_
         torch.save(parts[-1], tmp_path / f"part-{rank}.pt")
     tokens = [int(p["mask"][:, p["offset"]:].sum()) for p in parts]
     assert tokens[0] > 2 * tokens[1]  # uneven: a mean of per-process means would weigh the short batch up
-    sequences, mask, offset = join_rollouts([(p["sequences"], p["mask"], p["offset"]) for p in parts], tokenizer.pad_token_id)
+    sequences, mask, offset = join_rollouts([(p["sequences"], p["mask"], p["offset"]) for p in parts],
+                                            tokenizer.pad_token_id)
     advantages = torch.cat([p["advantages"] for p in parts])
     rewards = torch.cat([p["rewards"] for p in parts])
 
@@ -98,7 +103,8 @@ def test_two_processes_with_uneven_tokens_take_the_gradient_of_one_process_over_
     results = [torch.load(tmp_path / f"result-{rank}.pt") for rank in (0, 1)]
     for level in LEVELS:
         union = gates.detach().clone().requires_grad_(True)
-        stats = backward_learner(level).policy_backward(model, union, sequences, mask, offset, advantages, rewards, 1, 2)
+        stats = backward_learner(level).policy_backward(model, union, sequences, mask, offset, advantages, rewards, 1,
+                                                        2)
         assert stats["beta_prime"] > 0 and stats["micro_batches"] == 4
         for grad, rank_stats in (r[level] for r in results):
             torch.testing.assert_close(grad, union.grad, atol=1e-7, rtol=1e-5)
@@ -110,7 +116,8 @@ def test_two_processes_with_uneven_tokens_take_the_gradient_of_one_process_over_
 def leaving_worker(rank: int, world_size: int, port: int, out: str) -> None:
     """Rank 1 leaves after the first all_reduce; rank 0 waits in the second and records how its error is classified."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=60))  # a hang fails, in a minute
+    # a hang fails, in a minute
+    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=60))
     value = torch.ones(1)
     dist.all_reduce(value)
     if rank == 1:

@@ -33,7 +33,8 @@ def test_batch_advantages_follow_the_official_code():
     assert torch.all(batch_advantages(torch.ones(4), torch.tensor([3, 1, 2, 5])) == 0)  # no signal
 
 
-# The official batch advantage: two groups of 2, the first agreeing. (r - 0.5) * 10 = +5, +5 | +5, -5 on 1, 3 | 2, 2 completion tokens:
+# The official batch advantage: two groups of 2, the first agreeing. (r - 0.5) * 10 = +5, +5 | +5, -5 on 1, 3 | 2, 2
+# completion tokens:
 # token-weighted mean 20 / 8 = 2.5; squared deviations 6 * 2.5^2 + 2 * 7.5^2 = 150 over 8 - 1 tokens (unbiased);
 # advantages (x - 2.5) / (sqrt(150 / 7) + 1e-5) = 2.5 / 4.6291105, -7.5 / 4.6291105.
 AGREEING = torch.tensor([1.0, 1.0, 1.0, 0.0])
@@ -44,10 +45,12 @@ AGREEING_BATCH = [0.5400606, 0.5400606, 0.5400606, -1.6201817]
 def test_the_official_batch_z_score_gives_a_group_that_agrees_the_batch_s_signal():
     adv = batch_advantages(AGREEING, AGREEING_TOKENS)
     assert adv.tolist() == pytest.approx(AGREEING_BATCH, abs=1e-6)
-    assert adv.tolist() != pytest.approx([0.57735, 0.57735, 0.57735, -1.73205], abs=1e-4)  # not the biased std, sqrt(150 / 8)
+    # not the biased std, sqrt(150 / 8)
+    assert adv.tolist() != pytest.approx([0.57735, 0.57735, 0.57735, -1.73205], abs=1e-4)
     assert step_advantages("batch", AGREEING, AGREEING_TOKENS, 2).tolist() == pytest.approx(AGREEING_BATCH, abs=1e-6)
     # the paper's per-group z-score: the agreeing group gets nothing
-    assert step_advantages("group", AGREEING, AGREEING_TOKENS, 2).tolist() == pytest.approx([0.0, 0.0, 1.0, -1.0], abs=1e-4)
+    assert step_advantages("group", AGREEING, AGREEING_TOKENS, 2).tolist() == pytest.approx([0.0, 0.0, 1.0, -1.0],
+                                                                                            abs=1e-4)
     with pytest.raises(ValueError, match="advantage must be one of group, batch"):
         step_advantages("token", AGREEING, AGREEING_TOKENS, 2)
 
@@ -70,8 +73,10 @@ def test_l1_weight_by_reward_level():
     rewards = torch.tensor([1.0, 1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0])  # groups of 4: r_bar 0.5 and 1.0
     e = math.exp
     assert level_weight(rewards, "batch", 1.0, 0.5) == pytest.approx(e(0.75) - 1)
-    assert level_weight(rewards, "group", 1.0, 0.5, group_size=4) == pytest.approx((0.0 + e(1.0) - 1) / 2)  # 0.5 is not above tau
-    parts, tokens = [slice(0, 2), slice(2, 8)], torch.tensor([1, 1, 3, 3, 1, 1, 1, 1])  # micro-batches: r_bar 1.0 (2 tokens), 4/6 (10)
+    # 0.5 is not above tau
+    assert level_weight(rewards, "group", 1.0, 0.5, group_size=4) == pytest.approx((0.0 + e(1.0) - 1) / 2)
+    # micro-batches: r_bar 1.0 (2 tokens), 4/6 (10)
+    parts, tokens = [slice(0, 2), slice(2, 8)], torch.tensor([1, 1, 3, 3, 1, 1, 1, 1])
     expected = ((e(1.0) - 1) * 2 + (e(4 / 6) - 1) * 10) / 12
     assert level_weight(rewards, "micro-batch", 1.0, 0.5, parts=parts, tokens=tokens) == pytest.approx(expected)
     assert level_weight(rewards, "group", 2.0, 0.5, adaptive=False, group_size=4) == 2.0

@@ -1,11 +1,15 @@
-"""RLKV's own decoding loop (`rollouts.decode`): greedy tokens are transformers' `generate`'s, and the sampler draws from
+"""RLKV's own decoding loop (`rollouts.decode`): greedy tokens are transformers' `generate`'s, and the sampler draws
+from
 the full softmax."""
+
 
 import torch
 
 from kvpress_rl.embedded.data import left_pad
 from kvpress_rl.executor.gated import gated, new_gates
-from kvpress_rl.strategies.rlkv.rollouts import decode, end_ids, sample_tokens, shared_prefill
+from kvpress_rl.strategies.rlkv import RLKVOptions
+from kvpress_rl.strategies.rlkv.rollouts import decode, end_ids, generate, rollouts, sample_tokens, shared_prefill
+from tests.strategies.rlkv.helpers import backward_options
 
 
 def test_greedy_decoding_gives_the_tokens_of_transformers_generate_with_padding_stops_and_gates(tiny):
@@ -17,7 +21,8 @@ def test_greedy_decoding_gives_the_tokens_of_transformers_generate_with_padding_
     gates = torch.rand(new_gates(model).shape)
     with torch.no_grad(), gated(model, gates, sink=1, window=2):
         ours = decode(model, ids, mask, None, 12, None, stops, tokenizer.pad_token_id)
-        theirs = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False, eos_token_id=stops,
+        theirs = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
+                                eos_token_id=stops,
                                 pad_token_id=tokenizer.pad_token_id)[:, ids.shape[1]:]
         shared = decode(model, ids, mask, shared_prefill(model, ids, mask, 1), 12, None, stops, tokenizer.pad_token_id)
     assert torch.equal(ours, theirs)
@@ -46,3 +51,29 @@ def test_a_finished_row_is_padded_and_decoding_ends_when_every_row_stopped(tiny)
             first = int(stop.nonzero()[0])
             assert (row[first + 1:] == tokenizer.pad_token_id).all()
     assert out.shape[1] == 30 or stops.any(1).all()
+
+
+def test_copies_of_a_prompt_share_one_prefill_and_generate_what_separate_rows_would(tiny):
+    model, tokenizer = tiny
+    opts = RLKVOptions(max_new_tokens=6)
+    prompts = [tokenizer("12+0=")["input_ids"], tokenizer("3+0=")["input_ids"]]  # unequal lengths: left padding
+    gates = new_gates(model, 0.5)
+    with gated(model, gates, sink=1, window=2):
+        separate = generate(model, tokenizer, [p for p in prompts for _ in range(3)], opts, sample=False)
+        shared = generate(model, tokenizer, prompts, opts, sample=False, copies=3)
+    assert shared[2] == separate[2]
+    assert torch.equal(shared[0], separate[0]) and torch.equal(shared[1], separate[1])
+
+
+def test_rollouts_in_batches_of_prompts_join_into_the_batch_one_call_gives(tiny):
+    model, tokenizer = tiny
+    prompts = [tokenizer(t)["input_ids"] for t in ("12+0=", "3+0=", "456+78=")]
+    gates = new_gates(model, 0.5)
+    results = []
+    for batch in (None, 1):
+        with gated(model, gates, sink=1, window=2):
+            results.append(rollouts(model, tokenizer, prompts, backward_options(rollout_batch=batch), sample=False,
+                                    copies=2))
+    (seq_a, mask_a, off_a), (seq_b, mask_b, off_b) = results
+    assert off_a == off_b and torch.equal(mask_a, mask_b)
+    assert torch.equal(seq_a[mask_a.bool()], seq_b[mask_b.bool()])

@@ -6,7 +6,13 @@ import pytest
 import torch
 
 from kvpress_rl import KvrlError
-from kvpress_rl.engines.vllm.layout import EnginePlan, freeable_blocks, head_blocks_held, ideal_capacity_ratio, kept_history
+from kvpress_rl.engines.vllm.layout import (
+    EnginePlan,
+    freeable_blocks,
+    head_blocks_held,
+    ideal_capacity_ratio,
+    kept_history,
+)
 from kvpress_rl.plan import CompressionPlan, plan_from_scores
 from kvpress_rl.policies import SnapKV, Streaming
 
@@ -59,10 +65,10 @@ def test_token_and_hybrid_plans_are_refused():
         EnginePlan.from_plan(hybrid)
 
 
-def test_group_layout_keeps_full_groups_exact_where_vllm_would_pad_them():
+def test_group_layout_keeps_full_groups_exact_where_vllm_would_pad_them(vllm_installed):
     from kvpress_rl.engines.vllm.layout import group_layout, padded_head_blocks, vllm_group_size
 
-    assert vllm_group_size([45, 67]) == 67  # vLLM alone: the 45 full heads padded to 67
+    assert vllm_group_size(45, 67) == 67  # vLLM alone: the 45 full heads padded to 67
     per_group = group_layout(45, 67, 4096, 16)
     assert 45 % per_group == 0 and 67 >= 1.5 * per_group
     assert padded_head_blocks(45, 67, per_group, 4096, 16) < 0.7 * padded_head_blocks(45, 67, 67, 4096, 16)

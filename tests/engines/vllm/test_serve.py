@@ -90,9 +90,10 @@ def test_serve_answers_chat_completions_as_the_executor(tmp_path):
         printed = (tmp_path / "serve.log").read_text()
         assert "compressed to 16 sink + 64 recent tokens" in printed and f"http://127.0.0.1:{port}/v1" in printed
         problems = task_problems(COUNTED_TASK, "test", 3)
-        answers = [post(f"http://127.0.0.1:{port}/v1/chat/completions",
-                        {"model": "embedded", "messages": [{"role": "user", "content": p.prompt()}], "temperature": 0,
-                         "max_tokens": ANSWER_LIMITS[COUNTED_TASK]})["choices"][0]["message"]["content"] for p in problems]
+        requests = [{"model": "embedded", "messages": [{"role": "user", "content": p.prompt()}], "temperature": 0,
+                     "max_tokens": ANSWER_LIMITS[COUNTED_TASK]} for p in problems]
+        answers = [post(f"http://127.0.0.1:{port}/v1/chat/completions", request)["choices"][0]["message"]["content"]
+                   for request in requests]
     finally:
         stop(server)
         log.close()
@@ -102,15 +103,16 @@ def test_serve_answers_chat_completions_as_the_executor(tmp_path):
     for problem, answer in zip(problems, answers):
         ids = torch.tensor([prompt_ids(tokenizer, problem)])
         with torch.inference_mode():
-            out = generate(model, plan, ids, max_new_tokens=ANSWER_LIMITS[COUNTED_TASK], do_sample=False, eos_token_id=end_ids,
-                           pad_token_id=tokenizer.pad_token_id)
+            out = generate(model, plan, ids, max_new_tokens=ANSWER_LIMITS[COUNTED_TASK], do_sample=False,
+                           eos_token_id=end_ids, pad_token_id=tokenizer.pad_token_id)
         assert answer == tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
     with pytest.raises(OSError):  # the server is gone
         urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5)
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--heads", str(RLKV_HEADS), "--sparsity", "0.5", "--speculative-config", "{}"], "speculative decoding is refused under a head plan"),
+    (["--heads", str(RLKV_HEADS), "--sparsity", "0.5", "--speculative-config", "{}"],
+     "speculative decoding is refused under a head plan"),
     (["--concurrency", "0"], "--concurrency must be a positive number"),
     (["--kv-cache-memory-bytes", "lots"], "--kv-cache-memory-bytes takes a number of bytes"),
     (["--enable-chunked-prefill"], "--enable-chunked-prefill is set by kvrl serve"),
@@ -134,7 +136,8 @@ def status_of(url: str, body: bytes) -> int:
 def preemptions(base: str) -> float:
     """vLLM's count of preempted requests since the server started (its Prometheus counter)."""
     metrics = urllib.request.urlopen(f"{base}/metrics", timeout=30).read().decode()
-    return sum(float(line.split()[-1]) for line in metrics.splitlines() if line.startswith("vllm:num_preemptions_total"))
+    return sum(float(line.split()[-1]) for line in metrics.splitlines()
+               if line.startswith("vllm:num_preemptions_total"))
 
 
 def children(pid: int) -> list[int]:
@@ -160,8 +163,8 @@ def descendants(pid: int) -> list[int]:
 
 
 def test_serve_stays_up_under_preemption_and_bad_requests_and_exits_when_its_engine_dies(tmp_path):
-    """Concurrent long requests under a KV cache for about 2 of them (preemptions forced), seeded sampling beside them, bad
-    requests: every good request completes with its length, bad ones get 4xx, the server answers after them; then
+    """Concurrent long requests under a KV cache for about 2 of them (preemptions forced), seeded sampling beside them,
+    bad requests: every good request completes with its length, bad ones get 4xx, the server answers after them; then
     the engine core is killed and `kvrl serve` exits 1 with one line, leaving nothing running."""
     from concurrent.futures import ThreadPoolExecutor
 
@@ -169,20 +172,24 @@ def test_serve_stays_up_under_preemption_and_bad_requests_and_exits_when_its_eng
     env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="1")
     log_path = tmp_path / "serve.log"
     log = log_path.open("w")
-    server = subprocess.Popen([KVRL, "serve", "--heads", str(RLKV_HEADS), "--sparsity", "0.5", "--port", str(port), "--max-model-len", "1024",
-                               "--kv-cache-memory-bytes", "60000000", "--dtype", "float32", "--max-num-seqs", "8"],
+    server = subprocess.Popen([KVRL, "serve", "--heads", str(RLKV_HEADS), "--sparsity", "0.5", "--port", str(port),
+                               "--max-model-len", "1024", "--kv-cache-memory-bytes", "60000000", "--dtype", "float32",
+                               "--max-num-seqs", "8"],
                               stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
         wait_until_healthy(f"{base}/health", server)
         printed = log_path.read_text()
-        assert "KV cache: 57 MiB (--kv-cache-memory-bytes)" in printed and "warning: --max-num-seqs 8 is more than" in printed
+        assert "KV cache: 57 MiB (--kv-cache-memory-bytes)" in printed
+        assert "warning: --max-num-seqs 8 is more than" in printed
         generator = torch.Generator().manual_seed(0)
         # short prompts, long answers: all are admitted, then their growth outruns the cache
-        prompts = [torch.randint(100, 40000, (n,), generator=generator).tolist() for n in (150, 120, 100, 140, 130, 110)]
-        greedy = [{"model": "embedded", "prompt": p, "max_tokens": 600, "temperature": 0, "ignore_eos": True} for p in prompts]
-        seeded = [{"model": "embedded", "prompt": prompts[0], "max_tokens": 40, "temperature": 0.8, "seed": s, "ignore_eos": True}
-                  for s in (1, 2)]
+        lengths = (150, 120, 100, 140, 130, 110)
+        prompts = [torch.randint(100, 40000, (n,), generator=generator).tolist() for n in lengths]
+        greedy = [{"model": "embedded", "prompt": p, "max_tokens": 600, "temperature": 0,
+                   "ignore_eos": True} for p in prompts]
+        seeded = [{"model": "embedded", "prompt": prompts[0], "max_tokens": 40, "temperature": 0.8, "seed": s,
+                   "ignore_eos": True} for s in (1, 2)]
         with ThreadPoolExecutor(len(greedy) + len(seeded)) as pool:
             answers = list(pool.map(lambda body: post(f"{base}/v1/completions", body), greedy + seeded))
         assert [a["usage"]["completion_tokens"] for a in answers] == [600] * len(greedy) + [40] * len(seeded)
@@ -190,9 +197,11 @@ def test_serve_stays_up_under_preemption_and_bad_requests_and_exits_when_its_eng
         bad = [b"{not json", json.dumps({"model": "embedded", "prompt": prompts[0], "max_tokens": -1}).encode(),
                json.dumps({"model": "embedded", "prompt": prompts[0] * 8, "max_tokens": 10}).encode()]
         assert all(400 <= status_of(f"{base}/v1/completions", body) < 500 for body in bad)
-        after = post(f"{base}/v1/completions", {"model": "embedded", "prompt": prompts[1], "max_tokens": 5, "temperature": 0})
+        after = post(f"{base}/v1/completions",
+                     {"model": "embedded", "prompt": prompts[1], "max_tokens": 5, "temperature": 0})
         assert after["usage"]["completion_tokens"] == 5
-        engine_cores = [pid for pid in descendants(server.pid) if "EngineCore" in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+        engine_cores = [pid for pid in descendants(server.pid)
+                        if "EngineCore" in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
                         or "EngineCore" in Path(f"/proc/{pid}/comm").read_text()]
         assert engine_cores, "vLLM's engine core runs in its own process"
         tree = descendants(server.pid)
@@ -203,9 +212,11 @@ def test_serve_stays_up_under_preemption_and_bad_requests_and_exits_when_its_eng
             os.killpg(server.pid, signal.SIGKILL)
             server.wait()
         log.close()
-    assert "exiting 1 so that a supervisor restarts it" in log_path.read_text() or "stopping the server (exit 1)" in log_path.read_text()
+    logged = log_path.read_text()
+    assert "exiting 1 so that a supervisor restarts it" in logged or "stopping the server (exit 1)" in logged
     time.sleep(2)
-    assert not [pid for pid in tree if Path(f"/proc/{pid}").exists() and "zombie" not in Path(f"/proc/{pid}/status").read_text()]
+    assert not [pid for pid in tree
+                if Path(f"/proc/{pid}").exists() and "zombie" not in Path(f"/proc/{pid}/status").read_text()]
 
 
 def test_an_answer_does_not_depend_on_the_load(tmp_path):
@@ -216,17 +227,19 @@ def test_an_answer_does_not_depend_on_the_load(tmp_path):
     port = free_port()
     env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="1")
     log = (tmp_path / "serve.log").open("w")
-    server = subprocess.Popen([KVRL, "serve", "--heads", str(RLKV_HEADS), "--sparsity", "0.8", "--port", str(port), "--max-model-len", "1024",
-                               "--concurrency", "6", "--dtype", "float32"], stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    server = subprocess.Popen([KVRL, "serve", "--heads", str(RLKV_HEADS), "--sparsity", "0.8", "--port", str(port),
+                               "--max-model-len", "1024", "--concurrency", "6", "--dtype", "float32"],
+                              stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
         wait_until_healthy(f"{base}/health", server)
         assert "admits 6 concurrent sequences" in (tmp_path / "serve.log").read_text()
         generator = torch.Generator().manual_seed(1)
-        bodies = [{"model": "embedded", "prompt": torch.randint(100, 40000, (n,), generator=generator).tolist(), "max_tokens": 120,
-                   "temperature": 0, "ignore_eos": True} for n in (90, 400, 650, 200, 530, 300)]
+        bodies = [{"model": "embedded", "prompt": torch.randint(100, 40000, (n,), generator=generator).tolist(),
+                   "max_tokens": 120, "temperature": 0, "ignore_eos": True} for n in (90, 400, 650, 200, 530, 300)]
         with ThreadPoolExecutor(len(bodies)) as pool:
-            loaded = [a["choices"][0]["text"] for a in pool.map(lambda body: post(f"{base}/v1/completions", body), bodies)]
+            answers = pool.map(lambda body: post(f"{base}/v1/completions", body), bodies)
+            loaded = [a["choices"][0]["text"] for a in answers]
         idle = [post(f"{base}/v1/completions", body)["choices"][0]["text"] for body in bodies]
         assert preemptions(base) == 0
     finally:

@@ -1,7 +1,7 @@
-"""The gated model in vLLM (RLKV's rollouts, `kvrl select --rollout-engine vllm`): for fixed gates, the log-probabilities
-the engine reports for its sampled tokens are the learner's teacher-forced ones, on the embedded model (token-exact
-16 + 64) and on a random-weight Qwen2 with the official 128-token blocks; gates sent mid-life replace the old ones,
-and gates the engine did not get (stale) are caught by the same comparison."""
+"""The gated model in vLLM (RLKV's rollouts, `kvrl select --rollout-engine vllm`): for fixed gates, the
+log-probabilities the engine reports for its sampled tokens are the learner's teacher-forced ones, on the embedded
+model (token-exact 16 + 64) and on a random-weight Qwen2 with the official 128-token blocks; gates sent mid-life
+replace the old ones, and gates the engine did not get (stale) are caught by the same comparison."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from kvpress_rl.engines.vllm.engine import GatedRollouts
 from kvpress_rl.engines.vllm.layout import GatedBranch
 from kvpress_rl.executor.gated import gated, new_gates
 from kvpress_rl.strategies.rlkv.backward import completion_logprobs
-from tests.engines.conftest import tiny_folder
+from tests.engines.vllm.conftest import tiny_folder
 
 pytestmark = [pytest.mark.usefixtures("vllm_installed"), pytest.mark.engine]
 # float32 on both sides: the two implementations differ by summation order only. The issue's bar is bfloat16's
@@ -22,7 +22,8 @@ TOLERANCE = 2e-3
 
 def learner_logprobs(model, gates: torch.Tensor, branch: GatedBranch, sequences, mask, offset) -> torch.Tensor:
     """The learner's teacher-forced log-probabilities of the completion tokens (`RLKV.policy_backward`'s forward)."""
-    with torch.no_grad(), gated(model, gates, sink=branch.sink, window=branch.window, mask=branch.mask, block_size=branch.block_size):
+    with torch.no_grad(), gated(model, gates, sink=branch.sink, window=branch.window, mask=branch.mask,
+                                block_size=branch.block_size):
         return completion_logprobs(model, sequences, mask, offset, copies=1, shared=False)
 
 
@@ -44,7 +45,8 @@ def test_embedded_engine_samples_the_learners_policy_and_takes_new_gates_without
     branch = GatedBranch(sink=16, window=64, mask="token")
     prompts = [chat_ids(tokenizer, p.prompt) for p in load_problems("embedded-count", 3, 2**32, None)]
     first, second = random_gates(model, 0), random_gates(model, 1) ** 3  # the second pushes many gates towards 0
-    sampling = dict(copies=2, temperature=1.0, max_new_tokens=80, stop_ids=end_ids(tokenizer), pad_id=tokenizer.pad_token_id, logprobs=True)
+    sampling = dict(copies=2, temperature=1.0, max_new_tokens=80, stop_ids=end_ids(tokenizer),
+                    pad_id=tokenizer.pad_token_id, logprobs=True)
     torch.manual_seed(0)
     engine = GatedRollouts(None, branch, dtype="float32", max_model_len=1024)
     try:
@@ -53,10 +55,12 @@ def test_embedded_engine_samples_the_learners_policy_and_takes_new_gates_without
         engine.close()
     for gates, (sequences, mask, offset, sampled) in runs:
         assert mask[:, offset:].sum() > 100  # real completions, not empty ones
-        assert largest_difference(sampled, learner_logprobs(model, gates, branch, sequences, mask, offset), mask, offset) < TOLERANCE
+        learner = learner_logprobs(model, gates, branch, sequences, mask, offset)
+        assert largest_difference(sampled, learner, mask, offset) < TOLERANCE
     # stale gates: the second batch scored by a learner that still held the first gates is a different policy
     sequences, mask, offset, sampled = runs[1][1]
-    assert largest_difference(sampled, learner_logprobs(model, first, branch, sequences, mask, offset), mask, offset) > 20 * TOLERANCE
+    stale = learner_logprobs(model, first, branch, sequences, mask, offset)
+    assert largest_difference(sampled, stale, mask, offset) > 20 * TOLERANCE
 
 
 def test_random_qwen2_engine_matches_the_learner_with_the_official_blocks(tmp_path_factory):
@@ -68,8 +72,8 @@ def test_random_qwen2_engine_matches_the_learner_with_the_official_blocks(tmp_pa
     torch.manual_seed(0)
     engine = GatedRollouts(folder, branch, dtype="float32", max_model_len=1024)
     try:
-        sequences, mask, offset, sampled = engine.generate(gates, prompts, copies=2, temperature=1.0, max_new_tokens=300, stop_ids=[],
-                                                           pad_id=0, logprobs=True)
+        sequences, mask, offset, sampled = engine.generate(gates, prompts, copies=2, temperature=1.0,
+                                                           max_new_tokens=300, stop_ids=[], pad_id=0, logprobs=True)
     finally:
         engine.close()
     assert mask[:, offset:].sum() == 6 * 300  # no stop token: every row crosses several 128-token blocks
@@ -81,8 +85,9 @@ def test_random_qwen2_engine_matches_the_learner_with_the_official_blocks(tmp_pa
 
 
 def test_select_samples_every_step_in_the_engine_and_closes_it(tmp_path):
-    """`SelectionContext.rollout_engine` (what `kvrl select --rollout-engine vllm` passes): the learner starts one engine with
-    its streaming branch, sends the gates before each step's rollouts, trains on what the engine sampled, and closes it."""
+    """`SelectionContext.rollout_engine` (what `kvrl select --rollout-engine vllm` passes): the learner starts one
+    engine with its streaming branch, sends the gates before each step's rollouts, trains on what the engine sampled,
+    and closes it."""
     import json
 
     from kvpress_rl.selector import SelectionContext
@@ -93,15 +98,18 @@ def test_select_samples_every_step_in_the_engine_and_closes_it(tmp_path):
     model.save_pretrained(tmp_path / "tiny")
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps({"question": f"{i}+0=", "answer": str(i % 3)}) + "\n" for i in range(12)))
-    opts = RLKVOptions(data=str(data), steps=2, prompts_per_step=2, group_size=4, max_new_tokens=4, self_distillation=False, lr=0.05,
-                       micro_batch_tokens=40, sink=1, window=2, train_mask="token", gradient_checkpointing=False)
+    opts = RLKVOptions(data=str(data), steps=2, prompts_per_step=2, group_size=4, max_new_tokens=4,
+                       self_distillation=False, lr=0.05, micro_batch_tokens=40, sink=1, window=2, train_mask="token",
+                       gradient_checkpointing=False)
     started = []
 
     def start(**branch):
-        started.append((branch, GatedRollouts(str(tmp_path / "tiny"), GatedBranch(**branch), dtype="float32", max_model_len=256)))
-        return started[-1][1]
+        engine = GatedRollouts(str(tmp_path / "tiny"), GatedBranch(**branch), dtype="float32", max_model_len=256)
+        started.append((branch, engine))
+        return engine
 
-    scores = RLKV(opts).select(model, tokenizer, SelectionContext(seed=0, work_dir=str(tmp_path / "run"), rollout_engine=start))
+    context = SelectionContext(seed=0, work_dir=str(tmp_path / "run"), rollout_engine=start)
+    scores = RLKV(opts).select(model, tokenizer, context)
     assert len(started) == 1 and started[0][0] == {"sink": 1, "window": 2, "mask": "token", "block_size": 128}
     engine = started[0][1]
     assert engine.engine.llm is None  # closed by the learner

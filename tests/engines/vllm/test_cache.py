@@ -86,14 +86,15 @@ def test_vllm_groups_tagged_full_heads_without_padding_them(full, compressed):
 
     common = dict(block_size=16, num_kv_heads=1, head_size=128, dtype=torch.bfloat16)
     per_group = group_layout(full, compressed, 4096, 16)
-    specs = {f"model.layers.{i}.self_attn.attn.kvh0": TaggedFullSpec(**common, group_tag=i // per_group if per_group else 0)
-             for i in range(full)}
+    tags = [i // per_group if per_group else 0 for i in range(full)]
+    specs = {f"model.layers.{i}.self_attn.attn.kvh0": TaggedFullSpec(**common, group_tag=tags[i]) for i in range(full)}
     specs.update({f"model.layers.{full + i}.self_attn.attn.kvh0": SinkWindowSpec(**common) for i in range(compressed)})
     groups = _get_kv_cache_groups_uniform_page_size(specs)
     size = max(len(g.layer_names) for g in groups)  # vLLM's group size: a shorter group is padded to it
     full_groups = [g for g in groups if isinstance(g.kv_cache_spec, TaggedFullSpec)]
     assert {len(g.layer_names) for g in full_groups} == {size}  # no full group is padded
     assert sum(len(g.layer_names) for g in full_groups) == full
-    held = len(full_groups) * size * 256 + (len(groups) - len(full_groups)) * size * (head_blocks_held(4096, 16, full=False) + 1)
+    compressed_group_blocks = size * (head_blocks_held(4096, 16, full=False) + 1)
+    held = len(full_groups) * size * 256 + (len(groups) - len(full_groups)) * compressed_group_blocks
     assert held == padded_head_blocks(full, compressed, size, 4096, 16)
     assert len(groups) <= 16

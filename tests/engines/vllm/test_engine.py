@@ -1,7 +1,12 @@
-"""Head plans through the vLLM plugin: greedy tokens equal the executor's (tiny random Llama, Mistral, Qwen2 and Qwen3, the embedded
-model on 20 counted problems at s = 0.5 and 0.8), and the KV capacity vLLM reports at a fixed cache size."""
+"""Head plans through the vLLM plugin: greedy tokens equal the executor's (tiny random Llama, Mistral, Qwen2 and
+Qwen3, the embedded model on 20 counted problems at s = 0.5 and 0.8), the KV capacity vLLM reports at a fixed cache
+size, and `kvrl eval --engine vllm` (`PlanSwitchingEngine`): the same grid gives the transformers path's answers, its
+cells are keyed by engine, and what the engine cannot run is refused in one line before anything loads."""
 
 from __future__ import annotations
+
+import csv
+import json
 
 import pytest
 import torch
@@ -12,7 +17,7 @@ from kvpress_rl.plan import CompressionPlan, plan_from_scores
 from kvpress_rl.policies import Streaming
 from kvpress_rl.scores import HeadScores
 from tests.conftest import REPO_ROOT
-from tests.engines.conftest import tiny_folder
+from tests.engines.vllm.conftest import tiny_folder
 
 pytestmark = [pytest.mark.usefixtures("vllm_installed"), pytest.mark.engine]
 RLKV_HEADS = REPO_ROOT / "benchmarks" / "results" / "heads-rlkv-embedded-count.safetensors"
@@ -23,11 +28,13 @@ def executor_tokens(model, plan, prompt: list[int], new_tokens: int) -> list[int
     from kvpress_rl.executor import generate
 
     with torch.inference_mode():
-        out = generate(model, plan, torch.tensor([prompt]), max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+        out = generate(model, plan, torch.tensor([prompt]), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                       do_sample=False)
     return out[0, len(prompt):].tolist()
 
 
-@pytest.mark.parametrize("arch, eager", [("llama", True), ("mistral", True), ("qwen2", True), ("qwen3", True), ("llama", False)])
+@pytest.mark.parametrize("arch, eager",
+                         [("llama", True), ("mistral", True), ("qwen2", True), ("qwen3", True), ("llama", False)])
 def test_greedy_tokens_equal_the_executor_on_a_random_model(tmp_path_factory, arch, eager):
     """`eager=False`: vLLM's compiled model (torch.compile, as CUDA builds run it): each layer's attention is one op."""
     model, folder = tiny_folder(tmp_path_factory, arch)
@@ -35,13 +42,15 @@ def test_greedy_tokens_equal_the_executor_on_a_random_model(tmp_path_factory, ar
     plan = CompressionPlan(full, Streaming(), 0.5)
     generator = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, 512, (n,), generator=generator).tolist() for n in (20, 80, 300)]
-    settings = EngineSettings(model=folder, plan=EnginePlan.from_plan(plan), max_model_len=1024, dtype="float32", eager=eager)
+    settings = EngineSettings(model=folder, plan=EnginePlan.from_plan(plan), max_model_len=1024, dtype="float32",
+                              eager=eager)
     with VllmGenerator(settings) as engine:
         got = [out.token_ids for out in engine.generate(prompts, NEW_TOKENS)]
     differs_from_full = 0
     for prompt, tokens in zip(prompts, got):
         expected = executor_tokens(model, plan, prompt, NEW_TOKENS)
-        assert list(tokens) == expected, f"prompt of {len(prompt)} tokens: first difference at {first_difference(tokens, expected)}"
+        difference = first_difference(tokens, expected)
+        assert list(tokens) == expected, f"prompt of {len(prompt)} tokens: first difference at {difference}"
         differs_from_full += expected != executor_tokens(model, None, prompt, NEW_TOKENS)
     assert differs_from_full  # the plan changes the answer: the equality says something about the compressed heads
 
@@ -68,15 +77,17 @@ def test_greedy_tokens_equal_the_executor_on_the_embedded_model(embedded, sparsi
     prompts = [prompt_ids(tokenizer, p) for p in task_problems(COUNTED_TASK, "test", 20)]
     end_ids = [tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.eos_token_id]
     limit = ANSWER_LIMITS[COUNTED_TASK]
-    settings = EngineSettings(model=model_folder("embedded"), plan=EnginePlan.from_plan(plan), max_model_len=2048, dtype="float32")
+    settings = EngineSettings(model=model_folder("embedded"), plan=EnginePlan.from_plan(plan), max_model_len=2048,
+                              dtype="float32")
     with VllmGenerator(settings) as engine:
         got = [list(out.token_ids) for out in engine.generate(prompts, limit, stop_token_ids=end_ids)]
     ids, mask = left_pad(prompts, tokenizer.pad_token_id)
     with torch.inference_mode():
-        out = generate(model, plan, ids, attention_mask=mask, max_new_tokens=limit, do_sample=False, eos_token_id=end_ids,
-                       pad_token_id=tokenizer.pad_token_id)
+        out = generate(model, plan, ids, attention_mask=mask, max_new_tokens=limit, do_sample=False,
+                       eos_token_id=end_ids, pad_token_id=tokenizer.pad_token_id)
     expected = [row.tolist() for row in out[:, ids.shape[1]:]]
-    got = [[t for t in row if t not in end_ids] for row in got]  # the engine returns the stop token; the executor pads after it
+    # the engine returns the stop token; the executor pads after it
+    got = [[t for t in row if t not in end_ids] for row in got]
     expected = [[t for t in row if t not in end_ids] for row in expected]
     mismatched = [(i, first_difference(a, b)) for i, (a, b) in enumerate(zip(got, expected)) if a != b]
     assert sum(map(len, got)) > 20 * 30  # whole answers, not empty ones
@@ -86,10 +97,11 @@ def test_greedy_tokens_equal_the_executor_on_the_embedded_model(embedded, sparsi
 def reported_capacity(folder: str, plan: EnginePlan | None, length: int) -> tuple[int, float]:
     from vllm.v1.core.kv_cache_utils import get_kv_cache_capacity
 
-    settings = EngineSettings(model=folder, plan=plan, max_model_len=length, dtype="float32", exact_prefill=False, max_num_batched_tokens=64,
-                              kv_cache_memory_bytes=512 * 2**20)  # holds one full-cache sequence of 8,192 tokens
+    settings = EngineSettings(model=folder, plan=plan, max_model_len=length, dtype="float32", exact_prefill=False,
+                              # the cache holds one full-cache sequence of 8,192 tokens
+                              max_num_batched_tokens=64, kv_cache_memory_bytes=512 * 2**20)
     with VllmGenerator(settings) as engine:
-        core = engine.llm.llm_engine.engine_core.engine_core  # in-process engine core (tests/engines/conftest.py)
+        core = engine.llm.llm_engine.engine_core.engine_core  # in-process engine core (tests/engines/vllm/conftest.py)
         return get_kv_cache_capacity(core.vllm_config, core.scheduler.kv_cache_config)
 
 
@@ -104,3 +116,44 @@ def test_capacity_at_a_fixed_cache_size_is_near_the_ideal(length):
         ideal = ideal_capacity_ratio(plan.num_compressed / plan.num_heads, length)
         assert requests / full_requests >= 0.9 * ideal, (sparsity, requests / full_requests, ideal)
         assert tokens / full_tokens >= 0.9 * ideal
+
+
+GRID = ["eval", "--tasks", "embedded_count", "--strategy", "rlkv", "--heads", str(RLKV_HEADS), "--sparsity", "0.8",
+        "--limit", "6", "--dtype", "float32", "--batch-size", "6"]
+
+
+def responses(folder) -> dict[str, list[str]]:
+    found = {}
+    for path in sorted((folder / "samples" / "embedded_count").glob("*.jsonl")):
+        found[path.stem] = [json.loads(line)["filtered_resps"][0] for line in path.read_text().splitlines()]
+    return found
+
+
+def test_the_engine_answers_as_the_executor_and_its_cells_are_its_own(cli, tmp_path):
+    engine = cli(*GRID, "--engine", "vllm", "--output", "vllm")
+    assert engine.exit_code == 0, engine.output
+    executor = cli(*GRID, "--output", "transformers")
+    assert executor.exit_code == 0, executor.output
+    answers = responses(tmp_path / "vllm")
+    assert answers and answers == responses(tmp_path / "transformers")  # every answer, full cache and s = 0.8
+    rows = list(csv.DictReader((tmp_path / "vllm" / "grid.csv").open()))
+    assert {json.loads(row["definition"])["engine"] for row in rows} == {"vllm"}
+    resumed = cli(*GRID, "--output", "vllm")  # the transformers path does not resume the engine's cells
+    assert resumed.exit_code == 2 and "--engine" in resumed.output
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--strategy", "streaming"], "not token strategies (streaming)"),
+    (["--strategy", "rlkv", "--heads", str(RLKV_HEADS), "--compressed-policy", "snapkv"],
+     "--compressed-policy other than streaming"),
+    (["--strategy", "rlkv", "--heads", str(RLKV_HEADS), "--decoding-simulation", "50"], "no decoding simulation"),
+    (["--strategy", "rlkv", "--heads", str(RLKV_HEADS), "--num-processes", "2"], "runs in one process"),
+    (["--strategy", "rlkv", "--heads", str(RLKV_HEADS), "--model", "random:llama"],
+     "loads a folder of weights or a hub id"),
+])
+def test_what_the_engine_cannot_run_is_refused_in_one_line(cli, tmp_path, args, message):
+    result = cli("eval", "--tasks", "embedded_count", "--sparsity", "0.5", "--limit", "2", "--engine", "vllm", *args,
+                 "--output", "out")
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert not (tmp_path / "out").exists()

@@ -37,7 +37,8 @@ def tiny_folder(tmp_path_factory, arch: str, seed: int = 0, **overrides):
     """A random-weight checkpoint small enough for every test (head size 32: vLLM's CPU attention needs >= 32)."""
     from kvpress_rl.models import random_model, small_config
 
-    fields = dict(hidden_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=32, num_hidden_layers=2, vocab_size=512)
+    fields = dict(hidden_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=32, num_hidden_layers=2,
+                  vocab_size=512)
     fields.update(overrides)
     model = random_model(small_config(arch, **fields), seed=seed)
     folder = tmp_path_factory.mktemp(f"tiny-{arch}")
