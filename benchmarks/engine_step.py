@@ -39,16 +39,18 @@ def engine_plan(name: str, scores: HeadScores) -> EnginePlan | None:
     return EnginePlan.from_plan(plan_from_scores(scores, float(name.split("=")[1])))
 
 
-def decode_rate(folder: str, plan: EnginePlan | None, prompts: list[list[int]], new_tokens: int, dtype: str, repeats: int,
-                profile: Path | None = None, compiled: bool = False) -> dict:
-    """Decoding tokens/s of the batch, step by step: every prompt is prefilled in the first step (one batch of all of
-    them), then each engine step decodes one token of every request; the mean of the decoding steps, best of `repeats`."""
+def decode_rate(folder: str, plan: EnginePlan | None, prompts: list[list[int]], new_tokens: int, dtype: str,
+                repeats: int, profile: Path | None = None, compiled: bool = False) -> dict:
+    """Decoding tokens/s of the batch, step by step: every prompt is prefilled in the first step (one batch of all
+    of them), then each engine step decodes one token of every request; the mean of the decoding steps, best of
+    `repeats`."""
     from vllm import SamplingParams
 
     length = len(prompts[0]) + new_tokens + 32
     budget = int(len(prompts) * length * kv_bytes_per_token(folder, getattr(torch, dtype)) * 1.1) + 2**26
     settings = EngineSettings(model=folder, plan=plan, max_model_len=length, dtype=dtype, kv_cache_memory_bytes=budget,
-                              max_num_seqs=len(prompts), max_num_batched_tokens=len(prompts) * length, eager=not compiled)
+                              max_num_seqs=len(prompts), max_num_batched_tokens=len(prompts) * length,
+                              eager=not compiled)
     params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True, detokenize=False)
     best, prefill = 0.0, 0.0
     with VllmGenerator(settings) as engine:
@@ -78,11 +80,14 @@ def decode_rate(folder: str, plan: EnginePlan | None, prompts: list[list[int]], 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default="embedded,qwen2.5-7b-2l")
-    parser.add_argument("--loads", default="512:16:128,4096:8:64", help="prompt tokens:requests:new tokens, comma-separated")
-    parser.add_argument("--qwen-loads", default="512:16:128,4096:4:32", help="the same for the Qwen2.5-7B layout (slower per token)")
+    parser.add_argument("--loads", default="512:16:128,4096:8:64",
+                        help="prompt tokens:requests:new tokens, comma-separated")
+    parser.add_argument("--qwen-loads", default="512:16:128,4096:4:32",
+                        help="the same for the Qwen2.5-7B layout (slower per token)")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--compiled", action="store_true", help="every engine compiled (vLLM's default on its CPU build), not eager")
+    parser.add_argument("--compiled", action="store_true",
+                        help="every engine compiled (vLLM's default on its CPU build), not eager")
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args()
     rows = []
@@ -98,15 +103,18 @@ def main() -> None:
                 generator = torch.Generator().manual_seed(0)
                 prompts = torch.randint(100, vocab, (requests, prompt_tokens), generator=generator).tolist()
                 for name in ENGINES:
-                    result = decode_rate(folder, engine_plan(name, scores), prompts, new_tokens, args.dtype, args.repeats, compiled=args.compiled)
-                    rows.append({"model": model, "prompt_tokens": prompt_tokens, "requests": requests, "new_tokens": new_tokens,
-                                 "engine": name, **result})
+                    result = decode_rate(folder, engine_plan(name, scores), prompts, new_tokens, args.dtype,
+                                         args.repeats, compiled=args.compiled)
+                    rows.append({"model": model, "prompt_tokens": prompt_tokens, "requests": requests,
+                                 "new_tokens": new_tokens, "engine": name, **result})
                     print(rows[-1], flush=True)
     for row in rows:
-        stock = next(r for r in rows if r["model"] == row["model"] and r["prompt_tokens"] == row["prompt_tokens"] and r["engine"] == "stock")
+        stock = next(r for r in rows if r["model"] == row["model"] and r["prompt_tokens"] == row["prompt_tokens"]
+                     and r["engine"] == "stock")
         row["vs_stock"] = row["decode_tokens_per_s"] / stock["decode_tokens_per_s"]
         row["cpu"], row["dtype"], row["mode"] = cpu_name(), args.dtype, "compiled" if args.compiled else "eager"
-    print(f"\n{cpu_name()}, {args.dtype}, {'compiled' if args.compiled else 'eager'}; decoding tokens/s, best of {args.repeats}, ratio to stock vLLM in the same run\n")
+    print(f"\n{cpu_name()}, {args.dtype}, {'compiled' if args.compiled else 'eager'}; decoding tokens/s, best of "
+          f"{args.repeats}, ratio to stock vLLM in the same run\n")
     print("| model | prompt | requests | " + " | ".join(ENGINES) + " |\n| --- | --- | --- |" + " --- |" * len(ENGINES))
     for model in dict.fromkeys(r["model"] for r in rows):
         for prompt in dict.fromkeys(r["prompt_tokens"] for r in rows if r["model"] == model):

@@ -19,6 +19,7 @@ import csv
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -41,7 +42,8 @@ LAYOUTS = {  # public head layouts: the Qwen2.5 family, and SmolLM2-135M (the em
 
 def layout_model(layout: str, layers: int, dtype: torch.dtype, device: str):
     fields = dict(LAYOUTS[layout])
-    config = small_config(fields.pop("arch", "qwen2"), num_hidden_layers=layers, max_position_embeddings=131072, **fields)
+    config = small_config(fields.pop("arch", "qwen2"), num_hidden_layers=layers, max_position_embeddings=131072,
+                          **fields)
     with torch.device(device):
         return random_model(config, dtype=dtype)
 
@@ -59,7 +61,8 @@ def weight_bytes(model) -> int:
     return total if tied else total - embedding.numel() * embedding.element_size()
 
 
-def random_kv(cache, batch: int, seq_len: int, shape: ModelShape, dtype: torch.dtype, device: str, seed: int = 0) -> None:
+def random_kv(cache, batch: int, seq_len: int, shape: ModelShape, dtype: torch.dtype, device: str,
+              seed: int = 0) -> None:
     """Fill `cache` as if `seq_len` tokens had been prefilled (compressed heads cut to their budget)."""
     generator = torch.Generator(device=device).manual_seed(seed)
     for layer_idx in range(shape.num_layers):
@@ -98,7 +101,23 @@ def time_prefill(model, plan: CompressionPlan, seq_len: int) -> float:
         return time.perf_counter() - start
 
 
-def main(argv: list[str] | None = None) -> int:
+HEADER = ("len", "batch", "s", "heads_cmp", "kv_measured", "kv_ideal", "kv_full", "meas/ideal", "tok/s", "speedup",
+          "bound", "speedup/bound", "vs_sdpa", "prefill_ratio")
+
+
+@dataclass
+class Bench:
+    """The model under test and what every cell of the table shares."""
+
+    model: torch.nn.Module
+    shape: ModelShape
+    weights: int  # bytes of weights read per decode step
+    scores: torch.Tensor
+    dtype: torch.dtype
+    args: argparse.Namespace
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layout", default="qwen2.5-0.5b", choices=sorted(LAYOUTS))
     parser.add_argument("--layers", type=int, default=8)
@@ -115,57 +134,94 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.quick:
         args.lengths, args.batches = "1024,4096", "1"
+    return args
+
+
+@dataclass
+class Reference:
+    """What every plan at one cache length and batch is compared with."""
+
+    seq_len: int
+    batch: int
+    sdpa_speed: float  # decode tokens/s of the plain model with its own cache
+    prefill: float | None  # prefill seconds at sparsity 0 (None: not timed)
+    speed: float | None = None  # decode tokens/s of the first sparsity measured
+
+
+def measure_cell(bench: Bench, plan: CompressionPlan, sparsity: float, ref: Reference) -> dict:
+    """One row: the plan's cache bytes against the ideal and the full cache, its decode speed and prefill time."""
+    args, shape, dtype = bench.args, bench.shape, bench.dtype
+    seq_len, batch = ref.seq_len, ref.batch
+    with compressed(bench.model, plan) as session:
+        cache = session.new_cache()
+        random_kv(cache, batch, seq_len, shape, dtype, args.device)
+        measured = cache.nbytes()
+        speed = time_decode(bench.model, cache, batch, seq_len, args.steps, args.warmup)
+    del cache
+    ideal = plan.kv_bytes(seq_len, batch, head_dim=shape.head_dim, dtype=dtype)
+    full = plan.full_kv_bytes(seq_len, batch, head_dim=shape.head_dim, dtype=dtype)
+    ref.speed = ref.speed or speed
+    base_speed, sdpa_speed = ref.speed, ref.sdpa_speed
+    bound = (bench.weights + full) / (bench.weights + ideal)
+    prefill = None if args.no_prefill else time_prefill(bench.model, plan, seq_len) / ref.prefill
+    return dict(seq_len=seq_len, batch=batch, sparsity=sparsity, compressed_heads=plan.num_compressed,
+                kv_measured=measured, kv_ideal=ideal, kv_full=full, measured_over_ideal=measured / ideal,
+                decode_tok_s=speed, speedup=speed / base_speed, bound=bound,
+                speedup_over_bound=(speed / base_speed) / bound,
+                vs_sdpa=speed / sdpa_speed,  # against the plain model with its own cache, every sparsity
+                sdpa_tok_s=sdpa_speed, prefill_ratio=prefill if prefill is not None else float("nan"))
+
+
+def print_row(row: dict) -> None:
+    r = row
+    print(f"{r['seq_len']:>12} {r['batch']:>12} {r['sparsity']:>12.1f} {r['compressed_heads']:>12} "
+          f"{r['kv_measured']:>12} {r['kv_ideal']:>12} {r['kv_full']:>12} {r['measured_over_ideal']:>12.4f} "
+          f"{r['decode_tok_s']:>12.1f} {r['speedup']:>12.2f} {r['bound']:>12.2f} {r['speedup_over_bound']:>12.2f} "
+          f"{r['vs_sdpa']:>12.2f} {r['prefill_ratio']:>12.2f}", flush=True)
+
+
+def measure_length(bench: Bench, seq_len: int) -> list[dict]:
+    """Every batch size and sparsity at one cache length, each against the plain model's SDPA decode."""
+    args = bench.args
+    sparsities = [float(x) for x in args.sparsities.split(",")]
+    plan_at = {s: plan_from_scores(bench.scores, s, Streaming()) for s in sparsities}
+    prefill_base = None if args.no_prefill else time_prefill(bench.model, plan_from_scores(bench.scores, 0.0), seq_len)
+    rows = []
+    for batch in [int(x) for x in args.batches.split(",")]:
+        sdpa_cache = DynamicCache()
+        random_kv(sdpa_cache, batch, seq_len, bench.shape, bench.dtype, args.device)
+        sdpa_speed = time_decode(bench.model, sdpa_cache, batch, seq_len, args.steps, args.warmup)
+        del sdpa_cache
+        ref = Reference(seq_len=seq_len, batch=batch, sdpa_speed=sdpa_speed, prefill=prefill_base)
+        for sparsity, plan in plan_at.items():
+            row = measure_cell(bench, plan, sparsity, ref)
+            rows.append(row)
+            print_row(row)
+    return rows
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    print(f"wrote {path}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
     model = layout_model(args.layout, args.layers, dtype, args.device)
     shape = ModelShape.from_config(model.config)
-    weights = weight_bytes(model)
     scores = torch.rand(shape.num_layers, shape.num_kv_heads, generator=torch.Generator().manual_seed(0))
-    sparsities = [float(s) for s in args.sparsities.split(",")]
-    rows = []
+    bench = Bench(model=model, shape=shape, weights=weight_bytes(model), scores=scores, dtype=dtype, args=args)
     print(f"model: {args.layout} head layout, {args.layers} layers, {shape.num_layers * shape.num_kv_heads} KV heads, "
-          f"{args.dtype}, weights read per step {weights / 2**20:.0f} MiB, device {args.device}", flush=True)
-    header = ("len", "batch", "s", "heads_cmp", "kv_measured", "kv_ideal", "kv_full", "meas/ideal", "tok/s", "speedup",
-              "bound", "speedup/bound", "vs_sdpa", "prefill_ratio")
-    print(" ".join(f"{h:>12}" for h in header), flush=True)
-    for seq_len in [int(x) for x in args.lengths.split(",")]:
-        prefill_base = None if args.no_prefill else time_prefill(model, plan_from_scores(scores, 0.0), seq_len)
-        for batch in [int(x) for x in args.batches.split(",")]:
-            sdpa_cache = DynamicCache()
-            random_kv(sdpa_cache, batch, seq_len, shape, dtype, args.device)
-            sdpa_speed = time_decode(model, sdpa_cache, batch, seq_len, args.steps, args.warmup)
-            del sdpa_cache
-            base_speed = None
-            for sparsity in sparsities:
-                plan = plan_from_scores(scores, sparsity, Streaming())
-                with compressed(model, plan) as session:
-                    cache = session.new_cache()
-                    random_kv(cache, batch, seq_len, shape, dtype, args.device)
-                    measured = cache.nbytes()
-                    speed = time_decode(model, cache, batch, seq_len, args.steps, args.warmup)
-                del cache
-                ideal = plan.kv_bytes(seq_len, batch, head_dim=shape.head_dim, dtype=dtype)
-                full = plan.full_kv_bytes(seq_len, batch, head_dim=shape.head_dim, dtype=dtype)
-                base_speed = base_speed or speed
-                bound = (weights + full) / (weights + ideal)
-                prefill = None if args.no_prefill else time_prefill(model, plan, seq_len) / prefill_base
-                row = dict(seq_len=seq_len, batch=batch, sparsity=sparsity, compressed_heads=plan.num_compressed,
-                           kv_measured=measured, kv_ideal=ideal, kv_full=full, measured_over_ideal=measured / ideal,
-                           decode_tok_s=speed, speedup=speed / base_speed, bound=bound,
-                           speedup_over_bound=(speed / base_speed) / bound,
-                           vs_sdpa=speed / sdpa_speed,  # against the plain model with its own cache, every sparsity
-                           sdpa_tok_s=sdpa_speed, prefill_ratio=prefill if prefill is not None else float("nan"))
-                rows.append(row)
-                print(f"{seq_len:>12} {batch:>12} {sparsity:>12.1f} {plan.num_compressed:>12} {measured:>12} {ideal:>12} {full:>12} "
-                      f"{row['measured_over_ideal']:>12.4f} {speed:>12.1f} {row['speedup']:>12.2f} {bound:>12.2f} "
-                      f"{row['speedup_over_bound']:>12.2f} {row['vs_sdpa']:>12.2f} {row['prefill_ratio']:>12.2f}", flush=True)
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    print(f"wrote {out}")
+          f"{args.dtype}, weights read per step {bench.weights / 2**20:.0f} MiB, device {args.device}", flush=True)
+    print(" ".join(f"{h:>12}" for h in HEADER), flush=True)
+    rows = [row for seq_len in (int(x) for x in args.lengths.split(",")) for row in measure_length(bench, seq_len)]
+    write_csv(Path(args.output), rows)
     return 0
 
 

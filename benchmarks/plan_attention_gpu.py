@@ -6,9 +6,10 @@ heads each), for batches of 32 and 128 requests at an 8k context.
     python benchmarks/plan_attention_gpu.py --smoke --device cpu  # the same code at a toy size (CI-sized)
 
 Compressed: `paged_rows.PagedRows.read` then `kept_attention.decode_over_kept`, the code the vLLM plugin runs for a
-layer's compressed heads, reading 81 rows a head from a paged cache whose blocks are shuffled (as vLLM's are). Full: `scaled_dot_product_attention` over
-a contiguous `[R, 4, L, 128]` cache (the lower bound of any paged kernel), one query a request. Prints the error
-against the reference and milliseconds per layer step; a line per setting.
+layer's compressed heads, reading 81 rows a head from a paged cache whose blocks are shuffled (as vLLM's are).
+Full: `scaled_dot_product_attention` over a contiguous `[R, 4, L, 128]` cache (the lower bound of any paged
+kernel), one query a request. Prints the error against the reference and milliseconds per layer step; a line per
+setting.
 """
 
 from __future__ import annotations
@@ -84,7 +85,8 @@ def main() -> None:
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
     settings = [(2, 300), (4, 300)] if args.smoke else [(32, 8192), (128, 8192)]
-    print(f"{torch.cuda.get_device_name() if args.device == 'cuda' else 'CPU'}, torch {torch.__version__}, {args.dtype}")
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
+    print(f"{device_name}, torch {torch.__version__}, {args.dtype}")
     tolerance = 2e-2 if dtype != torch.float32 else 1e-4
     for requests, context in settings:
         line = check(requests, context, args.device, dtype, 3 if args.smoke else args.repeats)

@@ -14,8 +14,8 @@ set follows the live tensors.
 From the 8 numbers it fits, per checkpointing mode, `bytes = C + layers * T * s(T) + (T - prompt) * h`
 with `s(T) = s0 + s1 * T` (T tokens in the micro-batch, one row): s is what each decoder layer keeps per
 token (s1: what grows with the row's length, e.g. masks), h what the output head keeps per completion
-token (full-vocabulary logits, their float copy and log-softmax), C a constant. It then projects the peak GPU memory and the
-step time of DeepSeek-R1-Distill-Qwen-1.5B, -Qwen-7B and -Llama-8B at the paper's settings; the
+token (full-vocabulary logits, their float copy and log-softmax), C a constant. It then projects the peak GPU
+memory and the step time of DeepSeek-R1-Distill-Qwen-1.5B, -Qwen-7B and -Llama-8B at the paper's settings; the
 assumptions are printed next to the table.
 
     python benchmarks/rlkv_memory.py            # about 2.5 minutes on 2 cores
@@ -64,9 +64,11 @@ def child(layers: int, seq_len: int, checkpointing: bool) -> dict:
     stats = policy_backward(learner, model, gates, sequences, mask, PROMPT, advantages, rewards, o.sink, o.window, 1)
     seconds = time.perf_counter() - began
     peak = peak_bytes("cpu")
-    return dict(layers=layers, seq_len=seq_len, checkpointing=checkpointing, base_bytes=base, peak_bytes=peak, delta_bytes=peak - base,
-                seconds=seconds, grad_nonzero=bool(gates.grad is not None and gates.grad.abs().sum() > 0), train_mask=o.train_mask,
-                sink=o.sink, window=o.window, micro_batches=stats.get("micro_batches"), torch=torch.__version__, threads=torch.get_num_threads())
+    return dict(layers=layers, seq_len=seq_len, checkpointing=checkpointing, base_bytes=base, peak_bytes=peak,
+                delta_bytes=peak - base, seconds=seconds,
+                grad_nonzero=bool(gates.grad is not None and gates.grad.abs().sum() > 0), train_mask=o.train_mask,
+                sink=o.sink, window=o.window, micro_batches=stats.get("micro_batches"), torch=torch.__version__,
+                threads=torch.get_num_threads())
 
 
 def measure(layers: int, seq_len: int, checkpointing: bool, timeout: int) -> dict:
@@ -76,7 +78,8 @@ def measure(layers: int, seq_len: int, checkpointing: bool, timeout: int) -> dic
     env = dict(os.environ, PYTHONWARNINGS="ignore", MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="65536")
     done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
     if done.returncode != 0:
-        raise SystemExit(f"measurement {layers} layers, {seq_len} tokens, checkpointing {checkpointing} failed:\n{done.stderr[-3000:]}")
+        raise SystemExit(f"measurement {layers} layers, {seq_len} tokens, checkpointing {checkpointing} failed:\n"
+                         f"{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -101,7 +104,8 @@ def fit(rows: list[dict], checkpointing: bool) -> Fit:
     s = {t: (got[(l2, t)] - got[(l1, t)]) / ((l2 - l1) * t) for t in (t1, t2)}
     s1 = (s[t2] - s[t1]) / (t2 - t1)
     s0 = s[t1] - s1 * t1
-    rest = {t: got[(l1, t)] - t * l1 * s[t] for t in (t1, t2)}  # C + (T - prompt) * h: the head sees the completion only
+    # C + (T - prompt) * h: the head sees the completion only
+    rest = {t: got[(l1, t)] - t * l1 * s[t] for t in (t1, t2)}
     h = (rest[t2] - rest[t1]) / (t2 - t1)
     return Fit(C=rest[t1] - h * (t1 - PROMPT), h=h, s0=s0, s1=s1)
 
@@ -138,7 +142,8 @@ class Arch:
         """Elements a decoder layer keeps per token for the backward, to scale the measured s0 between layouts:
         norms and residuals (4 h), q / two attention outputs / their mix (4 H d), k and v (2 KV d), gate, up,
         activation and product (4 I)."""
-        return 4 * self.hidden + 4 * self.heads * self.head_dim + 2 * self.kv_heads * self.head_dim + 4 * self.intermediate
+        attention = 4 * self.heads * self.head_dim + 2 * self.kv_heads * self.head_dim
+        return 4 * self.hidden + attention + 4 * self.intermediate
 
     @property
     def kv_bytes_per_token(self) -> int:
@@ -174,7 +179,8 @@ def project(arch: Arch, fits: dict[bool, Fit], checkpointing: bool, whole_groups
     row = PROMPT_TOKENS + NEW_TOKENS
     # micro-batch: the official split packs sequences up to 7,680 tokens (one full-length row);
     # whole groups (a group never split) put G full-length rows together when one group exceeds the budget
-    rows = max(MICRO_BATCH_TOKENS // row, 1) if not whole_groups else max(MICRO_BATCH_TOKENS // (SAMPLES * row), 1) * SAMPLES
+    rows = max(MICRO_BATCH_TOKENS // row, 1) if not whole_groups else max(MICRO_BATCH_TOKENS // (SAMPLES * row),
+                                                                          1) * SAMPLES
     tokens = rows * row
     weights = arch.params * 2
     gates = arch.layers * arch.kv_heads * 4 * 4  # fp32 gates, their gradient and AdamW's two moments
@@ -189,9 +195,11 @@ def project(arch: Arch, fits: dict[bool, Fit], checkpointing: bool, whole_groups
     per_token_s = (weights + mean_kv) / (bandwidth * BANDWIDTH_EFFICIENCY) + LAUNCH_S_PER_LAYER * arch.layers
     rollout_s = calls * NEW_TOKENS * per_token_s
     trained = PROMPTS * SAMPLES * row
-    passes = 3 if checkpointing else 2  # forward, input-gradient backward (weights frozen), forward again when recomputed
+    # forward, input-gradient backward (weights frozen), forward again when recomputed
+    passes = 3 if checkpointing else 2
     dense = trained * 2 * arch.matmul_params * passes
-    attention_fwd = trained * 6 * row * arch.heads * arch.head_dim * arch.layers  # causal full branch + masked dense streaming branch
+    # causal full branch + masked dense streaming branch
+    attention_fwd = trained * 6 * row * arch.heads * arch.head_dim * arch.layers
     attention = attention_fwd * (1 + 2.5 + (1 if checkpointing else 0))
     backward_s = (dense + attention) / (flops * MFU)
     return dict(train=train, generate=generate, peak=max(train, generate), weights=weights, kv=kv, tokens=tokens,
@@ -204,7 +212,8 @@ def project(arch: Arch, fits: dict[bool, Fit], checkpointing: bool, whole_groups
 # published decode benchmarks of both engines reach at large batches on H100 / A100) plus ENGINE_STEP_S of scheduling
 # and sampling; the gated attention costs what full attention costs (the streaming branch reuses its scores).
 ENGINE_BANDWIDTH_EFFICIENCY, ENGINE_STEP_S, ENGINE_MEMORY_FRACTION = 0.75, 4e-3, 0.90
-OFFICIAL_GPU_HOURS = (22, 40)  # the paper's training cost (A100-hours), SGLang rollouts on one GPU and training on another
+# the paper's training cost (A100-hours), SGLang rollouts on one GPU and training on another
+OFFICIAL_GPU_HOURS = (22, 40)
 STEPS = 186
 
 
@@ -223,9 +232,11 @@ def project_engine(arch: Arch, gpu: str, memory: float = 80e9) -> dict:
 
 
 def engine_report(fits: dict[bool, Fit]) -> list[str]:
-    out = ["", f"### Projected with the rollouts in an engine: {STEPS} steps (the official training), activation checkpointing on", "",
-           "| model | sequences at once (80 GB) | rollouts s, eager (H100) | rollouts s, engine (H100) | backward s (H100) "
-           "| step s, engine (H100) | GPU-hours, eager (H100) | GPU-hours, engine (H100) | GPU-hours, engine (A100) |",
+    out = ["", f"### Projected with the rollouts in an engine: {STEPS} steps (the official training), activation "
+           "checkpointing on", "",
+           "| model | sequences at once (80 GB) | rollouts s, eager (H100) | rollouts s, engine (H100) | backward s "
+           "(H100) | step s, engine (H100) | GPU-hours, eager (H100) | GPU-hours, engine (H100) | GPU-hours, engine "
+           "(A100) |",
            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for arch in MODELS:
         eager = project(arch, fits, True, False, "H100 SXM 80GB")
@@ -234,18 +245,21 @@ def engine_report(fits: dict[bool, Fit]) -> list[str]:
         hours = {name: STEPS * (rollout + backward) / 3600 for name, rollout, backward in (
             ("eager", eager["rollout_s"], eager["backward_s"]), ("h100", h100["rollout_s"], eager["backward_s"]),
             ("a100", a100["rollout_s"], a100_backward))}
-        out.append(f"| {arch.name} | {h100['concurrent']} of {PROMPTS * SAMPLES} ({h100['waves']} wave{'s' if h100['waves'] > 1 else ''}) | "
-                   f"{eager['rollout_s']:.0f} | {h100['rollout_s']:.0f} | {eager['backward_s']:.0f} | {h100['rollout_s'] + eager['backward_s']:.0f} | "
-                   f"{hours['eager']:.0f} | {hours['h100']:.0f} | {hours['a100']:.0f} |")
-    out += ["", f"The official training: {OFFICIAL_GPU_HOURS[0]}-{OFFICIAL_GPU_HOURS[1]} A100-hours. Engine assumptions (not measured "
-            f"here): decode at {ENGINE_BANDWIDTH_EFFICIENCY:.0%} of the HBM bandwidth with the whole step in one continuous batch "
-            f"(as many full-length sequences as {ENGINE_MEMORY_FRACTION:.0%} of 80 GB holds beside the weights), "
-            f"{ENGINE_STEP_S * 1e3:.0f} ms of scheduling and sampling per decode step (CUDA graphs: no per-layer launches), every "
-            "rollout at the full length (the worst case), rollouts and backward one after the other on one GPU, and a fused "
-            "mixed-attention kernel (as the official SGLang fork's Triton backend): kvpress-rl's own gated vLLM backend is plain "
-            "torch (it gathers each request's cache once per layer and step) and has not run on a GPU. Measured here "
-            "(benchmarks/rollouts.py --engine, 2-core CPU) is only that vLLM samples the gated model's own policy (tests/engines/"
-            "test_vllm_gated.py) and its CPU speed against transformers, which says nothing of a GPU's."]
+        out.append(f"| {arch.name} | {h100['concurrent']} of {PROMPTS * SAMPLES} ({h100['waves']} "
+                   f"wave{'s' if h100['waves'] > 1 else ''}) | {eager['rollout_s']:.0f} | {h100['rollout_s']:.0f} | "
+                   f"{eager['backward_s']:.0f} | {h100['rollout_s'] + eager['backward_s']:.0f} | {hours['eager']:.0f} "
+                   f"| {hours['h100']:.0f} | {hours['a100']:.0f} |")
+    out += ["", f"The official training: {OFFICIAL_GPU_HOURS[0]}-{OFFICIAL_GPU_HOURS[1]} A100-hours. Engine "
+            f"assumptions (not measured here): decode at {ENGINE_BANDWIDTH_EFFICIENCY:.0%} of the HBM bandwidth "
+            "with the whole step in one continuous batch "
+            f"(as many full-length sequences as {ENGINE_MEMORY_FRACTION:.0%} of 80 GB holds beside "
+            f"the weights), {ENGINE_STEP_S * 1e3:.0f} ms of scheduling and sampling per decode step (CUDA graphs: no "
+            "per-layer launches), every rollout at the full length (the worst case), rollouts and backward one after "
+            "the other on one GPU, and a fused mixed-attention kernel (as the official SGLang fork's Triton backend): "
+            "kvpress-rl's own gated vLLM backend is plain torch (it gathers each request's cache once per layer and "
+            "step) and has not run on a GPU. Measured here (benchmarks/rollouts.py --engine, 2-core CPU) is only that "
+            "vLLM samples the gated model's own policy (tests/engines/test_vllm_gated.py) and its CPU speed against "
+            "transformers, which says nothing of a GPU's."]
     return out
 
 
@@ -254,59 +268,82 @@ def gib(value: float) -> str:
     return f"{value / GiB:.1f}"
 
 
-def report(rows: list[dict]) -> str:
-    fits = {mode: fit(rows, mode) for mode in (False, True)}
+def measured_section(rows: list[dict], fits: dict[bool, Fit]) -> list[str]:
+    """The measured backwards, one row each, and the fit through them."""
     out = ["### Measured (CPU, one learner backward, one sequence)", "",
-           "| layers | tokens | checkpointing | peak RSS - RSS before (MiB) | MiB per 1k tokens | seconds | gate gradient |",
+           "| layers | tokens | checkpointing | peak RSS - RSS before (MiB) | MiB per 1k tokens | seconds "
+           "| gate gradient |",
            "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in sorted(rows, key=lambda r: (r["checkpointing"], r["layers"], r["seq_len"])):
-        out.append(f"| {r['layers']} | {r['seq_len']} | {'on' if r['checkpointing'] else 'off'} | {r['delta_bytes'] / 2**20:.0f} | "
-                   f"{r['delta_bytes'] / 2**20 / r['seq_len'] * 1000:.0f} | {r['seconds']:.1f} | {'non-zero' if r['grad_nonzero'] else 'ZERO'} |")
+        out.append(f"| {r['layers']} | {r['seq_len']} | {'on' if r['checkpointing'] else 'off'} | "
+                   f"{r['delta_bytes'] / 2**20:.0f} | {r['delta_bytes'] / 2**20 / r['seq_len'] * 1000:.0f} | "
+                   f"{r['seconds']:.1f} | {'non-zero' if r['grad_nonzero'] else 'ZERO'} |")
     first = rows[0]
-    out += ["", f"Random-weight {MEASURED_LAYOUT} layout, bfloat16 weights and activations, fp32 gates, torch {first['torch']}, "
-            f"{first['threads']} threads, {first['train_mask']} mask {first['sink']} + {first['window']}, prompt {PROMPT} tokens.", "",
+    out += ["", f"Random-weight {MEASURED_LAYOUT} layout, bfloat16 weights and activations, fp32 gates, torch "
+            f"{first['torch']}, {first['threads']} threads, {first['train_mask']} mask {first['sink']} + "
+            f"{first['window']}, prompt {PROMPT} tokens.", "",
             "### Fit: bytes = C + layers x T x (s0 + s1 x T) + (T - prompt) x h", "",
-            "| checkpointing | s0: per layer, KiB/token | s1 x 7,424: KiB/token at a 7,424-token row | h: head, KiB per completion token | C: constant, MiB |",
+            "| checkpointing | s0: per layer, KiB/token | s1 x 7,424: KiB/token at a 7,424-token row "
+            "| h: head, KiB per completion token | C: constant, MiB |",
             "| --- | --- | --- | --- | --- |"]
     for mode in (False, True):
         f = fits[mode]
-        out.append(f"| {'on' if mode else 'off'} | {f.s0 / 1024:.1f} | {f.s1 * 7424 / 1024:.2f} | {f.h / 1024:.0f} | {f.C / 2**20:.0f} |")
-    out += ["", f"### Projected: one RLKV step on one GPU ({PROMPTS} prompts x {SAMPLES} samples, up to {NEW_TOKENS:,} new tokens)", "",
-            "| model | checkpointing | micro-batch | tokens / micro-batch | weights GiB | rollouts: KV GiB | rollout peak GiB "
-            "| backward peak GiB | **peak GiB** | < 80 GB | rollouts s (H100) | backward s (H100) | step s (H100) | step s (A100) |",
+        out.append(f"| {'on' if mode else 'off'} | {f.s0 / 1024:.1f} | {f.s1 * 7424 / 1024:.2f} | {f.h / 1024:.0f} "
+                   f"| {f.C / 2**20:.0f} |")
+    return out
+
+
+def projection_section(fits: dict[bool, Fit]) -> list[str]:
+    """One RLKV step of each model projected from the fit, and the assumptions behind it."""
+    out = ["", f"### Projected: one RLKV step on one GPU ({PROMPTS} prompts x {SAMPLES} samples, up to "
+           f"{NEW_TOKENS:,} new tokens)", "",
+            "| model | checkpointing | micro-batch | tokens / micro-batch | weights GiB | rollouts: KV GiB | rollout "
+            "peak GiB | backward peak GiB | **peak GiB** | < 80 GB | rollouts s (H100) | backward s (H100) | step s "
+            "(H100) | step s (A100) |",
             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for arch in MODELS:
         for mode in (True, False):
             for whole in (False, True):
                 h100 = project(arch, fits, mode, whole, "H100 SXM 80GB")
                 a100 = project(arch, fits, mode, whole, "A100 80GB")
-                out.append(f"| {arch.name} | {'on' if mode else 'off'} | {'whole groups' if whole else 'official (sequences)'} | "
-                           f"{h100['tokens']:,} | {gib(h100['weights'])} | {gib(h100['kv'])} | {gib(h100['generate'])} | {gib(h100['train'])} | "
-                           f"**{gib(h100['peak'])}** | {'yes' if h100['peak'] < 80e9 else 'NO'} | {h100['rollout_s']:.0f} | "
-                           f"{h100['backward_s']:.0f} | {h100['step_s']:.0f} | {a100['step_s']:.0f} |")
+                out.append(f"| {arch.name} | {'on' if mode else 'off'} | "
+                           f"{'whole groups' if whole else 'official (sequences)'} | {h100['tokens']:,} | "
+                           f"{gib(h100['weights'])} | {gib(h100['kv'])} | {gib(h100['generate'])} | "
+                           f"{gib(h100['train'])} | **{gib(h100['peak'])}** | {'yes' if h100['peak'] < 80e9 else 'NO'} "
+                           f"| {h100['rollout_s']:.0f} | {h100['backward_s']:.0f} | {h100['step_s']:.0f} | "
+                           f"{a100['step_s']:.0f} |")
     row = PROMPT_TOKENS + NEW_TOKENS
     out += ["", "Assumptions of the projection:", "",
-            f"- every rollout at the full length: {PROMPT_TOKENS}-token prompt + {NEW_TOKENS:,} new tokens = {row:,} tokens (worst case; "
-            "real steps are shorter on average); bf16 weights (untied embedding and output matrix), fp32 gates with AdamW.",
-            f"- micro-batches of {MICRO_BATCH_TOKENS:,} tokens. *official (sequences)*: the official code packs sequences, so a micro-batch "
-            f"holds one {row:,}-token row. *whole groups*: a micro-batch takes whole groups of G = {SAMPLES} and a group over the budget "
-            f"goes alone ({SAMPLES} x {row:,} tokens): what `pack_groups` does today.",
-            f"- rollouts generated {ROLLOUT_BATCH} prompts x {SAMPLES} samples per `generate` call ({PROMPTS // ROLLOUT_BATCH} calls); "
-            "the rollout peak is weights + the KV cache of one call at full length (bf16) + one step's float logits.",
-            "- backward memory: the CPU fit above, scaled per model: s0 by the elements a layer keeps per token "
-            "(4 hidden + 4 heads x head_dim + 2 KV heads x head_dim + 4 intermediate), the checkpointed s0 by hidden, h by vocabulary, "
-            "C by the output matrix, s1 unscaled (masks do not depend on the width). The CPU kernels stand in for the GPU ones "
-            "(flash attention with a boolean mask on both); the CUDA allocator's caching and fragmentation, and the CUDA context "
-            "(about 0.5-1 GiB, outside `max_memory_allocated`), are not included.",
-            f"- time: H100 SXM 989 TFLOP/s dense bf16 and 3.35 TB/s, A100 312 TFLOP/s and 2.0 TB/s. Rollouts: each decoded token reads the "
-            f"weights and the mean KV cache at {BANDWIDTH_EFFICIENCY:.0%} of the bandwidth, plus {LAUNCH_S_PER_LAYER * 1e3:.1f} ms of "
-            "kernel launches per layer (eager transformers `generate`, gated attention). Backward: 2 x matmul parameters FLOPs per "
-            "token per pass (forward, input-gradient backward, and a recomputed forward with checkpointing) plus attention "
-            f"(causal full branch + dense masked streaming branch, backward 2.5 x forward) at {MFU:.0%} MFU. "
-            "One GPU; with N data-parallel GPUs the step time divides by about N and the memory per GPU stays the same.",
-            "- the bar of issue 15: R1-Distill-Qwen-7B with checkpointing under 80 GB."]
-    out += engine_report(fits)
-    return "\n".join(out)
+            f"- every rollout at the full length: {PROMPT_TOKENS}-token prompt + {NEW_TOKENS:,} new tokens = {row:,} "
+            "tokens (worst case; real steps are shorter on average); bf16 weights (untied embedding and output "
+            "matrix), fp32 gates with AdamW.",
+            f"- micro-batches of {MICRO_BATCH_TOKENS:,} tokens. *official (sequences)*: the official code packs "
+            f"sequences, so a micro-batch holds one {row:,}-token row. *whole groups*: a micro-batch takes whole "
+            f"groups of G = {SAMPLES} and a group over the budget goes alone ({SAMPLES} x {row:,} tokens): what "
+            "`pack_groups` does today.",
+            f"- rollouts generated {ROLLOUT_BATCH} prompts x {SAMPLES} samples per `generate` call "
+            f"({PROMPTS // ROLLOUT_BATCH} calls); the rollout peak is weights + the KV cache of one call at full "
+            "length (bf16) + one step's float logits.",
+            "- backward memory: the CPU fit above, scaled per model: s0 by the elements a layer keeps per token (4 "
+            "hidden + 4 heads x head_dim + 2 KV heads x head_dim + 4 intermediate), the checkpointed s0 by hidden, h "
+            "by vocabulary, C by the output matrix, s1 unscaled (masks do not depend on the width). The CPU kernels "
+            "stand in for the GPU ones (flash attention with a boolean mask on both); the CUDA allocator's caching "
+            "and fragmentation, and the CUDA context (about 0.5-1 GiB, outside `max_memory_allocated`), are not "
+            "included.",
+            "- time: H100 SXM 989 TFLOP/s dense bf16 and 3.35 TB/s, A100 312 TFLOP/s and 2.0 TB/s. Rollouts: each "
+            f"decoded token reads the weights and the mean KV cache at {BANDWIDTH_EFFICIENCY:.0%} of the bandwidth, "
+            f"plus {LAUNCH_S_PER_LAYER * 1e3:.1f} ms of kernel launches per layer (eager transformers `generate`, "
+            "gated attention). Backward: 2 x matmul parameters FLOPs per token per pass (forward, input-gradient "
+            "backward, and a recomputed forward with checkpointing) plus attention (causal full branch + dense masked "
+            f"streaming branch, backward 2.5 x forward) at {MFU:.0%} MFU. One GPU; with N data-parallel GPUs the step "
+            "time divides by about N and the memory per GPU stays the same.",
+            "- the bar: R1-Distill-Qwen-7B with checkpointing under 80 GB."]
+    return out
+
+
+def report(rows: list[dict]) -> str:
+    fits = {mode: fit(rows, mode) for mode in (False, True)}
+    return "\n".join(measured_section(rows, fits) + projection_section(fits) + engine_report(fits))
 
 
 def main(argv: list[str] | None = None) -> int:

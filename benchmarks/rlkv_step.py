@@ -113,10 +113,12 @@ def make_learner(**values) -> RLKV:
     return RLKV(RLKVOptions(**{k: v for k, v in values.items() if k in known and v is not None}))
 
 
-def policy_backward(learner: RLKV, model, gates, sequences, mask, offset, advantages, rewards, sink, window, group_size) -> dict:
+def policy_backward(learner: RLKV, model, gates, sequences, mask, offset, advantages, rewards, sink, window,
+                    group_size) -> dict:
     """The teacher-forced backward of one step (gradients accumulate in `gates.grad`): the one place that
     calls the learner, to adapt if `RLKV.policy_backward` changes."""
-    return learner.policy_backward(model, gates, sequences, mask, offset, advantages, rewards, sink, window, group_size=group_size)
+    return learner.policy_backward(model, gates, sequences, mask, offset, advantages, rewards, sink, window,
+                                   group_size=group_size)
 
 
 # --- rollouts ------------------------------------------------------------------------------------
@@ -126,15 +128,36 @@ def rollouts(model, gates, learner: RLKV, prompts: int, samples: int, prompt_len
     (shared by the rows of a group), then the completion: sampled by the gated model at full length, or random."""
     o = learner.options
     vocab = model.config.vocab_size
-    prompt = torch.randint(0, vocab, (prompts, prompt_len), generator=generator).to(model.device).repeat_interleave(samples, dim=0)
+    prompt = torch.randint(0, vocab, (prompts, prompt_len), generator=generator).to(model.device)
+    prompt = prompt.repeat_interleave(samples, dim=0)
     new = seq_len - prompt_len
     if how == "random":
-        sequences = torch.cat([prompt, torch.randint(0, vocab, (len(prompt), new), generator=generator).to(model.device)], dim=1)
+        sampled = torch.randint(0, vocab, (len(prompt), new), generator=generator).to(model.device)
+        sequences = torch.cat([prompt, sampled], dim=1)
     else:
-        with torch.no_grad(), gated(model, gates, sink=o.sink, window=o.window, mask=o.train_mask, block_size=o.block_size):
-            sequences = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), do_sample=True, temperature=1.0,
-                                       top_k=0, top_p=1.0, max_new_tokens=new, min_new_tokens=new, pad_token_id=0)
+        with torch.no_grad(), gated(model, gates, sink=o.sink, window=o.window, mask=o.train_mask,
+                                    block_size=o.block_size):
+            sequences = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), do_sample=True,
+                                       temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=new, min_new_tokens=new,
+                                       pad_token_id=0)
     return sequences, torch.ones_like(sequences)
+
+
+def random_rewards(prompts: int, samples: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """0/1 rewards (no verifier) and their group advantages; every group has a learning signal."""
+    rewards = torch.randint(0, 2, (prompts, samples), generator=generator).float()
+    rewards[:, 0], rewards[:, 1] = 1.0, 0.0
+    advantages = ((rewards - rewards.mean(1, keepdim=True)) / (rewards.std(1, keepdim=True) + 1e-6)).flatten()
+    return rewards, advantages
+
+
+def print_step(record: dict, stats: dict) -> None:
+    r = record
+    print(f"step {r['step']}: rollouts {r['rollout_s']:.1f} s ({r['new_tokens'] / r['rollout_s']:.0f} new tok/s, "
+          f"peak {r['rollout_peak_bytes'] / GiB:.2f} GiB); backward {r['backward_s']:.1f} s "
+          f"({r['trained_tokens'] / r['backward_s']:.0f} tok/s, peak {r['backward_peak_bytes'] / GiB:.2f} GiB, "
+          f"{stats.get('micro_batches', '?')} micro-batches); |grad| {r['grad_abs_sum']:.3g}, "
+          f"mean gate {r['mean_gate']:.4f}", flush=True)
 
 
 # --- one run -------------------------------------------------------------------------------------
@@ -148,37 +171,38 @@ def run(args) -> dict:
     synchronize(device)
     load_s = time.perf_counter() - start
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    learner = make_learner(group_size=args.samples, micro_batch_tokens=args.micro_batch_tokens, gradient_checkpointing=args.gradient_checkpointing,
-                           sink=args.sink, window=args.window, train_mask=args.train_mask)
+    learner = make_learner(group_size=args.samples, micro_batch_tokens=args.micro_batch_tokens,
+                           gradient_checkpointing=args.gradient_checkpointing, sink=args.sink, window=args.window,
+                           train_mask=args.train_mask)
     learner.resolve(model)  # the official values of every option left unset (block mask, reward level, ...)
     o = learner.options
     gates = new_gates(model, 1.0)
     optimizer = torch.optim.AdamW([gates], lr=0.01, betas=(0.9, 0.999), weight_decay=0.017)
-    report = dict(device=device, layout=args.layout, layers=args.layers, dtype=args.dtype, prompts=args.prompts, samples=args.samples,
-                  seq_len=args.seq_len, prompt_len=args.prompt_len, rollouts=args.rollouts, weights_bytes=weights,
-                  gradient_checkpointing=o.gradient_checkpointing, micro_batch_tokens=o.micro_batch_tokens, train_mask=o.train_mask,
-                  sink=o.sink, window=o.window, load_s=load_s, steps=[])
-    print(f"model: {args.layout} layout, {args.layers} layers, {args.dtype}, weights {weights / GiB:.2f} GiB, device {device}, "
-          f"built in {load_s:.1f} s; {args.prompts} prompts x {args.samples} samples x {args.seq_len} tokens ({args.prompt_len} prompt), "
-          f"rollouts {args.rollouts}, checkpointing {o.gradient_checkpointing}, micro-batches of {o.micro_batch_tokens} tokens, "
-          f"{o.train_mask} mask {o.sink} + {o.window}", flush=True)
+    report = dict(device=device, layout=args.layout, layers=args.layers, dtype=args.dtype, prompts=args.prompts,
+                  samples=args.samples, seq_len=args.seq_len, prompt_len=args.prompt_len, rollouts=args.rollouts,
+                  weights_bytes=weights, gradient_checkpointing=o.gradient_checkpointing,
+                  micro_batch_tokens=o.micro_batch_tokens, train_mask=o.train_mask, sink=o.sink, window=o.window,
+                  load_s=load_s, steps=[])
+    print(f"model: {args.layout} layout, {args.layers} layers, {args.dtype}, weights {weights / GiB:.2f} GiB, device "
+          f"{device}, built in {load_s:.1f} s; {args.prompts} prompts x {args.samples} samples x {args.seq_len} tokens "
+          f"({args.prompt_len} prompt), rollouts {args.rollouts}, checkpointing {o.gradient_checkpointing}, "
+          f"micro-batches of {o.micro_batch_tokens} tokens, {o.train_mask} mask {o.sink} + {o.window}", flush=True)
     for step in range(args.steps):
         base = current_bytes(device)
         reset_peak(device)
         began = time.perf_counter()
-        sequences, mask = rollouts(model, gates, learner, args.prompts, args.samples, args.prompt_len, args.seq_len, args.rollouts, generator)
+        sequences, mask = rollouts(model, gates, learner, args.prompts, args.samples, args.prompt_len, args.seq_len,
+                                   args.rollouts, generator)
         synchronize(device)
         rollout_s = time.perf_counter() - began
         rollout_peak = peak_bytes(device)
-        rewards = torch.randint(0, 2, (args.prompts, args.samples), generator=generator).float()
-        rewards[:, 0], rewards[:, 1] = 1.0, 0.0  # every group has a learning signal (random rewards: no verifier)
-        advantages = ((rewards - rewards.mean(1, keepdim=True)) / (rewards.std(1, keepdim=True) + 1e-6)).flatten()
+        rewards, advantages = random_rewards(args.prompts, args.samples, generator)
         base_backward = current_bytes(device)
         reset_peak(device)
         began = time.perf_counter()
         optimizer.zero_grad()
-        stats = policy_backward(learner, model, gates, sequences, mask, args.prompt_len, advantages.to(device), rewards.flatten(),
-                                o.sink, o.window, args.samples)
+        stats = policy_backward(learner, model, gates, sequences, mask, args.prompt_len, advantages.to(device),
+                                rewards.flatten(), o.sink, o.window, args.samples)
         grad = float(gates.grad.abs().sum()) if gates.grad is not None else 0.0
         torch.nn.utils.clip_grad_norm_([gates], 1.0)
         optimizer.step()
@@ -191,12 +215,11 @@ def run(args) -> dict:
         new_tokens = int(mask[:, args.prompt_len:].sum())
         record = dict(step=step + 1, rollout_s=rollout_s, backward_s=backward_s, rollout_peak_bytes=rollout_peak,
                       backward_peak_bytes=backward_peak, base_bytes=base, backward_base_bytes=base_backward,
-                      trained_tokens=trained, new_tokens=new_tokens, grad_abs_sum=grad, mean_gate=float(gates.detach().mean()),
+                      trained_tokens=trained, new_tokens=new_tokens, grad_abs_sum=grad,
+                      mean_gate=float(gates.detach().mean()),
                       backward_stats={k: v for k, v in stats.items() if isinstance(v, (int, float, str, bool))})
         report["steps"].append(record)
-        print(f"step {step + 1}: rollouts {rollout_s:.1f} s ({new_tokens / rollout_s:.0f} new tok/s, peak {rollout_peak / GiB:.2f} GiB); "
-              f"backward {backward_s:.1f} s ({trained / backward_s:.0f} tok/s, peak {backward_peak / GiB:.2f} GiB, "
-              f"{stats.get('micro_batches', '?')} micro-batches); |grad| {grad:.3g}, mean gate {record['mean_gate']:.4f}", flush=True)
+        print_step(record, stats)
     return report
 
 
@@ -205,12 +228,14 @@ def summary(report: dict) -> str:
     peak = max(max(s["rollout_peak_bytes"], s["backward_peak_bytes"]) for s in report["steps"])
     what = "torch.cuda.max_memory_allocated" if report["device"].startswith("cuda") else "peak RSS (VmHWM)"
     step_s = last["rollout_s"] + last["backward_s"]
-    lines = [f"| {report['layout']} x {report['layers']} layers, {report['dtype']}, {report['prompts']} prompts x {report['samples']} samples x "
-             f"{report['seq_len']} tokens, checkpointing {report['gradient_checkpointing']}, rollouts {report['rollouts']} | value |",
+    lines = [f"| {report['layout']} x {report['layers']} layers, {report['dtype']}, {report['prompts']} prompts x "
+             f"{report['samples']} samples x {report['seq_len']} tokens, checkpointing "
+             f"{report['gradient_checkpointing']}, rollouts {report['rollouts']} | value |",
              "| --- | --- |",
              f"| weights | {report['weights_bytes'] / GiB:.2f} GiB |",
              f"| peak memory, all steps ({what}) | {peak / GiB:.2f} GiB |",
-             f"| peak in rollouts / in backward (last step) | {last['rollout_peak_bytes'] / GiB:.2f} / {last['backward_peak_bytes'] / GiB:.2f} GiB |",
+             f"| peak in rollouts / in backward (last step) | {last['rollout_peak_bytes'] / GiB:.2f} / "
+             f"{last['backward_peak_bytes'] / GiB:.2f} GiB |",
              f"| rollouts: new tokens per s (last step) | {last['new_tokens'] / last['rollout_s']:.0f} |",
              f"| backward: tokens per s (last step) | {last['trained_tokens'] / last['backward_s']:.0f} |",
              f"| whole step: new tokens per s (last step) | {last['new_tokens'] / step_s:.0f} ({step_s:.1f} s) |",
@@ -227,14 +252,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompts", type=int, default=None, help="prompts per step (default 4; 1 on the CPU)")
     parser.add_argument("--samples", type=int, default=None, help="samples per prompt, G (default 4; 2 on the CPU)")
     parser.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence, prompt included")
-    parser.add_argument("--prompt-len", type=int, default=None, help="prompt tokens (default: 128, at most half of --seq-len; on the CPU --seq-len - 64)")
+    parser.add_argument("--prompt-len", type=int, default=None,
+                        help="prompt tokens (default: 128, at most half of --seq-len; on the CPU --seq-len - 64)")
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--rollouts", default="generate", choices=["generate", "random"])
     parser.add_argument("--micro-batch-tokens", type=int, default=7680)
-    parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None, help="default: on (official)")
+    parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                        help="default: on (official)")
     parser.add_argument("--sink", type=int, default=None, help="default: the official 128 (16 on the CPU)")
     parser.add_argument("--window", type=int, default=None, help="default: the official 256 (64 on the CPU)")
-    parser.add_argument("--train-mask", default=None, choices=["block", "token"], help="default: the official block mask (token on the CPU)")
+    parser.add_argument("--train-mask", default=None, choices=["block", "token"],
+                        help="default: the official block mask (token on the CPU)")
     parser.add_argument("--json", default=None, help="write the measurements here")
     args = parser.parse_args(argv)
     on_cpu = not args.device.startswith("cuda")

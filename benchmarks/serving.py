@@ -1,4 +1,4 @@
-"""Serving under a fixed KV budget (issue 25): how many long requests fit and how fast they finish, the full cache
+"""Serving under a fixed KV budget: how many long requests fit and how fast they finish, the full cache
 against head plans at s = 0.5 and 0.8, through the kvpress-rl vLLM plugin; and vLLM against `kvrl eval`'s
 transformers path (the executor) on the same batch.
 
@@ -23,7 +23,8 @@ import threading
 import time
 from pathlib import Path
 
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine core in this process: its scheduler is readable
+# the engine core in this process: its scheduler is readable
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
@@ -58,8 +59,9 @@ def write_rows(path: Path, rows: list[dict]) -> None:
 def qwen_2layer_folder(root: Path) -> tuple[str, torch.Tensor]:
     from kvpress_rl.models import random_model, small_config
 
-    config = small_config("qwen2", hidden_size=3584, num_attention_heads=28, num_key_value_heads=4, head_dim=128, intermediate_size=18944,
-                          num_hidden_layers=2, vocab_size=32768, max_position_embeddings=32768, rope_theta=1_000_000.0)
+    config = small_config("qwen2", hidden_size=3584, num_attention_heads=28, num_key_value_heads=4, head_dim=128,
+                          intermediate_size=18944, num_hidden_layers=2, vocab_size=32768, max_position_embeddings=32768,
+                          rope_theta=1_000_000.0)
     folder = root / "qwen2.5-7b-2l"
     random_model(config, seed=0, dtype=torch.bfloat16).save_pretrained(folder)
     scores = torch.rand((2, 4), generator=torch.Generator().manual_seed(0))
@@ -71,15 +73,16 @@ def kv_bytes_per_token(folder: str, dtype: torch.dtype) -> int:
 
     config = AutoConfig.from_pretrained(folder)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return config.num_hidden_layers * config.num_key_value_heads * 2 * head_dim * torch.empty((), dtype=dtype).element_size()
+    element = torch.empty((), dtype=dtype).element_size()
+    return config.num_hidden_layers * config.num_key_value_heads * 2 * head_dim * element
 
 
 def run_engine(folder: str, plan: EnginePlan | None, prompts: list[list[int]], args, budget: int) -> dict:
     from vllm.v1.core.kv_cache_utils import get_kv_cache_capacity
 
     length = args.prompt_tokens + args.new_tokens
-    settings = EngineSettings(model=folder, plan=plan, max_model_len=length + 32, dtype=args.dtype, kv_cache_memory_bytes=budget,
-                              max_num_seqs=len(prompts))
+    settings = EngineSettings(model=folder, plan=plan, max_model_len=length + 32, dtype=args.dtype,
+                              kv_cache_memory_bytes=budget, max_num_seqs=len(prompts))
     with VllmGenerator(settings) as engine:
         core = engine.llm.llm_engine.engine_core.engine_core
         _, reported = get_kv_cache_capacity(core.vllm_config, core.scheduler.kv_cache_config)
@@ -100,8 +103,8 @@ def run_engine(folder: str, plan: EnginePlan | None, prompts: list[list[int]], a
         watcher.join()
     generated = sum(len(out.token_ids) for out in outputs)
     busy = [n for n in running if n] or [0]
-    return {"fits": max(busy), "mean_running": sum(busy) / len(busy), "reported_concurrency": reported, "seconds": seconds,
-            "tokens_per_s": generated / seconds}
+    return {"fits": max(busy), "mean_running": sum(busy) / len(busy), "reported_concurrency": reported,
+            "seconds": seconds, "tokens_per_s": generated / seconds}
 
 
 def run_executor(folder: str, plan, prompts: list[list[int]], args) -> dict:
@@ -110,17 +113,20 @@ def run_executor(folder: str, plan, prompts: list[list[int]], args) -> dict:
 
     from kvpress_rl.executor import generate
 
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, args.dtype), attn_implementation="sdpa").eval()
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, args.dtype),
+                                                 attn_implementation="sdpa").eval()
     ids = torch.tensor(prompts)
     with torch.inference_mode():
         generate(model, plan, ids[:2, :64], max_new_tokens=8, min_new_tokens=8, do_sample=False)  # warm-up
         began = time.perf_counter()
-        out = generate(model, plan, ids, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False)
+        out = generate(model, plan, ids, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
+                       do_sample=False)
         seconds = time.perf_counter() - began
-    return {"fits": len(prompts), "mean_running": len(prompts), "reported_concurrency": float("nan"), "seconds": seconds, "tokens_per_s": (out.shape[1] - ids.shape[1]) * ids.shape[0] / seconds}
+    return {"fits": len(prompts), "mean_running": len(prompts), "reported_concurrency": float("nan"),
+            "seconds": seconds, "tokens_per_s": (out.shape[1] - ids.shape[1]) * ids.shape[0] / seconds}
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default="embedded,qwen2.5-7b-2l")
     parser.add_argument("--sparsities", default="0,0.5,0.8")
@@ -129,9 +135,14 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--full-fit", type=int, default=4, help="full-cache sequences the KV budget holds")
     parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--executor-batch", type=int, default=16, help="requests of the engine-vs-transformers comparison (0: skip)")
+    parser.add_argument("--executor-batch", type=int, default=16,
+                        help="requests of the engine-vs-transformers comparison (0: skip)")
     parser.add_argument("--output", type=Path, default=None)
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
     dtype = getattr(torch, args.dtype)
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
@@ -143,20 +154,24 @@ def main() -> None:
             vocab = 32768 if name != "embedded" else 49152
             generator = torch.Generator().manual_seed(0)
             prompts = torch.randint(100, vocab, (args.requests, args.prompt_tokens), generator=generator).tolist()
-            budget = int(args.full_fit * (args.prompt_tokens + args.new_tokens + 32) * kv_bytes_per_token(folder, dtype) * 1.02)
+            full_sequence = (args.prompt_tokens + args.new_tokens + 32) * kv_bytes_per_token(folder, dtype)
+            budget = int(args.full_fit * full_sequence * 1.02)
             for sparsity in (float(s) for s in args.sparsities.split(",")):
                 plan = None if sparsity == 0 else plan_from_scores(scores, sparsity)
                 engine_plan = None if plan is None else EnginePlan.from_plan(plan)
                 result = run_engine(folder, engine_plan, prompts, args, budget)
-                rows.append({"model": name, "engine": "vllm", "sparsity": sparsity, "requests": args.requests, "kv_mib": budget / 2**20, **result})
+                rows.append({"model": name, "engine": "vllm", "sparsity": sparsity, "requests": args.requests,
+                             "kv_mib": budget / 2**20, **result})
                 print(rows[-1], flush=True)
                 if name == "embedded" and args.executor_batch and sparsity == 0.5:
                     # the same batch through both, every request running at once (a budget that holds them all)
                     batch = prompts[: args.executor_batch]
                     roomy = int(budget * args.executor_batch / args.full_fit)
                     for engine in ("vllm (batch)", "transformers (batch)"):
-                        result = run_engine(folder, engine_plan, batch, args, roomy) if engine.startswith("vllm") else run_executor(folder, plan, batch, args)
-                        rows.append({"model": name, "engine": engine, "sparsity": sparsity, "requests": len(batch), "kv_mib": roomy / 2**20, **result})
+                        result = (run_engine(folder, engine_plan, batch, args, roomy) if engine.startswith("vllm")
+                                  else run_executor(folder, plan, batch, args))
+                        rows.append({"model": name, "engine": engine, "sparsity": sparsity, "requests": len(batch),
+                                     "kv_mib": roomy / 2**20, **result})
                         print(rows[-1], flush=True)
     for row in rows:
         full = next(r for r in rows if r["model"] == row["model"] and r["engine"] == "vllm" and r["sparsity"] == 0)
@@ -168,10 +183,11 @@ def main() -> None:
         row["dtype"] = args.dtype
     print(f"\n{cpu_name()}, {args.dtype}, {args.requests} requests of {args.prompt_tokens} + {args.new_tokens} tokens, "
           f"KV budget = {args.full_fit} full sequences\n")
-    print("| model | engine | sparsity | running at once (max) | mean | vs full | tokens/s | vs full |\n| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| model | engine | sparsity | running at once (max) | mean | vs full | tokens/s | vs full |\n"
+          "| --- | --- | --- | --- | --- | --- | --- | --- |")
     for row in rows:
-        print(f"| {row['model']} | {row['engine']} | {row['sparsity']:g} | {row['fits']} | {row['mean_running']:.1f} | {row['fits_vs_full']:.2f} | "
-              f"{row['tokens_per_s']:.1f} | {row['tokens_per_s_vs_full']:.2f} |")
+        print(f"| {row['model']} | {row['engine']} | {row['sparsity']:g} | {row['fits']} | {row['mean_running']:.1f} | "
+              f"{row['fits_vs_full']:.2f} | {row['tokens_per_s']:.1f} | {row['tokens_per_s_vs_full']:.2f} |")
     if args.output:
         write_rows(args.output, rows)
 

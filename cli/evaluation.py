@@ -18,7 +18,7 @@ from kvpress_rl.cli.launch import (
     check_num_processes,
     distributed_rank,
     launch_data_parallel,
-    run_in_process,
+    rank_process,
     watch_rank,
 )
 from kvpress_rl.cli.output import Column, Layout, fitted_table
@@ -29,7 +29,7 @@ from kvpress_rl.evaluators.chat_template import check_chat_template_before_loadi
 from kvpress_rl.evaluators.grid import run_grid
 from kvpress_rl.evaluators.grid_spec import GridSpec, grid_cells
 from kvpress_rl.evaluators.output_lock import LOCK_HELD_ENV, lock_output
-from kvpress_rl.evaluators.report import markdown_table, write_breakdown, write_frontier, write_report
+from kvpress_rl.evaluators.report import markdown_table
 from kvpress_rl.evaluators.resume import plan_resume
 from kvpress_rl.evaluators.strategy_scores import check_head_shapes
 from kvpress_rl.models import load_model, model_spec
@@ -139,7 +139,8 @@ def eval_command(tasks: str | None, strategies: str, sparsities: str, seeds: str
     if num_processes > 1:
         launch_ranks(request, num_processes)
         return
-    run_in_process(run_eval, request)
+    with rank_process():
+        run_eval(request)
 
 
 def launch_ranks(request: EvalRequest, num_processes: int) -> None:
@@ -249,26 +250,3 @@ def evaluation_model(spec: GridSpec, model: str, device: str, console: Console) 
 def quiet_lm_eval() -> None:
     """Our progress bars and table replace lm-eval's informational logging."""
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
-
-
-@click.command("report")
-@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--paper", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="the paper's results CSV (layout of shared/reference/rlkv_paper_results.csv) to draw beside ours")
-@click.option("--paper-model", default=None, help="which of the CSV's models to draw (e.g. Qwen-2.5-7B-R1)")
-@click.option("--frontier", is_flag=True,
-              help="also draw accuracy against measured KV memory, the Pareto front marked (frontier.png, frontier.md)")
-@click.option("--by", "by_field", default=None, metavar="FIELD",
-              help="also break accuracy down by a field of the problems, e.g. hops for the embedded tasks "
-                   "(by_FIELD.png, by_FIELD.md)")
-def report_command(directory: Path, paper: Path | None, paper_model: str | None, frontier: bool,
-                   by_field: str | None) -> None:
-    """Plot accuracy against sparsity per task (report.png) and write report.md, from a `kvrl eval` output."""
-    if by_field:
-        png, markdown = write_breakdown(directory, by_field)
-        Console().print(f"wrote {png} and {markdown}", highlight=False)
-    if frontier:
-        png, markdown = write_frontier(directory)
-        Console().print(f"wrote {png} and {markdown}", highlight=False)
-    png, markdown = write_report(directory, paper, paper_model)
-    Console().print(f"wrote {png} and {markdown}", highlight=False)

@@ -11,6 +11,7 @@ from rich.markup import escape
 from kvpress_rl.cli.output import OneLineErrorsCommand, console
 from kvpress_rl.evaluators.artifacts import SPARSITIES, export_pattern
 from kvpress_rl.hub import check_online, check_repo_id, upload
+from kvpress_rl.plan import ESTIMATE_HEAD_DIM, ESTIMATE_SEQ_LEN
 
 
 @click.command("export", cls=OneLineErrorsCommand)
@@ -19,9 +20,9 @@ from kvpress_rl.hub import check_online, check_repo_id, upload
               help="the folder to write (refused if it exists, unless --overwrite)")
 @click.option("--model-id", default=None,
               help="the model's hub id (sets or replaces the one in the scores; a published .tsv has none)")
-@click.option("--seq-len", default=8192, show_default=True, type=int,
+@click.option("--seq-len", default=ESTIMATE_SEQ_LEN, show_default=True, type=int,
               help="sequence length of the card's KV memory table")
-@click.option("--head-dim", default=128, show_default=True, type=int,
+@click.option("--head-dim", default=ESTIMATE_HEAD_DIM, show_default=True, type=int,
               help="head dim of the card's KV memory table (the scores do not record it)")
 @click.option("--overwrite", is_flag=True, help="replace an existing folder written by an earlier export")
 @click.option("--push-to-hub", "push_to", default=None, metavar="OWNER/REPO",

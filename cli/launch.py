@@ -2,7 +2,8 @@
 process group, and end the whole run with one line when a rank fails.
 
 The launching process writes the command's request (a frozen dataclass, as JSON) into a folder and starts every
-rank on it (`python -m kvpress_rl.cli.rank FILE`); each rank rebuilds the request and runs it (`run_in_process`).
+rank on it (`python -m kvpress_rl.cli.rank FILE`); each rank rebuilds the request and runs it inside
+`rank_process`.
 
 The launching process names a folder (`RANK_ERRORS_ENV`) where every rank records its process id and,
 when it fails, a report: a `KvrlError` through `report_rank_error`, any other uncaught error through the
@@ -26,9 +27,10 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable, Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -43,8 +45,6 @@ PEER_GRACE_S = 5.0  # how long a symptom (`.peer`) waits for the failing rank's 
 MESSAGE_CHARS = 300  # of an unexpected error's message in the one line (its traceback is kept in full)
 REQUEST_FILE = "request.json"  # in that folder: what every rank runs
 RANK_MODULE = "kvpress_rl.cli.rank"
-
-Request = TypeVar("Request")
 
 
 def distributed_rank() -> tuple[int, int]:
@@ -80,14 +80,15 @@ def join_process_group(device: str) -> str:
     return device
 
 
-def run_in_process(run: Callable[[Request], None], request: Request) -> None:
-    """One process of a command: the only one, or a rank of a data-parallel run, whose `KvrlError` is left for the
-    launching process (`report_rank_error`) and which leaves the process group when it ends."""
+@contextmanager
+def rank_process() -> Iterator[None]:
+    """Around one process of a command: the only one, or a rank of a data-parallel run, whose `KvrlError` is left for
+    the launching process (`report_rank_error`) and which leaves the process group when it ends."""
     if distributed_rank()[1] <= 1:
-        run(request)
+        yield
         return
     try:
-        run(request)
+        yield
     except KvrlError as err:
         report_rank_error(err)
     finally:

@@ -14,16 +14,17 @@ from rich.text import Text
 
 import kvpress_rl
 from kvpress_rl.cli.embedded import embedded_group
-from kvpress_rl.cli.evaluation import eval_command, report_command
+from kvpress_rl.cli.evaluation import eval_command
 from kvpress_rl.cli.export import export_command
 from kvpress_rl.cli.options import check_full_heads_pair, describe_options
 from kvpress_rl.cli.output import Column, Layout, OneLineErrorsGroup, console, fitted_table, strategies_with_warnings
+from kvpress_rl.cli.report import report_group
 from kvpress_rl.cli.select import select_command
 from kvpress_rl.cli.serve import serve_command
 from kvpress_rl.cli.tune import tune_command
 from kvpress_rl.errors import KvrlError
 from kvpress_rl.models import _DTYPES
-from kvpress_rl.plan import plan_from_scores
+from kvpress_rl.plan import ESTIMATE_HEAD_DIM, ESTIMATE_SEQ_LEN, plan_from_scores
 from kvpress_rl.plugins import StrategyEntry, get_strategy
 from kvpress_rl.policies import full_head_policy
 from kvpress_rl.scores import HeadScores
@@ -84,9 +85,10 @@ def check_full_heads(full_policy: str | None, full_budget: str | None):
 @app.command("plan")
 @click.option("--heads", required=True, type=click.Path(path_type=Path), help="scores file (.safetensors or .tsv)")
 @click.option("--sparsity", required=True, type=float, help="fraction of KV heads to compress, in [0, 1]")
-@click.option("--seq-len", default=8192, show_default=True, type=int, help="sequence length for the memory estimate")
+@click.option("--seq-len", default=ESTIMATE_SEQ_LEN, show_default=True, type=int,
+              help="sequence length for the memory estimate")
 @click.option("--batch", default=1, show_default=True, type=int)
-@click.option("--head-dim", default=128, show_default=True, type=int)
+@click.option("--head-dim", default=ESTIMATE_HEAD_DIM, show_default=True, type=int)
 @click.option("--dtype", "dtype_name", default="bfloat16", show_default=True, help="float32, float16, bfloat16")
 @click.option("--compressed-policy", default="streaming", show_default=True, help="token policy of compressed heads")
 @click.option("--rule", "rule", type=click.Choice(["official", "round"]), default="official", show_default=True,
@@ -122,7 +124,7 @@ def plan_command(heads: Path, sparsity: float, seq_len: int, batch: int, head_di
 
 app.add_command(select_command)
 app.add_command(eval_command)
-app.add_command(report_command)
+app.add_command(report_group)
 app.add_command(embedded_group)
 app.add_command(export_command)
 app.add_command(serve_command)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from kvpress_rl.cli.eval_request import EvalRequest
 from kvpress_rl.cli.evaluation import run_eval
-from kvpress_rl.cli.launch import decode_request, run_in_process, watch_rank
+from kvpress_rl.cli.launch import decode_request, rank_process, watch_rank
 from kvpress_rl.cli.output import err_console
 from kvpress_rl.cli.select import SelectRequest, run_select
 from kvpress_rl.errors import KvrlError
@@ -20,7 +20,8 @@ def main(argv: list[str]) -> int:
     watch_rank()  # this rank's failure ends the whole run
     try:
         request = decode_request(Path(argv[0]).read_text(), {kind.__name__: kind for kind in RUNS})
-        run_in_process(RUNS[type(request)], request)
+        with rank_process():
+            RUNS[type(request)](request)
     except KvrlError as err:  # outside a watched launch (no folder to report to): one line, as every command
         err_console.print(f"Error: {err}", highlight=False, markup=False)
         return 2

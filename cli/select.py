@@ -24,7 +24,7 @@ from kvpress_rl.cli.launch import (
     distributed_rank,
     join_process_group,
     launch_data_parallel,
-    run_in_process,
+    rank_process,
     watch_rank,
 )
 from kvpress_rl.cli.options import parse_strategy_options
@@ -124,7 +124,8 @@ def select_command(ctx: click.Context, strategy_name: str, model: str | None, gg
         select_inputs(request)  # refuse bad input once, before launching anything
         launch_data_parallel(num_processes, request)
         return
-    run_in_process(run_select, request)
+    with rank_process():
+        run_select(request)
 
 
 def check_processes(request: SelectRequest, num_processes: int) -> None:

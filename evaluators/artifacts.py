@@ -33,7 +33,7 @@ from kvpress_rl.evaluators.model_card import CARD_DTYPE, CURVE_FILE, HEATMAP_FIL
 from kvpress_rl.evaluators.plots import gate_heatmap, training_curves
 from kvpress_rl.hub import is_hub_ref
 from kvpress_rl.io import STALE_AFTER_S, check_folder_writable, stale_leftovers
-from kvpress_rl.plan import plan_from_scores
+from kvpress_rl.plan import ESTIMATE_HEAD_DIM, ESTIMATE_SEQ_LEN, plan_from_scores
 from kvpress_rl.scores import CARD_FILE, CONFIG_FILE, SCORES_FILE, HeadScores
 
 FORMAT = "kvpress_rl.HeadPattern/1"
@@ -127,8 +127,8 @@ def pattern_config(scores: HeadScores, source: str, *, seq_len: int, head_dim: i
 
 
 # --- the folder ----------------------------------------------------------------------------------
-def export_pattern(heads: str, output: str | Path, *, model_id: str | None = None, seq_len: int = 8192,
-                   head_dim: int = 128, overwrite: bool = False,
+def export_pattern(heads: str, output: str | Path, *, model_id: str | None = None, seq_len: int = ESTIMATE_SEQ_LEN,
+                   head_dim: int = ESTIMATE_HEAD_DIM, overwrite: bool = False,
                    reference: str | None = None) -> tuple[Path, HeadScores]:
     """`kvrl export`: load `heads` (a scores file, a `.tsv`, a head-pattern folder or `hf://OWNER/REPO[@REVISION]`),
     set its model id (`model_id`, e.g. for a published TSV, whose provenance is empty) and write the folder
@@ -157,7 +157,7 @@ def _check_sizes(seq_len: int, head_dim: int) -> None:
 
 
 def write_pattern(scores: HeadScores, output: str | Path, *, source: str, training_log: Path | None = None,
-                  seq_len: int = 8192, head_dim: int = 128, overwrite: bool = False,
+                  seq_len: int = ESTIMATE_SEQ_LEN, head_dim: int = ESTIMATE_HEAD_DIM, overwrite: bool = False,
                   reference: str | None = None) -> Path:
     """Write the head-pattern folder `output` (see the module docstring); every input is checked first, so a
     refusal writes nothing. `reference`: how the card names the folder (default: its path)."""

@@ -67,6 +67,19 @@ class Cell:
 COLUMN_TYPES = {f.name: f.type for f in fields(Cell)}  # as text: this module's annotations are not evaluated
 
 
+def cell_stem(*, task: str, strategy: str, full_heads: str | None, sparsity: float, seed: int) -> str:
+    """The name of a cell's results and samples files (`TASK/STRATEGY[+POLICY-BUDGET]-sS-seedN`)."""
+    hybrid = "+" + full_heads.replace(":", "-") if full_heads else ""
+    return f"{task}/{strategy}{hybrid}-s{sparsity:g}-seed{seed}"
+
+
+def cell_samples(directory: Path, cell: Cell) -> Path:
+    """Where `kvrl eval` wrote a finished cell's per-problem samples."""
+    stem = cell_stem(task=cell.task, strategy=cell.strategy, full_heads=cell.full_heads, sparsity=cell.sparsity,
+                     seed=cell.seed)
+    return directory / "samples" / f"{stem}.jsonl"
+
+
 def read_grid(path: Path) -> list[Cell]:
     """The cells of a `grid.csv`; a damaged file (cut short, edited by hand) is a one-line `KvrlError`."""
     if not path.exists():

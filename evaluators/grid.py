@@ -17,7 +17,7 @@ from typing import Any
 
 from kvpress_rl.distributed import is_main_process
 from kvpress_rl.errors import KvrlError
-from kvpress_rl.evaluators.cells import GRID_FILE, Cell, read_grid, write_grid
+from kvpress_rl.evaluators.cells import GRID_FILE, Cell, cell_stem, read_grid, write_grid
 from kvpress_rl.evaluators.chat_template import (
     cell_uses_chat_template,
     check_chat_template,
@@ -94,19 +94,15 @@ def run_cell(lm, spec: GridSpec, config: TaskConfig, setting: CellSetting, plan:
     samples = [s for s in results.pop("samples")[config.name] if s.get("filter", "none") == metric.split(",")[-1]]
     token_limit = spec.max_new_tokens or task_token_limit(results, config.name, lm.max_gen_toks)
     kinds, lengths = classify_samples(lm, samples, metric.split(",")[0], token_limit)
-    write_cell_files(out, cell_stem(config, setting), results, samples, kinds)
+    stem = cell_stem(task=config.name, strategy=setting.strategy, full_heads=setting.full_heads,
+                     sparsity=setting.sparsity, seed=setting.seed)
+    write_cell_files(out, stem, results, samples, kinds)
     return Cell(task=config.name, strategy=setting.strategy, sparsity=setting.sparsity, seed=seed,
                 accuracy=float(metrics[metric]), correct=kinds.count("correct"), total=len(samples),
                 kv_fraction=kv_fraction(plan, lengths, lm.model), decode_tokens_per_s=stats.tokens_per_second,
                 overlength=kinds.count("overlength"), repetitive=kinds.count("repetitive"),
                 incorrect=kinds.count("incorrect"), repetition_stops=int(stats.repetition_stops),
                 full_heads=setting.full_heads, kv_measured=stats.kv_measured_fraction)
-
-
-def cell_stem(config: TaskConfig, setting: CellSetting) -> str:
-    """The name of a cell's results and samples files (`TASK/STRATEGY[+POLICY-BUDGET]-sS-seedN`)."""
-    hybrid = "+" + setting.full_heads.replace(":", "-") if setting.full_heads else ""
-    return f"{config.name}/{setting.strategy}{hybrid}-s{setting.sparsity:g}-seed{setting.seed}"
 
 
 def write_cell_files(out: Path, stem: str, results: dict, samples: list[dict], kinds: list[str]) -> None:

@@ -1,17 +1,24 @@
-"""Paired comparison of two settings on the same problems: how much accuracy one may have lost, with confidence.
+"""Paired comparisons of two settings on the same problems: how much accuracy one may have lost, with confidence,
+and whether two cells differ at all.
 
 `drop_upper_bound` is a one-sided upper confidence bound of the accuracy drop (full cache minus a compressed
 setting) from the 2 x 2 table of paired outcomes (`PairedCounts`): Newcombe (1998), *Improved confidence intervals
 for the difference between binomial proportions based on paired data*, method 10 (Wilson score intervals of both
 accuracies combined with the correlation of the pairs). It is not zero-width when no answer changes, so a handful
 of problems cannot prove a setting lossless (`least_bound`, `problems_for`).
+
+`compare_cells` (`kvrl report paired`) is the exact two-sided sign test of two `kvrl eval` cells: the problems only
+the first solves against those only the second solves, and the probability of a split at least that uneven if both
+were equally good (binomial, p = 1/2, over the discordant problems).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
 from dataclasses import dataclass
+from pathlib import Path
 
 from kvpress_rl.errors import KvrlError
 
@@ -52,7 +59,8 @@ def paired_counts(full: dict[object, bool], compressed: list[dict[object, bool]]
         else:
             counts[2] += share
             counts[3] += 1 - share
-    return PairedCounts(*counts)
+    both, only_full, only_compressed, neither = counts
+    return PairedCounts(both=both, only_full=only_full, only_compressed=only_compressed, neither=neither)
 
 
 def normal_quantile(confidence: float) -> float:
@@ -105,3 +113,69 @@ def problems_for(margin: float, confidence: float = 0.95) -> int:
     return n
 
 
+
+
+SOLVED_METRICS = ("acc", "exact_match", "pass_at_1")  # a sample's score, by kind of task
+
+
+def sample_solved(row: dict) -> bool:
+    """Whether a sample `kvrl eval` wrote (`samples/TASK/CELL.jsonl`) is solved: its task's metric is positive."""
+    score = next((value for key, value in row.items() if key in SOLVED_METRICS), None)
+    if score is None:
+        raise KvrlError(f"a sample has none of the scores {', '.join(SOLVED_METRICS)}; its keys: "
+                        f"{', '.join(sorted(row))}")
+    return score > 0
+
+
+def solved_problems(path: Path) -> dict[int, bool]:
+    """`{doc_id: solved}` of one cell's samples file."""
+    if not path.is_file():
+        raise KvrlError(f"no samples file {path} (a cell of a `kvrl eval` output: DIR/samples/TASK/CELL.jsonl)")
+    with path.open() as handle:
+        return {row["doc_id"]: sample_solved(row) for row in map(json.loads, handle)}
+
+
+@dataclass(frozen=True, kw_only=True)
+class SignTest:
+    """Two cells on the same problems: how many each solves, how many only one of them solves, and the exact
+    two-sided p of that split."""
+
+    problems: int
+    first_solved: int
+    second_solved: int
+    only_first: int
+    only_second: int
+    p: float
+
+
+def sign_test_p(only_first: int, only_second: int) -> float:
+    """Exact two-sided sign test over the discordant problems (binomial, p = 1/2)."""
+    n = only_first + only_second
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(only_first, only_second) + 1)) / 2**n
+    return min(1.0, 2 * tail)
+
+
+def compare_cells(first: dict[int, bool], second: dict[int, bool], common: bool = False) -> SignTest:
+    """The sign test of two cells' `{doc_id: solved}`; cells run on other problems are refused unless `common`
+    (then the problems both ran: the first ones of the task when they differ by `--limit`)."""
+    if common:
+        shared = first.keys() & second.keys()
+        first, second = {k: first[k] for k in shared}, {k: second[k] for k in shared}
+    if first.keys() != second.keys() or not first:
+        raise KvrlError("the two cells were run on different problems (compare the problems both ran with --common)")
+    only_first = sum(first[k] and not second[k] for k in first)
+    only_second = sum(second[k] and not first[k] for k in first)
+    return SignTest(problems=len(first), first_solved=sum(first.values()), second_solved=sum(second.values()),
+                    only_first=only_first, only_second=only_second, p=sign_test_p(only_first, only_second))
+
+
+def p_value_text(p: float) -> str:
+    return "p < 0.001" if p < 0.001 else f"p = {p:.3f}"
+
+
+def sign_test_line(first_name: str, second_name: str, test: SignTest) -> str:
+    return (f"{test.problems} problems: {first_name} {test.first_solved}, {second_name} {test.second_solved}; "
+            f"only the first {test.only_first}, only the second {test.only_second}; "
+            f"exact two-sided {p_value_text(test.p)}")

@@ -29,11 +29,10 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from kvpress_rl.errors import KvrlError
-from kvpress_rl.evaluators.cells import FULL, GRID_FILE, Cell, read_grid
+from kvpress_rl.evaluators.cells import FULL, GRID_FILE, Cell, cell_samples, read_grid
 from kvpress_rl.evaluators.grid import run_grid
 from kvpress_rl.evaluators.grid_spec import CellSetting, GridSpec
 from kvpress_rl.evaluators.paired import drop_upper_bound, least_bound, paired_counts
-from kvpress_rl.evaluators.report import cell_samples
 from kvpress_rl.evaluators.resume import cell_definition
 from kvpress_rl.evaluators.samples import sample_length
 from kvpress_rl.evaluators.strategy_scores import scores_for, scores_path

@@ -22,6 +22,10 @@ def check_sparsity(sparsity: float) -> float:
     return sparsity
 
 
+ESTIMATE_SEQ_LEN = 8192  # defaults of a KV-memory estimate made without a model: an 8k context
+ESTIMATE_HEAD_DIM = 128  # and the head dim of the 7B-8B models the paper measures
+
+
 def kv_bytes_of(head_tokens: int, head_dim: int, dtype: torch.dtype) -> int:
     """Bytes of keys and values for `head_tokens` tokens, counted once per KV head (and per sequence) holding them."""
     return head_tokens * 2 * head_dim * torch.empty((), dtype=dtype).element_size()

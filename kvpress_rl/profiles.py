@@ -39,8 +39,8 @@ class ModelProfile:
         return dict(self.strategy_defaults.get(strategy, {}))
 
 
-# RLKV on the embedded model. Its ~270-token problems would fit whole in the official training window (`OFFICIAL_SINK` +
-# `OFFICIAL_WINDOW` of strategies/rlkv/presets.py: no signal), so training uses the token-exact sink + window it is
+# RLKV on the embedded model. Its ~270-token problems would fit whole in the official training window (`TRAIN_SINK` +
+# `TRAIN_WINDOW` of kvpress_rl/masks.py: no signal), so training uses the token-exact sink + window it is
 # evaluated with. With 40 steps instead of 186, beta 1e-3 leaves mean alpha still falling at the last step (0.51); at
 # 1e-2 it settles near 0.3 with the reward back at 1.0. Its chains take 51 tokens, so 64 new tokens end only rambling
 # rollouts, and the time saved buys 6 prompts a step instead of 4. Every solved problem of a 64-problem pool

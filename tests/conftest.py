@@ -20,6 +20,8 @@ MARKERS = {
 def pytest_configure(config: pytest.Config) -> None:
     for name, meaning in MARKERS.items():
         config.addinivalue_line("markers", f"{name}: {meaning}")
+
+
 SHARED_DATA = Path(os.environ.get("KVRL_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
 
 

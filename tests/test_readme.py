@@ -1,11 +1,15 @@
 """The README is executable documentation: its plugin example and its set-up commands are checked here."""
 
+import ast
+import builtins
+import importlib
 import re
 import shlex
 from pathlib import Path
 
 import pytest
 
+from kvpress_rl import HeadScores
 from tests.helpers import pip_install_target, run_kvrl
 
 pytestmark = pytest.mark.slow
@@ -46,10 +50,8 @@ def test_readme_plugin_is_listed_with_its_distribution(plugin_site):
 
 
 def test_readme_plugin_runs_through_select(plugin_site, tmp_path):
-    from kvpress_rl import HeadScores
-
-    result = run_kvrl("select", "--strategy", "deep-layers", "--model", "random:llama", "--decay", "0.5", "--output", "deep.safetensors",
-                      cwd=tmp_path, pythonpath=plugin_site)
+    result = run_kvrl("select", "--strategy", "deep-layers", "--model", "random:llama", "--decay", "0.5",
+                      "--output", "deep.safetensors", cwd=tmp_path, pythonpath=plugin_site)
     assert result.returncode == 0, result.stderr
     scores = HeadScores.load(tmp_path / "deep.safetensors")
     assert scores.strategy == "deep-layers" and scores.options == {"decay": 0.5}
@@ -68,7 +70,8 @@ def test_ci_runs_exactly_the_readme_commands():
 def test_readme_stays_a_users_page():
     """What it is, set-up, concepts, CLI, API, plugins and one short results table; the rest lives in docs/."""
     lines = README.read_text().splitlines()
-    assert len(lines) <= 250, f"README.md has {len(lines)} lines, at most 250: move results and history to docs/results.md"
+    assert len(lines) <= 250, (f"README.md has {len(lines)} lines, at most 250: move results and history to "
+                               "docs/results.md")
 
 
 def python_blocks(text: str) -> list[str]:
@@ -77,10 +80,6 @@ def python_blocks(text: str) -> list[str]:
 
 def test_readme_python_examples_import_what_they_use():
     """Every name a README Python example uses is imported or defined in it, and its imports resolve."""
-    import ast
-    import builtins
-    import importlib
-
     for block in python_blocks(README.read_text()):
         tree = ast.parse(block)
         defined, used = set(dir(builtins)), set()
@@ -94,7 +93,8 @@ def test_readme_python_examples_import_what_they_use():
             elif isinstance(node, ast.Name):
                 (defined if isinstance(node.ctx, ast.Store) else used).add(node.id)
         first_line = block.splitlines()[0]
-        assert not used - defined, f"README example starting {first_line!r} uses {sorted(used - defined)} without importing them"
+        assert not used - defined, (f"README example starting {first_line!r} uses {sorted(used - defined)} "
+                                    "without importing them")
         for node in ast.walk(tree):
             if isinstance(node, ast.ImportFrom):
                 module = importlib.import_module(node.module)

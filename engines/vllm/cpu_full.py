@@ -16,6 +16,7 @@ import torch
 from vllm import envs
 from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, CPUAttentionMetadata, CPUAttentionMetadataBuilder
 
+from kvpress_rl.engines.vllm.engine import CPU_BLOCK_SIZE
 from kvpress_rl.engines.vllm.plugin import CPU_FULL_BACKEND
 from kvpress_rl.engines.vllm.vllm_compat import cpu_attention_isa, ops
 
@@ -75,7 +76,7 @@ class FullHeadsCPUBackend(CPUAttentionBackend):
         return FullHeadsCPUBuilder
 
 
-PROMPT_BLOCK = 32  # the scratch cache's block size (vLLM's CPU kernel wants multiples of 32)
+PROMPT_BLOCK = CPU_BLOCK_SIZE  # the scratch cache's block size: the engine's own on the CPU
 
 
 @dataclass(frozen=True)

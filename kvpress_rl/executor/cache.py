@@ -298,7 +298,7 @@ class HeadwiseLayer(CacheLayerMixin):
     def get_max_length(self) -> int:
         return -1
 
-    def get_max_cache_shape(self) -> int:  # abstract in transformers < 5.3 (benchmarks/kvpress_crosscheck.py)
+    def get_max_cache_shape(self) -> int:  # abstract in transformers < 5.3 (experiments/kvpress_crosscheck.py)
         return -1
 
     def reset(self) -> None:

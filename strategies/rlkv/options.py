@@ -10,10 +10,9 @@ import math
 from dataclasses import dataclass, field
 
 from kvpress_rl.errors import KvrlError
-from kvpress_rl.executor.gated import MASKS
+from kvpress_rl.masks import BLOCK_SIZE, MASKS, TRAIN_SINK, TRAIN_WINDOW
 from kvpress_rl.policies import SINK_TOKENS, WINDOW_TOKENS
 from kvpress_rl.strategies.rlkv.grpo import ADVANTAGES, REWARD_LEVELS
-from kvpress_rl.strategies.rlkv.presets import OFFICIAL_SINK, OFFICIAL_WINDOW
 
 
 @dataclass
@@ -66,14 +65,15 @@ class RLKVOptions:
     bin_proportions: tuple[float, ...] = field(default=(600.0, 600.0, 1000.0, 800.0), metadata={"help": (
         "share of the training set per bin (paper: 600/600/1000/800)")})
     sink: int | None = field(default=None, metadata={"help": (
-        f"streaming sink in training (default: the paper's {OFFICIAL_SINK}; {SINK_TOKENS} on the embedded model)")})
+        f"streaming sink in training (default: the paper's {TRAIN_SINK}; {SINK_TOKENS} on the embedded model)")})
     window: int | None = field(default=None, metadata={"help": (
-        f"streaming window in training (default: the paper's {OFFICIAL_WINDOW}; {WINDOW_TOKENS} on the embedded "
+        f"streaming window in training (default: the paper's {TRAIN_WINDOW}; {WINDOW_TOKENS} on the embedded "
         "model)")})
     train_mask: str | None = field(default=None, metadata={"help": (
         "streaming mask in training: block (the official block-sparse kernel; default) or token (exact sink + window; "
         "the embedded model's default)")})
-    block_size: int = field(default=128, metadata={"help": "block of the block mask, in tokens (official: 128)"})
+    block_size: int = field(default=BLOCK_SIZE, metadata={"help": (
+        f"block of the block mask, in tokens (official: {BLOCK_SIZE})")})
     micro_batch_tokens: int = field(default=7680, metadata={"help": (
         "tokens per backward micro-batch, whole groups (official: 7,680); memory only")})
     rollout_batch: int | None = field(default=None, metadata={"help": (

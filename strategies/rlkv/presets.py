@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from kvpress_rl.masks import TRAIN_SINK, TRAIN_WINDOW
 from kvpress_rl.profiles import EMBEDDED_PROFILE, profile_of
 from kvpress_rl.strategies.rlkv.problems import EMBEDDED_ROLLOUT_TOKENS
 
@@ -20,11 +21,9 @@ from kvpress_rl.strategies.rlkv.problems import EMBEDDED_ROLLOUT_TOKENS
 # examples/rlkv/*_grpo.yaml (reward_bias -0.5, reward_scaling 10, adv_norm batch/batch; see
 # RLKVOptions.advantage), a DeepScaleR pool of 40,315 problems, activation checkpointing, rollouts
 # generated 8 prompts (x G) at a time.
-OFFICIAL_SINK = 128  # the block-sparse streaming window of the official training: sink tokens
-OFFICIAL_WINDOW = 256  # and recent tokens
 OFFICIAL: dict[str, Any] = {
     "steps": 186, "prompts_per_step": 32, "max_new_tokens": 7168, "lr": 0.01, "beta": 1e-3, "tau": 0.5,
-    "temperature": 1.0, "sink": OFFICIAL_SINK, "window": OFFICIAL_WINDOW, "train_mask": "block",
+    "temperature": 1.0, "sink": TRAIN_SINK, "window": TRAIN_WINDOW, "train_mask": "block",
     "reward_level": "batch", "advantage": "batch", "pool_size": 40315, "train_set_size": 3000,
     "gradient_checkpointing": True, "rollout_batch": 8,
 }

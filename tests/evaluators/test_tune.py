@@ -7,9 +7,8 @@ from pathlib import Path
 import pytest
 
 from kvpress_rl.errors import KvrlError
-from kvpress_rl.evaluators.cells import Cell, write_grid
+from kvpress_rl.evaluators.cells import Cell, cell_samples, write_grid
 from kvpress_rl.evaluators.paired import PairedCounts, drop_upper_bound, paired_counts
-from kvpress_rl.evaluators.report import cell_samples
 from kvpress_rl.evaluators.tasks import resolve_task
 from kvpress_rl.evaluators.tune import Choice, LadderPoint, choose, coarse_ladder, ideal_gain, refinements
 

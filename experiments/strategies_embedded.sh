@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Issue 6: the quality bars of rlkv on the embedded default (about 2.5 hours on 2 cores).
+# Head strategies selected and compared on the embedded links task, rlkv's ablations and training seeds
+# (about 2.5 hours on 2 cores).
 #   1. head scores with each strategy's defaults: rlkv (timed: the 15-minute bar), retrieval, duo,
 #      and the two rlkv ablations (constant L1 weight, no self-distillation);
 #   2. greedy, LIMIT test problems: full cache; rlkv at 0.5 (the 97%-of-full bar); rlkv, retrieval,
@@ -41,7 +42,7 @@ $KVRL report "$OUT/grid-$SMALL_LIMIT"
 SAMPLES="$OUT/grid-$LIMIT/samples/embedded"
 for pair in "rlkv-s0.6 retrieval-s0.6" "rlkv-s0.6 duo-s0.6" "rlkv-s0.8 retrieval-s0.8" "rlkv-s0.8 duo-s0.8"; do
     set -- $pair
-    .venv/bin/python benchmarks/paired.py "$SAMPLES/$1-seed0.jsonl" "$SAMPLES/$2-seed0.jsonl"
+    "$KVRL" report paired "$SAMPLES/$1-seed0.jsonl" "$SAMPLES/$2-seed0.jsonl"
 done
 
 for seed in 1 2; do

@@ -1,4 +1,4 @@
-"""Issue 8, step 1: which GSM8K problems does SmolLM2-135M-Instruct solve with the full cache?
+"""Which GSM8K problems does SmolLM2-135M-Instruct solve with the full cache?
 
 Greedy, chat template, the R1 prompt (`... put your final answer within \\boxed{}`), math-verify
 against the gold number. Writes the solved rows, unchanged, to `OUT/gsm8k/<split>.jsonl`, so that
@@ -6,7 +6,7 @@ against the gold number. Writes the solved rows, unchanged, to `OUT/gsm8k/<split
 `kvrl select --strategy rlkv --data OUT/gsm8k/train.jsonl` and the held-out set of
 `kvrl eval --tasks gsm8k_r1 --data-dir OUT`. Resumable: progress is kept per split.
 
-    python benchmarks/smollm2_gsm8k.py --split test --count 960 --out results/smollm2-gsm8k
+    python experiments/smollm2_gsm8k_solved.py --split test --count 960 --out results/smollm2-gsm8k
 """
 
 from __future__ import annotations
@@ -41,7 +41,8 @@ def main() -> None:
     problems = jsonl_problems(source, args.count)
     target = args.out / "gsm8k" / f"{args.split}.jsonl"
     progress_file = args.out / f"scan-{args.split}.json"
-    state = json.loads(progress_file.read_text()) if progress_file.is_file() else {"done": 0, "solved": 0, "seconds": 0.0}
+    fresh = {"done": 0, "solved": 0, "seconds": 0.0}
+    state = json.loads(progress_file.read_text()) if progress_file.is_file() else fresh
     target.parent.mkdir(parents=True, exist_ok=True)
     model, tokenizer = load_model(str(smollm2_gguf()))
     options = RLKVOptions(max_new_tokens=args.max_new_tokens)
@@ -50,15 +51,18 @@ def main() -> None:
         for start in range(state["done"], len(problems), args.batch_size):
             began = time.perf_counter()
             chunk = problems[start:start + args.batch_size]
-            out, mask, offset = generate(model, tokenizer, [chat_ids(tokenizer, p.prompt) for p in chunk], options, sample=False)
+            out, mask, offset = generate(model, tokenizer, [chat_ids(tokenizer, p.prompt) for p in chunk], options,
+                                         sample=False)
             solved = []
-            for index, (problem, row, row_mask) in enumerate(zip(chunk, out[:, offset:], mask[:, offset:]), start=start):
+            completions = zip(chunk, out[:, offset:], mask[:, offset:])
+            for index, (problem, row, row_mask) in enumerate(completions, start=start):
                 text = tokenizer.decode(row[row_mask.bool()], skip_special_tokens=True)
                 if problem.verify(text, problem.answer):
                     solved.append({**rows[index], "index": index, "solution_tokens": int(row_mask.sum())})
             with target.open("a") as handle:  # rows first, then the progress mark: a crash repeats a batch at most
                 handle.writelines(json.dumps(r) + "\n" for r in solved)
-            state = {"done": start + len(chunk), "solved": state["solved"] + len(solved), "seconds": state["seconds"] + time.perf_counter() - began}
+            state = {"done": start + len(chunk), "solved": state["solved"] + len(solved),
+                     "seconds": state["seconds"] + time.perf_counter() - began}
             progress_file.write_text(json.dumps(state))
             bar.update(task, completed=state["done"], description=f"gsm8k {args.split}: {state['solved']} solved")
     print(json.dumps({"split": args.split, **state}))

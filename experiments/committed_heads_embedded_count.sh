@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Issue 24: the published figures of the counted task and of the frontier re-measured with what is shipped
-# (the shipped adapter, the committed heads in benchmarks/results/, the code of one commit).
+# The counted task's grid and the embedded_long frontier of the committed heads (benchmarks/results/heads-*), with
+# the shipped adapter, the code of one commit: the figures of docs/results.md.
 #   1. the counted grid on its new test problems (no walk's last word links to itself), 500 problems, greedy:
 #      full, rlkv, retrieval, duo at 0.4 / 0.6 / 0.8 (heads-*-embedded-count.safetensors);
-#   2. the frontier on embedded_long (benchmarks/frontier_embedded.sh) with the committed rlkv and retrieval heads
+#   2. the frontier on embedded_long (experiments/frontier_embedded_long.sh) with the committed rlkv and retrieval heads
 #      (rlkv's chosen on the counted task, 5 to 9 steps; retrieval's scores do not depend on the task);
 #   3. random (3 seeds) and R-KV on the first 100 counted test problems at 0.6 / 0.8;
 #   4. full cache and retrieval at 0.6 on 300 counted validation problems (the task's bar).
@@ -11,7 +11,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
-OUT=${OUT:-results/issue24}
+OUT=${OUT:-results/committed-heads-count}
 KVRL=${KVRL:-.venv/bin/kvrl}
 R=benchmarks/results
 mkdir -p "$OUT"
@@ -21,7 +21,7 @@ HEADS="rlkv=$R/heads-rlkv-embedded-count.safetensors,retrieval=$R/heads-retrieva
     --limit 500 --batch-size 32 --output "$OUT/count-500"
 
 KVRL="$KVRL" OUT="$OUT/frontier" RLKV_HEADS="$R/heads-rlkv-embedded-count.safetensors" \
-    RETRIEVAL_HEADS="$R/heads-retrieval-embedded-count.safetensors" bash benchmarks/frontier_embedded.sh
+    RETRIEVAL_HEADS="$R/heads-retrieval-embedded-count.safetensors" bash experiments/frontier_embedded_long.sh
 
 "$KVRL" eval --tasks embedded_count --strategy rkv,random --seeds 0,1,2 --sparsity 0.6,0.8 \
     --limit 100 --batch-size 50 --output "$OUT/count-100"

@@ -5,7 +5,7 @@
 # the way benchmarks/rlkv_gpu.sh installs it (--no-deps --no-build-isolation, from a copy of the working
 # tree), then the GPU benchmarks' CPU smoke runs. An import of anything the image lacks fails here.
 #
-#   benchmarks/gpu_image_check.sh            # about 3 minutes with the downloads; VENV=... and PYTHON=... to change
+#   experiments/gpu_image_check.sh            # about 3 minutes with the downloads; VENV=... and PYTHON=... to change
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-/tmp/gpu-image-venv}

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Issue 19: the counted task (`embedded_count`), where copying heads are not enough (about 2 hours on 2 cores).
+# Head strategies selected from scratch and compared on the counted task (`embedded_count`), where copying heads
+# are not enough (about 2 hours on 2 cores).
 #   1. before any selection: full cache on both tasks, retrieval at s = 0.6 on 300 validation problems
 #      (the task is a test of the claim only if retrieval falls at least 10 points below full);
 #   2. heads with each strategy's defaults: rlkv on the counted training split (5 to 9 steps; timed),
@@ -38,7 +39,7 @@ HEADS="rlkv=$OUT/heads-rlkv.safetensors,retrieval=$OUT/heads-retrieval.safetenso
 "$KVRL" eval --tasks embedded_count --strategy rlkv,retrieval,duo --heads "$HEADS" --sparsity 0.4,0.6,0.8 \
     --limit "$LIMIT" --batch-size 32 --output "$OUT/grid"
 
-TOKEN=$("$PYTHON" benchmarks/pick_token_strategy.py --task embedded_count --sparsity 0.6 --limit 20 --strategies snapkv,h2o,rkv --batch-size 20 | tee /dev/stderr | tail -1 | sed 's/.*: \([a-z0-9_-]*\) (.*/\1/')
+TOKEN=$("$PYTHON" experiments/pick_token_strategy.py --task embedded_count --sparsity 0.6 --limit 20 --strategies snapkv,h2o,rkv --batch-size 20 | tee /dev/stderr | tail -1 | sed 's/.*: \([a-z0-9_-]*\) (.*/\1/')
 "$KVRL" eval --tasks embedded_count --strategy "$TOKEN,random" --seeds 0,1,2 --sparsity 0.4,0.6,0.8 \
     --limit "$SMALL_LIMIT" --batch-size 50 --output "$OUT/grid-small"
 
@@ -46,10 +47,10 @@ for grid in "$OUT/grid" "$OUT/grid-small"; do "$KVRL" report "$grid" --by hops; 
 SAMPLES="$OUT/grid/samples/embedded_count"
 for s in 0.4 0.6 0.8; do
     for other in retrieval duo; do
-        "$PYTHON" benchmarks/paired.py "$SAMPLES/rlkv-s$s-seed0.jsonl" "$SAMPLES/$other-s$s-seed0.jsonl"
+        "$KVRL" report paired "$SAMPLES/rlkv-s$s-seed0.jsonl" "$SAMPLES/$other-s$s-seed0.jsonl"
     done
     for seed in 0 1 2; do  # on the SMALL_LIMIT problems random ran
-        "$PYTHON" benchmarks/paired.py "$SAMPLES/rlkv-s$s-seed0.jsonl" "$OUT/grid-small/samples/embedded_count/random-s$s-seed$seed.jsonl" --common
+        "$KVRL" report paired "$SAMPLES/rlkv-s$s-seed0.jsonl" "$OUT/grid-small/samples/embedded_count/random-s$s-seed$seed.jsonl" --common
     done
 done
 "$PYTHON" - "$OUT" <<'PY'

@@ -1,7 +1,7 @@
 """Which token strategy to put in a grid: each one's accuracy on validation problems of an embedded task,
 so the pick never looks at the test split.
 
-    python benchmarks/pick_token_strategy.py --task embedded_count --sparsity 0.6 --limit 50
+    python experiments/pick_token_strategy.py --task embedded_count --sparsity 0.6 --limit 50
 
 Prints one row per strategy (accuracy, generated tokens per second) and the best by accuracy.
 """
@@ -39,11 +39,13 @@ def main() -> None:
             raise SystemExit(f"{name} is not a token strategy; token strategies: {', '.join(TOKEN_STRATEGIES)}")
         scores = selector.select(model, tokenizer, SelectionContext(seed=0, model_id=model_id(model)))
         plan = build_plan(selector, scores, args.sparsity)
-        result = evaluate(model, tokenizer, items, plan=plan, batch_size=args.batch_size, max_new_tokens=ANSWER_LIMITS[args.task])
+        result = evaluate(model, tokenizer, items, plan=plan, batch_size=args.batch_size,
+                          max_new_tokens=ANSWER_LIMITS[args.task])
         rows.append((name, result.accuracy, result.tokens_per_second))
         print(f"| {name} | {100 * result.accuracy:.1f} | {result.tokens_per_second:.0f} |", flush=True)
     best = max(rows, key=lambda row: row[1])
-    print(f"best on {args.limit} validation problems of {args.task} at sparsity {args.sparsity:g}: {best[0]} ({100 * best[1]:.1f}%)")
+    print(f"best on {args.limit} validation problems of {args.task} at sparsity {args.sparsity:g}: "
+          f"{best[0]} ({100 * best[1]:.1f}%)")
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ compares, per layer and KV head, which positions our `streaming` and `snapkv` po
 the prefill with those kvpress's `StreamingLLMPress` and `SnapKVPress` keep (window 64, kernel 5,
 the same budget), and prints the Jaccard index of the two sets (1.0 = the same positions).
 
-Needs kvpress, which pins an older transformers than ours: `benchmarks/kvpress_crosscheck.sh`
+Needs kvpress, which pins an older transformers than ours: `experiments/kvpress_crosscheck.sh`
 makes its own virtual environment for it. Not part of the test suite.
 """
 
@@ -37,7 +37,7 @@ def cache_kwarg(model) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=512)
     parser.add_argument("--budget", type=int, default=256)
@@ -45,7 +45,11 @@ def main() -> None:
     parser.add_argument("--kernel", type=int, default=5)
     parser.add_argument("--sink", type=int, default=4, help="StreamingLLMPress's n_sink")
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
 
     import kvpress
     from transformers import DynamicCache
@@ -58,7 +62,8 @@ def main() -> None:
     # a wider initialisation than the default so that attention is peaked, not near-uniform (no ties)
     model = random_model(small_config("llama", initializer_range=0.2), seed=args.seed)
     layers, kv_heads = model.config.num_hidden_layers, model.config.num_key_value_heads
-    ids = torch.randint(0, model.config.vocab_size, (1, args.tokens), generator=torch.Generator().manual_seed(args.seed))
+    ids = torch.randint(0, model.config.vocab_size, (1, args.tokens),
+                        generator=torch.Generator().manual_seed(args.seed))
     name = cache_kwarg(model)
     from importlib.metadata import version
 
@@ -72,7 +77,8 @@ def main() -> None:
 
     ratio = 1.0 - args.budget / args.tokens
     pairs = {
-        "streaming": (Streaming(sink=args.sink, window=args.budget - args.sink), kvpress.StreamingLLMPress(compression_ratio=ratio, n_sink=args.sink)),
+        "streaming": (Streaming(sink=args.sink, window=args.budget - args.sink),
+                      kvpress.StreamingLLMPress(compression_ratio=ratio, n_sink=args.sink)),
         "snapkv": (SnapKV(budget_spec=Budget(fixed=args.budget), window=args.window, kernel=args.kernel),
                    kvpress.SnapKVPress(compression_ratio=ratio, window_size=args.window, kernel_size=args.kernel)),
     }
@@ -85,7 +91,8 @@ def main() -> None:
             theirs_cache = DynamicCache()
             with press(model):
                 model(input_ids=ids, use_cache=True, **{name: theirs_cache})
-        print(f"\n{policy_name}: budget {args.budget} of {args.tokens} (kvpress compression_ratio {ratio:g}); Jaccard per KV head")
+        print(f"\n{policy_name}: budget {args.budget} of {args.tokens} (kvpress compression_ratio {ratio:g}); "
+              "Jaccard per KV head")
         scores = []
         for layer in range(layers):
             ours = kept_positions(ours_cache.layers[layer].compressed_keys, full_keys[layer])

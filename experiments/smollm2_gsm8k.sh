@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Issue 8, item 4: RLKV on a real pretrained model on the CPU, end to end (about 2 hours on 2 cores).
+# RLKV and the baselines on a real pretrained model (SmolLM2-135M-Instruct, GSM8K) on the CPU, end to end
+# (about 2 hours on 2 cores).
 #   1. which GSM8K problems SmolLM2-135M-Instruct solves at full cache (test slice: held-out set;
 #      train slice: the RL pool), greedy, R1 prompt, 256 new tokens;
 #   2. head scores: rlkv (on the solved training problems), retrieval, duo;
@@ -16,8 +17,8 @@ KVRL=${KVRL:-.venv/bin/kvrl}
 PY=${PY:-.venv/bin/python}
 GGUF=$($PY -c "from kvpress_rl.embedded.model import smollm2_gguf; print(smollm2_gguf())")
 
-$PY benchmarks/smollm2_gsm8k.py --split test --count "$TEST_COUNT" --data-dir "$DATA" --out "$OUT"
-$PY benchmarks/smollm2_gsm8k.py --split train --count "$TRAIN_COUNT" --data-dir "$DATA" --out "$OUT"
+$PY experiments/smollm2_gsm8k_solved.py --split test --count "$TEST_COUNT" --data-dir "$DATA" --out "$OUT"
+$PY experiments/smollm2_gsm8k_solved.py --split train --count "$TRAIN_COUNT" --data-dir "$DATA" --out "$OUT"
 
 [ -f "$OUT/heads-retrieval.safetensors" ] || $KVRL select --strategy retrieval --model "$GGUF" --output "$OUT/heads-retrieval.safetensors"
 [ -f "$OUT/heads-duo.safetensors" ] || $KVRL select --strategy duo --model "$GGUF" --output "$OUT/heads-duo.safetensors"
