@@ -258,7 +258,7 @@ def engine_report(fits: dict[bool, Fit]) -> list[str]:
             "the other on one GPU, and a fused mixed-attention kernel (as the official SGLang fork's Triton backend): "
             "kvpress-rl's own gated vLLM backend is plain torch (it gathers each request's cache once per layer and "
             "step) and has not run on a GPU. Measured here (benchmarks/rollouts.py --engine, 2-core CPU) is only that "
-            "vLLM samples the gated model's own policy (tests/engines/test_vllm_gated.py) and its CPU speed against "
+            "vLLM samples the gated model's own policy (tests/engines/vllm/test_gated.py) and its CPU speed against "
             "transformers, which says nothing of a GPU's."]
     return out
 

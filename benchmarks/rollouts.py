@@ -55,7 +55,8 @@ def cpu_name() -> str:
 
 
 def generate_rollouts(model, tokenizer, prompts, options, copies: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """The rollouts of the two-pass path: the prompts' shared prefill, then transformers' `generate`."""
+    """Rollouts through transformers' `generate` (under whichever attention the caller set): the prompts' shared
+    prefill, then `generate`."""
     from kvpress_rl.embedded.data import left_pad
     from kvpress_rl.models import cache_kwargs
     from kvpress_rl.strategies.rlkv.rollouts import completion_mask, end_ids, shared_prefill

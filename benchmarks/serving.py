@@ -31,7 +31,8 @@ import torch  # noqa: E402
 
 from kvpress_rl.engines.vllm.engine import EngineSettings, VllmGenerator, model_folder  # noqa: E402
 from kvpress_rl.engines.vllm.layout import EnginePlan  # noqa: E402
-from kvpress_rl.plan import plan_from_scores  # noqa: E402
+from kvpress_rl.models import ModelShape  # noqa: E402
+from kvpress_rl.plan import kv_bytes_of, plan_from_scores  # noqa: E402
 from kvpress_rl.scores import HeadScores  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,10 +72,8 @@ def qwen_2layer_folder(root: Path) -> tuple[str, torch.Tensor]:
 def kv_bytes_per_token(folder: str, dtype: torch.dtype) -> int:
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(folder)
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    element = torch.empty((), dtype=dtype).element_size()
-    return config.num_hidden_layers * config.num_key_value_heads * 2 * head_dim * element
+    shape = ModelShape.from_config(AutoConfig.from_pretrained(folder))
+    return kv_bytes_of(shape.num_layers * shape.num_kv_heads, shape.head_dim, dtype)  # one token, every KV head
 
 
 def run_engine(folder: str, plan: EnginePlan | None, prompts: list[list[int]], args, budget: int) -> dict:

@@ -9,6 +9,6 @@ ENGINES = ("transformers", "vllm")
 ENGINE_LENGTH_CAP = 32768  # tokens: the longest context a command starts a vLLM engine with
 
 
-def engine_max_model_len(config: Any) -> int:
-    """The model's own limit (as lm-eval's HF model reads it: 2048 where the config has none), at most the cap."""
-    return min(int(getattr(config, "max_position_embeddings", 0) or 2048), ENGINE_LENGTH_CAP)
+def engine_max_model_len(config: Any, unknown: int) -> int:
+    """The model's own limit (`unknown` where the config has none), at most the cap."""
+    return min(int(getattr(config, "max_position_embeddings", 0) or unknown), ENGINE_LENGTH_CAP)

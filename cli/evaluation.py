@@ -239,7 +239,9 @@ def evaluation_model(spec: GridSpec, model: str, device: str, console: Console) 
     engine = None
     if spec.engine == "vllm":
         engine = PlanSwitchingEngine(model_folder(model), dtype=spec.dtype,
-                                     max_model_len=engine_max_model_len(lm_model.config), max_num_seqs=spec.batch_size)
+                                     # 2048 where the config has none, as lm-eval's HF model reads it
+                                     max_model_len=engine_max_model_len(lm_model.config, unknown=2048),
+                                     max_num_seqs=spec.batch_size)
     try:
         yield KvrlLM(lm_model, tokenizer=tokenizer, batch_size=spec.batch_size, engine=engine)
     finally:

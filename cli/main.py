@@ -71,7 +71,7 @@ def strategies_table(found: dict[str, StrategyEntry]):
                Column(header="kind", cells=kinds, name=True, named_when_hidden=False),
                Column(header="origin", cells=origins, name=True, named_when_hidden=False),
                Column(header="description", cells=descriptions, least=24, named_when_hidden=False),
-               Column(header="kind, origin: description",
+               Column(header="kind, origin: description", named_when_hidden=False,
                       cells=tuple(f"{k}, {o}: {d}" for k, o, d in zip(kinds, origins, descriptions)))]
     return fitted_table(columns, [Layout(shown=(0, 1, 2, 3)), Layout(shown=(0, 4))], title="strategies")
 

@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from kvpress_rl.cli.engines import ENGINES, engine_max_model_len
+from kvpress_rl.cli.engines import ENGINE_LENGTH_CAP, ENGINES, engine_max_model_len
 from kvpress_rl.cli.launch import (
     check_num_processes,
     distributed_rank,
@@ -241,7 +241,7 @@ def rollout_engine_factory(name: str, model: str, lm):
     if name == "transformers":
         return None
     dtype = str(lm.dtype).removeprefix("torch.")
-    max_len = engine_max_model_len(lm.config)
+    max_len = engine_max_model_len(lm.config, unknown=ENGINE_LENGTH_CAP)
     return lambda **branch: GatedRollouts(model, GatedBranch(**branch), dtype=dtype, max_model_len=max_len)
 
 

@@ -69,7 +69,7 @@ def read_training_log(path: Path) -> list[dict[str, Any]]:
         if not isinstance(record, dict) or not all(_number(record.get(key))
                                                    for key in ("step", "mean_reward", "mean_alpha")):
             raise KvrlError(f"{path} line {number} is not a training-log record (JSON with numbers step, mean_reward "
-                            "and mean_alpha); repair or move the log, then export again")
+                            "and mean_alpha); repair or move the log")
         records.append(record)
     return records
 

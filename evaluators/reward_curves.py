@@ -3,10 +3,10 @@ gate of every step from each run's training log, each run's totals, and both cur
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from kvpress_rl.errors import KvrlError
+from kvpress_rl.evaluators.artifacts import read_training_log
 from kvpress_rl.evaluators.plots import _pyplot
 from kvpress_rl.io import write_atomic
 
@@ -17,7 +17,7 @@ def read_train_log(path: Path) -> TrainLog:
     if not path.is_file():
         raise KvrlError(f"no training log {path}; name the work folder of a `kvrl select --strategy rlkv` "
                         "(OUTPUT.run)")
-    log = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    log = read_training_log(path)
     if not log:
         raise KvrlError(f"{path} logs no step yet")
     return log

@@ -137,9 +137,8 @@ def default_of(f: dataclasses.Field) -> Any:
 
 
 class HeadSelector(Strategy):
-    """Base of head strategies: `select` scores every (layer, KV head) and `plan` ranks the scores globally."""
-
-    kind: ClassVar[str] = "head"
+    """Base of head strategies (`kind` "head", `Strategy`'s default): `select` scores every (layer, KV head) and
+    `plan` ranks the scores globally."""
 
 
 class TokenSelector(Strategy):

@@ -55,10 +55,12 @@ def only_error_line(result: subprocess.CompletedProcess) -> str:
 
 
 def error_line(result) -> str:
-    """The last line of a refused in-process `kvrl` run (click's CliRunner): exit 2, no traceback."""
+    """The last line of a refused in-process `kvrl` run (click's CliRunner): exit 2, no traceback, the message
+    shown once."""
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert result.exit_code == 2, result.output
     assert "Traceback" not in result.output
+    assert sum(line.startswith("Error:") for line in lines) == 1, result.output
     return lines[-1]
 
 

@@ -13,8 +13,8 @@ keep 16 sink + 64 recent tokens and the blocks in between go back to vLLM's bloc
 - `models.py`: Llama, Mistral, Qwen2 and Qwen3 under a plan (heads reordered, full first; one cache per KV head) or
   as the gated model.
 - `gated.py`: the gated model of RLKV's rollouts (every head's whole cache, `alpha * full + (1 - alpha) * streaming`).
-- `vllm_compat.py`: the vLLM internals the engine reads (and vLLM's grouping rule), checked against the installed
-  version.
+- `vllm_compat.py`: the vLLM internals the engine reads, checked against the installed version (vLLM's grouping
+  rule is copied in `layout.py`, which runs before vLLM).
 - `plugin.py`: `register()`, the `vllm.general_plugins` entry point (names only; nothing is patched).
 - `engine.py`: the engine settings a plan needs, the embedded model's weight folder, and `VllmGenerator`.
 

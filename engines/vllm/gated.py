@@ -78,17 +78,17 @@ class GatedImpl(TorchAttentionImpl):
     label = "kvpress-rl gated"
     bound_at = -1  # the cache `kv` views (vLLM binds it once, before the first real step)
 
-    def paged(self, kv_cache: torch.Tensor) -> PagedRows:
+    def paged(self, layer, kv_cache: torch.Tensor) -> PagedRows:
         """The layer's cache `[blocks, kv_heads, block size, 2 D]` as rows."""
         if self.bound_at != kv_cache.data_ptr():
-            self.kv, self.bound_at = PagedRows.over([kv_cache]), kv_cache.data_ptr()
+            self.kv, self.bound_at = PagedRows.over([kv_cache], layer.layer_name), kv_cache.data_ptr()
         return self.kv
 
     def do_kv_cache_update(self, layer, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
                            slot_mapping: torch.Tensor) -> None:
         slots = slot_mapping.long().clamp_min(0)  # padding tokens (slot -1) write vLLM's null block, never read
         count = slots.shape[0]
-        kv = self.paged(kv_cache)
+        kv = self.paged(layer, kv_cache)
         kv.write(kv.index(slots[None]), key[:count], value[:count])
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
@@ -97,7 +97,7 @@ class GatedImpl(TorchAttentionImpl):
             raise NotImplementedError("fused output quantisation is not supported by the kvpress-rl gated backend")
         if attn_metadata is None:  # vLLM's warm-up and profiling runs
             return output
-        kv, gates = self.paged(kv_cache), layer.gates.clamp(0.0, 1.0)
+        kv, gates = self.paged(layer, kv_cache), layer.gates.clamp(0.0, 1.0)
         for span in attn_metadata.prefills:
             self._prefill(layer.branch, gates, kv, span, query, key, value, output)
         if attn_metadata.decode_tokens.numel():

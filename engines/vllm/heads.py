@@ -155,7 +155,8 @@ class CompressedHeads(LayerHeads):
     def _bind(self) -> None:
         contexts = [layer_context(name) for name in self.names]
         device = contexts[0][1].kv_cache.device
-        self.kv = PagedRows.over([layer.kv_cache for _, layer, _ in contexts])  # [blocks, 1, B, 2 D] per head
+        # [blocks, 1, B, 2 D] per head
+        self.kv = PagedRows.over([layer.kv_cache for _, layer, _ in contexts], self.names[0])
         index: dict[int, int] = {}  # heads of one KV-cache group share one metadata object, hence one block table
         self.head_group = torch.tensor([index.setdefault(id(m), len(index)) for m, _, _ in contexts], device=device)
         firsts: dict[int, str] = {}

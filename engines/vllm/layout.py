@@ -153,11 +153,13 @@ def padded_head_blocks(full: int, compressed: int, group: int, length: int, bloc
 
 
 def vllm_group_size(full: int, compressed: int) -> int:
-    """The KV-cache group size vLLM itself gives `full` and `compressed` one-head layers (one bucket of each spec): its
-    rule, behind the version check of `vllm_compat`."""
-    from kvpress_rl.engines.vllm.vllm_compat import uniform_group_size
+    """The KV-cache group size vLLM itself gives `full` and `compressed` one-head layers (one bucket of each spec).
 
-    return uniform_group_size([full, compressed])
+    A copy of vLLM 0.32's rule (`_get_kv_cache_groups_uniform_page_size`: the largest bucket when every bucket is
+    within 1.5x of the smallest, else the smallest, the others padded), kept here in plain Python because `kvrl serve`
+    sizes its cache with it before vLLM runs; `vllm_compat.SUPPORTED` names the release it is copied from."""
+    smallest, largest = min(full, compressed), max(full, compressed)
+    return largest if largest < 1.5 * smallest else smallest
 
 
 def group_layout(full: int, compressed: int, length: int, block_size: int) -> int | None:

@@ -26,8 +26,9 @@ class PagedRows:
     plain: bool  # slot s of a head is row base + s (layer-outer layouts): known once, never synced per step
 
     @classmethod
-    def over(cls, caches: list[torch.Tensor]) -> PagedRows:
-        """The rows of caches `[blocks, heads, block size, 2 D]` that are views of one allocation, heads in order."""
+    def over(cls, caches: list[torch.Tensor], layer: str) -> PagedRows:
+        """The rows of caches `[blocks, heads, block size, 2 D]` that are views of one allocation, heads in order
+        (`layer` names them in an error)."""
         first = caches[0]
         width = first.shape[-1]
         for cache in caches:
@@ -35,7 +36,8 @@ class PagedRows:
             same = cache.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
             same = same and cache.stride(2) == first.stride(2)
             if not same or cache.stride(-1) != 1 or any(x % width for x in strides):
-                raise RuntimeError("a KV cache written by kvpress-rl is not rows of [key | value] in one allocation")
+                raise RuntimeError(f"{layer}: a KV cache written by kvpress-rl is not rows of [key | value] in one "
+                                   "allocation")
         storage = torch.empty(0, dtype=first.dtype, device=first.device).set_(first.untyped_storage())
         heads = [(cache, h) for cache in caches for h in range(cache.shape[1])]
         base = [(cache.storage_offset() + h * cache.stride(1)) // width for cache, h in heads]
@@ -61,8 +63,9 @@ class PagedRows:
 
     def write(self, index: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
         """Keys and values `[T, heads, D]` into their rows `index` `[heads, T]`."""
-        entries = torch.cat([key, value], dim=-1).to(self.rows.dtype).transpose(0, 1)  # [heads, T, 2 D]
-        self.rows.index_copy_(0, index.reshape(-1), entries.reshape(-1, entries.shape[-1]))
+        entries = torch.cat([key, value], dim=-1).to(self.rows.dtype)  # [T, heads, 2 D]
+        # the index is transposed (small ints), not the entries: no second copy of the step's keys and values
+        self.rows.index_copy_(0, index.transpose(0, 1).reshape(-1), entries.reshape(-1, entries.shape[-1]))
 
     def read(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """`(keys, values)` `[*index.shape, D]` of rows `index`, in the cache's dtype."""

@@ -1,8 +1,9 @@
 """The vLLM internals kvpress-rl's engine reads, in one place, for the vLLM release it is written against (0.32).
 
 Everything else in `kvpress_rl.engines.vllm` uses vLLM's public extension points (model registry, attention backends,
-KV-cache spec registry, general plugins); what is here reaches past them (private names, a copy of one of vLLM's
-rules) and is checked against the installed version when this module is imported.
+KV-cache spec registry, general plugins); what is here reaches past them (private names) and is checked against the
+installed version when this module is imported. One rule of vLLM's is copied instead, in plain Python:
+`layout.vllm_group_size` (its grouping of KV-cache layers), which the driver needs before vLLM runs.
 """
 
 from __future__ import annotations
@@ -53,13 +54,6 @@ def forward_module(name: str) -> Any:
 def splitting_ops(*ours: str) -> list[str]:
     """vLLM's own attention ops (where its piecewise compilation and CUDA graphs cut the model) and `ours`."""
     return [*CompilationConfig._attention_ops, *ours]
-
-
-def uniform_group_size(bucket_sizes: list[int]) -> int:
-    """The KV-cache group size vLLM chooses for buckets of same-spec layers (`_get_kv_cache_groups_uniform_page_size`):
-    its largest bucket when every bucket is within 1.5x of the smallest, else its smallest (the others padded)."""
-    smallest, largest = min(bucket_sizes), max(bucket_sizes)
-    return largest if largest < 1.5 * smallest else smallest
 
 
 def cpu_attention_isa(dtype: torch.dtype, block_size: int, head_size: int) -> str:

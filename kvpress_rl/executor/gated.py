@@ -76,7 +76,7 @@ def mix_branches(full: torch.Tensor, streaming: torch.Tensor, gates: torch.Tenso
     """`alpha * full + (1 - alpha) * streaming`: the gated attention's two branches mixed per KV head (their outputs,
     or their probabilities). `gates` `[kv_heads]` (clamped by the caller), each repeated over its `groups` query heads
     along `axis` of `full`, counted from the end (-2 for `(batch, q_len, heads, head_dim)`); in `full`'s dtype."""
-    alpha = gates.repeat_interleave(groups).to(full.dtype)
+    alpha = (gates if groups == 1 else gates.repeat_interleave(groups)).to(full.dtype)
     alpha = alpha.view(-1, *(1,) * (-axis - 1))
     return alpha * full + (1.0 - alpha) * streaming
 

@@ -74,7 +74,6 @@ from kvpress_rl.strategies.rlkv.rollouts import chat_ids, rollouts, self_distill
 class RLKV(HeadSelector):
     __doc__ = __doc__
     name = "rlkv"
-    kind = "head"
     version = "3"  # in every scores file's provenance: raised whenever the same options give other gates
     trains = True
     samples_rollouts = True

@@ -39,3 +39,10 @@ def test_a_folder_without_a_log_or_steps_is_refused(tmp_path):
     (tmp_path / "train_log.jsonl").write_text("\n")
     with pytest.raises(KvrlError, match="logs no step yet"):
         read_train_log(tmp_path / "train_log.jsonl")
+
+
+def test_a_partly_written_log_line_is_refused_in_one_line(tmp_path):
+    log = train_log(tmp_path / "a" / "train_log.jsonl", [0.5, 0.75])
+    log.write_text(log.read_text().rstrip("\n") + '\n{"step": 3, "mean_rew')  # a run killed while it wrote
+    with pytest.raises(KvrlError, match=r"train_log.jsonl line 3 is not a training-log record"):
+        read_train_log(log)

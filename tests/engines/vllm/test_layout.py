@@ -65,7 +65,7 @@ def test_token_and_hybrid_plans_are_refused():
         EnginePlan.from_plan(hybrid)
 
 
-def test_group_layout_keeps_full_groups_exact_where_vllm_would_pad_them(vllm_installed):
+def test_group_layout_keeps_full_groups_exact_where_vllm_would_pad_them():
     from kvpress_rl.engines.vllm.layout import group_layout, padded_head_blocks, vllm_group_size
 
     assert vllm_group_size(45, 67) == 67  # vLLM alone: the 45 full heads padded to 67

@@ -31,7 +31,7 @@ def head_caches() -> list[torch.Tensor]:
                          ids=["heads-outer", "slots-outer", "one-head caches"])
 def test_rows_write_and_read_the_slots_of_every_head(caches):
     generator = torch.Generator().manual_seed(0)
-    kv = PagedRows.over(caches)
+    kv = PagedRows.over(caches, "layers.0.attn")
     slots = torch.randperm(BLOCKS * BLOCK, generator=generator)[:10]
     key, value = torch.randn(10, HEADS, DIM, generator=generator), torch.randn(10, HEADS, DIM, generator=generator)
     kv.write(kv.index(slots[None]), key, value)
@@ -47,5 +47,5 @@ def test_rows_write_and_read_the_slots_of_every_head(caches):
 
 def test_a_cache_that_is_not_rows_is_refused():
     cache = torch.zeros(BLOCKS, 1, 2 * DIM, BLOCK).transpose(2, 3)  # keys and values not side by side in memory
-    with pytest.raises(RuntimeError, match="not rows"):
-        PagedRows.over([cache])
+    with pytest.raises(RuntimeError, match="^layers.0.attn: .*not rows"):
+        PagedRows.over([cache], "layers.0.attn")
