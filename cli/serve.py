@@ -12,8 +12,9 @@ What keeps it up and its answers the same under load:
   the server and exits non-zero with one line, so that a supervisor restarts it.
 - The KV cache is sized from the plan (`--concurrency` sequences of `--max-model-len` tokens, and one prompt being
   prefilled) unless `--kv-cache-memory-bytes` says otherwise, and vLLM runs at most as many sequences as it holds at
-  full length (`--max-num-seqs`), so nothing is preempted: a preempted request would be recomputed in one causal
-  prefill, its compressed heads then seeing its own generated tokens whole. Size and concurrency are printed at start.
+  full length (`--max-num-seqs`), so nothing is preempted. Preemption would not change an answer (a recomputed
+  request's prompt and generated tokens are prefilled in separate steps, `engines/vllm/scheduler.py`), but it
+  computes the request again. Size and concurrency are printed at start.
   On a GPU, without `--concurrency` or `--kv-cache-memory-bytes`, vLLM sizes the cache from its share of the device.
 """
 
@@ -110,9 +111,8 @@ def describe(plan: EnginePlan | None, config, length: int, size: KvCacheSize, dt
              "prompts are prefilled in one step"]
     if max_num_seqs > size.admits:
         lines.append(f"warning: --max-num-seqs {max_num_seqs} is more than the {size.admits} sequences the KV cache "
-                     "holds at full length: vLLM may preempt, and a preempted request is recomputed in one causal "
-                     "prefill, so its compressed heads see its generated tokens whole once and its answer may differ "
-                     "from an idle server's")
+                     "holds at full length: vLLM may preempt, and a preempted request is computed again (the same "
+                     "answer, later)")
     return lines
 
 
@@ -229,8 +229,7 @@ def serve_command(ctx: click.Context, model: str | None, heads: str | None, spar
 
 
 GPU_SHARE_NOTE = ("KV cache: vLLM's share of the GPU; pass --concurrency N (or --kv-cache-memory-bytes) to size it so "
-                  "that nothing is preempted (a preempted request is recomputed, and its compressed heads then see its "
-                  "generated tokens whole once)")
+                  "that nothing is preempted (a preempted request is computed again)")
 
 
 def check_serve_options(extra: list[str], max_model_len: int, concurrency: int) -> None:

@@ -39,6 +39,7 @@ class RequestSpan:
 @dataclass
 class PrefillSpan:
     request: int  # row of the request in the step
+    row: int  # its row of kept slots (the history it reads)
     start: int  # its first token in the step
     end: int
     computed: int  # tokens it had cached before the step
@@ -46,41 +47,49 @@ class PrefillSpan:
 
 @dataclass
 class SinkWindowMetadata:
+    """Rows of kept slots: first one per token the decoding rule applies to (a decoding token, or a generated token
+    recomputed after preemption), then one per prompt chunk (its history)."""
+
     num_actual_tokens: int
-    kept_slots: torch.Tensor  # [R, K + 1] cache slots: sinks, window, position c (invalid entries: slot of position 0)
-    kept_valid: torch.Tensor  # [R, K + 1] True where the entry is a kept position
-    num_decodes: int  # one-token requests
-    # their token index, [num_decodes]; None when every request decodes (row r = token r)
-    decode_tokens: torch.Tensor | None
-    decode_requests: torch.Tensor | None  # their row, [num_decodes]
-    prefills: list[PrefillSpan]  # requests with more than one query token this step (host data vLLM already has)
+    kept_slots: torch.Tensor  # [rows, K + 1] slots: sinks, window, the row's position (invalid: slot of position 0)
+    kept_valid: torch.Tensor  # [rows, K + 1] True where the entry is a kept position
+    num_decodes: int  # tokens under the decoding rule: rows 0 .. num_decodes - 1
+    decode_tokens: torch.Tensor | None  # their token index, [num_decodes]; None when every request decodes one token
+    prefills: list[PrefillSpan]  # prompt chunks (host data vLLM already has)
 
 
 def kept_metadata(meta: CommonAttentionMetadata, block_size: int, sink: int, window: int) -> SinkWindowMetadata:
     """The step's kept slots for one KV-cache group (its block table), without a host sync or a loop over requests
-    (the prefill spans come from the query lengths vLLM keeps on the host)."""
+    in a decoding step. Steps with several tokens for a request read the query lengths vLLM keeps on the host: a
+    request still in its prompt (`is_prefilling`) is a prompt chunk; one past it (generated tokens recomputed after a
+    preemption: `scheduler.py` never mixes the two) gets one decoding row per token."""
     requests = meta.num_reqs
     starts = meta.query_start_loc[: requests + 1]
     computed = meta.seq_lens[:requests] - (starts[1:] - starts[:-1])
-    positions, valid = kept_positions(computed, sink, window)
     table = meta.block_table_tensor[:requests].long()
-    slots = table.gather(1, positions // block_size) * block_size + positions % block_size
     if meta.max_query_len <= 1:
+        positions, valid = kept_positions(computed, sink, window)
+        slots = table.gather(1, positions // block_size) * block_size + positions % block_size
         return SinkWindowMetadata(num_actual_tokens=meta.num_actual_tokens, kept_slots=slots, kept_valid=valid,
-                                  num_decodes=requests, decode_tokens=None, decode_requests=None, prefills=[])
+                                  num_decodes=requests, decode_tokens=None, prefills=[])
     starts_cpu = meta.query_start_loc_cpu[: requests + 1]
     lengths = (starts_cpu[1:] - starts_cpu[:-1]).tolist()
     first = starts_cpu[:-1].tolist()
     seq_lens = meta.seq_lens_cpu_upper_bound  # exact for prefills
     seq_lens = meta.seq_lens.cpu() if seq_lens is None else seq_lens
-    decodes = [r for r, n in enumerate(lengths) if n == 1]
-    prefills = [PrefillSpan(request=r, start=first[r], end=first[r] + n, computed=int(seq_lens[r]) - n)
-                for r, n in enumerate(lengths) if n > 1]
-    device = slots.device
-    tokens = torch.tensor([first[r] for r in decodes], dtype=torch.long).to(device, non_blocking=True)
-    rows = torch.tensor(decodes, dtype=torch.long).to(device, non_blocking=True)
+    in_prompt = [True] * requests if meta.is_prefilling is None else meta.is_prefilling[:requests].tolist()
+    decoding = [(r, j) for r, n in enumerate(lengths) if n == 1 or (n > 1 and not in_prompt[r]) for j in range(n)]
+    chunks = [r for r, n in enumerate(lengths) if n > 1 and in_prompt[r]]
+    prefills = [PrefillSpan(request=r, row=len(decoding) + i, start=first[r], end=first[r] + lengths[r],
+                            computed=int(seq_lens[r]) - lengths[r]) for i, r in enumerate(chunks)]
+    device = table.device
+    rows = torch.tensor([r for r, _ in decoding] + chunks, dtype=torch.long).to(device, non_blocking=True)
+    offsets = torch.tensor([j for _, j in decoding] + [0] * len(chunks), dtype=torch.long).to(device, non_blocking=True)
+    positions, valid = kept_positions(computed.long()[rows] + offsets, sink, window)
+    slots = table[rows].gather(1, positions // block_size) * block_size + positions % block_size
+    tokens = torch.tensor([first[r] + j for r, j in decoding], dtype=torch.long).to(device, non_blocking=True)
     return SinkWindowMetadata(num_actual_tokens=meta.num_actual_tokens, kept_slots=slots, kept_valid=valid,
-                              num_decodes=len(decodes), decode_tokens=tokens, decode_requests=rows, prefills=prefills)
+                              num_decodes=len(decoding), decode_tokens=tokens, prefills=prefills)
 
 
 def split_requests(meta: CommonAttentionMetadata, block_size: int, device, history: Callable[[int], torch.Tensor]):

@@ -21,6 +21,7 @@ from kvpress_rl.plan import CompressionPlan
 
 CPU_BLOCK_SIZE = 32  # vLLM's CPU attention wants multiples of 32; 32 keeps a compressed head at 4 blocks
 GPU_BLOCK_SIZE = 16  # on GPUs the sink block is exactly the 16 sinks and the window 5 blocks
+PLAN_SCHEDULER = "kvpress_rl.engines.vllm.scheduler.prompt_boundary_scheduler"  # vLLM's `scheduler_cls` under a plan
 
 
 def install_hint() -> str:
@@ -87,6 +88,7 @@ class EngineSettings:
     gpu_memory_utilization: float | None = None  # vLLM's share of the GPU (None: vLLM's default, 0.9)
     # None: eager on the CPU build (as the stock model it is measured against), compiled on CUDA
     eager: bool | None = None
+    log_stats: bool = False  # vLLM's statistics (`LLM.get_metrics()`: preemptions, ...)
 
     def overrides(self, config: Any) -> dict:
         if self.gated is not None:
@@ -120,6 +122,10 @@ class EngineSettings:
                         gpu_memory_utilization=self.gpu_memory_utilization,
                         enable_chunked_prefill=None if self.exact_prefill is None else not self.exact_prefill)
         kwargs.update({key: value for key, value in optional.items() if value is not None})
+        if self.log_stats:
+            kwargs["disable_log_stats"] = False
+        if self.plan is not None:
+            kwargs["scheduler_cls"] = PLAN_SCHEDULER  # a recompute after preemption: prompt, then generated tokens
         return kwargs
 
     def serve_args(self) -> list[str]:

@@ -12,7 +12,8 @@ it. So a layer does not call its sub-layers one by one; it reads their caches th
   step writes the layer's compressed heads with one `index_copy_` and reads each request's at most
   `sink + window + 1` kept rows with one gather; decoding steps then run one batched attention over those 81 keys for
   every compressed head of the layer.
-  Prompts and chunks (rare: once per prompt) run one SDPA per request, over its kept history and its own tokens.
+  Generated tokens recomputed after a preemption are decoding rows too, one per token. Prompts and chunks (rare:
+  once per prompt) run one SDPA per request, over its kept history and its own tokens.
 
 The kept slots come from the compressed groups' metadata builder (`backend.py`), computed once per step on the device.
 Nothing here syncs with the host; the only host data read are the query lengths vLLM already keeps on the host.
@@ -182,7 +183,7 @@ class CompressedHeads(LayerHeads):
         # the step's keys and values first: a decoding token reads itself back with its history
         rows = self._rows(stacked([slot_mapping[:tokens].long() for _, _, slot_mapping in groups]))  # [C, T]
         self.kv.write(rows, key[:tokens], value[:tokens])
-        kept = stacked([m.kept_slots for m, _, _ in groups])  # [groups, R, K + 1]
+        kept = stacked([m.kept_slots for m, _, _ in groups])  # [groups, rows, K + 1]
         if metadata.num_decodes:
             self._decode(query, kept, metadata, output)
         prompts = [span for span in metadata.prefills if span.computed == 0]
@@ -195,18 +196,14 @@ class CompressedHeads(LayerHeads):
             self._prefill(query, key, value, kept, metadata, span, output)
 
     def _decode(self, query: torch.Tensor, kept: torch.Tensor, metadata, output: torch.Tensor) -> None:
-        count = metadata.num_decodes
-        if metadata.decode_tokens is None:  # every request of the step decodes one token: request r is token r
-            q, kept, valid = query[:count], kept[:, :count], metadata.kept_valid[:count]
-        else:
-            rows = metadata.decode_requests
-            q, kept, valid = query[metadata.decode_tokens], kept[:, rows], metadata.kept_valid[rows]
-        keys, values = self.kv.read(self._rows(kept).transpose(0, 1))  # [R, C, K, D]
-        out = decode_over_kept(keys, values, q, valid, self.scale, self.group).to(output.dtype)
-        if metadata.decode_tokens is None:
+        count, tokens = metadata.num_decodes, metadata.decode_tokens  # tokens None: request r decodes token r
+        q = query[:count] if tokens is None else query[tokens]
+        keys, values = self.kv.read(self._rows(kept[:, :count]).transpose(0, 1))  # [R, C, K, D]
+        out = decode_over_kept(keys, values, q, metadata.kept_valid[:count], self.scale, self.group).to(output.dtype)
+        if tokens is None:
             output[:count] = out
         else:
-            output[metadata.decode_tokens] = out
+            output[tokens] = out
 
     def _prefill(self, query, key, value, kept, metadata, span, output) -> None:
         q = query[span.start:span.end].transpose(0, 1)[None]  # [1, C * G, n, D]
@@ -214,9 +211,9 @@ class CompressedHeads(LayerHeads):
         if span.computed == 0:  # a prompt in one step: plain causal attention
             out = F.scaled_dot_product_attention(q, own_k, own_v, is_causal=True, scale=self.scale, enable_gqa=True)
         else:
-            old_k, old_v = self.kv.read(self._rows(kept[:, span.request, :-1]))  # [C, K, D]
+            old_k, old_v = self.kv.read(self._rows(kept[:, span.row, :-1]))  # [C, K, D]
             keys = torch.cat([old_k[None].to(q.dtype), own_k], dim=2)
             values = torch.cat([old_v[None].to(q.dtype), own_v], dim=2)
-            mask = history_causal_mask(metadata.kept_valid[span.request, :-1], span.end - span.start)
+            mask = history_causal_mask(metadata.kept_valid[span.row, :-1], span.end - span.start)
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scale, enable_gqa=True)
         output[span.start:span.end] = out[0].transpose(0, 1).to(output.dtype)

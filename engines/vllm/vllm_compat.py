@@ -2,7 +2,8 @@
 
 Everything else in `kvpress_rl.engines.vllm` uses vLLM's public extension points (model registry, attention backends,
 KV-cache spec registry, general plugins); what is here reaches past them (private names) and is checked against the
-installed version when this module is imported. One rule of vLLM's is copied instead, in plain Python:
+installed version when this module is imported (`scheduler.py` also extends one private method of vLLM's scheduler,
+and checks it when imported). One rule of vLLM's is copied instead, in plain Python:
 `layout.vllm_group_size` (its grouping of KV-cache layers), which the driver needs before vLLM runs.
 """
 

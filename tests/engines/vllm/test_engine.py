@@ -55,6 +55,31 @@ def test_greedy_tokens_equal_the_executor_on_a_random_model(tmp_path_factory, ar
     assert differs_from_full  # the plan changes the answer: the equality says something about the compressed heads
 
 
+def preemptions(generator: VllmGenerator) -> float:
+    return sum(metric.value for metric in generator.llm.get_metrics() if metric.name == "vllm:num_preemptions")
+
+
+@pytest.mark.parametrize("batched_tokens", [None, 2048])  # one prompt a step at most, or several
+def test_a_preempted_request_gets_the_tokens_it_gets_alone(tmp_path_factory, batched_tokens):
+    """Six requests at once in a KV cache for about two: preempted requests are recomputed (prompt and generated
+    tokens), and every answer is the one the request gets alone in the engine."""
+    _, folder = tiny_folder(tmp_path_factory, "llama")
+    plan = CompressionPlan(torch.tensor([[True, False], [False, True]]), Streaming(), 0.5)
+    generator = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 512, (n,), generator=generator).tolist() for n in (100, 120, 90, 110, 130, 95)]
+    settings = EngineSettings(model=folder, plan=EnginePlan.from_plan(plan), max_model_len=512, dtype="float32",
+                              kv_cache_memory_bytes=600_000, max_num_batched_tokens=batched_tokens,
+                              log_stats=True)
+    with VllmGenerator(settings) as engine:
+        loaded = [list(out.token_ids) for out in engine.generate(prompts, 350)]
+        preempted = preemptions(engine)
+        alone = [list(engine.generate([prompt], 350)[0].token_ids) for prompt in prompts]
+        assert preemptions(engine) == preempted  # one request at a time fits
+    assert preempted > 0, "the KV cache was meant to force preemptions"
+    mismatched = [(i, first_difference(a, b)) for i, (a, b) in enumerate(zip(loaded, alone)) if a != b]
+    assert not mismatched, f"requests whose tokens differ under load (request, first token): {mismatched}"
+
+
 def first_difference(a, b) -> int | None:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
 
