@@ -42,7 +42,7 @@ from kvpress_rl.executor.gated import gated, new_gates
 from kvpress_rl.strategies.rlkv import RLKV, RLKVOptions
 from kvpress_rl.strategies.rlkv.grpo import step_advantages
 from kvpress_rl.strategies.rlkv.problems import load_problems
-from kvpress_rl.strategies.rlkv.rollouts import chat_ids, rollouts
+from kvpress_rl.strategies.rlkv.rollouts import branch_of, chat_ids, rollout_sampling, rollouts
 
 HERE = Path(__file__).resolve().parent
 
@@ -83,7 +83,9 @@ def timed_rollouts(model, tokenizer, prompts, options, gates, how: str, seed: in
     if how == "transformers generate":
         out = generate_rollouts(model, tokenizer, prompts, o, o.group_size)
     elif how == "gated vllm":
-        out = rollouts(model, tokenizer, prompts, o, sample=True, copies=o.group_size, engine=engine, gates=gates)
+        sampled = engine.sample(prompts, rollout_sampling(tokenizer, o, sample=True), gates=gates, branch=branch_of(o),
+                                copies=o.group_size)
+        out = sampled.sequences, sampled.mask, sampled.offset
     else:
         with gated(model, gates, sink=o.sink, window=o.window, mask=o.train_mask, block_size=o.block_size,
                    one_pass_decode=how.endswith("one-pass")):
@@ -115,15 +117,14 @@ def timed_backward(learner: RLKV, model, tokenizer, problems, gates, out) -> tup
 
 def engine_rows(model, tokenizer, prompts, options, gates, dtype_name: str, args) -> list[dict]:
     from kvpress_rl.engines.vllm.engine import GatedRollouts
-    from kvpress_rl.engines.vllm.layout import GatedBranch
 
     o = options
     # The engine core runs in its own process (vLLM's default): in this one its CPU worker would re-bind torch's threads
     # and slow every later transformers measurement (seen: the backward 2x slower after an in-process engine).
     os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
     began = time.perf_counter()
-    engine = GatedRollouts(None, GatedBranch(o.sink, o.window, o.train_mask, o.block_size), dtype=dtype_name,
-                           max_model_len=2048)
+    engine = GatedRollouts(None, dtype=dtype_name, max_model_len=2048)
+    engine.start(branch_of(o))
     start_s = time.perf_counter() - began
     try:
         timed_rollouts(model, tokenizer, prompts[:1], o, gates, "gated vllm", args.seed, engine)  # warm-up

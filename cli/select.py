@@ -30,7 +30,6 @@ from kvpress_rl.cli.launch import (
 from kvpress_rl.cli.options import parse_strategy_options
 from kvpress_rl.cli.output import console, strategies_with_warnings
 from kvpress_rl.engines.vllm.engine import GatedRollouts, check_vllm, model_folder
-from kvpress_rl.engines.vllm.layout import GatedBranch
 from kvpress_rl.errors import KvrlError
 from kvpress_rl.evaluators.plots import gate_heatmap, training_curves
 from kvpress_rl.identity import code_identity, weights_identity
@@ -235,14 +234,13 @@ def check_rollout_engine(name: str, entry: StrategyEntry, model: str, gguf_file:
     check_vllm()
 
 
-def rollout_engine_factory(name: str, model: str, lm):
-    """`SelectionContext.rollout_engine`: None (transformers), or a callable that starts the gated model in vLLM with
-    the learner's streaming branch, in the learner's dtype."""
+def rollout_sampler(name: str, model: str, lm) -> GatedRollouts | None:
+    """`SelectionContext.sampler`: None (the strategy's own loop in transformers), or vLLM's gated model in the
+    learner's dtype (its engine starts on the first rollouts, with the learner's streaming branch)."""
     if name == "transformers":
         return None
     dtype = str(lm.dtype).removeprefix("torch.")
-    max_len = engine_max_model_len(lm.config, unknown=ENGINE_LENGTH_CAP)
-    return lambda **branch: GatedRollouts(model, GatedBranch(**branch), dtype=dtype, max_model_len=max_len)
+    return GatedRollouts(model, dtype=dtype, max_model_len=engine_max_model_len(lm.config, unknown=ENGINE_LENGTH_CAP))
 
 
 def quiet_other_ranks(rank: int) -> Console:
@@ -273,11 +271,16 @@ def run_select(request: SelectRequest) -> None:
     work_dir = work_dir_of(checked.output)  # shared by the ranks: written from rank 0, every rank resumes from it
     if not request.resume and rank == 0:
         clear_earlier_run(work_dir)
-    with StepProgress(request.strategy, show, rank) as on_step:
-        context = SelectionContext(seed=request.seed, data_dir=request.data_dir, device=device, model_id=model_id(lm),
-                                   work_dir=str(work_dir), resume=request.resume, on_step=on_step,
-                                   rollout_engine=rollout_engine_factory(request.rollout_engine, model, lm))
-        scores = selected_scores(selector, lm, tokenizer, context, request.strategy, checked.entry)
+    sampler = rollout_sampler(request.rollout_engine, model, lm)
+    try:
+        with StepProgress(request.strategy, show, rank) as on_step:
+            context = SelectionContext(seed=request.seed, data_dir=request.data_dir, device=device,
+                                       model_id=model_id(lm), work_dir=str(work_dir), resume=request.resume,
+                                       on_step=on_step, sampler=sampler)
+            scores = selected_scores(selector, lm, tokenizer, context, request.strategy, checked.entry)
+    finally:
+        if sampler is not None:
+            sampler.close()
     if rank == 0:
         check_result(scores, checked.entry, lm)
         write_scores(scores, request, checked.output, lm, world_size, show)

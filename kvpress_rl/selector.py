@@ -17,6 +17,7 @@ import torch
 from kvpress_rl.models import ModelShape, model_id
 from kvpress_rl.plan import CompressionPlan, build_plan
 from kvpress_rl.policies import Budget, TokenPolicy
+from kvpress_rl.sampling import RolloutSampler
 from kvpress_rl.scores import HeadScores
 
 
@@ -31,11 +32,9 @@ class SelectionContext:
     work_dir: str | None = None  # where a strategy may keep logs and checkpoints (resumable runs)
     resume: bool = False
     on_step: Any = None  # callable(step, total, metrics: dict) for progress, or None
-    # For strategies that sample from a gated model (`samples_rollouts`): None samples in transformers; otherwise
-    # callable(sink=, window=, mask=, block_size=) -> an engine with `generate(gates, prompts, *, copies, temperature,
-    # max_new_tokens, stop_ids, pad_id)` -> (sequences, mask, offset) and `close()` (`kvrl select --rollout-engine
-    # vllm`)
-    rollout_engine: Any = None
+    # For strategies that sample from a gated model (`samples_rollouts`): what samples their rollouts (None: the
+    # strategy's own loop; `kvrl select --rollout-engine vllm`: vLLM's gated model). The caller closes it.
+    sampler: RolloutSampler | None = None
 
 
 @dataclass

@@ -15,9 +15,10 @@ from typing import Any
 import torch
 
 from kvpress_rl.embedded.model import EMBEDDED_MODEL, merged_folder
-from kvpress_rl.engines.vllm.layout import ARCHITECTURES, GATED_KEY, OVERRIDES_KEY, EnginePlan, GatedBranch
+from kvpress_rl.engines.vllm.layout import ARCHITECTURES, GATED_KEY, OVERRIDES_KEY, EnginePlan
 from kvpress_rl.errors import KvrlError
 from kvpress_rl.plan import CompressionPlan
+from kvpress_rl.sampling import GatedBranch, Rollouts, Sampling
 
 CPU_BLOCK_SIZE = 32  # vLLM's CPU attention wants multiples of 32; 32 keeps a compressed head at 4 blocks
 GPU_BLOCK_SIZE = 16  # on GPUs the sink block is exactly the 16 sinks and the window 5 blocks
@@ -259,27 +260,42 @@ ROLLOUT_GPU_SHARE = 0.45
 
 
 class GatedRollouts:
-    """RLKV's rollouts sampled by vLLM from the gated model (`kvrl select --rollout-engine vllm`): one engine for the
-    whole training, its gates replaced before every batch (`set_gates`, checked against what the engine then holds).
+    """RLKV's rollouts sampled by vLLM from the gated model (`kvrl select --rollout-engine vllm`), a `RolloutSampler`
+    (`kvpress_rl/sampling.py`): one engine for the whole training, started by the first `sample` (or `start`) with the
+    learner's streaming branch, its gates replaced before every batch (`set_gates`, checked against what the engine
+    then holds).
 
-    `generate` returns the learner's layout: `(sequences, mask, offset)`, prompts left-padded with `pad_id`, completions
-    right-padded, the mask 1 up to and including the first stop token, as `rollouts.generate` in transformers. Each
-    sequence is its own request with its own seed drawn from torch's generator (a seeded `kvrl select` is reproducible).
+    Each sequence is its own request with its own seed drawn from torch's generator (a seeded `kvrl select` is
+    reproducible). Call `close()`: vLLM's engine runs in a child process.
     """
 
     name = "vllm"
 
-    def __init__(self, model: str | None, branch: GatedBranch, *, dtype: str, max_model_len: int,
-                 max_num_seqs: int = 256) -> None:
-        folder = model_folder(model)
-        share = ROLLOUT_GPU_SHARE if torch.cuda.is_available() else None
-        settings = EngineSettings(model=folder, plan=None, gated=branch, max_model_len=max_model_len, dtype=dtype,
-                                  block_size=default_block_size(), max_num_seqs=max_num_seqs,
-                                  worker_extension_cls=GATE_LOADER, gpu_memory_utilization=share)
-        self.engine = VllmGenerator(settings)
+    def __init__(self, model: str | None, *, dtype: str, max_model_len: int, max_num_seqs: int = 256) -> None:
+        self.folder = model_folder(model)
+        self.dtype, self.max_model_len, self.max_num_seqs = dtype, max_model_len, max_num_seqs
+        self.engine: VllmGenerator | None = None
+        self.branch: GatedBranch | None = None
         self.gates_sum: float | None = None
 
-    def set_gates(self, gates: torch.Tensor) -> None:
+    def start(self, branch: GatedBranch) -> None:
+        """Start the engine with `branch` (once; a later branch must be the same: it is part of the model vLLM
+        built)."""
+        if self.engine is not None:
+            if branch != self.branch:
+                raise KvrlError(f"the rollout engine runs the streaming branch {self.branch}, not {branch}")
+            return
+        share = ROLLOUT_GPU_SHARE if torch.cuda.is_available() else None
+        settings = EngineSettings(model=self.folder, plan=None, gated=branch, max_model_len=self.max_model_len,
+                                  dtype=self.dtype, block_size=default_block_size(), max_num_seqs=self.max_num_seqs,
+                                  worker_extension_cls=GATE_LOADER, gpu_memory_utilization=share)
+        self.engine, self.branch = VllmGenerator(settings), branch
+
+    def set_gates(self, gates: torch.Tensor | None) -> None:
+        """The learner's gates into every worker (None: every gate at 1, the full model)."""
+        if gates is None:
+            config = model_config(self.folder)
+            gates = torch.ones(config.num_hidden_layers, config.num_key_value_heads)
         sent = gates.detach().to("cpu", torch.float32)
         held = self.engine.llm.collective_rpc("kvrl_load_gates", args=(sent.tolist(),))
         expected = float(sent.double().sum())
@@ -287,30 +303,32 @@ class GatedRollouts:
             raise KvrlError(f"the rollout engine holds gates summing to {held}, the learner sent {expected}")
         self.gates_sum = expected
 
-    def generate(self, gates: torch.Tensor, prompts: list[list[int]], *, copies: int, temperature: float | None,
-                 max_new_tokens: int, stop_ids: list[int], pad_id: int, logprobs: bool = False):
-        """Every prompt `copies` times, sampled at `temperature` (None: greedy); with `logprobs`, also the
-        log-probability of each sampled token as the engine computed it, `(rows, completion)` (0 at padding)."""
+    def sample(self, prompts: list[list[int]], sampling: Sampling, *, gates: torch.Tensor | None,
+               branch: GatedBranch, copies: int = 1, logprobs: bool = False) -> Rollouts:
         from vllm import SamplingParams
 
+        self.start(branch)
         self.set_gates(gates)
         rows = [list(p) for p in prompts for _ in range(copies)]
         seeds = torch.randint(0, 2**31 - 1, (len(rows),)).tolist()
+        temperature = sampling.temperature
         # only `stop_ids` end a rollout (the learner's `end_ids`), as in transformers: not the checkpoint's own end
-        params = [SamplingParams(temperature=temperature or 0.0, top_k=0, top_p=1.0, max_tokens=max_new_tokens,
-                                 stop_token_ids=stop_ids, ignore_eos=True, seed=seed if temperature else None,
-                                 logprobs=0 if logprobs else None, detokenize=False)
+        params = [SamplingParams(temperature=temperature or 0.0, top_k=0, top_p=1.0, max_tokens=sampling.max_new_tokens,
+                                 stop_token_ids=list(sampling.stop_ids), ignore_eos=True,
+                                 seed=seed if temperature else None, logprobs=0 if logprobs else None,
+                                 detokenize=False)
                   for seed in seeds]
         requests = [{"prompt_token_ids": r} for r in rows]
         outputs = [out.outputs[0] for out in self.engine.llm.generate(requests, params, use_tqdm=False)]
-        return rollout_tensors(rows, outputs, pad_id, logprobs)
+        return rollout_tensors(rows, outputs, sampling.pad_id, logprobs)
 
     def close(self) -> None:
-        self.engine.close()
+        if self.engine is not None:
+            self.engine.close()
 
 
-def rollout_tensors(rows: list[list[int]], outputs: list[Any], pad_id: int, logprobs: bool):
-    """The learner's layout of rollouts (`GatedRollouts.generate`) from each prompt row and vLLM's output for it."""
+def rollout_tensors(rows: list[list[int]], outputs: list[Any], pad_id: int, logprobs: bool) -> Rollouts:
+    """The learner's layout of rollouts (`Rollouts`) from each prompt row and vLLM's output for it."""
     offset = max(len(r) for r in rows)
     width = max(1, max(len(out.token_ids) for out in outputs))
     sequences = torch.full((len(rows), offset + width), pad_id, dtype=torch.long)
@@ -324,4 +342,4 @@ def rollout_tensors(rows: list[list[int]], outputs: list[Any], pad_id: int, logp
         mask[i, offset:offset + len(new)] = 1
         if logprobs:
             sampled[i, :len(new)] = torch.tensor([step[token].logprob for step, token in zip(out.logprobs, new)])
-    return (sequences, mask, offset, sampled) if logprobs else (sequences, mask, offset)
+    return Rollouts(sequences, mask, offset, sampled if logprobs else None)

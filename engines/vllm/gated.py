@@ -25,11 +25,12 @@ from vllm.model_executor.layers.attention import Attention
 from vllm.v1.attention.backend import AttentionMetadataBuilder, CommonAttentionMetadata
 
 from kvpress_rl.engines.vllm.backend import RequestSpan, TorchAttentionImpl, TorchBackend, split_requests
-from kvpress_rl.engines.vllm.layout import GATED_KEY, GatedBranch
+from kvpress_rl.engines.vllm.layout import GATED_KEY
 from kvpress_rl.engines.vllm.paged_rows import PagedRows
 from kvpress_rl.engines.vllm.plugin import GATED_BACKEND
 from kvpress_rl.executor.gated import mix_branches, mixed_decode
 from kvpress_rl.masks import history_causal_mask, streaming_mask
+from kvpress_rl.sampling import GatedBranch
 
 
 @dataclass

@@ -3,8 +3,10 @@
 `EnginePlan` travels to every vLLM process inside the model config (`hf_overrides`), so it is plain JSON data.
 The rule of a compressed head, in every phase (the executor's, `kvpress_rl/executor/cache.py`): in a step that
 starts with `c` cached tokens, query `c + i` attends to the kept history `{0..sink-1} U {max(sink, c-window)..c-1}`
-and to the step's own tokens `c..c+i`. A decoding step (`c >= 80`) is 16 + 64 + 1 = 81 keys, as the executor's
-"attend over budget + 1, then trim"; a prompt prefilled in one step is plain causal attention, as the executor's.
+and to the step's own tokens `c..c+i` (a prompt chunk; generated tokens recomputed after a preemption attend one by
+one, each as when it was decoded: `scheduler.py`). A decoding step (`c >= 80`) is 16 + 64 + 1 = 81 keys, as the
+executor's "attend over budget + 1, then trim"; a prompt prefilled in one step is plain causal attention, as the
+executor's.
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ import json
 from dataclasses import dataclass
 
 from kvpress_rl.errors import KvrlError
-from kvpress_rl.masks import BLOCK_SIZE
 from kvpress_rl.plan import CompressionPlan
 from kvpress_rl.policies import BUDGET_BASE, SINK_TOKENS, WINDOW_TOKENS, Streaming
 
@@ -87,28 +88,6 @@ class EnginePlan:
         if self.shape != (num_layers, num_kv_heads) or any(len(row) != num_kv_heads for row in self.full):
             raise KvrlError(f"plan has shape {self.shape[0]} layers x {self.shape[1]} KV heads, "
                             f"the model has {num_layers} x {num_kv_heads}")
-
-
-@dataclass(frozen=True)
-class GatedBranch:
-    """The streaming branch of a gated engine (every head keeps its whole cache and mixes `alpha * full + (1 - alpha) *
-    streaming`): the learner's, `kvpress_rl.masks.streaming_mask` with these settings."""
-
-    sink: int
-    window: int
-    mask: str = "token"
-    block_size: int = BLOCK_SIZE
-
-    def to_json(self) -> dict:
-        return {"v": 1, "sink": self.sink, "window": self.window, "mask": self.mask,
-                "block_size": self.block_size}
-
-    @classmethod
-    def from_json(cls, data: dict) -> GatedBranch:
-        if not isinstance(data, dict) or data.get("v") != 1:
-            raise KvrlError(f"`{GATED_KEY}` is not a kvpress-rl gated branch (version 1): {str(data)[:80]}")
-        return cls(sink=int(data["sink"]), window=int(data["window"]), mask=str(data["mask"]),
-                   block_size=int(data["block_size"]))
 
 
 def kept_history(computed: int, sink: int = SINK_TOKENS, window: int = WINDOW_TOKENS) -> list[int]:

@@ -35,7 +35,8 @@ from kvpress_rl.engines.vllm.backend import SinkWindowBackend
 from kvpress_rl.engines.vllm.cache import SinkWindowSpec, TaggedFullSpec
 from kvpress_rl.engines.vllm.gated import GatedAttention, set_model_gates
 from kvpress_rl.engines.vllm.heads import CompressedHeads, FullHeads
-from kvpress_rl.engines.vllm.layout import GATED_KEY, OVERRIDES_KEY, EnginePlan, GatedBranch, group_layout
+from kvpress_rl.engines.vllm.layout import GATED_KEY, OVERRIDES_KEY, EnginePlan, group_layout
+from kvpress_rl.sampling import GatedBranch
 
 
 class SinkWindowAttention(Attention):

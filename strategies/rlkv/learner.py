@@ -48,8 +48,9 @@ import torch
 
 from kvpress_rl.distributed import all_sum, is_main_process, world
 from kvpress_rl.errors import KvrlError
-from kvpress_rl.executor.gated import gated, new_gates
+from kvpress_rl.executor.gated import new_gates
 from kvpress_rl.models import model_id
+from kvpress_rl.sampling import RolloutSampler
 from kvpress_rl.scores import HeadScores
 from kvpress_rl.selector import HeadSelector, SelectionContext
 from kvpress_rl.strategies.rlkv import backward, presets
@@ -68,7 +69,7 @@ from kvpress_rl.strategies.rlkv.checkpoints import (
 from kvpress_rl.strategies.rlkv.grpo import ADVANTAGES, step_advantages
 from kvpress_rl.strategies.rlkv.options import RLKVOptions, check_resolved
 from kvpress_rl.strategies.rlkv.problems import RewardProblem, check_not_eval_data, load_problems, step_batch
-from kvpress_rl.strategies.rlkv.rollouts import chat_ids, rollouts, self_distill
+from kvpress_rl.strategies.rlkv.rollouts import LearnerSampler, branch_of, chat_ids, rollout_sampling, self_distill
 
 
 class RLKV(HeadSelector):
@@ -122,16 +123,12 @@ class RLKV(HeadSelector):
         torch.manual_seed(context.seed + rank)  # rollout sampling: different on every process
         # a resume checks the checkpoint's options before anything costly, and reads the training set back
         state = load_checkpoint(run.work, o) if context.resume and run.work else None
-        engine = context.rollout_engine(sink=o.sink, window=o.window, mask=o.train_mask,
-                                        block_size=o.block_size) if context.rollout_engine else None
-        try:
-            return self._train(model, tokenizer, context, run, rng, state, engine)
-        finally:
-            if engine is not None:
-                engine.close()
+        # the caller's sampler (it closes it), or the learner's own loop
+        sampler = context.sampler or LearnerSampler(model, o.rollout_batch)
+        return self._train(model, tokenizer, context, run, rng, state, sampler)
 
     def _train(self, model, tokenizer, context: SelectionContext, run: TrainingRun, rng: random.Random, state,
-               engine) -> HeadScores:
+               sampler: RolloutSampler) -> HeadScores:
         o = self.options
         if state is not None:
             train, text = load_train_set(run.work, state)
@@ -140,7 +137,7 @@ class RLKV(HeadSelector):
                 clear_work(run.work)  # a fresh run: no log, checkpoint or training set of an earlier one
             if o.self_distillation:
                 pool = load_problems(o.data, o.pool_size, context.seed, context.data_dir)
-                chosen, run.solved_fraction = self_distill(model, tokenizer, pool, o, rng, engine=engine)
+                chosen, run.solved_fraction = self_distill(sampler, tokenizer, pool, o, rng)
             else:
                 chosen = [(p, None) for p in load_problems(o.data, o.train_set_size, context.seed, context.data_dir)]
             train, text = [p for p, _ in chosen], train_set_text(chosen)
@@ -154,7 +151,7 @@ class RLKV(HeadSelector):
         first_step = resume(run, state, gates, optimizer) if state is not None else 0
         for step in range(first_step, o.steps):
             batch = [train[i] for i in step_batch(len(train), o.prompts_per_step, step, context.seed)]
-            record = self._step(model, tokenizer, gates, optimizer, batch, engine)
+            record = self._step(model, tokenizer, gates, optimizer, batch, sampler)
             record["step"] = step + 1
             record["epoch"] = step // (len(train) // o.prompts_per_step) + 1
             run.log.append(record)
@@ -171,8 +168,7 @@ class RLKV(HeadSelector):
                            train_set=len(train), model_family=self.family, resolved_from=dict(self.sources),
                            reward_curve={"first": rewards[:3], "last": rewards[-3:],
                                          "mean": sum(rewards) / len(rewards)},
-                           rollout_engine="transformers" if engine is None
-                           else getattr(engine, "name", type(engine).__name__),
+                           rollout_engine=sampler.name,
                            mean_alpha_curve=[r["mean_alpha"] for r in run.log])
 
     def policy_backward(self, model, gates: torch.Tensor, sequences: torch.Tensor, mask: torch.Tensor, offset: int,
@@ -197,20 +193,17 @@ class RLKV(HeadSelector):
         return backward.policy_backward(model, gates, sequences, mask, offset, advantages, rewards, sink, window,
                                         options=self.options, copies=group_size or self.options.group_size)
 
-    def _step(self, model, tokenizer, gates, optimizer, problems: list[RewardProblem], engine=None) -> dict:
+    def _step(self, model, tokenizer, gates, optimizer, problems: list[RewardProblem],
+              sampler: RolloutSampler) -> dict:
         o = self.options
         began = time.perf_counter()
         rank, size = world()
         # data parallel: each process samples its share (`check_resolved`: an equal one)
         problems = problems[rank::size]
         prompts = [chat_ids(tokenizer, p.prompt) for p in problems]
-        if engine is not None:  # the engine samples from the gated model under the gates it is sent
-            sequences, mask, offset = rollouts(model, tokenizer, prompts, o, sample=True, copies=o.group_size,
-                                               engine=engine, gates=gates.detach())
-        else:
-            with gated(model, gates, sink=o.sink, window=o.window, mask=o.train_mask, block_size=o.block_size):
-                # from the gated model
-                sequences, mask, offset = rollouts(model, tokenizer, prompts, o, sample=True, copies=o.group_size)
+        out = sampler.sample(prompts, rollout_sampling(tokenizer, o, sample=True), gates=gates.detach(),
+                             branch=branch_of(o), copies=o.group_size)  # from the gated model
+        sequences, mask, offset = out.sequences, out.mask, out.offset
         generated = time.perf_counter()
         completions = sequences[:, offset:]
         comp_mask = mask[:, offset:]

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from kvpress_rl.engines.vllm.engine import GatedRollouts
-from kvpress_rl.engines.vllm.layout import GatedBranch
+from kvpress_rl.errors import KvrlError
 from kvpress_rl.executor.gated import gated, new_gates
+from kvpress_rl.sampling import GatedBranch, Sampling
 from kvpress_rl.strategies.rlkv.backward import completion_logprobs
 from tests.engines.vllm.conftest import tiny_folder
 
@@ -45,20 +46,23 @@ def test_embedded_engine_samples_the_learners_policy_and_takes_new_gates_without
     branch = GatedBranch(sink=16, window=64, mask="token")
     prompts = [chat_ids(tokenizer, p.prompt) for p in load_problems("embedded-count", 3, 2**32, None)]
     first, second = random_gates(model, 0), random_gates(model, 1) ** 3  # the second pushes many gates towards 0
-    sampling = dict(copies=2, temperature=1.0, max_new_tokens=80, stop_ids=end_ids(tokenizer),
-                    pad_id=tokenizer.pad_token_id, logprobs=True)
+    sampling = Sampling(temperature=1.0, max_new_tokens=80, stop_ids=tuple(end_ids(tokenizer)),
+                        pad_id=tokenizer.pad_token_id)
     torch.manual_seed(0)
-    engine = GatedRollouts(None, branch, dtype="float32", max_model_len=1024)
+    engine = GatedRollouts(None, dtype="float32", max_model_len=1024)
     try:
-        runs = [(gates, engine.generate(gates, prompts, **sampling)) for gates in (first, second)]
+        runs = [(gates, engine.sample(prompts, sampling, gates=gates, branch=branch, copies=2, logprobs=True))
+                for gates in (first, second)]
     finally:
         engine.close()
-    for gates, (sequences, mask, offset, sampled) in runs:
+    for gates, out in runs:
+        sequences, mask, offset, sampled = out.sequences, out.mask, out.offset, out.logprobs
         assert mask[:, offset:].sum() > 100  # real completions, not empty ones
         learner = learner_logprobs(model, gates, branch, sequences, mask, offset)
         assert largest_difference(sampled, learner, mask, offset) < TOLERANCE
     # stale gates: the second batch scored by a learner that still held the first gates is a different policy
-    sequences, mask, offset, sampled = runs[1][1]
+    out = runs[1][1]
+    sequences, mask, offset, sampled = out.sequences, out.mask, out.offset, out.logprobs
     stale = learner_logprobs(model, first, branch, sequences, mask, offset)
     assert largest_difference(sampled, stale, mask, offset) > 20 * TOLERANCE
 
@@ -70,12 +74,13 @@ def test_random_qwen2_engine_matches_the_learner_with_the_official_blocks(tmp_pa
     prompts = [torch.randint(0, 512, (n,), generator=generator).tolist() for n in (150, 300, 420)]
     gates = random_gates(model, 2)
     torch.manual_seed(0)
-    engine = GatedRollouts(folder, branch, dtype="float32", max_model_len=1024)
+    engine = GatedRollouts(folder, dtype="float32", max_model_len=1024)
     try:
-        sequences, mask, offset, sampled = engine.generate(gates, prompts, copies=2, temperature=1.0,
-                                                           max_new_tokens=300, stop_ids=[], pad_id=0, logprobs=True)
+        out = engine.sample(prompts, Sampling(temperature=1.0, max_new_tokens=300, stop_ids=(), pad_id=0),
+                            gates=gates, branch=branch, copies=2, logprobs=True)
     finally:
         engine.close()
+    sequences, mask, offset, sampled = out.sequences, out.mask, out.offset, out.logprobs
     assert mask[:, offset:].sum() == 6 * 300  # no stop token: every row crosses several 128-token blocks
     learner = learner_logprobs(model, gates, branch, sequences, mask, offset)
     assert largest_difference(sampled, learner, mask, offset) < TOLERANCE
@@ -84,10 +89,10 @@ def test_random_qwen2_engine_matches_the_learner_with_the_official_blocks(tmp_pa
     assert largest_difference(sampled, other, mask, offset) > 5 * TOLERANCE
 
 
-def test_select_samples_every_step_in_the_engine_and_closes_it(tmp_path):
-    """`SelectionContext.rollout_engine` (what `kvrl select --rollout-engine vllm` passes): the learner starts one
-    engine with its streaming branch, sends the gates before each step's rollouts, trains on what the engine sampled,
-    and closes it."""
+def test_select_samples_every_step_in_the_engine(tmp_path):
+    """`SelectionContext.sampler` (what `kvrl select --rollout-engine vllm` passes): the learner samples every step's
+    rollouts through it, its engine started once with the learner's streaming branch, the gates sent before each
+    step's rollouts; the caller closes it."""
     import json
 
     from kvpress_rl.selector import SelectionContext
@@ -101,19 +106,16 @@ def test_select_samples_every_step_in_the_engine_and_closes_it(tmp_path):
     opts = RLKVOptions(data=str(data), steps=2, prompts_per_step=2, group_size=4, max_new_tokens=4,
                        self_distillation=False, lr=0.05, micro_batch_tokens=40, sink=1, window=2, train_mask="token",
                        gradient_checkpointing=False)
-    started = []
-
-    def start(**branch):
-        engine = GatedRollouts(str(tmp_path / "tiny"), GatedBranch(**branch), dtype="float32", max_model_len=256)
-        started.append((branch, engine))
-        return engine
-
-    context = SelectionContext(seed=0, work_dir=str(tmp_path / "run"), rollout_engine=start)
-    scores = RLKV(opts).select(model, tokenizer, context)
-    assert len(started) == 1 and started[0][0] == {"sink": 1, "window": 2, "mask": "token", "block_size": 128}
-    engine = started[0][1]
-    assert engine.engine.llm is None  # closed by the learner
-    assert engine.gates_sum is not None  # gates were sent (that the engine then samples under them: the tests above)
+    engine = GatedRollouts(str(tmp_path / "tiny"), dtype="float32", max_model_len=256)
+    try:
+        scores = RLKV(opts).select(model, tokenizer, SelectionContext(seed=0, work_dir=str(tmp_path / "run"),
+                                                                      sampler=engine))
+        assert engine.branch == GatedBranch(sink=1, window=2, mask="token", block_size=128)
+        assert engine.gates_sum is not None  # gates were sent (that the engine then samples under them: above)
+        with pytest.raises(KvrlError, match="runs the streaming branch"):
+            engine.start(GatedBranch(sink=2, window=2))
+    finally:
+        engine.close()
     assert scores.extra["rollout_engine"] == "vllm"
     log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2] and all(r["completion_tokens"] > 0 for r in log)

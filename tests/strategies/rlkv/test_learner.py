@@ -13,6 +13,7 @@ from kvpress_rl.strategies.rlkv import RLKV
 from kvpress_rl.strategies.rlkv import learner as learner_module
 from kvpress_rl.strategies.rlkv.grpo import batch_advantages
 from kvpress_rl.strategies.rlkv.problems import RewardProblem
+from kvpress_rl.strategies.rlkv.rollouts import LearnerSampler
 from tests.strategies.rlkv.helpers import (
     Interrupted,
     options,
@@ -67,7 +68,7 @@ def step_advantages_seen(model, tokenizer, learner) -> tuple[torch.Tensor, torch
     learner.policy_backward = backward
     learner.resolve(model)
     gates = new_gates(model, 1.0)
-    learner._step(model, tokenizer, gates, torch.optim.AdamW([gates], lr=0.1), problems)
+    learner._step(model, tokenizer, gates, torch.optim.AdamW([gates], lr=0.1), problems, LearnerSampler(model))
     return seen["advantages"], seen["tokens"]
 
 
@@ -120,13 +121,19 @@ def test_each_process_samples_its_share_of_the_same_batch_with_its_own_seed(tiny
     for rank in (0, 1):
         monkeypatch.setattr(learner_module, "world", lambda rank=rank: (rank, 2))
 
-        def sample(model, tokenizer, prompts, options, sample, copies=1, rank=rank):
-            seen[rank] = (torch.initial_seed(), [tokenizer.decode(p) for p in prompts])
-            raise Interrupted
+        class RecordingSampler:  # a `RolloutSampler` that notes what it is asked for
+            name = "recording"
 
-        monkeypatch.setattr(learner_module, "rollouts", sample)
+            def sample(self, prompts, sampling, *, gates, branch, copies=1, logprobs=False, rank=rank):
+                seen[rank] = (torch.initial_seed(), [tokenizer.decode(p) for p in prompts])
+                raise Interrupted
+
+            def close(self):
+                pass
+
         with pytest.raises(Interrupted):
-            RLKV(options(data, prompts_per_step=4)).select(model, tokenizer, SelectionContext(seed=7))
+            RLKV(options(data, prompts_per_step=4)).select(model, tokenizer,
+                                                           SelectionContext(seed=7, sampler=RecordingSampler()))
     assert seen[0][0] == 7 and seen[1][0] == 8  # sampling seeded with seed + rank
     # disjoint halves of one batch
     assert len(seen[0][1]) == len(seen[1][1]) == 2 and not set(seen[0][1]) & set(seen[1][1])

@@ -20,11 +20,12 @@ def test_greedy_decoding_gives_the_tokens_of_transformers_generate_with_padding_
     torch.manual_seed(0)
     gates = torch.rand(new_gates(model).shape)
     with torch.no_grad(), gated(model, gates, sink=1, window=2):
-        ours = decode(model, ids, mask, None, 12, None, stops, tokenizer.pad_token_id)
+        ours, _ = decode(model, ids, mask, None, 12, None, stops, tokenizer.pad_token_id)
         theirs = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
                                 eos_token_id=stops,
                                 pad_token_id=tokenizer.pad_token_id)[:, ids.shape[1]:]
-        shared = decode(model, ids, mask, shared_prefill(model, ids, mask, 1), 12, None, stops, tokenizer.pad_token_id)
+        shared, _ = decode(model, ids, mask, shared_prefill(model, ids, mask, 1), 12, None, stops,
+                           tokenizer.pad_token_id)
     assert torch.equal(ours, theirs)
     assert torch.equal(shared, ours)  # the prompt's cache given (all but its last token) or computed here: the same
 
@@ -44,7 +45,7 @@ def test_a_finished_row_is_padded_and_decoding_ends_when_every_row_stopped(tiny)
     ids, mask = left_pad([tokenizer("7+0=")["input_ids"]] * 4, tokenizer.pad_token_id)
     torch.manual_seed(1)
     with torch.no_grad():
-        out = decode(model, ids, mask, None, 30, 1.0, end_ids(tokenizer), tokenizer.pad_token_id)
+        out, _ = decode(model, ids, mask, None, 30, 1.0, end_ids(tokenizer), tokenizer.pad_token_id)
     stops = torch.isin(out, torch.tensor(end_ids(tokenizer)))
     for row, stop in zip(out, stops):
         if stop.any():
@@ -77,3 +78,30 @@ def test_rollouts_in_batches_of_prompts_join_into_the_batch_one_call_gives(tiny)
     (seq_a, mask_a, off_a), (seq_b, mask_b, off_b) = results
     assert off_a == off_b and torch.equal(mask_a, mask_b)
     assert torch.equal(seq_a[mask_a.bool()], seq_b[mask_b.bool()])
+
+
+def test_the_learners_sampler_gates_the_model_and_reports_its_log_probabilities(tiny):
+    """`LearnerSampler` (the learner's `RolloutSampler`): under gates it samples what `generate` samples inside
+    `gated`, without them the model as it is; the log-probabilities it reports are the teacher-forced ones."""
+    from kvpress_rl.strategies.rlkv.backward import completion_logprobs
+    from kvpress_rl.strategies.rlkv.rollouts import LearnerSampler, branch_of, rollout_sampling
+
+    model, tokenizer = tiny
+    opts = backward_options(rollout_batch=1)
+    prompts = [tokenizer(t)["input_ids"] for t in ("12+0=", "3+0=")]
+    gates = new_gates(model, 0.3)
+    sampler = LearnerSampler(model, opts.rollout_batch)
+    torch.manual_seed(2)
+    out = sampler.sample(prompts, rollout_sampling(tokenizer, opts, sample=True), gates=gates, branch=branch_of(opts),
+                         copies=2, logprobs=True)
+    torch.manual_seed(2)
+    with gated(model, gates, sink=1, window=2):
+        expected = rollouts(model, tokenizer, prompts, opts, sample=True, copies=2)
+        teacher = completion_logprobs(model, out.sequences, out.mask, out.offset, copies=1, shared=False)
+    assert torch.equal(out.sequences, expected[0]) and torch.equal(out.mask, expected[1])
+    real = out.completion_mask.bool()
+    assert real.sum() > 4 and (out.logprobs[~real] == 0).all()
+    torch.testing.assert_close(out.logprobs[real], teacher[real], atol=1e-4, rtol=0)
+    full = sampler.sample(prompts, rollout_sampling(tokenizer, opts, sample=False), gates=None,
+                          branch=branch_of(opts))
+    assert torch.equal(full.sequences, rollouts(model, tokenizer, prompts, opts, sample=False)[0])
