@@ -64,8 +64,9 @@ def error_line(result) -> str:
     return lines[-1]
 
 
-def tiny_model_and_tokenizer():
-    """A random Llama over a character vocabulary: its samples are random digit strings, so rewards vary."""
+def tiny_model_and_tokenizer(**config):
+    """A random Llama over a character vocabulary: its samples are random digit strings, so rewards vary (`config`:
+    fields of `small_config` to change)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -75,7 +76,7 @@ def tiny_model_and_tokenizer():
     raw = Tokenizer(models.WordLevel({c: i for i, c in enumerate(chars)}, unk_token="?"))
     raw.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=raw, pad_token="<pad>", eos_token="<eos>")
-    model = random_model(small_config("llama", vocab_size=len(chars), num_hidden_layers=2), seed=0)
+    model = random_model(small_config("llama", vocab_size=len(chars), num_hidden_layers=2, **config), seed=0)
     return model, tokenizer
 
 

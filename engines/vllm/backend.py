@@ -13,7 +13,6 @@ The sub-layers' own `forward` is never called: a layer runs its heads together (
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -27,13 +26,6 @@ from vllm.v1.attention.backend import (
 
 from kvpress_rl.engines.vllm.kept_attention import kept_positions
 from kvpress_rl.engines.vllm.plugin import SINK_WINDOW_BACKEND
-
-
-@dataclass
-class RequestSpan:
-    start: int  # first token of the request in the step
-    end: int
-    history: torch.Tensor  # cache slots of the kept history, [h]
 
 
 @dataclass
@@ -58,7 +50,20 @@ class SinkWindowMetadata:
     prefills: list[PrefillSpan]  # prompt chunks (host data vLLM already has)
 
 
-def kept_metadata(meta: CommonAttentionMetadata, block_size: int, sink: int, window: int) -> SinkWindowMetadata:
+def kept_slots(table: torch.Tensor, positions: torch.Tensor, block_size: int, sink: int, window: int,
+               block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(slots, valid)` of the rows whose own positions are `positions` `[rows]` and block tables `table` `[rows, n]`
+    (`kept_attention.kept_positions`; with `block`, only the sinks and the recent keys of the row's block and the
+    `(window + 1) // block - 1` blocks before it are valid)."""
+    kept, valid = kept_positions(positions, sink, window)
+    if block:
+        first_recent = (positions.long()[:, None] // block - (window + 1) // block + 1) * block
+        valid = valid & ((kept < sink) | (kept >= first_recent))
+    return table.gather(1, kept // block_size) * block_size + kept % block_size, valid
+
+
+def kept_metadata(meta: CommonAttentionMetadata, block_size: int, sink: int, window: int,
+                  block: int = 0) -> SinkWindowMetadata:
     """The step's kept slots for one KV-cache group (its block table), without a host sync or a loop over requests
     in a decoding step. Steps with several tokens for a request read the query lengths vLLM keeps on the host: a
     request still in its prompt (`is_prefilling`) is a prompt chunk; one past it (generated tokens recomputed after a
@@ -68,8 +73,7 @@ def kept_metadata(meta: CommonAttentionMetadata, block_size: int, sink: int, win
     computed = meta.seq_lens[:requests] - (starts[1:] - starts[:-1])
     table = meta.block_table_tensor[:requests].long()
     if meta.max_query_len <= 1:
-        positions, valid = kept_positions(computed, sink, window)
-        slots = table.gather(1, positions // block_size) * block_size + positions % block_size
+        slots, valid = kept_slots(table, computed, block_size, sink, window, block)
         return SinkWindowMetadata(num_actual_tokens=meta.num_actual_tokens, kept_slots=slots, kept_valid=valid,
                                   num_decodes=requests, decode_tokens=None, prefills=[])
     starts_cpu = meta.query_start_loc_cpu[: requests + 1]
@@ -85,44 +89,21 @@ def kept_metadata(meta: CommonAttentionMetadata, block_size: int, sink: int, win
     device = table.device
     rows = torch.tensor([r for r, _ in decoding] + chunks, dtype=torch.long).to(device, non_blocking=True)
     offsets = torch.tensor([j for _, j in decoding] + [0] * len(chunks), dtype=torch.long).to(device, non_blocking=True)
-    positions, valid = kept_positions(computed.long()[rows] + offsets, sink, window)
-    slots = table[rows].gather(1, positions // block_size) * block_size + positions % block_size
+    slots, valid = kept_slots(table[rows], computed.long()[rows] + offsets, block_size, sink, window, block)
     tokens = torch.tensor([first[r] + j for r, j in decoding], dtype=torch.long).to(device, non_blocking=True)
     return SinkWindowMetadata(num_actual_tokens=meta.num_actual_tokens, kept_slots=slots, kept_valid=valid,
                               num_decodes=len(decoding), decode_tokens=tokens, prefills=prefills)
-
-
-def split_requests(meta: CommonAttentionMetadata, block_size: int, device, history: Callable[[int], torch.Tensor]):
-    """`(prefills, decode_tokens, decode_rows)` of a step: each request with more than one query token as a
-    `RequestSpan`, each one-token request as its token index and the cache slots of its history; `history(computed)`
-    gives the positions a request with `computed` cached tokens attends to."""
-    starts = meta.query_start_loc_cpu[: meta.num_reqs + 1].tolist()
-    seq_lens = meta.seq_lens[: meta.num_reqs].cpu().tolist()
-    tables = meta.block_table_tensor[: meta.num_reqs].cpu()
-    prefills, decode_tokens, decode_rows = [], [], []
-    for r in range(meta.num_reqs):
-        start, end = starts[r], starts[r + 1]
-        if end == start:
-            continue
-        positions = history(seq_lens[r] - (end - start))
-        slots = tables[r, positions // block_size].long() * block_size + positions % block_size
-        if end - start == 1:
-            decode_tokens.append(start)
-            decode_rows.append(slots)
-        else:
-            prefills.append(RequestSpan(start=start, end=end, history=slots.to(device)))
-    return prefills, decode_tokens, decode_rows
 
 
 class SinkWindowMetadataBuilder(AttentionMetadataBuilder[SinkWindowMetadata]):
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         spec = kv_cache_spec
-        self.block_size, self.sink, self.window = spec.block_size, spec.sink, spec.window
+        self.block_size, self.sink, self.window, self.block = spec.block_size, spec.sink, spec.window, spec.block
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> SinkWindowMetadata:
-        return kept_metadata(common_attn_metadata, self.block_size, self.sink, self.window)
+        return kept_metadata(common_attn_metadata, self.block_size, self.sink, self.window, self.block)
 
 
 class TorchAttentionImpl(AttentionImpl):

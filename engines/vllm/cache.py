@@ -28,6 +28,9 @@ class SinkWindowSpec(AttentionSpec):
 
     sink: int = SINK_TOKENS
     window: int = WINDOW_TOKENS
+    # the gated model's streaming branch in blocks of `block` tokens (the official mask): a token reads the sinks and
+    # the recent keys of its own block and the ones before it, a subset of `window`; 0: token-exact
+    block: int = 0
 
     def max_memory_usage_bytes(self, vllm_config) -> int:
         """Blocks a request can hold at once: the sinks and the window, plus the tokens of one scheduling step (a

@@ -1,156 +1,87 @@
 """The gated model in vLLM, for RLKV's rollouts: every head keeps its whole cache and outputs
 `alpha * full + (1 - alpha) * streaming`, the learner's gated attention (`kvpress_rl.executor.gated`).
 
-Each decoder layer's attention becomes one `GatedAttention` (all its KV heads, vLLM's full-attention cache;
-`models.gate_attention`) whose backend, `KVRL_GATED`, is plain torch (CPU and GPU): the builder maps each request's
-cached positions to slots once per step; a prompt (or chunk) runs the two branches as two SDPA calls, as the learner's
-teacher-forced forward, the streaming one under `streaming_mask` (token-exact sink + window, or the official blocks);
-decoding steps are batched and read every key once (`mixed_decode`: one score product, two masked softmaxes, one
-product with the values). Positions are the request's own (vLLM has no padding), which is what the learner's
-rank-based masks count. The cache is written and read as rows of `[key | value]` (`paged_rows.PagedRows`).
+Each decoder layer's attention becomes one `GatedAttention` (`models.gate_attention`) built from a head plan's parts:
+every KV head is two one-head sub-layers (`sublayers.py`), `kvh{j}` with the full cache and `stream{j}` with a
+second, sink + window cache of the same keys (what a compressed head keeps; its middle blocks go back to vLLM's pool,
+so it costs about 80 / L of the full cache). Per layer and step:
 
-The gates are a float32 `[kv_heads]` buffer of each layer, replaced in place after every learner step through
-`collective_rpc` (`GatedRollouts.set_gates`): the engine is never restarted. `GatedRollouts` is what
-`kvrl select --rollout-engine vllm` gives RLKV: prompts as token ids in, rollouts in the learner's tensor layout out.
+- the full branch: every head through the platform's kernel in one call (`heads.FullHeads`, vLLM's CPU kernel here);
+- the streaming branch: every head in one batched attention over its kept keys (`heads.CompressedHeads`), prompts
+  under the learner's `streaming_mask` (token-exact sink + window, or the official blocks: `streaming_cache`);
+- the two outputs mixed per KV head by the gates (`mix_branches`, as the learner's).
+
+Positions are the request's own (vLLM has no padding), which is what the learner's rank-based masks count. A prompt is
+prefilled in one step (the engine's default); a request recomputed after a preemption is one prefill of its prompt
+and its tokens, under the same masks, so its answer does not change. The gates are a float32 `[kv_heads]` buffer of
+each layer, replaced in place after every learner step through `collective_rpc` (`GatedRollouts.set_gates`): the
+engine is never restarted.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
-import torch.nn.functional as F
 from torch import nn
 from vllm.model_executor.layers.attention import Attention
-from vllm.v1.attention.backend import AttentionMetadataBuilder, CommonAttentionMetadata
 
-from kvpress_rl.engines.vllm.backend import RequestSpan, TorchAttentionImpl, TorchBackend, split_requests
-from kvpress_rl.engines.vllm.layout import GATED_KEY
-from kvpress_rl.engines.vllm.paged_rows import PagedRows
-from kvpress_rl.engines.vllm.plugin import GATED_BACKEND
-from kvpress_rl.executor.gated import mix_branches, mixed_decode
-from kvpress_rl.masks import history_causal_mask, streaming_mask
+from kvpress_rl.engines.vllm.heads import CompressedHeads, FullHeads
+from kvpress_rl.engines.vllm.sublayers import FullHeadAttention, SinkWindowAttention, full_backend
+from kvpress_rl.executor.gated import mix_branches
 from kvpress_rl.sampling import GatedBranch
 
 
-@dataclass
-class GatedMetadata:
-    num_actual_tokens: int
-    slot_mapping: torch.Tensor
-    prefills: list[RequestSpan]  # requests with more than one query token this step; history: every cached position
-    decode_tokens: torch.Tensor  # token index of each one-token request, [R]
-    decode_history: torch.Tensor  # cache slots of every cached position, left-padded, [R, K] (padding: slot 0, masked)
-    decode_valid: torch.Tensor  # [R, K + 1]: real keys (the last: the new token), left-padded as the learner's rows
-    decode_stream: torch.Tensor  # [R, 1, 1, K + 1]: what the streaming branch sees (`streaming_mask`), once per step
+def streaming_cache(branch: GatedBranch) -> tuple[int, int, int]:
+    """`(sink, window, block)` of the streaming branch's cache (`cache.SinkWindowSpec`): a decoding token at
+    position `c` reads the sinks, positions `c - window .. c - 1` and itself (`kept_attention.kept_positions`); with
+    `block`, only the sinks' blocks and the recent keys of its own block and the ones before it are valid."""
+    if branch.mask == "token":
+        return branch.sink, branch.window - 1, 0
+    size = branch.block_size
+    return -(-branch.sink // size) * size, -(-branch.window // size) * size - 1, size
 
 
-class GatedMetadataBuilder(AttentionMetadataBuilder[GatedMetadata]):
-    def __init__(self, kv_cache_spec, layer_names, vllm_config, device) -> None:
-        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
-        self.block_size = kv_cache_spec.block_size
-        self.branch = GatedBranch.from_json(getattr(vllm_config.model_config.hf_config, GATED_KEY, None))
+class GatedAttention(nn.Module):
+    """Takes the place of one layer's attention in the gated model: its full and streaming branches over every head,
+    mixed by its gates (float32, `[kv_heads]`, 1.0 until the learner sends its own)."""
 
-    def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
-              fast_build: bool = False) -> GatedMetadata:
-        meta = common_attn_metadata
-        # every cached position is history
-        prefills, decode_tokens, decode_rows = split_requests(meta, self.block_size, self.device, torch.arange)
-        width = max((len(s) for s in decode_rows), default=0)
-        history = torch.zeros((len(decode_rows), width), dtype=torch.long)
-        valid = torch.zeros((len(decode_rows), width + 1), dtype=torch.bool)
-        valid[:, width] = True
-        for i, slots in enumerate(decode_rows):
-            if len(slots):
-                history[i, width - len(slots):] = slots
-                valid[i, width - len(slots): width] = True
-        valid = valid.to(self.device)
-        b = self.branch
-        stream = streaming_mask(valid[:, None, None, :], 1, width + 1, b.sink, b.window, self.device, mode=b.mask,
-                                block_size=b.block_size)
-        return GatedMetadata(num_actual_tokens=meta.num_actual_tokens, slot_mapping=meta.slot_mapping,
-                             prefills=prefills,
-                             decode_tokens=torch.tensor(decode_tokens, dtype=torch.long, device=self.device),
-                             decode_history=history.to(self.device), decode_valid=valid, decode_stream=stream)
+    def __init__(self, stock: Attention, branch: GatedBranch, cache_config) -> None:
+        super().__init__()
+        self.num_kv_heads, self.head_size = stock.num_kv_heads, stock.head_size
+        self.group = stock.num_heads // stock.num_kv_heads
+        self.layer_name = stock.layer_name  # the stock layer's place in vLLM's forward context, now this module's
+        self.branch = branch
+        scale, backend = float(stock.impl.scale), full_backend()
+        sink, window, block = streaming_cache(branch)
+        common = dict(num_kv_heads=1, cache_config=cache_config)
+        full, stream = [], []
+        for j in range(self.num_kv_heads):
+            full.append(f"{stock.layer_name}.kvh{j}")
+            self.add_module(f"kvh{j}", FullHeadAttention(self.group, self.head_size, scale, **common, prefix=full[-1],
+                                                         group_tag=0, attn_backend=backend))
+        for j in range(self.num_kv_heads):
+            stream.append(f"{stock.layer_name}.stream{j}")
+            self.add_module(f"stream{j}", SinkWindowAttention(self.group, self.head_size, scale, **common,
+                                                              prefix=stream[-1], sink=sink, window=window, block=block))
+        self.full_heads = FullHeads(full, self.group)
+        self.streaming_heads = CompressedHeads(stream, self.group, self.head_size, scale, prompt_branch=branch)
+        self.register_buffer("gates", torch.ones(self.num_kv_heads, dtype=torch.float32), persistent=False)
 
-
-class GatedImpl(TorchAttentionImpl):
-    """Reads its settings (`branch`) and gates from the layer it is called with (`GatedAttention`)."""
-
-    label = "kvpress-rl gated"
-    bound_at = -1  # the cache `kv` views (vLLM binds it once, before the first real step)
-
-    def paged(self, layer, kv_cache: torch.Tensor) -> PagedRows:
-        """The layer's cache `[blocks, kv_heads, block size, 2 D]` as rows."""
-        if self.bound_at != kv_cache.data_ptr():
-            self.kv, self.bound_at = PagedRows.over([kv_cache], layer.layer_name), kv_cache.data_ptr()
-        return self.kv
-
-    def do_kv_cache_update(self, layer, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
-                           slot_mapping: torch.Tensor) -> None:
-        slots = slot_mapping.long().clamp_min(0)  # padding tokens (slot -1) write vLLM's null block, never read
-        count = slots.shape[0]
-        kv = self.paged(layer, kv_cache)
-        kv.write(kv.index(slots[None]), key[:count], value[:count])
-
-    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
-                output_block_scale=None):
-        if output_scale is not None or output_block_scale is not None:
-            raise NotImplementedError("fused output quantisation is not supported by the kvpress-rl gated backend")
-        if attn_metadata is None:  # vLLM's warm-up and profiling runs
-            return output
-        kv, gates = self.paged(layer, kv_cache), layer.gates.clamp(0.0, 1.0)
-        for span in attn_metadata.prefills:
-            self._prefill(layer.branch, gates, kv, span, query, key, value, output)
-        if attn_metadata.decode_tokens.numel():
-            self._decode(gates, kv, attn_metadata, query, key, value, output)
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        width = self.num_kv_heads * self.group * self.head_size
+        output = torch.empty((q.shape[0], width), dtype=q.dtype, device=q.device)
+        torch.ops.vllm.kvrl_plan_attention(q, k, v, output, self.layer_name)
         return output
 
-    def _prefill(self, branch: GatedBranch, gates: torch.Tensor, kv: PagedRows, span: RequestSpan, query, key, value,
-                 output) -> None:
-        """One request's tokens of the step after its cached history: the two branches as two SDPA calls."""
-        n, h = span.end - span.start, span.history.shape[0]
-        q = query[span.start:span.end].transpose(0, 1)[None]  # [1, heads, n, D]
-        keys, values = key[span.start:span.end].transpose(0, 1), value[span.start:span.end].transpose(0, 1)
-        if h:
-            old_k, old_v = kv.read(kv.index(span.history[None]))  # [kv_heads, h, D]
-            keys, values = torch.cat([old_k.to(q.dtype), keys], dim=1), torch.cat([old_v.to(q.dtype), values], dim=1)
-        keys, values = keys[None], values[None]  # [1, kv_heads, h + n, D]
-        stream_mask = streaming_mask(None, n, h + n, branch.sink, branch.window, q.device, mode=branch.mask,
-                                     block_size=branch.block_size)
-        full = F.scaled_dot_product_attention(q, keys, values, attn_mask=history_causal_mask(h, n, device=q.device),
-                                              scale=self.scale, enable_gqa=True)
-        stream = F.scaled_dot_product_attention(q, keys, values, attn_mask=stream_mask, scale=self.scale,
-                                                enable_gqa=True)
-        mixed = mix_branches(full[0], stream[0], gates, groups=self.num_heads // self.num_kv_heads, axis=-3)
-        output[span.start:span.end] = mixed.transpose(0, 1).to(output.dtype)  # [n, heads, D]
-
-    def _decode(self, gates: torch.Tensor, kv: PagedRows, metadata: GatedMetadata, query, key, value, output) -> None:
-        """Every one-token request of the step at once, each key read once (`mixed_decode`)."""
-        tokens, valid = metadata.decode_tokens, metadata.decode_valid  # valid: [R, K + 1]
-        history = kv.read(kv.index(metadata.decode_history[None]))  # [kv_heads, R, K, D]
-        old_k, old_v = (t.transpose(0, 1) for t in history)
-        # padding reads block 0: never trust its bytes (a NaN would survive a 0 weight)
-        padding = ~valid[:, None, :-1, None]
-        old_k, old_v = old_k.masked_fill(padding, 0.0), old_v.masked_fill(padding, 0.0)
-        keys = torch.cat([old_k.to(query.dtype), key[tokens][:, :, None]], dim=2)  # [R, kv_heads, K + 1, D]
-        values = torch.cat([old_v.to(query.dtype), value[tokens][:, :, None]], dim=2)
-        q = query[tokens].unsqueeze(2)  # [R, heads, 1, D]
-        out = mixed_decode(q, keys, values, valid[:, None, None, :], metadata.decode_stream, gates, self.scale)
-        output[tokens] = out[:, 0].to(output.dtype)
-
-
-class GatedBackend(TorchBackend):
-    name, impl, builder = GATED_BACKEND, GatedImpl, GatedMetadataBuilder
-
-
-class GatedAttention(Attention):
-    """One layer's attention under gates: vLLM's attention layer (full cache, all KV heads) with the gated backend, the
-    streaming branch's settings and its gates (float32, `[kv_heads]`, 1.0 until the learner sends its own)."""
-
-    def __init__(self, *args, branch: GatedBranch, **kwargs) -> None:
-        super().__init__(*args, attn_backend=GatedBackend, **kwargs)
-        self.branch = branch
-        self.register_buffer("gates", torch.ones(self.num_kv_heads, dtype=torch.float32), persistent=False)
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, output: torch.Tensor) -> None:
+        """q `[T, H * G * D]`, k and v `[T, H * D]`, output `[T, H * G * D]` (written)."""
+        tokens, heads, g, d = q.shape[0], self.num_kv_heads, self.group, self.head_size
+        q = q.view(tokens, heads * g, d)
+        k, v = k.view(tokens, heads, d), v.view(tokens, heads, d)
+        full = output.view(tokens, heads * g, d)
+        self.full_heads(q, k, v, full)
+        streaming = torch.empty_like(full)
+        self.streaming_heads(q, k, v, streaming)
+        full.copy_(mix_branches(full, streaming, self.gates.clamp(0.0, 1.0), groups=g, axis=-2))
 
 
 def set_model_gates(model: nn.Module, gates: torch.Tensor) -> float:

@@ -20,7 +20,6 @@ layer is taken out of vLLM's forward context so that it gets no cache. Nothing e
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import fields
 
 import torch
 from torch import nn
@@ -29,46 +28,12 @@ from vllm.model_executor.models.llama import LlamaForCausalLM
 from vllm.model_executor.models.mistral import MistralForCausalLM
 from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
 from vllm.model_executor.models.qwen3 import Qwen3ForCausalLM
-from vllm.platforms import current_platform
 
-from kvpress_rl.engines.vllm.backend import SinkWindowBackend
-from kvpress_rl.engines.vllm.cache import SinkWindowSpec, TaggedFullSpec
 from kvpress_rl.engines.vllm.gated import GatedAttention, set_model_gates
 from kvpress_rl.engines.vllm.heads import CompressedHeads, FullHeads
 from kvpress_rl.engines.vllm.layout import GATED_KEY, OVERRIDES_KEY, EnginePlan, group_layout
+from kvpress_rl.engines.vllm.sublayers import FullHeadAttention, SinkWindowAttention, full_backend
 from kvpress_rl.sampling import GatedBranch
-
-
-class SinkWindowAttention(Attention):
-    """A compressed head: vLLM's attention layer with the sink + window backend and cache spec."""
-
-    def __init__(self, *args, sink: int, window: int, **kwargs) -> None:
-        super().__init__(*args, attn_backend=SinkWindowBackend, **kwargs)
-        self.sink, self.window = sink, window
-
-    def get_kv_cache_spec(self, vllm_config) -> SinkWindowSpec:
-        return SinkWindowSpec(block_size=vllm_config.cache_config.block_size, num_kv_heads=1,
-                              head_size=self.head_size, head_size_v=self.head_size_v, dtype=self.kv_cache_torch_dtype,
-                              sink=self.sink, window=self.window)
-
-
-class FullHeadAttention(Attention):
-    """A full head: vLLM's attention layer and backend, its spec tagged with the KV-cache group it belongs to."""
-
-    def __init__(self, *args, group_tag: int, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.group_tag = group_tag
-
-    def get_kv_cache_spec(self, vllm_config) -> TaggedFullSpec:
-        spec = super().get_kv_cache_spec(vllm_config)
-        settings = {f.name: getattr(spec, f.name) for f in fields(spec) if f.init}
-        return TaggedFullSpec(**settings, group_tag=self.group_tag)
-
-
-def cpu_full_backend() -> type:
-    from kvpress_rl.engines.vllm.cpu_full import FullHeadsCPUBackend
-
-    return FullHeadsCPUBackend
 
 
 class PlanAttention(nn.Module):
@@ -91,14 +56,14 @@ class PlanAttention(nn.Module):
         heads = range(self.num_kv_heads)
         self.order = [j for j in heads if full[j]] + [j for j in heads if not full[j]]
         self.num_full = f = sum(full)
-        full_backend = cpu_full_backend() if current_platform.is_cpu() else None  # elsewhere: the platform's own
+        backend = full_backend()
         names = []
         for j in self.order:
             name = f"{stock.layer_name}.kvh{first_head + j}"
             common = dict(num_kv_heads=1, cache_config=cache_config, prefix=name)
             if full[j]:
                 layer = FullHeadAttention(self.group, stock.head_size, stock.impl.scale, **common, group_tag=tags[j],
-                                          attn_backend=full_backend)
+                                          attn_backend=backend)
             else:
                 layer = SinkWindowAttention(self.group, stock.head_size, stock.impl.scale, **common, sink=plan.sink,
                                             window=plan.window)
@@ -227,8 +192,7 @@ def gate_attention(model: nn.Module, vllm_config) -> GatedBranch:
     tensor_parallel_heads(vllm_config, "gated engine", tensor_parallel=False)
 
     def make(index: int, stock: Attention) -> GatedAttention:
-        return GatedAttention(stock.num_heads, stock.head_size, stock.impl.scale, num_kv_heads=stock.num_kv_heads,
-                              cache_config=vllm_config.cache_config, prefix=stock.layer_name, branch=branch)
+        return GatedAttention(stock, branch, vllm_config.cache_config)
 
     replace_attention(model, vllm_config, "gated engine", make)
     return branch

@@ -13,11 +13,9 @@ from kvpress_rl.engines.vllm.layout import ARCHITECTURES
 MODELS_MODULE = "kvpress_rl.engines.vllm.models"
 SINK_WINDOW_BACKEND = "KVRL_SINK_WINDOW"  # compressed heads (`backend.py`)
 CPU_FULL_BACKEND = "KVRL_CPU_FULL"  # full heads on vLLM's CPU build (`cpu_full.py`, imported by vLLM there only)
-GATED_BACKEND = "KVRL_GATED"  # the gated model of RLKV's rollouts (`gated.py`)
 BACKENDS = {
     SINK_WINDOW_BACKEND: "kvpress_rl.engines.vllm.backend.SinkWindowBackend",
     CPU_FULL_BACKEND: "kvpress_rl.engines.vllm.cpu_full.FullHeadsCPUBackend",
-    GATED_BACKEND: "kvpress_rl.engines.vllm.gated.GatedBackend",
 }
 
 

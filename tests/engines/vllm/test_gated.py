@@ -99,7 +99,9 @@ def test_select_samples_every_step_in_the_engine(tmp_path):
     from kvpress_rl.strategies.rlkv import RLKV, RLKVOptions
     from tests.helpers import tiny_model_and_tokenizer
 
-    model, tokenizer = tiny_model_and_tokenizer()
+    # head size 32: vLLM's CPU attention kernel needs at least 32
+    model, tokenizer = tiny_model_and_tokenizer(hidden_size=128, num_attention_heads=4, num_key_value_heads=2,
+                                                head_dim=32)
     model.save_pretrained(tmp_path / "tiny")
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps({"question": f"{i}+0=", "answer": str(i % 3)}) + "\n" for i in range(12)))
