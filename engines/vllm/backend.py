@@ -3,12 +3,14 @@
 - `SinkWindowBackend` (compressed heads): its builder computes, on the device and for every request of the step, the
   cache slots of the kept history, `{0..sink-1} U {max(sink, c-window)..c-1}` for a step that starts with `c` cached
   tokens, and of position `c` itself (a decoding token reads itself back): `[R, sink + window + 1]` with a validity
-  mask. The layer's compressed heads then attend through `heads.CompressedHeads` (one write, one gather, one SDPA).
+  mask (`kept_slots`; the gated model's streaming branch in blocks also marks the window's keys outside its blocks).
+  The layer's compressed heads then attend through `heads.CompressedHeads` (one write, one gather, one attention).
   Its own cache layout: a block is `[B slots, key | value]`, written and read only by `heads.py`.
 - `FullHeadsCPUBackend` (full heads on the CPU): vLLM's CPU attention with a builder whose metadata also gives the
   kernel's schedule for calls over several KV heads (`for_heads`), as `heads.FullHeads` makes them.
 
-The sub-layers' own `forward` is never called: a layer runs its heads together (`models.PlanAttention`).
+The sub-layers' own `forward` is never called: a layer runs its heads together (`models.PlanAttention`,
+`gated.GatedAttention`).
 """
 
 from __future__ import annotations

@@ -4,9 +4,8 @@ vLLM puts every layer's cache in one backing allocation; a layer's (or a sub-lay
 `[blocks, heads, block size, 2 D]` with keys and values side by side in the last dimension. Seen as one tensor of rows
 `[N, 2 D]` over that allocation, the row of head `h` at slot `s` is
 `base[h] + (s // block size) * block_rows[h] + (s % block size) * slot_rows`, whatever the layout of the blocks, so
-one `index_copy_` writes a step's keys and values of many heads and one gather reads them back. Both kinds of head
-that kvpress-rl writes itself use it: a layer's compressed heads (`heads.CompressedHeads`) and the gated model's
-layers (`gated.GatedImpl`).
+one `index_copy_` writes a step's keys and values of many heads and one gather reads them back. The heads kvpress-rl
+writes itself use it: a layer's compressed heads and the gated model's streaming branch (`heads.CompressedHeads`).
 """
 
 from __future__ import annotations
