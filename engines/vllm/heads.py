@@ -27,10 +27,10 @@ import torch
 import torch.nn.functional as F
 from vllm.utils.torch_utils import direct_register_custom_op
 
-from kvpress_rl.engines.vllm.kept_attention import decode_over_kept
+from kvpress_rl.engines.vllm.kept_attention import decode_over_kept, streaming_prompt_attention
 from kvpress_rl.engines.vllm.paged_rows import PagedRows
 from kvpress_rl.engines.vllm.vllm_compat import forward_module, layer_context, metadata_for_heads
-from kvpress_rl.masks import history_causal_mask, streaming_mask
+from kvpress_rl.masks import history_causal_mask
 from kvpress_rl.sampling import GatedBranch
 
 OP_NAME = "kvrl_plan_attention"  # torch.ops.vllm.kvrl_plan_attention: a layer's attention, opaque to torch.compile
@@ -193,10 +193,14 @@ class CompressedHeads(LayerHeads):
         prompts = [span for span in metadata.prefills if span.computed == 0]
         if self.prompt_branch is not None and len(prompts) < len(metadata.prefills):
             raise RuntimeError("the gated engine prefills every prompt in one step")
-        if prompts and query.device.type == "cpu" and self.prompt_branch is None:  # vLLM's CPU kernel, in one call
+        spans = [(span.start, span.end) for span in prompts]
+        if prompts and self.prompt_branch is not None:  # the gated model's streaming branch, in one call
+            streaming_prompt_attention(query, key, value, spans, self.prompt_branch, self.scale, output)
+            prompts = []
+        elif prompts and query.device.type == "cpu":  # vLLM's CPU kernel, all of the step's prompts in one call
             from kvpress_rl.engines.vllm.cpu_full import prompt_attention
 
-            prompt_attention(query, key, value, [(span.start, span.end) for span in prompts], self.scale, output)
+            prompt_attention(query, key, value, spans, self.scale, output)
             prompts = []
         for span in prompts + [span for span in metadata.prefills if span.computed]:
             self._prefill(query, key, value, kept, metadata, span, output)
@@ -214,11 +218,7 @@ class CompressedHeads(LayerHeads):
     def _prefill(self, query, key, value, kept, metadata, span, output) -> None:
         q = query[span.start:span.end].transpose(0, 1)[None]  # [1, C * G, n, D]
         own_k, own_v = (t[span.start:span.end].transpose(0, 1)[None] for t in (key, value))
-        if span.computed == 0 and self.prompt_branch is not None:
-            b, n = self.prompt_branch, span.end - span.start
-            mask = streaming_mask(None, n, n, b.sink, b.window, q.device, mode=b.mask, block_size=b.block_size)
-            out = F.scaled_dot_product_attention(q, own_k, own_v, attn_mask=mask, scale=self.scale, enable_gqa=True)
-        elif span.computed == 0:  # a prompt in one step: plain causal attention
+        if span.computed == 0:  # a prompt in one step: plain causal attention
             out = F.scaled_dot_product_attention(q, own_k, own_v, is_causal=True, scale=self.scale, enable_gqa=True)
         else:
             old_k, old_v = self.kv.read(self._rows(kept[:, span.row, :-1]))  # [C, K, D]

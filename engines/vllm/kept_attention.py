@@ -1,4 +1,5 @@
-"""A compressed head's decoding attention over its kept keys, in plain torch (no vLLM: the GPU check runs it alone).
+"""A compressed head's decoding attention over its kept keys, in plain torch (no vLLM: the GPU check runs it alone), and
+the gated model's streaming branch over a step's prompts.
 
 A decoding step reads, for every request and compressed head, the cache rows of its sinks, its window and its own new
 token (`kept_positions`), at most `sink + window + 1` (`paged_rows.PagedRows.read`); padding entries are masked. Both
@@ -8,6 +9,10 @@ products are explicit: at one query and 81 keys a head, SDPA's CPU kernel costs 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+
+from kvpress_rl.masks import streaming_mask
+from kvpress_rl.sampling import GatedBranch
 
 
 def kept_positions(computed: torch.Tensor, sink: int, window: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -33,3 +38,26 @@ def decode_over_kept(keys: torch.Tensor, values: torch.Tensor, query: torch.Tens
     scores = torch.matmul(q, keys.float().transpose(-1, -2)) * scale  # [R, C, G, K]
     weights = scores.masked_fill(~valid[:, None, None, :], float("-inf")).softmax(dim=-1)
     return torch.matmul(weights.to(values.dtype), values).float().view(requests, heads * group, d)
+
+
+def streaming_prompt_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                               spans: list[tuple[int, int]], branch: GatedBranch, scale: float,
+                               output: torch.Tensor) -> None:
+    """The gated model's streaming branch over a step's prompts (`(start, end)` token spans, nothing cached before
+    them), in one SDPA: the prompts left-padded into a batch under the learner's `streaming_mask`, as the learner's own
+    left-padded batches. `query` `[T, Hq, D]`, `key` and `value` `[T, Hkv, D]`; writes `output[start:end]`."""
+    longest, device = max(end - start for start, end in spans), query.device
+    batch = [torch.zeros((len(spans), t.shape[1], longest, t.shape[2]), dtype=t.dtype, device=device)
+             for t in (query, key, value)]
+    real = torch.zeros((len(spans), longest), dtype=torch.bool, device=device)
+    for row, (start, end) in enumerate(spans):
+        for padded, tokens in zip(batch, (query, key, value)):
+            padded[row, :, longest - (end - start):] = tokens[start:end].transpose(0, 1)
+        real[row, longest - (end - start):] = True
+    causal = torch.ones((longest, longest), dtype=torch.bool, device=device).tril()
+    allowed = causal[None, None] & real[:, None, None, :]
+    mask = streaming_mask(allowed, longest, longest, branch.sink, branch.window, device, mode=branch.mask,
+                          block_size=branch.block_size)
+    out = F.scaled_dot_product_attention(*batch, attn_mask=mask, scale=scale, enable_gqa=True)  # [P, Hq, n, D]
+    for row, (start, end) in enumerate(spans):
+        output[start:end] = out[row, :, longest - (end - start):].transpose(0, 1).to(output.dtype)
