@@ -276,6 +276,7 @@ class GatedRollouts:
         self.dtype, self.max_model_len, self.max_num_seqs = dtype, max_model_len, max_num_seqs
         self.engine: VllmGenerator | None = None
         self.branch: GatedBranch | None = None
+        self.full_gates: torch.Tensor | None = None  # every gate at 1, `[layers, kv_heads]` (`set_gates(None)`)
         self.gates_sum: float | None = None
 
     def start(self, branch: GatedBranch) -> None:
@@ -290,13 +291,12 @@ class GatedRollouts:
                                   dtype=self.dtype, block_size=default_block_size(), max_num_seqs=self.max_num_seqs,
                                   worker_extension_cls=GATE_LOADER, gpu_memory_utilization=share)
         self.engine, self.branch = VllmGenerator(settings), branch
+        config = model_config(self.folder)
+        self.full_gates = torch.ones(config.num_hidden_layers, config.num_key_value_heads)
 
     def set_gates(self, gates: torch.Tensor | None) -> None:
         """The learner's gates into every worker (None: every gate at 1, the full model)."""
-        if gates is None:
-            config = model_config(self.folder)
-            gates = torch.ones(config.num_hidden_layers, config.num_key_value_heads)
-        sent = gates.detach().to("cpu", torch.float32)
+        sent = (self.full_gates if gates is None else gates).detach().to("cpu", torch.float32)
         held = self.engine.llm.collective_rpc("kvrl_load_gates", args=(sent.tolist(),))
         expected = float(sent.double().sum())
         if any(abs(h - expected) > 1e-6 * max(1.0, abs(expected)) for h in held):

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from vllm.model_executor.layers.attention import Attention
 
-from kvpress_rl.engines.vllm.heads import CompressedHeads, FullHeads
+from kvpress_rl.engines.vllm.heads import CompressedHeads, FullHeads, OpAttention
 from kvpress_rl.engines.vllm.sublayers import FullHeadAttention, SinkWindowAttention, full_backend
 from kvpress_rl.executor.gated import mix_branches
 from kvpress_rl.sampling import GatedBranch
@@ -40,7 +40,7 @@ def streaming_cache(branch: GatedBranch) -> tuple[int, int, int]:
     return -(-branch.sink // size) * size, -(-branch.window // size) * size - 1, size
 
 
-class GatedAttention(nn.Module):
+class GatedAttention(OpAttention):
     """Takes the place of one layer's attention in the gated model: its full and streaming branches over every head,
     mixed by its gates (float32, `[kv_heads]`, 1.0 until the learner sends its own)."""
 
@@ -65,12 +65,6 @@ class GatedAttention(nn.Module):
         self.full_heads = FullHeads(full, self.group)
         self.streaming_heads = CompressedHeads(stream, self.group, self.head_size, scale, prompt_branch=branch)
         self.register_buffer("gates", torch.ones(self.num_kv_heads, dtype=torch.float32), persistent=False)
-
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        width = self.num_kv_heads * self.group * self.head_size
-        output = torch.empty((q.shape[0], width), dtype=q.dtype, device=q.device)
-        torch.ops.vllm.kvrl_plan_attention(q, k, v, output, self.layer_name)
-        return output
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, output: torch.Tensor) -> None:
         """q `[T, H * G * D]`, k and v `[T, H * D]`, output `[T, H * G * D]` (written)."""

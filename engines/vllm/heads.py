@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from vllm.utils.torch_utils import direct_register_custom_op
 
 from kvpress_rl.engines.vllm.kept_attention import decode_over_kept, streaming_prompt_attention
@@ -53,6 +54,25 @@ def register_op() -> None:
     and piecewise CUDA graphs are cut around it (`vllm_compat.splitting_ops`)."""
     if not hasattr(torch.ops.vllm, OP_NAME):
         direct_register_custom_op(OP_NAME, plan_attention, mutates_args=["output"], fake_impl=plan_attention_shape)
+
+
+class OpAttention(nn.Module):
+    """A decoder layer's attention that runs as the op `vllm::kvrl_plan_attention` (`plan_attention` finds the layer by
+    `layer_name` and calls its `attend`); a subclass sets `layer_name`, `num_kv_heads`, `group` and `head_size`."""
+
+    layer_name: str
+    num_kv_heads: int
+    group: int  # query heads per KV head
+    head_size: int
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        width = self.num_kv_heads * self.group * self.head_size
+        output = torch.empty((q.shape[0], width), dtype=q.dtype, device=q.device)
+        torch.ops.vllm.kvrl_plan_attention(q, k, v, output, self.layer_name)
+        return output
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, output: torch.Tensor) -> None:
+        raise NotImplementedError
 
 
 def head_runs(caches: list[torch.Tensor]) -> list[tuple[int, int]]:

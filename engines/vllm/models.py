@@ -30,13 +30,13 @@ from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
 from vllm.model_executor.models.qwen3 import Qwen3ForCausalLM
 
 from kvpress_rl.engines.vllm.gated import GatedAttention, set_model_gates
-from kvpress_rl.engines.vllm.heads import CompressedHeads, FullHeads
+from kvpress_rl.engines.vllm.heads import CompressedHeads, FullHeads, OpAttention
 from kvpress_rl.engines.vllm.layout import GATED_KEY, OVERRIDES_KEY, EnginePlan, group_layout
 from kvpress_rl.engines.vllm.sublayers import FullHeadAttention, SinkWindowAttention, full_backend
 from kvpress_rl.sampling import GatedBranch
 
 
-class PlanAttention(nn.Module):
+class PlanAttention(OpAttention):
     """Takes the place of one layer's attention under a head plan: its full heads first, then its compressed ones (the
     layer's weights are reordered so at load time, `reorder_heads`), each kind in one call (`heads.py`).
 
@@ -73,12 +73,6 @@ class PlanAttention(nn.Module):
         self.full_heads = FullHeads(names[:f], self.group) if f else None
         compressed = f < len(heads)
         self.compressed_heads = CompressedHeads(names[f:], self.group, self.head_size, scale) if compressed else None
-
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        width = self.num_kv_heads * self.group * self.head_size
-        output = torch.empty((q.shape[0], width), dtype=q.dtype, device=q.device)
-        torch.ops.vllm.kvrl_plan_attention(q, k, v, output, self.layer_name)
-        return output
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, output: torch.Tensor) -> None:
         """q `[T, H * G * D]`, k and v `[T, H * D]` (heads in the reordered order), output `[T, H * G * D]`
