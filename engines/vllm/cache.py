@@ -5,7 +5,8 @@ A compressed head is one attention sub-layer with one KV head (`models.py`), so 
 head's and vLLM groups the two kinds without padding pages. The manager keeps the blocks holding the sinks and the
 window of the next step; every block wholly between them goes back to the block pool (its place in the block table
 is vLLM's null block), so a long request holds `cdiv(16, B) + cdiv(64, B) + 1` blocks per compressed head whatever
-its length.
+its length. Under the gated model (`windowed_prompts`) a cached prefix needs only those blocks, so prefix caching
+works there: the copies of a GRPO prompt prefill it once.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from vllm.utils.math_utils import cdiv
 from vllm.v1.core.single_type_kv_cache_manager import SingleTypeKVCacheManager
 from vllm.v1.kv_cache_interface import AttentionSpec, FullAttentionSpec
 
-from kvpress_rl.engines.vllm.layout import freeable_blocks
+from kvpress_rl.engines.vllm.layout import freeable_blocks, resume_blocks
 from kvpress_rl.engines.vllm.vllm_compat import remove_blocks
 from kvpress_rl.policies import SINK_TOKENS, WINDOW_TOKENS
 
@@ -31,6 +32,10 @@ class SinkWindowSpec(AttentionSpec):
     # the gated model's streaming branch in blocks of `block` tokens (the official mask): a token reads the sinks and
     # the recent keys of its own block and the ones before it, a subset of `window`; 0: token-exact
     block: int = 0
+    # True: prompt tokens too read only the sinks and the window (the gated model's streaming branch), so a request
+    # can go on from a cached prefix that kept only those blocks (prefix caching); False: a head plan's compressed
+    # head, whose prompt is plain causal attention over all of it
+    windowed_prompts: bool = False
 
     def max_memory_usage_bytes(self, vllm_config) -> int:
         """Blocks a request can hold at once: the sinks and the window, plus the tokens of one scheduling step (a
@@ -69,5 +74,27 @@ class SinkWindowManager(SingleTypeKVCacheManager):
     @classmethod
     def find_longest_cache_hit(cls, block_hashes, max_length, kv_cache_group_ids, block_pool, kv_cache_spec,
                                drop_eagle_block, alignment_tokens, dcp_world_size=1, pcp_world_size=1):
-        # No prefix caching: a cached prefix would have lost its middle. The engine turns prefix caching off.
-        return tuple([] for _ in kv_cache_group_ids), 0
+        """The longest cached prefix of at most `max_length` tokens whose sink and window blocks are all still in the
+        pool (`layout.resume_blocks`; null blocks in between): the copies of a GRPO prompt prefill it once. A head
+        plan's compressed heads never hit (a cached prefix lost the middle their prompt attends to)."""
+        size = kv_cache_spec.block_size
+        misses = tuple([] for _ in kv_cache_group_ids), 0
+        if not kv_cache_spec.windowed_prompts or drop_eagle_block or block_pool.hash_block_size != size:
+            return misses
+        for blocks in range(min(max_length // size, len(block_hashes)), 0, -1):
+            if (blocks * size) % alignment_tokens:
+                continue
+            needed = resume_blocks(blocks * size, size, kv_cache_spec.sink, kv_cache_spec.window)
+            found = []
+            for i in needed:
+                cached = block_pool.get_cached_block(block_hashes[i], kv_cache_group_ids)
+                if not cached:
+                    break
+                found.append(cached)
+            if len(found) == len(needed):
+                hit = tuple([block_pool.null_block] * blocks for _ in kv_cache_group_ids)
+                for i, cached in zip(needed, found):
+                    for group, block in zip(hit, cached):
+                        group[i] = block
+                return hit, blocks * size
+        return misses

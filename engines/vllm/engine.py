@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -124,8 +126,12 @@ class EngineSettings:
         # compiled: vLLM's compilation (and CUDA graphs on CUDA), cut around each layer's attention op as around
         # vLLM's own
         eager = self.eager if self.eager is not None else not torch.cuda.is_available()
+        # prefix caching only for the gated model, whose every token reads its sinks and window: the copies of a GRPO
+        # prompt then prefill it once (`cache.SinkWindowManager`); a plan's compressed heads attend to their whole
+        # prompt, which a cached prefix no longer holds
         kwargs = dict(model=self.model, max_model_len=self.max_model_len, block_size=self.block_size,
-                      enable_prefix_caching=False, enforce_eager=eager, hf_overrides=self.overrides(config))
+                      enable_prefix_caching=self.gated is not None, enforce_eager=eager,
+                      hf_overrides=self.overrides(config))
         if not eager:
             from kvpress_rl.engines.vllm.heads import OP_NAME
             from kvpress_rl.engines.vllm.vllm_compat import splitting_ops
@@ -161,6 +167,32 @@ class EngineSettings:
         return args
 
 
+def cpu_thread_binding(settings: EngineSettings) -> dict[str, str]:
+    """The environment that gives vLLM's CPU worker every core this process may use. vLLM's own binding ('auto')
+    keeps one core per rank for its scheduler process: on a 2-core machine its worker runs one thread (0.6x the
+    gated model's tokens/s, `benchmarks/README.md`), while the caller of `VllmGenerator` only waits for the engine.
+    Nothing where the user set the binding, on CUDA, and under tensor parallelism (each rank its own cores)."""
+    if torch.cuda.is_available() or settings.tensor_parallel_size != 1 or "VLLM_CPU_OMP_THREADS_BIND" in os.environ:
+        return {}
+    cores = ",".join(str(core) for core in sorted(os.sched_getaffinity(0)))
+    return {"VLLM_CPU_OMP_THREADS_BIND": cores, "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
+
+
+@contextmanager
+def environment(values: dict[str, str]) -> Iterator[None]:
+    """`values` set in `os.environ` (what vLLM reads when it starts its processes), the old ones back after."""
+    old = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in old.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 class VllmGenerator:
     """One vLLM engine for one plan. `generate` takes prompts as token ids and returns the new token ids.
 
@@ -177,7 +209,8 @@ class VllmGenerator:
         if settings.kv_cache_memory_bytes is None:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
         try:
-            self.llm = LLM(skip_tokenizer_init=not tokenizer, **settings.llm_kwargs())
+            with environment(cpu_thread_binding(settings)):
+                self.llm = LLM(skip_tokenizer_init=not tokenizer, **settings.llm_kwargs())
         finally:
             if space is not None:
                 os.environ["VLLM_CPU_KVCACHE_SPACE"] = space
@@ -266,7 +299,8 @@ class GatedRollouts:
     then holds).
 
     Each sequence is its own request with its own seed drawn from torch's generator (a seeded `kvrl select` is
-    reproducible). Call `close()`: vLLM's engine runs in a child process.
+    reproducible). The copies of a prompt share its prefill through vLLM's prefix caching (`cache.SinkWindowManager`),
+    within a batch only: new gates drop the cached prompts. Call `close()`: vLLM's engine runs in a child process.
     """
 
     name = "vllm"
@@ -278,6 +312,7 @@ class GatedRollouts:
         self.branch: GatedBranch | None = None
         self.full_gates: torch.Tensor | None = None  # every gate at 1, `[layers, kv_heads]` (`set_gates(None)`)
         self.gates_sum: float | None = None
+        self.cached_tokens: list[int] = []  # prompt tokens each row of the last batch took from the prefix cache
 
     def start(self, branch: GatedBranch) -> None:
         """Start the engine with `branch` (once; a later branch must be the same: it is part of the model vLLM
@@ -301,6 +336,9 @@ class GatedRollouts:
         expected = float(sent.double().sum())
         if any(abs(h - expected) > 1e-6 * max(1.0, abs(expected)) for h in held):
             raise KvrlError(f"the rollout engine holds gates summing to {held}, the learner sent {expected}")
+        # a cached prompt's keys and values came out of the layers under the old gates: no batch may reuse them
+        if not self.engine.llm.reset_prefix_cache():
+            raise KvrlError("the rollout engine could not drop its cached prompts before taking new gates")
         self.gates_sum = expected
 
     def sample(self, prompts: list[list[int]], sampling: Sampling, *, gates: torch.Tensor | None,
@@ -319,8 +357,9 @@ class GatedRollouts:
                                  detokenize=False)
                   for seed in seeds]
         requests = [{"prompt_token_ids": r} for r in rows]
-        outputs = [out.outputs[0] for out in self.engine.llm.generate(requests, params, use_tqdm=False)]
-        return rollout_tensors(rows, outputs, sampling.pad_id, logprobs)
+        results = self.engine.llm.generate(requests, params, use_tqdm=False)
+        self.cached_tokens = [out.num_cached_tokens or 0 for out in results]
+        return rollout_tensors(rows, [out.outputs[0] for out in results], sampling.pad_id, logprobs)
 
     def close(self) -> None:
         if self.engine is not None:

@@ -61,7 +61,8 @@ class GatedAttention(OpAttention):
         for j in range(self.num_kv_heads):
             stream.append(f"{stock.layer_name}.stream{j}")
             self.add_module(f"stream{j}", SinkWindowAttention(self.group, self.head_size, scale, **common,
-                                                              prefix=stream[-1], sink=sink, window=window, block=block))
+                                                              prefix=stream[-1], sink=sink, window=window, block=block,
+                                                              windowed_prompts=True))
         self.full_heads = FullHeads(full, self.group)
         self.streaming_heads = CompressedHeads(stream, self.group, self.head_size, scale, prompt_branch=branch)
         self.register_buffer("gates", torch.ones(self.num_kv_heads, dtype=torch.float32), persistent=False)

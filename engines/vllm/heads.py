@@ -12,8 +12,9 @@ it. So a layer does not call its sub-layers one by one; it reads their caches th
   step writes the layer's compressed heads with one `index_copy_` and reads each request's at most
   `sink + window + 1` kept rows with one gather; decoding steps then run one batched attention over those 81 keys for
   every compressed head of the layer.
-  Generated tokens recomputed after a preemption are decoding rows too, one per token. Prompts and chunks (rare:
-  once per prompt) run one SDPA per request, over its kept history and its own tokens.
+  Generated tokens recomputed after a preemption are decoding rows too, one per token, and so are the gated model's
+  prompts that go on from a cached prefix (every token of its streaming branch reads its sinks and window). Prompts
+  and chunks (rare: once per prompt) run one SDPA per request, over its kept history and its own tokens.
 
 The kept slots come from the compressed groups' metadata builder (`backend.py`), computed once per step on the device.
 Nothing here syncs with the host; the only host data read are the query lengths vLLM already keeps on the host.
@@ -34,6 +35,9 @@ from kvpress_rl.engines.vllm.vllm_compat import forward_module, layer_context, m
 from kvpress_rl.masks import history_causal_mask
 from kvpress_rl.sampling import GatedBranch
 
+# decoding rows read at once: bounds the gathered keys of a long prompt that goes on from a cached prefix (the gated
+# model: one row per token) to DECODE_ROWS x (sink + window + 1) per compressed head
+DECODE_ROWS = 1024
 OP_NAME = "kvrl_plan_attention"  # torch.ops.vllm.kvrl_plan_attention: a layer's attention, opaque to torch.compile
 
 
@@ -212,7 +216,8 @@ class CompressedHeads(LayerHeads):
             self._decode(query, kept, metadata, output)
         prompts = [span for span in metadata.prefills if span.computed == 0]
         if self.prompt_branch is not None and len(prompts) < len(metadata.prefills):
-            raise RuntimeError("the gated engine prefills every prompt in one step")
+            raise RuntimeError("the gated model's prompts that go on from a cached prefix are decoding rows "
+                               "(`backend.kept_metadata` with `windowed_prompts`), not chunks")
         spans = [(span.start, span.end) for span in prompts]
         if prompts and self.prompt_branch is not None:  # the gated model's streaming branch, in one call
             streaming_prompt_attention(query, key, value, spans, self.prompt_branch, self.scale, output)
@@ -227,13 +232,15 @@ class CompressedHeads(LayerHeads):
 
     def _decode(self, query: torch.Tensor, kept: torch.Tensor, metadata, output: torch.Tensor) -> None:
         count, tokens = metadata.num_decodes, metadata.decode_tokens  # tokens None: request r decodes token r
-        q = query[:count] if tokens is None else query[tokens]
-        keys, values = self.kv.read(self._rows(kept[:, :count]).transpose(0, 1))  # [R, C, K, D]
-        out = decode_over_kept(keys, values, q, metadata.kept_valid[:count], self.scale, self.group).to(output.dtype)
-        if tokens is None:
-            output[:count] = out
-        else:
-            output[tokens] = out
+        for start in range(0, count, DECODE_ROWS):  # one slice in a decoding step (rows <= vLLM's max_num_seqs)
+            rows = slice(start, min(count, start + DECODE_ROWS))
+            q = query[rows] if tokens is None else query[tokens[rows]]
+            keys, values = self.kv.read(self._rows(kept[:, rows]).transpose(0, 1))  # [R, C, K, D]
+            out = decode_over_kept(keys, values, q, metadata.kept_valid[rows], self.scale, self.group)
+            if tokens is None:
+                output[rows] = out.to(output.dtype)
+            else:
+                output[tokens[rows]] = out.to(output.dtype)
 
     def _prefill(self, query, key, value, kept, metadata, span, output) -> None:
         q = query[span.start:span.end].transpose(0, 1)[None]  # [1, C * G, n, D]

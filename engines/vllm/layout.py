@@ -103,6 +103,13 @@ def freeable_blocks(processed: int, block_size: int, sink: int = SINK_TOKENS, wi
     return range(-(-sink // block_size), max(0, processed - window) // block_size)
 
 
+def resume_blocks(computed: int, block_size: int, sink: int = SINK_TOKENS, window: int = WINDOW_TOKENS) -> list[int]:
+    """Block indices a compressed head needs cached to go on from `computed` tokens (a multiple of the block size):
+    the blocks of those tokens that `freeable_blocks` keeps, the sinks' and the window's."""
+    freed = freeable_blocks(computed, block_size, sink, window)
+    return [i for i in range(computed // block_size) if i not in freed]
+
+
 def head_blocks_held(tokens: int, block_size: int, full: bool, sink: int = SINK_TOKENS,
                      window: int = WINDOW_TOKENS) -> int:
     """Blocks one KV head holds in the steady state after `tokens` tokens (what the manager keeps allocated)."""

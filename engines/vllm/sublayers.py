@@ -15,16 +15,19 @@ from kvpress_rl.engines.vllm.cache import SinkWindowSpec, TaggedFullSpec
 
 class SinkWindowAttention(Attention):
     """A compressed head: vLLM's attention layer with the sink + window backend and cache spec (`block`: the
-    streaming branch's blocks of the gated model, 0 for token-exact)."""
+    streaming branch's blocks of the gated model, 0 for token-exact; `windowed_prompts`: the gated model's streaming
+    branch, whose prompt tokens read their sinks and window too)."""
 
-    def __init__(self, *args, sink: int, window: int, block: int = 0, **kwargs) -> None:
+    def __init__(self, *args, sink: int, window: int, block: int = 0, windowed_prompts: bool = False,
+                 **kwargs) -> None:
         super().__init__(*args, attn_backend=SinkWindowBackend, **kwargs)
-        self.sink, self.window, self.block = sink, window, block
+        self.sink, self.window, self.block, self.windowed_prompts = sink, window, block, windowed_prompts
 
     def get_kv_cache_spec(self, vllm_config) -> SinkWindowSpec:
         return SinkWindowSpec(block_size=vllm_config.cache_config.block_size, num_kv_heads=1,
                               head_size=self.head_size, head_size_v=self.head_size_v, dtype=self.kv_cache_torch_dtype,
-                              sink=self.sink, window=self.window, block=self.block)
+                              sink=self.sink, window=self.window, block=self.block,
+                              windowed_prompts=self.windowed_prompts)
 
 
 class FullHeadAttention(Attention):

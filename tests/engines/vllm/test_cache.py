@@ -98,3 +98,46 @@ def test_vllm_groups_tagged_full_heads_without_padding_them(full, compressed):
     held = len(full_groups) * size * 256 + (len(groups) - len(full_groups)) * compressed_group_blocks
     assert held == padded_head_blocks(full, compressed, size, 4096, 16)
     assert len(groups) <= 16
+
+
+class CachedBlocks:
+    """vLLM's block pool as the cache-hit search sees it: block `i` of the prompt is cached when `i` is in `cached`
+    (its hash is its index)."""
+
+    def __init__(self, cached: set[int]) -> None:
+        from vllm.v1.core.block_pool import BlockPool
+
+        self.null_block = BlockPool(num_gpu_blocks=2, enable_caching=False, hash_block_size=BLOCK).null_block
+        self.hash_block_size = BLOCK
+        self.cached = cached
+
+    def get_cached_block(self, block_hash, group_ids):
+        return [f"block {block_hash}" for _ in group_ids] if block_hash in self.cached else None
+
+
+def cache_hit(cached: set[int], prompt_blocks: int, max_length: int, windowed: bool = True):
+    from kvpress_rl.engines.vllm.cache import SinkWindowManager, SinkWindowSpec
+
+    spec = SinkWindowSpec(block_size=BLOCK, num_kv_heads=1, head_size=64, dtype=torch.float32, sink=16, window=63,
+                          windowed_prompts=windowed)
+    pool = CachedBlocks(cached)
+    blocks, length = SinkWindowManager.find_longest_cache_hit(
+        list(range(prompt_blocks)), max_length, [0, 1], pool, spec, drop_eagle_block=False, alignment_tokens=BLOCK)
+    return [[None if b is pool.null_block else b for b in group] for group in blocks], length
+
+
+def test_a_cached_prefix_needs_only_its_sink_and_window_blocks():
+    """The gated model's streaming branch goes on from a cached prefix that kept its sink block and the blocks of its
+    last 63 tokens: everything between them may have gone back to the pool."""
+    blocks, length = cache_hit({0, 5, 6}, prompt_blocks=8, max_length=7 * BLOCK)
+    assert length == 7 * BLOCK  # reads position 0..15 (block 0) and 161..223 (blocks 5, 6)
+    assert blocks[0] == ["block 0", None, None, None, None, "block 5", "block 6"] and blocks[1] == blocks[0]
+    # the full heads' hit bounds it; a window block missing moves the hit back to where the window is whole
+    assert cache_hit({0, 5, 6}, 8, max_length=6 * BLOCK)[1] == BLOCK  # 2 to 6 blocks need blocks 1 to 4 too
+    assert cache_hit({0, 1, 2, 3, 6}, 8, max_length=7 * BLOCK)[1] == 4 * BLOCK
+    assert cache_hit({1, 2, 3, 4, 5, 6}, 8, max_length=7 * BLOCK)[1] == 0  # no sink block: nothing to go on from
+
+
+def test_a_head_plans_compressed_heads_never_hit():
+    """A plan's compressed head attends to its whole prompt, which a cached prefix no longer holds."""
+    assert cache_hit(set(range(8)), 8, max_length=7 * BLOCK, windowed=False) == ([[], []], 0)

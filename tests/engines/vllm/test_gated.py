@@ -1,7 +1,8 @@
 """The gated model in vLLM (RLKV's rollouts, `kvrl select --rollout-engine vllm`): for fixed gates, the
 log-probabilities the engine reports for its sampled tokens are the learner's teacher-forced ones, on the embedded
-model (token-exact 16 + 64) and on a random-weight Qwen2 with the official 128-token blocks; gates sent mid-life
-replace the old ones, and gates the engine did not get (stale) are caught by the same comparison."""
+model (token-exact 16 + 64) and on a random-weight Qwen2 with the official 128-token blocks, the copies of a prompt
+going on from its cached prefill; gates sent mid-life replace the old ones (and drop the cached prompts), and gates
+the engine did not get (stale) are caught by the same comparison."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ pytestmark = [pytest.mark.usefixtures("vllm_installed"), pytest.mark.engine]
 # float32 on both sides: the two implementations differ by summation order only. The issue's bar is bfloat16's
 # tolerance (a relative 2**-8 on a log-probability); these runs hold a far tighter one.
 TOLERANCE = 2e-3
+BLOCK = 32  # the engine's block size on the CPU
 
 
 def learner_logprobs(model, gates: torch.Tensor, branch: GatedBranch, sequences, mask, offset) -> torch.Tensor:
@@ -51,10 +53,17 @@ def test_embedded_engine_samples_the_learners_policy_and_takes_new_gates_without
     torch.manual_seed(0)
     engine = GatedRollouts(None, dtype="float32", max_model_len=1024)
     try:
-        runs = [(gates, engine.sample(prompts, sampling, gates=gates, branch=branch, copies=2, logprobs=True))
-                for gates in (first, second)]
+        runs, cached = [], []
+        for gates in (first, second):
+            runs.append((gates, engine.sample(prompts, sampling, gates=gates, branch=branch, copies=2, logprobs=True)))
+            cached.append(engine.cached_tokens)
     finally:
         engine.close()
+    # each prompt's second copy went on from the first's cached prompt (whole blocks, the last token recomputed);
+    # the second batch too, though new gates dropped the first batch's cache (else its log-probabilities differ)
+    for batch in cached:
+        for prompt, copy in zip(prompts, batch[1::2]):
+            assert copy >= (len(prompt) - 1) // BLOCK * BLOCK > 0
     for gates, out in runs:
         sequences, mask, offset, sampled = out.sequences, out.mask, out.offset, out.logprobs
         assert mask[:, offset:].sum() > 100  # real completions, not empty ones
@@ -82,6 +91,7 @@ def test_random_qwen2_engine_matches_the_learner_with_the_official_blocks(tmp_pa
         engine.close()
     sequences, mask, offset, sampled = out.sequences, out.mask, out.offset, out.logprobs
     assert mask[:, offset:].sum() == 6 * 300  # no stop token: every row crosses several 128-token blocks
+    assert all(copy == (len(p) - 1) // BLOCK * BLOCK for p, copy in zip(prompts, engine.cached_tokens[1::2]))
     learner = learner_logprobs(model, gates, branch, sequences, mask, offset)
     assert largest_difference(sampled, learner, mask, offset) < TOLERANCE
     # the check has power here too: the same tokens under other gates score differently
