@@ -64,14 +64,12 @@ def kept_slots(table: torch.Tensor, positions: torch.Tensor, block_size: int, si
     return table.gather(1, kept // block_size) * block_size + kept % block_size, valid
 
 
-def kept_metadata(meta: CommonAttentionMetadata, block_size: int, sink: int, window: int, block: int = 0,
-                  windowed_prompts: bool = False) -> SinkWindowMetadata:
+def kept_metadata(meta: CommonAttentionMetadata, block_size: int, sink: int, window: int,
+                  block: int = 0) -> SinkWindowMetadata:
     """The step's kept slots for one KV-cache group (its block table), without a host sync or a loop over requests
     in a decoding step. Steps with several tokens for a request read the query lengths vLLM keeps on the host: a
     request still in its prompt (`is_prefilling`) is a prompt chunk; one past it (generated tokens recomputed after a
-    preemption: `scheduler.py` never mixes the two) gets one decoding row per token. With `windowed_prompts` (the
-    gated model, where every token reads its sinks and window) a prompt that goes on from a cached prefix gets one
-    decoding row per token too: only prompts from position 0 are chunks."""
+    preemption: `scheduler.py` never mixes the two) gets one decoding row per token."""
     requests = meta.num_reqs
     starts = meta.query_start_loc[: requests + 1]
     computed = meta.seq_lens[:requests] - (starts[1:] - starts[:-1])
@@ -86,12 +84,10 @@ def kept_metadata(meta: CommonAttentionMetadata, block_size: int, sink: int, win
     seq_lens = meta.seq_lens_cpu_upper_bound  # exact for prefills
     seq_lens = meta.seq_lens.cpu() if seq_lens is None else seq_lens
     in_prompt = [True] * requests if meta.is_prefilling is None else meta.is_prefilling[:requests].tolist()
-    cached = [int(seq_lens[r]) - n for r, n in enumerate(lengths)]
-    chunk = [n > 1 and in_prompt[r] and not (windowed_prompts and cached[r]) for r, n in enumerate(lengths)]
-    decoding = [(r, j) for r, n in enumerate(lengths) if not chunk[r] for j in range(n)]
-    chunks = [r for r in range(requests) if chunk[r]]
+    decoding = [(r, j) for r, n in enumerate(lengths) if n == 1 or (n > 1 and not in_prompt[r]) for j in range(n)]
+    chunks = [r for r, n in enumerate(lengths) if n > 1 and in_prompt[r]]
     prefills = [PrefillSpan(request=r, row=len(decoding) + i, start=first[r], end=first[r] + lengths[r],
-                            computed=cached[r]) for i, r in enumerate(chunks)]
+                            computed=int(seq_lens[r]) - lengths[r]) for i, r in enumerate(chunks)]
     device = table.device
     rows = torch.tensor([r for r, _ in decoding] + chunks, dtype=torch.long).to(device, non_blocking=True)
     offsets = torch.tensor([j for _, j in decoding] + [0] * len(chunks), dtype=torch.long).to(device, non_blocking=True)
@@ -106,12 +102,10 @@ class SinkWindowMetadataBuilder(AttentionMetadataBuilder[SinkWindowMetadata]):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         spec = kv_cache_spec
         self.block_size, self.sink, self.window, self.block = spec.block_size, spec.sink, spec.window, spec.block
-        self.windowed_prompts = spec.windowed_prompts
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> SinkWindowMetadata:
-        return kept_metadata(common_attn_metadata, self.block_size, self.sink, self.window, self.block,
-                             self.windowed_prompts)
+        return kept_metadata(common_attn_metadata, self.block_size, self.sink, self.window, self.block)
 
 
 class TorchAttentionImpl(AttentionImpl):

@@ -64,7 +64,8 @@ class GatedAttention(OpAttention):
                                                               prefix=stream[-1], sink=sink, window=window, block=block,
                                                               windowed_prompts=True))
         self.full_heads = FullHeads(full, self.group)
-        self.streaming_heads = CompressedHeads(stream, self.group, self.head_size, scale, prompt_branch=branch)
+        self.streaming_heads = CompressedHeads(stream, self.group, self.head_size, scale, prompt_branch=branch,
+                                               streaming_rule=(sink, window, block))
         self.register_buffer("gates", torch.ones(self.num_kv_heads, dtype=torch.float32), persistent=False)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, output: torch.Tensor) -> None:

@@ -12,9 +12,9 @@ it. So a layer does not call its sub-layers one by one; it reads their caches th
   step writes the layer's compressed heads with one `index_copy_` and reads each request's at most
   `sink + window + 1` kept rows with one gather; decoding steps then run one batched attention over those 81 keys for
   every compressed head of the layer.
-  Generated tokens recomputed after a preemption are decoding rows too, one per token, and so are the gated model's
-  prompts that go on from a cached prefix (every token of its streaming branch reads its sinks and window). Prompts
-  and chunks (rare: once per prompt) run one SDPA per request, over its kept history and its own tokens.
+  Generated tokens recomputed after a preemption are decoding rows too, one per token. Prompts and chunks (rare:
+  once per prompt) run one SDPA per request, over its kept history and its own tokens; the gated model's run one
+  SDPA for all prompts from position 0 and one for all that go on from a cached prefix (a GRPO prompt's copies).
 
 The kept slots come from the compressed groups' metadata builder (`backend.py`), computed once per step on the device.
 Nothing here syncs with the host; the only host data read are the query lengths vLLM already keeps on the host.
@@ -29,15 +29,17 @@ import torch.nn.functional as F
 from torch import nn
 from vllm.utils.torch_utils import direct_register_custom_op
 
-from kvpress_rl.engines.vllm.kept_attention import decode_over_kept, streaming_prompt_attention
+from kvpress_rl.engines.vllm.kept_attention import (
+    decode_over_kept,
+    kept_positions,
+    streaming_chunk_attention,
+    streaming_prompt_attention,
+)
 from kvpress_rl.engines.vllm.paged_rows import PagedRows
 from kvpress_rl.engines.vllm.vllm_compat import forward_module, layer_context, metadata_for_heads
 from kvpress_rl.masks import history_causal_mask
 from kvpress_rl.sampling import GatedBranch
 
-# decoding rows read at once: bounds the gathered keys of a long prompt that goes on from a cached prefix (the gated
-# model: one row per token) to DECODE_ROWS x (sink + window + 1) per compressed head
-DECODE_ROWS = 1024
 OP_NAME = "kvrl_plan_attention"  # torch.ops.vllm.kvrl_plan_attention: a layer's attention, opaque to torch.compile
 
 
@@ -180,6 +182,9 @@ class CompressedHeads(LayerHeads):
     # None: a prompt is plain causal attention (a head plan's compressed heads); the gated model's streaming branch
     # reads its sinks and recent keys in the prompt too (the learner's teacher-forced branch)
     prompt_branch: GatedBranch | None = None
+    # the gated model's `(sink, window, block)` (`gated.streaming_cache`): what a prompt going on from a cached prefix
+    # reads
+    streaming_rule: tuple[int, int, int] | None = None
 
     def _bind(self) -> None:
         contexts = [layer_context(name) for name in self.names]
@@ -215,14 +220,15 @@ class CompressedHeads(LayerHeads):
         if metadata.num_decodes:
             self._decode(query, kept, metadata, output)
         prompts = [span for span in metadata.prefills if span.computed == 0]
-        if self.prompt_branch is not None and len(prompts) < len(metadata.prefills):
-            raise RuntimeError("the gated model's prompts that go on from a cached prefix are decoding rows "
-                               "(`backend.kept_metadata` with `windowed_prompts`), not chunks")
         spans = [(span.start, span.end) for span in prompts]
-        if prompts and self.prompt_branch is not None:  # the gated model's streaming branch, in one call
-            streaming_prompt_attention(query, key, value, spans, self.prompt_branch, self.scale, output)
-            prompts = []
-        elif prompts and query.device.type == "cpu":  # vLLM's CPU kernel, all of the step's prompts in one call
+        if self.prompt_branch is not None:  # the gated model's streaming branch: one call for each kind of prompt
+            if prompts:
+                streaming_prompt_attention(query, key, value, spans, self.prompt_branch, self.scale, output)
+            resumed = [span for span in metadata.prefills if span.computed]
+            if resumed:
+                self._resumed_prompts(query, key, value, kept, metadata, resumed, output)
+            return
+        if prompts and query.device.type == "cpu":  # vLLM's CPU kernel, all of the step's prompts in one call
             from kvpress_rl.engines.vllm.cpu_full import prompt_attention
 
             prompt_attention(query, key, value, spans, self.scale, output)
@@ -232,15 +238,25 @@ class CompressedHeads(LayerHeads):
 
     def _decode(self, query: torch.Tensor, kept: torch.Tensor, metadata, output: torch.Tensor) -> None:
         count, tokens = metadata.num_decodes, metadata.decode_tokens  # tokens None: request r decodes token r
-        for start in range(0, count, DECODE_ROWS):  # one slice in a decoding step (rows <= vLLM's max_num_seqs)
-            rows = slice(start, min(count, start + DECODE_ROWS))
-            q = query[rows] if tokens is None else query[tokens[rows]]
-            keys, values = self.kv.read(self._rows(kept[:, rows]).transpose(0, 1))  # [R, C, K, D]
-            out = decode_over_kept(keys, values, q, metadata.kept_valid[rows], self.scale, self.group)
-            if tokens is None:
-                output[rows] = out.to(output.dtype)
-            else:
-                output[tokens[rows]] = out.to(output.dtype)
+        q = query[:count] if tokens is None else query[tokens]
+        keys, values = self.kv.read(self._rows(kept[:, :count]).transpose(0, 1))  # [R, C, K, D]
+        out = decode_over_kept(keys, values, q, metadata.kept_valid[:count], self.scale, self.group).to(output.dtype)
+        if tokens is None:
+            output[:count] = out
+        else:
+            output[tokens] = out
+
+    def _resumed_prompts(self, query, key, value, kept, metadata, spans: list, output) -> None:
+        """The gated model's prompts that go on from a cached prefix (a GRPO prompt's copies after the first): their
+        kept history read once per prompt, then `streaming_chunk_attention`."""
+        sink, window, _ = self.streaming_rule
+        rows = torch.tensor([span.row for span in spans], device=query.device)
+        history = self.kv.read(self._rows(kept[:, rows, :-1]).transpose(0, 1))  # [S, C, K, D]
+        computed = torch.tensor([span.computed for span in spans]).to(query.device)
+        positions = kept_positions(computed, sink, window)[0][:, :-1]
+        chunks = [(span.start, span.end, span.computed) for span in spans]
+        streaming_chunk_attention(query, key, value, chunks, history, positions, metadata.kept_valid[rows, :-1],
+                                  self.streaming_rule, self.scale, output)
 
     def _prefill(self, query, key, value, kept, metadata, span, output) -> None:
         q = query[span.start:span.end].transpose(0, 1)[None]  # [1, C * G, n, D]

@@ -6,10 +6,9 @@ from __future__ import annotations
 BLOCK, DIM, GROUP, SINK, WINDOW = 32, 64, 3, 16, 64
 
 
-def build(meta_kwargs, table, windowed_prompts: bool = False):
+def build(meta_kwargs, table):
     from vllm.v1.attention.backend import CommonAttentionMetadata
 
     from kvpress_rl.engines.vllm.backend import kept_metadata
 
-    return kept_metadata(CommonAttentionMetadata(block_table_tensor=table, **meta_kwargs), BLOCK, SINK, WINDOW,
-                         windowed_prompts=windowed_prompts)
+    return kept_metadata(CommonAttentionMetadata(block_table_tensor=table, **meta_kwargs), BLOCK, SINK, WINDOW)

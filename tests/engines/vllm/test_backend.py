@@ -45,25 +45,3 @@ def test_generated_tokens_recomputed_after_preemption_get_one_decoding_row_each(
         assert built.kept_slots[row, window].tolist() == [slot(1, p) for p in range(position - 64, position)]
         assert built.kept_slots[row, sinks].tolist() == [slot(1, p) for p in range(16)]
 
-
-@pytest.mark.parametrize("windowed", [False, True])
-def test_a_gated_prompt_from_a_cached_prefix_is_decoding_rows(windowed):
-    """Request 0 prefills its whole prompt; request 1 goes on from 192 cached tokens (a copy of the same prompt).
-    Under a plan that is a chunk over its history; in the gated model (`windowed_prompts`) each of its tokens reads
-    its sinks and window, one decoding row per token; a prompt from position 0 stays a chunk either way."""
-    start_loc = torch.tensor([0, 221, 250], dtype=torch.int32)
-    lengths = torch.tensor([221, 221], dtype=torch.int32)
-    table = torch.arange(1, 1 + 2 * 7, dtype=torch.int32).reshape(2, 7)
-    built = build(dict(query_start_loc=start_loc, query_start_loc_cpu=start_loc, seq_lens=lengths,
-                       seq_lens_cpu_upper_bound=lengths, num_reqs=2, num_actual_tokens=250, max_query_len=221,
-                       max_seq_len=221, slot_mapping=torch.zeros(250, dtype=torch.long),
-                       is_prefilling=torch.tensor([True, True])), table, windowed_prompts=windowed)
-    if not windowed:
-        assert [(c.request, c.computed) for c in built.prefills] == [(0, 0), (1, 192)] and built.num_decodes == 0
-        return
-    [prompt] = built.prefills
-    assert (prompt.request, prompt.start, prompt.end, prompt.computed, prompt.row) == (0, 0, 221, 0, 29)
-    assert built.num_decodes == 29 and built.decode_tokens.tolist() == list(range(221, 250))
-    assert built.kept_slots[:29, -1].tolist() == [int(table[1, p // BLOCK]) * BLOCK + p % BLOCK
-                                                  for p in range(192, 221)]
-    assert built.kept_valid[:29].sum(1).tolist() == [81] * 29

@@ -18,3 +18,39 @@ def test_kept_positions_are_the_kept_history_and_the_token_itself(computed):
     positions, valid = kept_positions(torch.tensor([computed]), SINK, WINDOW)
     assert positions[0][valid[0]].tolist() == kept_history(computed, SINK, WINDOW) + [computed]
     assert (positions[0][~valid[0]] == 0).all()
+
+
+@pytest.mark.parametrize("mask, sink, window, block", [("token", 16, 64, 128), ("block", 32, 64, 32)])
+def test_prompts_from_a_cached_prefix_attend_as_the_learners_streaming_branch(mask, sink, window, block):
+    """Two prompts of 150 and 97 tokens that go on from 96 and 64 cached tokens: their tokens over the kept history
+    (sinks and window, as a step reads it from the cache) and their own keys are the learner's streaming branch over
+    the whole prompt (`masks.streaming_mask`), at those tokens."""
+    from kvpress_rl.engines.vllm.gated import streaming_cache
+    from kvpress_rl.engines.vllm.kept_attention import kept_positions, streaming_chunk_attention
+    from kvpress_rl.masks import streaming_mask
+    from kvpress_rl.sampling import GatedBranch
+
+    rule = streaming_cache(GatedBranch(sink=sink, window=window, mask=mask, block_size=block))
+    generator = torch.Generator().manual_seed(0)
+    heads, kv_heads, dim, scale = 4, 2, 32, 0.2
+    prompts = [(150, 96), (97, 64)]
+    full = [[torch.randn(n, h, dim, generator=generator) for h in (heads, kv_heads, kv_heads)] for n, _ in prompts]
+    query, key, value = (torch.cat([p[i][c:] for p, (_, c) in zip(full, prompts)]) for i in range(3))
+    chunks, start = [], 0
+    for n, c in prompts:
+        chunks.append((start, start + n - c, c))
+        start += n - c
+    positions, valid = kept_positions(torch.tensor([c for _, c in prompts]), rule[0], rule[1])
+    positions, valid = positions[:, :-1], valid[:, :-1]
+    if rule[2]:  # the block rule at the chunk's first token, as `backend.kept_slots` marks it
+        first_recent = (torch.tensor([c for _, c in prompts])[:, None] // rule[2] - (rule[1] + 1) // rule[2] + 1)
+        valid = valid & ((positions < rule[0]) | (positions >= first_recent * rule[2]))
+    history = tuple(torch.stack([p[i][pos].transpose(0, 1) for p, pos in zip(full, positions)]) for i in (1, 2))
+    output = torch.zeros_like(query)
+    streaming_chunk_attention(query, key, value, chunks, history, positions, valid, rule, scale, output)
+    for (n, c), (q, k, v), (begin, end, _) in zip(prompts, full, chunks):
+        allowed = streaming_mask(None, n, n, sink, window, "cpu", mode=mask, block_size=block)
+        expected = torch.nn.functional.scaled_dot_product_attention(
+            q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], attn_mask=allowed, scale=scale,
+            enable_gqa=True)[0].transpose(0, 1)
+        torch.testing.assert_close(output[begin:end], expected[c:], atol=1e-5, rtol=1e-5)
