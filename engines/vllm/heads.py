@@ -247,8 +247,17 @@ class CompressedHeads(LayerHeads):
             output[tokens] = out
 
     def _resumed_prompts(self, query, key, value, kept, metadata, spans: list, output) -> None:
-        """The gated model's prompts that go on from a cached prefix (a GRPO prompt's copies after the first): their
-        kept history read once per prompt, then `streaming_chunk_attention`."""
+        """The gated model's prompts that go on from a cached prefix (a GRPO prompt's copies after the first, or a
+        prompt that shares the chat template's first blocks with another), one `streaming_chunk_attention` per
+        power-of-two length (a short copy is never padded to a long prompt)."""
+        by_length: dict[int, list] = {}
+        for span in spans:
+            by_length.setdefault((span.end - span.start - 1).bit_length(), []).append(span)
+        for similar in by_length.values():
+            self._resumed_alike(query, key, value, kept, metadata, similar, output)
+
+    def _resumed_alike(self, query, key, value, kept, metadata, spans: list, output) -> None:
+        """Prompts of `_resumed_prompts` of similar lengths: their kept history read once per prompt, one SDPA."""
         sink, window, _ = self.streaming_rule
         rows = torch.tensor([span.row for span in spans], device=query.device)
         history = self.kv.read(self._rows(kept[:, rows, :-1]).transpose(0, 1))  # [S, C, K, D]
