@@ -29,7 +29,7 @@ from kvpress_rl.cli.launch import (
 )
 from kvpress_rl.cli.options import parse_strategy_options
 from kvpress_rl.cli.output import console, strategies_with_warnings
-from kvpress_rl.engines.vllm.engine import GatedRollouts, check_vllm, model_folder
+from kvpress_rl.engines.vllm.engine import GatedRollouts, check_vllm, gated_engine_refusal, model_folder
 from kvpress_rl.errors import KvrlError
 from kvpress_rl.evaluators.plots import gate_heatmap, training_curves
 from kvpress_rl.identity import code_identity, weights_identity
@@ -70,7 +70,7 @@ class SelectRequest:
     trust_remote_code: bool = False
     overwrite: bool = False
     resume: bool = False
-    rollout_engine: str = "transformers"
+    rollout_engine: str = "auto"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -101,9 +101,10 @@ class CheckedSelect:
 @click.option("--num-processes", default=1, show_default=True, type=int,
               help="data-parallel processes (accelerate launch): rlkv splits each step's prompts and sums gate "
                    "gradients over them")
-@click.option("--rollout-engine", default="transformers", show_default=True,
-              help="where a strategy that samples from the gated model (rlkv) samples: transformers, or vllm (the "
-                   "gated model in vLLM, its gates replaced after every step; the backward stays in transformers)")
+@click.option("--rollout-engine", default="auto", show_default=True,
+              help="where a strategy that samples from the gated model (rlkv) samples: transformers, vllm (the "
+                   "gated model in vLLM, its gates replaced after every step; the backward stays in transformers), "
+                   "or auto: vllm where it is installed and runs the model in one process, else transformers")
 @click.pass_context
 def select_command(ctx: click.Context, strategy_name: str, model: str | None, gguf_file: str | None,
                    output: Path | None, seed: int, data_dir: str | None, dtype: str, device: str,
@@ -130,7 +131,7 @@ def select_command(ctx: click.Context, strategy_name: str, model: str | None, gg
 def check_processes(request: SelectRequest, num_processes: int) -> None:
     """Refuse a bad `--num-processes`, and a rollout engine beside more than one process."""
     _, world_size = check_num_processes(num_processes)
-    if max(num_processes, world_size) > 1 and request.rollout_engine != "transformers":
+    if max(num_processes, world_size) > 1 and request.rollout_engine not in ("transformers", "auto"):
         raise KvrlError(f"--rollout-engine {request.rollout_engine} runs one process (one engine beside one learner); "
                         "drop --num-processes")
 
@@ -219,10 +220,28 @@ def in_select_dtype(lm, dtype: str, device: str, show: Console):
     return lm.to(_DTYPES[wanted])
 
 
+def chosen_rollout_engine(name: str, entry: StrategyEntry, model: str, gguf_file: str | None, world_size: int,
+                          show: Console) -> str:
+    """The engine `--rollout-engine` names, checked before a model loads; `auto`: vllm where it can sample this
+    strategy's rollouts of this model in one process (it samples faster than the learner's own loop,
+    benchmarks/README.md), else transformers, said in one line either way."""
+    if name != "auto":
+        check_rollout_engine(name, entry, model, gguf_file)
+        return name
+    if not entry.cls.samples_rollouts:
+        return "transformers"
+    refusal = ("it runs in one process" if world_size > 1 else
+               "it loads a folder of weights or a hub id" if gguf_file else gated_engine_refusal(model))
+    chosen = "transformers" if refusal else "vllm"
+    why = f" (not vllm: {refusal})" if refusal else " (--rollout-engine transformers for the learner's own loop)"
+    show.print(f"--rollout-engine auto: {chosen}{why}", highlight=False, markup=False)
+    return chosen
+
+
 def check_rollout_engine(name: str, entry: StrategyEntry, model: str, gguf_file: str | None) -> None:
     """Refuse `--rollout-engine` values `select` cannot run, before a model loads."""
     if name not in ENGINES:
-        raise KvrlError(f"unknown --rollout-engine {name!r}; accepted: {', '.join(ENGINES)}")
+        raise KvrlError(f"unknown --rollout-engine {name!r}; accepted: auto, {', '.join(ENGINES)}")
     if name == "transformers":
         return
     if not entry.cls.samples_rollouts:
@@ -260,7 +279,7 @@ def run_select(request: SelectRequest) -> None:
     show = quiet_other_ranks(rank)
     checked = select_inputs(request, quiet=rank > 0)
     model = model_spec(request.model)
-    check_rollout_engine(request.rollout_engine, checked.entry, model, request.gguf_file)
+    engine = chosen_rollout_engine(request.rollout_engine, checked.entry, model, request.gguf_file, world_size, show)
     device = join_process_group(checked.device)
     with show.status(escape(f"loading model {request.model or '(default)'}")):
         lm, tokenizer = load_model(request.model, dtype=request.dtype, device=device,
@@ -271,7 +290,7 @@ def run_select(request: SelectRequest) -> None:
     work_dir = work_dir_of(checked.output)  # shared by the ranks: written from rank 0, every rank resumes from it
     if not request.resume and rank == 0:
         clear_earlier_run(work_dir)
-    sampler = rollout_sampler(request.rollout_engine, model, lm)
+    sampler = rollout_sampler(engine, model, lm)
     try:
         with StepProgress(request.strategy, show, rank) as on_step:
             context = SelectionContext(seed=request.seed, data_dir=request.data_dir, device=device,

@@ -77,6 +77,27 @@ def engine_architecture(config: Any) -> str:
     return ARCHITECTURES[stock]
 
 
+def gated_engine_refusal(model: str | None) -> str | None:
+    """Why vLLM's gated model cannot sample rollouts of `model` here, in one line (None: it can): vLLM missing, a
+    model vLLM does not load, an architecture kvpress-rl does not extend, or (on the CPU) a head size vLLM's CPU
+    attention does not run."""
+    try:
+        check_vllm()
+        config = model_config(model_folder(model))
+        engine_architecture(config)
+    except (KvrlError, OSError, ValueError) as err:
+        return str(err).splitlines()[0]
+    if torch.cuda.is_available():
+        return None
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+    head_size = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    sizes = CPUAttentionBackend.get_supported_head_sizes()
+    if head_size not in sizes:
+        return f"vLLM's CPU attention runs head sizes {', '.join(map(str, sizes))}; this model's is {head_size}"
+    return None
+
+
 def default_block_size() -> int:
     return GPU_BLOCK_SIZE if torch.cuda.is_available() else CPU_BLOCK_SIZE
 

@@ -99,7 +99,7 @@ def test_unsupported_architecture(cli, tmp_path):
 
 @pytest.mark.parametrize(("args", "expected"), [
     (["--strategy", "rlkv", "--rollout-engine", "sglang"],
-     "unknown --rollout-engine 'sglang'; accepted: transformers, vllm"),
+     "unknown --rollout-engine 'sglang'; accepted: auto, transformers, vllm"),
     (["--strategy", "random", "--rollout-engine", "vllm"], "'random' samples nothing"),
     (["--strategy", "rlkv", "--rollout-engine", "vllm", "--model", "random:qwen2"],
      "loads a folder of weights or a hub id"),
@@ -268,3 +268,36 @@ def test_bad_input_inside_the_ranks_is_one_line(tmp_path):
                       *TINY, cwd=tmp_path)
     assert "cannot load model" in only_error_line(result)
     assert not list(tmp_path.glob("heads-*"))
+
+
+def test_auto_rollout_engine_keeps_transformers_where_vllm_cannot_run_the_model(cli, tiny_rlkv, tmp_path):
+    """The tiny model's 16-wide heads are not a size vLLM's CPU attention runs: `auto` says so and samples in
+    transformers."""
+    pytest.importorskip("vllm")
+    result = cli(*tiny_rlkv(steps=1), "-o", "h.safetensors")
+    assert result.exit_code == 0, result.output
+    said = " ".join(result.output.split())  # the console wraps long lines
+    assert "--rollout-engine auto: transformers (not vllm: vLLM's CPU attention runs head sizes 32, 64," in said
+    assert "this model's is 16)" in said
+    assert HeadScores.load(tmp_path / "h.safetensors").extra["rollout_engine"] == "transformers"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU's head sizes")
+def test_auto_rollout_engine_picks_vllm_for_the_embedded_model():
+    """What `kvrl select --strategy rlkv` on the embedded model samples with where vLLM is installed (before any
+    engine starts), and what it keeps for strategies that sample nothing or for several processes."""
+    pytest.importorskip("vllm")
+    from kvpress_rl.cli.select import chosen_rollout_engine
+    from kvpress_rl.plugins import get_strategy
+
+    show = Console(record=True, width=200)
+    rlkv, random = get_strategy("rlkv"), get_strategy("random")
+    assert chosen_rollout_engine("auto", rlkv, None, None, 1, show) == "vllm"
+    assert chosen_rollout_engine("auto", rlkv, None, None, 2, show) == "transformers"
+    assert chosen_rollout_engine("auto", random, None, None, 1, show) == "transformers"
+    assert chosen_rollout_engine("auto", rlkv, "random:llama", None, 1, show) == "transformers"
+    lines = show.export_text().splitlines()
+    assert lines[0] == "--rollout-engine auto: vllm (--rollout-engine transformers for the learner's own loop)"
+    assert lines[1] == "--rollout-engine auto: transformers (not vllm: it runs in one process)"
+    assert lines[2].startswith("--rollout-engine auto: transformers (not vllm: the vLLM engine loads a folder")
+    assert len(lines) == 3  # a strategy that samples nothing says nothing
