@@ -255,11 +255,12 @@ def engine_report(fits: dict[bool, Fit]) -> list[str]:
             f"(as many full-length sequences as {ENGINE_MEMORY_FRACTION:.0%} of 80 GB holds beside "
             f"the weights), {ENGINE_STEP_S * 1e3:.0f} ms of scheduling and sampling per decode step (CUDA graphs: no "
             "per-layer launches), every rollout at the full length (the worst case), rollouts and backward one after "
-            "the other on one GPU, and a fused mixed-attention kernel (as the official SGLang fork's Triton backend): "
-            "kvpress-rl's own gated vLLM backend is plain torch (it gathers each request's cache once per layer and "
-            "step) and has not run on a GPU. Measured here (benchmarks/rollouts.py --engine, 2-core CPU) is only that "
-            "vLLM samples the gated model's own policy (tests/engines/vllm/test_gated.py) and its CPU speed against "
-            "transformers, which says nothing of a GPU's."]
+            "the other on one GPU, and a gated attention of about one paged full-attention pass a layer (as the "
+            "official SGLang fork's Triton backend; kvpress-rl's gated vLLM model: the platform's paged kernel for "
+            "the full branch, the 81 kept keys for the streaming branch, not yet run on a GPU: "
+            "`benchmarks/plan_attention_gpu.py --gated` checks it). Measured here (2-core CPU): vLLM samples the "
+            "gated model's own policy (tests/engines/vllm/test_gated.py) at 1.48x the learner's rollout tokens/s "
+            "(benchmarks/README.md), which says nothing of a GPU's speed."]
     return out
 
 
