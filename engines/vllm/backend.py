@@ -26,7 +26,7 @@ from vllm.v1.attention.backend import (
     CommonAttentionMetadata,
 )
 
-from kvpress_rl.engines.vllm.kept_attention import kept_positions
+from kvpress_rl.engines.vllm.kept_attention import kept_positions, streaming_keys
 from kvpress_rl.engines.vllm.plugin import SINK_WINDOW_BACKEND
 
 
@@ -55,12 +55,11 @@ class SinkWindowMetadata:
 def kept_slots(table: torch.Tensor, positions: torch.Tensor, block_size: int, sink: int, window: int,
                block: int) -> tuple[torch.Tensor, torch.Tensor]:
     """`(slots, valid)` of the rows whose own positions are `positions` `[rows]` and block tables `table` `[rows, n]`
-    (`kept_attention.kept_positions`; with `block`, only the sinks and the recent keys of the row's block and the
-    `(window + 1) // block - 1` blocks before it are valid)."""
+    (`kept_attention.kept_positions`; with `block`, only those `kept_attention.streaming_keys` reads are valid: the
+    sinks and the recent keys of the row's block and the `(window + 1) // block - 1` blocks before it)."""
     kept, valid = kept_positions(positions, sink, window)
     if block:
-        first_recent = (positions.long()[:, None] // block - (window + 1) // block + 1) * block
-        valid = valid & ((kept < sink) | (kept >= first_recent))
+        valid = valid & streaming_keys(positions.long()[:, None], kept, sink, window, block)[:, 0]
     return table.gather(1, kept // block_size) * block_size + kept % block_size, valid
 
 

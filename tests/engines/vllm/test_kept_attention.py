@@ -25,8 +25,9 @@ def test_prompts_from_a_cached_prefix_attend_as_the_learners_streaming_branch(ma
     """Two prompts of 150 and 97 tokens that go on from 96 and 64 cached tokens: their tokens over the kept history
     (sinks and window, as a step reads it from the cache) and their own keys are the learner's streaming branch over
     the whole prompt (`masks.streaming_mask`), at those tokens."""
+    from kvpress_rl.engines.vllm.backend import kept_slots
     from kvpress_rl.engines.vllm.gated import streaming_cache
-    from kvpress_rl.engines.vllm.kept_attention import kept_positions, streaming_chunk_attention
+    from kvpress_rl.engines.vllm.kept_attention import streaming_chunk_attention
     from kvpress_rl.masks import streaming_mask
     from kvpress_rl.sampling import GatedBranch
 
@@ -40,11 +41,10 @@ def test_prompts_from_a_cached_prefix_attend_as_the_learners_streaming_branch(ma
     for n, c in prompts:
         chunks.append((start, start + n - c, c))
         start += n - c
-    positions, valid = kept_positions(torch.tensor([c for _, c in prompts]), rule[0], rule[1])
+    computed = torch.tensor([c for _, c in prompts])
+    identity = torch.arange(int(computed.max()) + 1).expand(len(prompts), -1)  # one-token blocks: slot = position
+    positions, valid = kept_slots(identity, computed, 1, *rule)  # each chunk's history, as a step reads it
     positions, valid = positions[:, :-1], valid[:, :-1]
-    if rule[2]:  # the block rule at the chunk's first token, as `backend.kept_slots` marks it
-        first_recent = (torch.tensor([c for _, c in prompts])[:, None] // rule[2] - (rule[1] + 1) // rule[2] + 1)
-        valid = valid & ((positions < rule[0]) | (positions >= first_recent * rule[2]))
     history = tuple(torch.stack([p[i][pos].transpose(0, 1) for p, pos in zip(full, positions)]) for i in (1, 2))
     output = torch.zeros_like(query)
     streaming_chunk_attention(query, key, value, chunks, history, positions, valid, rule, scale, output)
