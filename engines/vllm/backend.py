@@ -3,7 +3,8 @@
 - `SinkWindowBackend` (compressed heads): its builder computes, on the device and for every request of the step, the
   cache slots of the kept history, `{0..sink-1} U {max(sink, c-window)..c-1}` for a step that starts with `c` cached
   tokens, and of position `c` itself (a decoding token reads itself back): `[R, sink + window + 1]` with a validity
-  mask (`kept_slots`; the gated model's streaming branch in blocks also marks the window's keys outside its blocks).
+  mask (`kept_slots`; the gated model's streaming branch in blocks also marks the window's keys outside its blocks),
+  and for the gated model the bands its prompts attend in (`kept_attention.prompt_bands`).
   The layer's compressed heads then attend through `heads.CompressedHeads` (one write, one gather, one attention).
   Its own cache layout: a block is `[B slots, key | value]`, written and read only by `heads.py`.
 - `FullHeadsCPUBackend` (full heads on the CPU): vLLM's CPU attention with a builder whose metadata also gives the
@@ -26,7 +27,7 @@ from vllm.v1.attention.backend import (
     CommonAttentionMetadata,
 )
 
-from kvpress_rl.engines.vllm.kept_attention import kept_positions, streaming_keys
+from kvpress_rl.engines.vllm.kept_attention import PromptBands, kept_positions, prompt_bands, streaming_keys
 from kvpress_rl.engines.vllm.plugin import SINK_WINDOW_BACKEND
 
 
@@ -50,6 +51,7 @@ class SinkWindowMetadata:
     num_decodes: int  # tokens under the decoding rule: rows 0 .. num_decodes - 1
     decode_tokens: torch.Tensor | None  # their token index, [num_decodes]; None when every request decodes one token
     prefills: list[PrefillSpan]  # prompt chunks (host data vLLM already has)
+    prompt_bands: PromptBands | None = None  # the gated model's streaming branch over the prompt chunks, if any
 
 
 def kept_slots(table: torch.Tensor, positions: torch.Tensor, block_size: int, sink: int, window: int,
@@ -63,12 +65,13 @@ def kept_slots(table: torch.Tensor, positions: torch.Tensor, block_size: int, si
     return table.gather(1, kept // block_size) * block_size + kept % block_size, valid
 
 
-def kept_metadata(meta: CommonAttentionMetadata, block_size: int, sink: int, window: int,
-                  block: int = 0) -> SinkWindowMetadata:
+def kept_metadata(meta: CommonAttentionMetadata, block_size: int, sink: int, window: int, block: int = 0,
+                  windowed_prompts: bool = False) -> SinkWindowMetadata:
     """The step's kept slots for one KV-cache group (its block table), without a host sync or a loop over requests
     in a decoding step. Steps with several tokens for a request read the query lengths vLLM keeps on the host: a
     request still in its prompt (`is_prefilling`) is a prompt chunk; one past it (generated tokens recomputed after a
-    preemption: `scheduler.py` never mixes the two) gets one decoding row per token."""
+    preemption: `scheduler.py` never mixes the two) gets one decoding row per token. With `windowed_prompts` (the
+    gated model), the prompt chunks' streaming branch in bands (`kept_attention.prompt_bands`)."""
     requests = meta.num_reqs
     starts = meta.query_start_loc[: requests + 1]
     computed = meta.seq_lens[:requests] - (starts[1:] - starts[:-1])
@@ -92,8 +95,12 @@ def kept_metadata(meta: CommonAttentionMetadata, block_size: int, sink: int, win
     offsets = torch.tensor([j for _, j in decoding] + [0] * len(chunks), dtype=torch.long).to(device, non_blocking=True)
     slots, valid = kept_slots(table[rows], computed.long()[rows] + offsets, block_size, sink, window, block)
     tokens = torch.tensor([first[r] + j for r, j in decoding], dtype=torch.long).to(device, non_blocking=True)
+    bands = None
+    if windowed_prompts and prefills:  # the chunks' rows follow the decoding rows
+        bands = prompt_bands([(span.start, span.end, span.computed) for span in prefills],
+                             [span.row for span in prefills], valid[len(decoding):, :-1], (sink, window, block))
     return SinkWindowMetadata(num_actual_tokens=meta.num_actual_tokens, kept_slots=slots, kept_valid=valid,
-                              num_decodes=len(decoding), decode_tokens=tokens, prefills=prefills)
+                              num_decodes=len(decoding), decode_tokens=tokens, prefills=prefills, prompt_bands=bands)
 
 
 class SinkWindowMetadataBuilder(AttentionMetadataBuilder[SinkWindowMetadata]):
@@ -101,10 +108,12 @@ class SinkWindowMetadataBuilder(AttentionMetadataBuilder[SinkWindowMetadata]):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         spec = kv_cache_spec
         self.block_size, self.sink, self.window, self.block = spec.block_size, spec.sink, spec.window, spec.block
+        self.windowed_prompts = spec.windowed_prompts
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> SinkWindowMetadata:
-        return kept_metadata(common_attn_metadata, self.block_size, self.sink, self.window, self.block)
+        return kept_metadata(common_attn_metadata, self.block_size, self.sink, self.window, self.block,
+                             self.windowed_prompts)
 
 
 class TorchAttentionImpl(AttentionImpl):

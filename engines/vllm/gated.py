@@ -8,7 +8,8 @@ so it costs about 80 / L of the full cache). Per layer and step:
 
 - the full branch: every head through the platform's kernel in one call (`heads.FullHeads`, vLLM's CPU kernel here);
 - the streaming branch: every head in one batched attention over its kept keys (`heads.CompressedHeads`), prompts
-  under the learner's `streaming_mask` (token-exact sink + window, or the official blocks: `streaming_cache`);
+  in bands of queries over their kept keys under the learner's streaming mask (token-exact sink + window, or the
+  official blocks: `streaming_cache`; `kept_attention.PromptBands`);
 - the two outputs mixed per KV head by the gates (`mix_branches`, as the learner's).
 
 Positions are the request's own (vLLM has no padding), which is what the learner's rank-based masks count. A prompt is
@@ -64,8 +65,7 @@ class GatedAttention(OpAttention):
                                                               prefix=stream[-1], sink=sink, window=window, block=block,
                                                               windowed_prompts=True))
         self.full_heads = FullHeads(full, self.group)
-        self.streaming_heads = CompressedHeads(stream, self.group, self.head_size, scale, prompt_branch=branch,
-                                               streaming_rule=(sink, window, block))
+        self.streaming_heads = CompressedHeads(stream, self.group, self.head_size, scale, windowed_prompts=True)
         self.register_buffer("gates", torch.ones(self.num_kv_heads, dtype=torch.float32), persistent=False)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, output: torch.Tensor) -> None:

@@ -14,10 +14,12 @@ it. So a layer does not call its sub-layers one by one; it reads their caches th
   every compressed head of the layer.
   Generated tokens recomputed after a preemption are decoding rows too, one per token. Prompts and chunks (rare:
   once per prompt) run one SDPA per request, over its kept history and its own tokens; the gated model's run one
-  SDPA for all prompts from position 0 and one for all that go on from a cached prefix (a GRPO prompt's copies).
+  banded SDPA for all of the step's prompts, whether from position 0 or going on from a cached prefix (a GRPO
+  prompt's copies): `kept_attention.PromptBands`.
 
-The kept slots come from the compressed groups' metadata builder (`backend.py`), computed once per step on the device.
-Nothing here syncs with the host; the only host data read are the query lengths vLLM already keeps on the host.
+The kept slots and the prompt bands come from the compressed groups' metadata builder (`backend.py`), computed once
+per step on the device. Nothing here syncs with the host or copies to the device: a layer reads the step's metadata and
+the query spans vLLM already keeps on the host.
 """
 
 from __future__ import annotations
@@ -29,16 +31,10 @@ import torch.nn.functional as F
 from torch import nn
 from vllm.utils.torch_utils import direct_register_custom_op
 
-from kvpress_rl.engines.vllm.kept_attention import (
-    decode_over_kept,
-    kept_positions,
-    streaming_chunk_attention,
-    streaming_prompt_attention,
-)
+from kvpress_rl.engines.vllm.kept_attention import banded_prompt_attention, decode_over_kept
 from kvpress_rl.engines.vllm.paged_rows import PagedRows
 from kvpress_rl.engines.vllm.vllm_compat import forward_module, layer_context, metadata_for_heads
 from kvpress_rl.masks import history_causal_mask
-from kvpress_rl.sampling import GatedBranch
 
 OP_NAME = "kvrl_plan_attention"  # torch.ops.vllm.kvrl_plan_attention: a layer's attention, opaque to torch.compile
 
@@ -179,12 +175,10 @@ class CompressedHeads(LayerHeads):
 
     head_size: int
     scale: float
-    # None: a prompt is plain causal attention (a head plan's compressed heads); the gated model's streaming branch
-    # reads its sinks and recent keys in the prompt too (the learner's teacher-forced branch)
-    prompt_branch: GatedBranch | None = None
-    # the gated model's `(sink, window, block)` (`gated.streaming_cache`): what a prompt going on from a cached prefix
-    # reads
-    streaming_rule: tuple[int, int, int] | None = None
+    # False: a prompt is plain causal attention (a head plan's compressed heads); True: the gated model's streaming
+    # branch, whose prompts read their sinks and recent keys too (the learner's teacher-forced branch), in the bands
+    # its metadata builder made (`kept_attention.PromptBands`)
+    windowed_prompts: bool = False
 
     def _bind(self) -> None:
         contexts = [layer_context(name) for name in self.names]
@@ -219,19 +213,15 @@ class CompressedHeads(LayerHeads):
         kept = stacked([m.kept_slots for m, _, _ in groups])  # [groups, rows, K + 1]
         if metadata.num_decodes:
             self._decode(query, kept, metadata, output)
-        prompts = [span for span in metadata.prefills if span.computed == 0]
-        spans = [(span.start, span.end) for span in prompts]
-        if self.prompt_branch is not None:  # the gated model's streaming branch: one call for each kind of prompt
-            if prompts:
-                streaming_prompt_attention(query, key, value, spans, self.prompt_branch, self.scale, output)
-            resumed = [span for span in metadata.prefills if span.computed]
-            if resumed:
-                self._resumed_prompts(query, key, value, kept, metadata, resumed, output)
+        if self.windowed_prompts:
+            if metadata.prompt_bands is not None:
+                self._streaming_prompts(query, key, value, kept, metadata.prompt_bands, output)
             return
+        prompts = [span for span in metadata.prefills if span.computed == 0]
         if prompts and query.device.type == "cpu":  # vLLM's CPU kernel, all of the step's prompts in one call
             from kvpress_rl.engines.vllm.cpu_full import prompt_attention
 
-            prompt_attention(query, key, value, spans, self.scale, output)
+            prompt_attention(query, key, value, [(span.start, span.end) for span in prompts], self.scale, output)
             prompts = []
         for span in prompts + [span for span in metadata.prefills if span.computed]:
             self._prefill(query, key, value, kept, metadata, span, output)
@@ -246,26 +236,11 @@ class CompressedHeads(LayerHeads):
         else:
             output[tokens] = out
 
-    def _resumed_prompts(self, query, key, value, kept, metadata, spans: list, output) -> None:
-        """The gated model's prompts that go on from a cached prefix (a GRPO prompt's copies after the first, or a
-        prompt that shares the chat template's first blocks with another), one `streaming_chunk_attention` per
-        power-of-two length (a short copy is never padded to a long prompt)."""
-        by_length: dict[int, list] = {}
-        for span in spans:
-            by_length.setdefault((span.end - span.start - 1).bit_length(), []).append(span)
-        for similar in by_length.values():
-            self._resumed_alike(query, key, value, kept, metadata, similar, output)
-
-    def _resumed_alike(self, query, key, value, kept, metadata, spans: list, output) -> None:
-        """Prompts of `_resumed_prompts` of similar lengths: their kept history read once per prompt, one SDPA."""
-        sink, window, _ = self.streaming_rule
-        rows = torch.tensor([span.row for span in spans], device=query.device)
-        history = self.kv.read(self._rows(kept[:, rows, :-1]).transpose(0, 1))  # [S, C, K, D]
-        computed = torch.tensor([span.computed for span in spans]).to(query.device)
-        positions = kept_positions(computed, sink, window)[0][:, :-1]
-        chunks = [(span.start, span.end, span.computed) for span in spans]
-        streaming_chunk_attention(query, key, value, chunks, history, positions, metadata.kept_valid[rows, :-1],
-                                  self.streaming_rule, self.scale, output)
+    def _streaming_prompts(self, query, key, value, kept, bands, output) -> None:
+        """The gated model's prompt chunks (from position 0, or going on from a cached prefix: a GRPO prompt's copies
+        after the first) in one banded attention over their kept history and their own keys."""
+        history = self.kv.read(self._rows(kept[:, bands.chunk_rows, :-1]).transpose(0, 1))  # [S, C, K, D]
+        banded_prompt_attention(query, key, value, history, bands, self.scale, output)
 
     def _prefill(self, query, key, value, kept, metadata, span, output) -> None:
         q = query[span.start:span.end].transpose(0, 1)[None]  # [1, C * G, n, D]

@@ -4,15 +4,20 @@ the gated model's streaming branch over a step's prompts (from position 0, or go
 A decoding step reads, for every request and compressed head, the cache rows of its sinks, its window and its own new
 token (`kept_positions`), at most `sink + window + 1` (`paged_rows.PagedRows.read`); padding entries are masked. Both
 products are explicit: at one query and 81 keys a head, SDPA's CPU kernel costs about ten times the arithmetic.
+
+A prompt's streaming branch is banded too (`PromptBands`): blocks of 64 queries, each over the sinks and the
+`window + 64` keys before it, so its work and its temporaries grow with the step's tokens (at most vLLM's
+`max_num_batched_tokens`), not with their square; the indices are built once per step by the metadata builder.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
-from kvpress_rl.masks import streaming_mask
-from kvpress_rl.sampling import GatedBranch
+QUERY_BLOCK = 64  # prompt queries the gated model's streaming branch attends together (`PromptBands`)
 
 
 def kept_positions(computed: torch.Tensor, sink: int, window: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -40,29 +45,6 @@ def decode_over_kept(keys: torch.Tensor, values: torch.Tensor, query: torch.Tens
     return torch.matmul(weights.to(values.dtype), values).float().view(requests, heads * group, d)
 
 
-def streaming_prompt_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                               spans: list[tuple[int, int]], branch: GatedBranch, scale: float,
-                               output: torch.Tensor) -> None:
-    """The gated model's streaming branch over a step's prompts (`(start, end)` token spans, nothing cached before
-    them), in one SDPA: the prompts left-padded into a batch under the learner's `streaming_mask`, as the learner's own
-    left-padded batches. `query` `[T, Hq, D]`, `key` and `value` `[T, Hkv, D]`; writes `output[start:end]`."""
-    longest, device = max(end - start for start, end in spans), query.device
-    batch = [torch.zeros((len(spans), t.shape[1], longest, t.shape[2]), dtype=t.dtype, device=device)
-             for t in (query, key, value)]
-    real = torch.zeros((len(spans), longest), dtype=torch.bool, device=device)
-    for row, (start, end) in enumerate(spans):
-        for padded, tokens in zip(batch, (query, key, value)):
-            padded[row, :, longest - (end - start):] = tokens[start:end].transpose(0, 1)
-        real[row, longest - (end - start):] = True
-    causal = torch.ones((longest, longest), dtype=torch.bool, device=device).tril()
-    allowed = causal[None, None] & real[:, None, None, :]
-    mask = streaming_mask(allowed, longest, longest, branch.sink, branch.window, device, mode=branch.mask,
-                          block_size=branch.block_size)
-    out = F.scaled_dot_product_attention(*batch, attn_mask=mask, scale=scale, enable_gqa=True)  # [P, Hq, n, D]
-    for row, (start, end) in enumerate(spans):
-        output[start:end] = out[row, :, longest - (end - start):].transpose(0, 1).to(output.dtype)
-
-
 def streaming_keys(query_positions: torch.Tensor, key_positions: torch.Tensor, sink: int, window: int,
                    block: int) -> torch.Tensor:
     """Bool `[..., n, K]`: which keys (positions `[..., K]`) each query (positions `[..., n]`) of the streaming branch
@@ -75,30 +57,75 @@ def streaming_keys(query_positions: torch.Tensor, key_positions: torch.Tensor, s
     return (k <= p) & ((k < sink) | (k >= first_recent))
 
 
-def streaming_chunk_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                              chunks: list[tuple[int, int, int]], history: tuple[torch.Tensor, torch.Tensor],
-                              history_positions: torch.Tensor, history_valid: torch.Tensor,
-                              rule: tuple[int, int, int], scale: float, output: torch.Tensor) -> None:
-    """The gated model's streaming branch over a step's prompts that go on from a cached prefix (`(start, end,
-    computed)` token spans), in one SDPA: each chunk's tokens over its kept history (its sinks and the window before
-    `computed`, read from the cache: `history` keys and values `[S, C, K, D]`, their positions and validity `[S, K]`)
-    and its own tokens, under `streaming_keys` (`rule`: `(sink, window, block)`). `query` `[T, Hq, D]`, `key` and
-    `value` `[T, C, D]`; writes `output[start:end]`."""
-    longest, device = max(end - start for start, end, _ in chunks), query.device
-    own = [torch.zeros((len(chunks), t.shape[1], longest, t.shape[2]), dtype=t.dtype, device=device)
-           for t in (query, key, value)]
-    positions = torch.full((len(chunks), longest), -1, dtype=torch.long)
-    for row, (start, end, computed) in enumerate(chunks):
-        for padded, tokens in zip(own, (query, key, value)):
-            padded[row, :, : end - start] = tokens[start:end].transpose(0, 1)
-        positions[row, : end - start] = torch.arange(computed, computed + end - start)
-    positions = positions.to(device)
-    real = positions >= 0
-    keys_positions = torch.cat([history_positions, positions], dim=1)  # [S, K + n]
-    allowed = streaming_keys(positions, keys_positions, *rule) & torch.cat([history_valid, real], dim=1)[:, None]
-    allowed = allowed | ~real[:, :, None]  # padding queries read anything: their rows are dropped
-    keys, values = (torch.cat([old.to(new.dtype), new], dim=2) for old, new in zip(history, own[1:]))
-    out = F.scaled_dot_product_attention(own[0], keys, values, attn_mask=allowed[:, None], scale=scale,
-                                         enable_gqa=True)  # [S, Hq, n, D]
-    for row, (start, end, _) in enumerate(chunks):
-        output[start:end] = out[row, :, : end - start].transpose(0, 1).to(output.dtype)
+@dataclass
+class PromptBands:
+    """The gated model's streaming branch over a step's prompt chunks, as blocks of `query_block` consecutive queries
+    of one chunk, each over the keys any of them can read: the sinks and the `window + query_block` positions that end
+    with the block. Keys are indices into `[chunk histories | step tokens]`: a chunk's `sink + window` kept positions
+    before the tokens it had cached (`kept_positions`, read from the cache), then the step's own keys. Built once per
+    step (`prompt_bands`), so a layer's branch is two gathers and one attention whose size grows with the step's
+    tokens, never with their square."""
+
+    chunk_rows: torch.Tensor  # [S] each chunk's row of kept slots (`backend.SinkWindowMetadata`)
+    query_tokens: torch.Tensor  # [blocks, Q] the step's token of each query (a block's tail past its chunk: its last)
+    key_index: torch.Tensor  # [blocks, Kb] each key's row in `[S * (sink + window) history | T step tokens]`
+    allowed: torch.Tensor  # [blocks, Q, Kb] bool, `streaming_keys` over valid keys (a tail query: every key)
+    real_queries: torch.Tensor  # [N] the real queries among `blocks * Q`, in the order of `tokens`
+    tokens: torch.Tensor  # [N] their tokens in the step
+
+
+def prompt_bands(chunks: list[tuple[int, int, int]], chunk_rows: list[int], history_valid: torch.Tensor,
+                 rule: tuple[int, int, int], query_block: int = QUERY_BLOCK) -> PromptBands:
+    """`PromptBands` of a step's prompt chunks `(start, end, computed)` (token span in the step, tokens cached
+    before it), whose histories are the rows `chunk_rows` of the step's kept slots with validity `history_valid`
+    `[S, sink + window]` (`kept_positions` without the chunk's own position). `rule`: `(sink, window, block)`. Only
+    host data vLLM already keeps are read (the spans); every index is computed on `history_valid`'s device."""
+    sink, window, block = rule
+    device, history = history_valid.device, sink + window
+    blocks = [(s, offset) for s, (start, end, _) in enumerate(chunks) for offset in range(0, end - start, query_block)]
+    real, tokens = [], []  # the real queries of the blocks (a chunk's last block may end past it) and their tokens
+    for b, (s, offset) in enumerate(blocks):
+        count = min(query_block, chunks[s][1] - chunks[s][0] - offset)
+        real.extend(range(b * query_block, b * query_block + count))
+        tokens.extend(range(chunks[s][0] + offset, chunks[s][0] + offset + count))
+    per_block = [(s, offset, chunks[s][0], chunks[s][1] - chunks[s][0], chunks[s][2]) for s, offset in blocks]
+    block_chunks, offsets, starts, lengths, computed = on_device(per_block, device).T[..., None]  # each [blocks, 1]
+    queries = offsets + torch.arange(query_block, device=device)  # [blocks, Q] offsets in the chunk
+    query_positions = computed + queries
+    recent = computed + offsets - window + torch.arange(window + query_block, device=device)
+    key_positions = torch.cat([torch.arange(sink, device=device).expand(len(blocks), -1), recent], dim=1)
+    cached = key_positions < computed
+    history_start = torch.clamp(computed - window, min=sink)  # where `kept_positions` starts the window
+    slot = torch.where(key_positions < sink, key_positions, sink + key_positions - history_start).clamp(0, history - 1)
+    own = (key_positions - computed).clamp(min=0)
+    step_token = starts + torch.minimum(own, lengths - 1)
+    key_index = torch.where(cached, block_chunks * history + slot, len(chunks) * history + step_token)
+    is_sink = torch.arange(key_positions.shape[1], device=device)[None] < sink
+    valid = torch.where(cached, history_valid[block_chunks.expand_as(slot), slot], own < lengths)
+    valid &= (is_sink | (key_positions >= sink)) & (key_positions >= 0)  # a recent key below `sink` is a sink
+    tail = queries >= lengths
+    allowed = (streaming_keys(query_positions, key_positions, sink, window, block) & valid[:, None]) | tail[..., None]
+    return PromptBands(chunk_rows=on_device(chunk_rows, device),
+                       query_tokens=starts + torch.minimum(queries, lengths - 1),
+                       key_index=key_index, allowed=allowed, real_queries=on_device(real, device),
+                       tokens=on_device(tokens, device))
+
+
+def on_device(values: list, device: torch.device) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.long).to(device, non_blocking=True)
+
+
+def banded_prompt_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                            history: tuple[torch.Tensor, torch.Tensor], bands: PromptBands, scale: float,
+                            output: torch.Tensor) -> None:
+    """The gated model's streaming branch over a step's prompt chunks (`prompt_bands`), in one SDPA over blocks of
+    queries: `query` `[T, C * G, D]`, `key` and `value` `[T, C, D]`, `history` the chunks' kept keys and values
+    `[S, C, sink + window, D]` (in the cache's dtype); writes the chunks' tokens of `output`."""
+    chunks, heads, kept, d = history[0].shape
+    keys, values = (torch.cat([old.transpose(1, 2).reshape(chunks * kept, heads, d).to(new.dtype), new])[
+        bands.key_index].transpose(1, 2) for old, new in zip(history, (key, value)))  # [blocks, C, Kb, D]
+    q = query[bands.query_tokens].transpose(1, 2)  # [blocks, C * G, Q, D]
+    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=bands.allowed[:, None], scale=scale,
+                                         enable_gqa=True)
+    out = out.transpose(1, 2).reshape(-1, query.shape[1], d)[bands.real_queries]
+    output.index_copy_(0, bands.tokens, out.to(output.dtype))
