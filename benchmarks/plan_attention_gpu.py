@@ -45,7 +45,6 @@ def timed(fn, device: str, repeats: int) -> float:
     return (time.perf_counter() - began) / repeats * 1e3
 
 
-
 @dataclass
 class LayerStep:
     """One layer's decoding step at the Qwen2.5-7B layout: a paged cache of shuffled blocks with each request's kept

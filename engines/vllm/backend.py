@@ -97,8 +97,8 @@ def kept_metadata(meta: CommonAttentionMetadata, block_size: int, sink: int, win
     tokens = torch.tensor([first[r] + j for r, j in decoding], dtype=torch.long).to(device, non_blocking=True)
     bands = None
     if windowed_prompts and prefills:  # the chunks' rows follow the decoding rows
-        bands = prompt_bands([(span.start, span.end, span.computed) for span in prefills],
-                             [span.row for span in prefills], valid[len(decoding):, :-1], (sink, window, block))
+        bands = prompt_bands([(span.start, span.end, span.computed) for span in prefills], valid[len(decoding):, :-1],
+                             (sink, window, block))
     return SinkWindowMetadata(num_actual_tokens=meta.num_actual_tokens, kept_slots=slots, kept_valid=valid,
                               num_decodes=len(decoding), decode_tokens=tokens, prefills=prefills, prompt_bands=bands)
 

@@ -215,7 +215,7 @@ class CompressedHeads(LayerHeads):
             self._decode(query, kept, metadata, output)
         if self.windowed_prompts:
             if metadata.prompt_bands is not None:
-                self._streaming_prompts(query, key, value, kept, metadata.prompt_bands, output)
+                self._streaming_prompts(query, key, value, kept, metadata, output)
             return
         prompts = [span for span in metadata.prefills if span.computed == 0]
         if prompts and query.device.type == "cpu":  # vLLM's CPU kernel, all of the step's prompts in one call
@@ -236,11 +236,12 @@ class CompressedHeads(LayerHeads):
         else:
             output[tokens] = out
 
-    def _streaming_prompts(self, query, key, value, kept, bands, output) -> None:
+    def _streaming_prompts(self, query, key, value, kept, metadata, output) -> None:
         """The gated model's prompt chunks (from position 0, or going on from a cached prefix: a GRPO prompt's copies
-        after the first) in one banded attention over their kept history and their own keys."""
-        history = self.kv.read(self._rows(kept[:, bands.chunk_rows, :-1]).transpose(0, 1))  # [S, C, K, D]
-        banded_prompt_attention(query, key, value, history, bands, self.scale, output)
+        after the first) in one banded attention over their kept history (the rows after the decoding rows) and their
+        own keys."""
+        history = self.kv.read(self._rows(kept[:, metadata.num_decodes:, :-1]).transpose(0, 1))  # [S, C, K, D]
+        banded_prompt_attention(query, key, value, history, metadata.prompt_bands, self.scale, output)
 
     def _prefill(self, query, key, value, kept, metadata, span, output) -> None:
         q = query[span.start:span.end].transpose(0, 1)[None]  # [1, C * G, n, D]

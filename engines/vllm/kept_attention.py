@@ -66,7 +66,6 @@ class PromptBands:
     step (`prompt_bands`), so a layer's branch is two gathers and one attention whose size grows with the step's
     tokens, never with their square."""
 
-    chunk_rows: torch.Tensor  # [S] each chunk's row of kept slots (`backend.SinkWindowMetadata`)
     query_tokens: torch.Tensor  # [blocks, Q] the step's token of each query (a block's tail past its chunk: its last)
     key_index: torch.Tensor  # [blocks, Kb] each key's row in `[S * (sink + window) history | T step tokens]`
     allowed: torch.Tensor  # [blocks, Q, Kb] bool, `streaming_keys` over valid keys (a tail query: every key)
@@ -74,12 +73,13 @@ class PromptBands:
     tokens: torch.Tensor  # [N] their tokens in the step
 
 
-def prompt_bands(chunks: list[tuple[int, int, int]], chunk_rows: list[int], history_valid: torch.Tensor,
-                 rule: tuple[int, int, int], query_block: int = QUERY_BLOCK) -> PromptBands:
+def prompt_bands(chunks: list[tuple[int, int, int]], history_valid: torch.Tensor, rule: tuple[int, int, int],
+                 query_block: int = QUERY_BLOCK) -> PromptBands:
     """`PromptBands` of a step's prompt chunks `(start, end, computed)` (token span in the step, tokens cached
-    before it), whose histories are the rows `chunk_rows` of the step's kept slots with validity `history_valid`
-    `[S, sink + window]` (`kept_positions` without the chunk's own position). `rule`: `(sink, window, block)`. Only
-    host data vLLM already keeps are read (the spans); every index is computed on `history_valid`'s device."""
+    before it), whose histories have validity `history_valid` `[S, sink + window]` (`kept_positions` without the
+    chunk's own position: in the step's kept slots, the rows after the decoding rows). `rule`: `(sink, window,
+    block)`. Only host data vLLM already keeps are read (the spans); every index is computed on `history_valid`'s
+    device."""
     sink, window, block = rule
     device, history = history_valid.device, sink + window
     blocks = [(s, offset) for s, (start, end, _) in enumerate(chunks) for offset in range(0, end - start, query_block)]
@@ -105,10 +105,8 @@ def prompt_bands(chunks: list[tuple[int, int, int]], chunk_rows: list[int], hist
     valid &= (is_sink | (key_positions >= sink)) & (key_positions >= 0)  # a recent key below `sink` is a sink
     tail = queries >= lengths
     allowed = (streaming_keys(query_positions, key_positions, sink, window, block) & valid[:, None]) | tail[..., None]
-    return PromptBands(chunk_rows=on_device(chunk_rows, device),
-                       query_tokens=starts + torch.minimum(queries, lengths - 1),
-                       key_index=key_index, allowed=allowed, real_queries=on_device(real, device),
-                       tokens=on_device(tokens, device))
+    return PromptBands(query_tokens=starts + torch.minimum(queries, lengths - 1), key_index=key_index,
+                       allowed=allowed, real_queries=on_device(real, device), tokens=on_device(tokens, device))
 
 
 def on_device(values: list, device: torch.device) -> torch.Tensor:

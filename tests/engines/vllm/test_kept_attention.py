@@ -48,7 +48,7 @@ def test_prompt_bands_attend_as_the_learners_streaming_branch(mask, sink, window
     positions, valid = kept_slots(identity, computed, 1, *rule)  # each chunk's history, as a step reads it
     positions, valid = positions[:, :-1], valid[:, :-1]
     history = tuple(torch.stack([p[i][pos].transpose(0, 1) for p, pos in zip(full, positions)]) for i in (1, 2))
-    bands = prompt_bands(chunks, list(range(len(chunks))), valid, rule, query_block)
+    bands = prompt_bands(chunks, valid, rule, query_block)
     output = torch.full_like(query, float("nan"))
     banded_prompt_attention(query, key, value, history, bands, scale, output)
     for (n, c), (q, k, v), (begin, end, _) in zip(prompts, full, chunks):
