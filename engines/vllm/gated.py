@@ -43,9 +43,10 @@ def streaming_cache(branch: GatedBranch) -> tuple[int, int, int]:
 
 class GatedAttention(OpAttention):
     """Takes the place of one layer's attention in the gated model: its full and streaming branches over every head,
-    mixed by its gates (float32, `[kv_heads]`, 1.0 until the learner sends its own)."""
+    mixed by its gates (float32, `[kv_heads]`, 1.0 until the learner sends its own). `max_requests`: vLLM's
+    `max_num_seqs`."""
 
-    def __init__(self, stock: Attention, branch: GatedBranch, cache_config) -> None:
+    def __init__(self, stock: Attention, branch: GatedBranch, cache_config, max_requests: int) -> None:
         super().__init__()
         self.num_kv_heads, self.head_size = stock.num_kv_heads, stock.head_size
         self.group = stock.num_heads // stock.num_kv_heads
@@ -65,7 +66,8 @@ class GatedAttention(OpAttention):
                                                               prefix=stream[-1], sink=sink, window=window, block=block,
                                                               windowed_prompts=True))
         self.full_heads = FullHeads(full, self.group)
-        self.streaming_heads = CompressedHeads(stream, self.group, self.head_size, scale, windowed_prompts=True)
+        self.streaming_heads = CompressedHeads(stream, self.group, self.head_size, scale, max_requests,
+                                               windowed_prompts=True)
         self.register_buffer("gates", torch.ones(self.num_kv_heads, dtype=torch.float32), persistent=False)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, output: torch.Tensor) -> None:

@@ -31,10 +31,14 @@ import torch.nn.functional as F
 from torch import nn
 from vllm.utils.torch_utils import direct_register_custom_op
 
-from kvpress_rl.engines.vllm.kept_attention import banded_prompt_attention, decode_over_kept
+from kvpress_rl.engines.vllm.kept_attention import (
+    banded_prompt_attention,
+    continued_chunk_attention,
+    decode_over_kept,
+    worst_step_attention,
+)
 from kvpress_rl.engines.vllm.paged_rows import PagedRows
 from kvpress_rl.engines.vllm.vllm_compat import forward_module, layer_context, metadata_for_heads
-from kvpress_rl.masks import history_causal_mask
 
 OP_NAME = "kvrl_plan_attention"  # torch.ops.vllm.kvrl_plan_attention: a layer's attention, opaque to torch.compile
 
@@ -135,6 +139,11 @@ class LayerHeads:
             self.bound_at = context[1].kv_cache.data_ptr()
         return context
 
+    def profiling(self) -> bool:
+        """vLLM's profile run, which sizes the cache from the forward's peak memory: no metadata, no cache yet."""
+        metadata, layer, _ = layer_context(self.names[0])
+        return metadata is None and layer.kv_cache.numel() == 0
+
 
 @dataclass
 class FullHeads(LayerHeads):
@@ -175,6 +184,7 @@ class CompressedHeads(LayerHeads):
 
     head_size: int
     scale: float
+    max_requests: int  # vLLM's `max_num_seqs`: decoding rows attend in slices of at most this many
     # False: a prompt is plain causal attention (a head plan's compressed heads); True: the gated model's streaming
     # branch, whose prompts read their sinks and recent keys too (the learner's teacher-forced branch), in the bands
     # its metadata builder made (`kept_attention.PromptBands`)
@@ -203,6 +213,10 @@ class CompressedHeads(LayerHeads):
         """query `[T, C * G, D]`, key and value `[T, C, D]`, output `[T, C * G, D]` (written)."""
         context = self.step_context()
         if context is None:
+            if self.profiling():
+                layer = layer_context(self.names[0])[1]  # a `sublayers.SinkWindowAttention`
+                worst_step_attention(query, key, value, output, (layer.sink, layer.window, layer.block), self.scale,
+                                     self.max_requests, self.windowed_prompts)
             return
         metadata = context[0]
         groups = [context] + [layer_context(name) for name in self.group_names[1:]]  # group_names[0] is names[0]
@@ -227,14 +241,18 @@ class CompressedHeads(LayerHeads):
             self._prefill(query, key, value, kept, metadata, span, output)
 
     def _decode(self, query: torch.Tensor, kept: torch.Tensor, metadata, output: torch.Tensor) -> None:
-        count, tokens = metadata.num_decodes, metadata.decode_tokens  # tokens None: request r decodes token r
-        q = query[:count] if tokens is None else query[tokens]
-        keys, values = self.kv.read(self._rows(kept[:, :count]).transpose(0, 1))  # [R, C, K, D]
-        out = decode_over_kept(keys, values, q, metadata.kept_valid[:count], self.scale, self.group).to(output.dtype)
-        if tokens is None:
-            output[:count] = out
-        else:
-            output[tokens] = out
+        """The decoding rows, at most `max_requests` at a time (more only when generated tokens are recomputed after a
+        preemption), so their temporaries are bounded by the engine's batch, not by the step's tokens."""
+        tokens = metadata.decode_tokens  # None: request r decodes token r
+        for first in range(0, metadata.num_decodes, self.max_requests):
+            rows = slice(first, min(first + self.max_requests, metadata.num_decodes))
+            q = query[rows] if tokens is None else query[tokens[rows]]
+            keys, values = self.kv.read(self._rows(kept[:, rows]).transpose(0, 1))  # [R, C, K, D]
+            out = decode_over_kept(keys, values, q, metadata.kept_valid[rows], self.scale, self.group)
+            if tokens is None:
+                output[rows] = out.to(output.dtype)
+            else:
+                output[tokens[rows]] = out.to(output.dtype)
 
     def _streaming_prompts(self, query, key, value, kept, metadata, output) -> None:
         """The gated model's prompt chunks (from position 0, or going on from a cached prefix: a GRPO prompt's copies
@@ -249,9 +267,6 @@ class CompressedHeads(LayerHeads):
         if span.computed == 0:  # a prompt in one step: plain causal attention
             out = F.scaled_dot_product_attention(q, own_k, own_v, is_causal=True, scale=self.scale, enable_gqa=True)
         else:
-            old_k, old_v = self.kv.read(self._rows(kept[:, span.row, :-1]))  # [C, K, D]
-            keys = torch.cat([old_k[None].to(q.dtype), own_k], dim=2)
-            values = torch.cat([old_v[None].to(q.dtype), own_v], dim=2)
-            mask = history_causal_mask(metadata.kept_valid[span.row, :-1], span.end - span.start)
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scale, enable_gqa=True)
+            history = self.kv.read(self._rows(kept[:, span.row, :-1]))  # [C, K, D]
+            out = continued_chunk_attention(q, own_k, own_v, history, metadata.kept_valid[span.row, :-1], self.scale)
         output[span.start:span.end] = out[0].transpose(0, 1).to(output.dtype)

@@ -8,6 +8,11 @@ products are explicit: at one query and 81 keys a head, SDPA's CPU kernel costs 
 A prompt's streaming branch is banded too (`PromptBands`): blocks of 64 queries, each over the sinks and the
 `window + 64` keys before it, so its work and its temporaries grow with the step's tokens (at most vLLM's
 `max_num_batched_tokens`), not with their square; the indices are built once per step by the metadata builder.
+
+vLLM sizes its cache from the peak memory of a profile run, a forward of `max_num_batched_tokens` tokens without
+attention metadata. So that a layer's temporaries are counted there, it attends on the worst step of that many tokens
+(`heads.CompressedHeads`): decoding rows in slices of at most `max_num_seqs`, the most bands a step can have
+(`most_prompt_blocks`, `worst_prompt_bands`) and one chunk of every token over a history (`continued_chunk_attention`).
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from kvpress_rl.masks import history_causal_mask
 
 QUERY_BLOCK = 64  # prompt queries the gated model's streaming branch attends together (`PromptBands`)
 
@@ -107,6 +114,67 @@ def prompt_bands(chunks: list[tuple[int, int, int]], history_valid: torch.Tensor
     allowed = (streaming_keys(query_positions, key_positions, sink, window, block) & valid[:, None]) | tail[..., None]
     return PromptBands(query_tokens=starts + torch.minimum(queries, lengths - 1), key_index=key_index,
                        allowed=allowed, real_queries=on_device(real, device), tokens=on_device(tokens, device))
+
+
+def most_prompt_blocks(tokens: int, chunks: int, query_block: int = QUERY_BLOCK) -> int:
+    """The most blocks `prompt_bands` makes of a step of at most `tokens` prompt tokens in at most `chunks` chunks
+    (a chunk has two tokens or more: one is a decoding row): chunk `i` of `n_i` tokens makes
+    `1 + (n_i - 1) // query_block`, at most `S + (tokens - S) // query_block` over `S` chunks, the most at the most
+    chunks. Reached when the chunks but one have `query_block + 1` tokens (and the last two or more)."""
+    chunks = min(chunks, tokens // 2)
+    return chunks + (tokens - chunks) // query_block
+
+
+def worst_prompt_bands(tokens: int, chunks: int, rule: tuple[int, int, int], device: torch.device,
+                       query_block: int = QUERY_BLOCK) -> tuple[PromptBands, int]:
+    """`(bands, chunks)` of the shapes of the largest step `prompt_bands` can make of `tokens` prompt tokens in
+    `chunks` chunks at most (`most_prompt_blocks`), every key allowed: what vLLM's profile run attends on, so that
+    the step's temporaries are counted when it sizes the cache. Its keys index the first row."""
+    sink, window, _ = rule
+    blocks, chunks = most_prompt_blocks(tokens, chunks, query_block), min(chunks, tokens // 2)
+    queries = min(tokens, blocks * query_block)
+    zeros = torch.zeros((blocks, sink + window + query_block), dtype=torch.long, device=device)
+    bands = PromptBands(query_tokens=torch.zeros((blocks, query_block), dtype=torch.long, device=device),
+                        key_index=zeros, allowed=torch.ones((blocks, query_block, zeros.shape[1]), dtype=torch.bool,
+                                                            device=device),
+                        real_queries=torch.arange(queries, device=device), tokens=torch.arange(queries, device=device))
+    return bands, chunks
+
+
+def continued_chunk_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                              history: tuple[torch.Tensor, torch.Tensor], history_valid: torch.Tensor,
+                              scale: float) -> torch.Tensor:
+    """A head plan's compressed heads over a prompt chunk going on from a cached prefix: its tokens' `query`
+    `[1, C * G, n, D]`, `key` and `value` `[1, C, n, D]` read the chunk's kept `history` `[C, K, D]` (in the cache's
+    dtype; `history_valid` `[K]`) and, causally, its own keys. Returns `[1, C * G, n, D]`."""
+    keys, values = (torch.cat([old[None].to(new.dtype), new], dim=2) for old, new in zip(history, (key, value)))
+    mask = history_causal_mask(history_valid, query.shape[2])
+    return F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scale, enable_gqa=True)
+
+
+def worst_step_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, output: torch.Tensor,
+                         rule: tuple[int, int, int], scale: float, max_requests: int, windowed_prompts: bool) -> None:
+    """vLLM's profile run: a layer's compressed heads attend as the largest step of `query`'s `T` tokens would, on
+    zeros in the cache's place, so the allocator's peak, which sizes the cache, holds their temporaries. `query`
+    `[T, C * G, D]`, `key` and `value` `[T, C, D]`, `rule` `(sink, window, block)`, `max_requests` vLLM's
+    `max_num_seqs` (the most decoding rows attended at once); with `windowed_prompts` (the gated model) the most
+    prompt bands of `T` tokens, else one chunk of every token over a history (a head plan's prompts from position 0
+    go through the platform's causal kernel, whose memory is linear)."""
+    tokens, heads, d = key.shape
+    kept, rows, group = rule[0] + rule[1], min(tokens, max_requests), query.shape[1] // heads
+
+    def cache_rows(*shape: int) -> tuple[torch.Tensor, torch.Tensor]:  # keys and values, as `PagedRows.read` gives
+        keys, values = (torch.zeros((*shape, d), dtype=key.dtype, device=key.device) for _ in range(2))
+        return keys, values
+
+    valid = torch.ones((rows, kept + 1), dtype=torch.bool, device=key.device)
+    decode_over_kept(*cache_rows(rows, heads, kept + 1), query[:rows], valid, scale, group)
+    if windowed_prompts:
+        bands, chunks = worst_prompt_bands(tokens, max_requests, rule, key.device)
+        banded_prompt_attention(query, key, value, cache_rows(chunks, heads, kept), bands, scale, output)
+    else:
+        q, k, v = (t.transpose(0, 1)[None] for t in (query, key, value))
+        continued_chunk_attention(q, k, v, cache_rows(heads, kept), valid[0, :-1], scale)
 
 
 def on_device(values: list, device: torch.device) -> torch.Tensor:

@@ -42,10 +42,11 @@ class PlanAttention(OpAttention):
 
     The sub-layers `kvh{j}` (one per KV head `j`, registered full heads first) only give vLLM one cache per head.
     Under tensor parallelism the layer holds the model's KV heads `first_head ...` (its rank's), `full` and `tags`
-    are theirs, and `j` is the model's head index: the sub-layers of all ranks have distinct names."""
+    are theirs, and `j` is the model's head index: the sub-layers of all ranks have distinct names. `max_requests`:
+    vLLM's `max_num_seqs`."""
 
     def __init__(self, stock: Attention, full: tuple[bool, ...], plan: EnginePlan, cache_config,
-                 tags: list[int], first_head: int = 0) -> None:
+                 tags: list[int], max_requests: int, first_head: int = 0) -> None:
         super().__init__()
         if len(full) != stock.num_kv_heads:
             raise ValueError(f"{stock.layer_name}: the plan has {len(full)} KV heads, the layer {stock.num_kv_heads}")
@@ -72,7 +73,8 @@ class PlanAttention(OpAttention):
         scale = float(stock.impl.scale)
         self.full_heads = FullHeads(names[:f], self.group) if f else None
         compressed = f < len(heads)
-        self.compressed_heads = CompressedHeads(names[f:], self.group, self.head_size, scale) if compressed else None
+        self.compressed_heads = (CompressedHeads(names[f:], self.group, self.head_size, scale, max_requests)
+                                 if compressed else None)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, output: torch.Tensor) -> None:
         """q `[T, H * G * D]`, k and v `[T, H * D]` (heads in the reordered order), output `[T, H * G * D]`
@@ -174,7 +176,7 @@ def split_attention(model: nn.Module, vllm_config) -> EnginePlan:
     def make(index: int, stock: Attention) -> PlanAttention:
         mine = slice(heads.start, heads.stop)
         return PlanAttention(stock, plan.full[index][mine], plan, vllm_config.cache_config, tags[index][mine],
-                             first_head=heads.start)
+                             vllm_config.scheduler_config.max_num_seqs, first_head=heads.start)
 
     replace_attention(model, vllm_config, "engine", make)
     return plan
@@ -186,7 +188,7 @@ def gate_attention(model: nn.Module, vllm_config) -> GatedBranch:
     tensor_parallel_heads(vllm_config, "gated engine", tensor_parallel=False)
 
     def make(index: int, stock: Attention) -> GatedAttention:
-        return GatedAttention(stock, branch, vllm_config.cache_config)
+        return GatedAttention(stock, branch, vllm_config.cache_config, vllm_config.scheduler_config.max_num_seqs)
 
     replace_attention(model, vllm_config, "gated engine", make)
     return branch

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from kvpress_rl.engines.vllm.layout import kept_history
-from tests.engines.vllm.steps import BLOCK, DIM, GROUP, build
+from tests.engines.vllm.steps import BLOCK, DIM, GROUP, SINK, WINDOW, build
 
 pytestmark = pytest.mark.usefixtures("vllm_installed")
 # (cached tokens before the step, tokens of the step): a prompt, two decoding steps, a chunk after a prompt
@@ -17,8 +17,8 @@ REQUESTS = [(0, 50), (300, 1), (70, 1), (200, 30), (1000, 1)]
 
 
 class FakeLayer:
-    def __init__(self, kv_cache):
-        self.kv_cache = kv_cache
+    def __init__(self, kv_cache, sink=SINK, window=WINDOW, block=0):
+        self.kv_cache, self.sink, self.window, self.block = kv_cache, sink, window, block
 
 
 def test_compressed_heads_attend_exactly_over_the_kept_tokens(monkeypatch):
@@ -69,7 +69,53 @@ def test_compressed_heads_attend_exactly_over_the_kept_tokens(monkeypatch):
     monkeypatch.setattr(heads, "layer_context", context.__getitem__)
 
     output = torch.empty_like(query)
-    heads.CompressedHeads(["kvh0", "kvh1"], GROUP, DIM, DIM**-0.5)(query, key, value, output)
+    # three decoding rows, attended two at a time
+    heads.CompressedHeads(["kvh0", "kvh1"], GROUP, DIM, DIM**-0.5, max_requests=2)(query, key, value, output)
     assert not output.isnan().any()
     torch.testing.assert_close(output, torch.cat(expected), atol=1e-5, rtol=1e-5)
     assert len(metadata[0].prefills) == 2 and metadata[0].num_decodes == 3
+
+
+@pytest.mark.parametrize("windowed_prompts", [False, True])
+def test_vllms_profile_run_attends_on_the_largest_step(monkeypatch, windowed_prompts):
+    """vLLM sizes the cache from the peak memory of a forward without metadata or cache: there a layer's compressed
+    heads attend as the largest step of its tokens would (decoding rows up to `max_num_seqs`; the most prompt bands
+    for the gated model, one chunk of every token over a history for a head plan), so their temporaries are counted.
+    Warm-up runs, after the cache is bound, attend nothing."""
+    from kvpress_rl.engines.vllm import heads, kept_attention
+    from kvpress_rl.engines.vllm.kept_attention import most_prompt_blocks
+
+    tokens, max_requests, kept = 300, 8, SINK + WINDOW
+    seen = {}
+
+    def spy(name, shapes):
+        real = getattr(kept_attention, name)
+
+        def call(*args):
+            seen[name] = shapes(*args)
+            return real(*args)
+
+        monkeypatch.setattr(kept_attention, name, call)
+
+    spy("decode_over_kept", lambda keys, values, query, *rest: (keys.shape, values.shape, query.shape))
+    spy("banded_prompt_attention", lambda q, k, v, history, bands, *rest: (history[0].shape, bands.allowed.shape))
+    spy("continued_chunk_attention", lambda q, k, v, history, *rest: (q.shape, history[0].shape))
+    layer = FakeLayer(torch.tensor([]))
+    monkeypatch.setattr(heads, "layer_context", lambda name: (None, layer, None))
+    generator = torch.Generator().manual_seed(0)
+    query = torch.randn(tokens, 2 * GROUP, DIM, generator=generator)
+    key, value = torch.randn(2, tokens, 2, DIM, generator=generator)
+    compressed = heads.CompressedHeads(["kvh0", "kvh1"], GROUP, DIM, DIM**-0.5, max_requests,
+                                       windowed_prompts=windowed_prompts)
+    compressed(query, key, value, torch.empty_like(query))
+    rows = (max_requests, 2, kept + 1, DIM)
+    assert seen.pop("decode_over_kept") == (rows, rows, (max_requests, 2 * GROUP, DIM))
+    if windowed_prompts:
+        bands = (most_prompt_blocks(tokens, max_requests), 64, kept + 64)
+        assert seen.pop("banded_prompt_attention") == ((max_requests, 2, kept, DIM), bands)
+    else:
+        assert seen.pop("continued_chunk_attention") == ((1, 2 * GROUP, tokens, DIM), (2, kept, DIM))
+    assert not seen
+    layer.kv_cache = torch.zeros(1)  # bound: a warm-up run
+    compressed(query, key, value, torch.empty_like(query))
+    assert not seen
