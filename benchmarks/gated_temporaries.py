@@ -6,7 +6,7 @@ metadata. There the gated model's compressed heads attend as the largest step of
 temporaries are taken off the cache before it is allocated. This script measures that peak with torch's MemTracker
 (every tensor alive at once, beyond the layer's inputs) at the Qwen2.5-7B layout (4 KV heads, 28 query heads,
 head size 128, bfloat16), for the token-exact rule (16 sinks + 64 recent: the embedded profile) and the official
-blocks (one sink block and the last two, blocks of 64), at several step sizes and batch limits, and sets it beside
+blocks (one sink block and the last two, of 128 tokens), at several step sizes and batch limits, and sets it beside
 the step's own keys and values, beside the output of the same layer's MLP gate and up projections (`T x 2 x 18944`
 in bfloat16, what the profile run already holds at another moment of the layer) and beside the square mask the
 branch used before the bands (scores in float32 for every query head: `28 * T * T * 4` bytes); those three by
@@ -32,7 +32,7 @@ from kvpress_rl.sampling import GatedBranch
 
 KV_HEADS, GROUP, HEAD_SIZE, INTERMEDIATE = 4, 7, 128, 18944  # Qwen2.5-7B (DeepSeek-R1-Distill-Qwen-7B)
 RULES = {"token 16 + 64": GatedBranch(sink=16, window=64, mask="token"),
-         "blocks of 64": GatedBranch(sink=16, window=64, mask="block", block_size=64)}
+         "official blocks of 128": GatedBranch(sink=16, window=64, mask="block")}
 MiB = 2**20
 
 

@@ -3,8 +3,8 @@
 A `RolloutSampler` takes the gated model's gates (None: the full model, every head its whole cache), the streaming
 branch they mix with (`GatedBranch`), prompts as token ids and one `Sampling`, and returns `Rollouts` in the
 learner's layout. The learner never asks which sampler it has: `kvpress_rl.strategies.rlkv.rollouts.LearnerSampler`
-(transformers, the default) and `kvpress_rl.engines.vllm.engine.GatedRollouts` (`kvrl select --rollout-engine vllm`)
-implement it, and `SelectionContext.sampler` carries the one a caller chose.
+(transformers) and `kvpress_rl.engines.vllm.engine.GatedRollouts` (`kvrl select --rollout-engine vllm`, which `auto`
+chooses where vLLM is installed) implement it, and `SelectionContext.sampler` carries the one a caller chose.
 """
 
 from __future__ import annotations

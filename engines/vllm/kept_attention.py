@@ -10,9 +10,10 @@ A prompt's streaming branch is banded too (`PromptBands`): blocks of 64 queries,
 `max_num_batched_tokens`), not with their square; the indices are built once per step by the metadata builder.
 
 vLLM sizes its cache from the peak memory of a profile run, a forward of `max_num_batched_tokens` tokens without
-attention metadata. So that a layer's temporaries are counted there, it attends on the worst step of that many tokens
-(`heads.CompressedHeads`): decoding rows in slices of at most `max_num_seqs`, the most bands a step can have
-(`most_prompt_blocks`, `worst_prompt_bands`) and one chunk of every token over a history (`continued_chunk_attention`).
+attention metadata. So that a layer's temporaries are counted there, its compressed heads attend on the largest step
+of that many tokens (`worst_step_attention`): decoding rows up to `max_num_seqs` (the most `heads.CompressedHeads`
+attends at once), then the most bands a step can make (`most_prompt_blocks`, `worst_prompt_bands`) or, under a head
+plan, one chunk of every token over a history (`continued_chunk_attention`).
 """
 
 from __future__ import annotations
