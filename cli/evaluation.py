@@ -21,7 +21,7 @@ from kvpress_rl.cli.launch import (
     rank_process,
     watch_rank,
 )
-from kvpress_rl.cli.output import Column, Layout, fitted_table
+from kvpress_rl.cli.output import Column, Layout, fitted_table, quiet_other_ranks
 from kvpress_rl.engines.vllm.engine import PlanSwitchingEngine, model_folder
 from kvpress_rl.errors import KvrlError
 from kvpress_rl.evaluators.cells import summarize
@@ -163,7 +163,7 @@ def run_eval(request: EvalRequest) -> None:
     quiet_lm_eval()
     rank, _ = distributed_rank()
     main_process = rank == 0  # under `--num-processes`, only rank 0 reports
-    console = Console(quiet=not main_process)
+    console = quiet_other_ranks(rank)
     spec, device = eval_inputs(request, quiet=not main_process)
     check_chat_template_before_loading(spec)  # a template the folder's tokenizer lacks: one line, nothing written
     output = Path(request.output)

@@ -7,7 +7,6 @@ the first one as one line, with exit code 2. Only rank 0 prints and writes files
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,7 @@ from kvpress_rl.cli.launch import (
     watch_rank,
 )
 from kvpress_rl.cli.options import parse_strategy_options
-from kvpress_rl.cli.output import console, strategies_with_warnings
+from kvpress_rl.cli.output import quiet_other_ranks, strategies_with_warnings
 from kvpress_rl.engines.vllm.engine import GatedRollouts, check_vllm, gated_engine_refusal, model_folder
 from kvpress_rl.errors import KvrlError
 from kvpress_rl.evaluators.plots import gate_heatmap, training_curves
@@ -260,17 +259,6 @@ def rollout_sampler(name: str, model: str, lm) -> GatedRollouts | None:
         return None
     dtype = str(lm.dtype).removeprefix("torch.")
     return GatedRollouts(model, dtype=dtype, max_model_len=engine_max_model_len(lm.config, unknown=ENGINE_LENGTH_CAP))
-
-
-def quiet_other_ranks(rank: int) -> Console:
-    """The console this rank prints on: only rank 0 prints (no warnings or loading bars from the others)."""
-    if rank == 0:
-        return console
-    from transformers.utils import logging as hf_logging
-
-    warnings.simplefilter("ignore")
-    hf_logging.disable_progress_bar()
-    return Console(quiet=True)
 
 
 def run_select(request: SelectRequest) -> None:

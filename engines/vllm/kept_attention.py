@@ -34,11 +34,17 @@ def kept_positions(computed: torch.Tensor, sink: int, window: int) -> tuple[torc
     Invalid entries point at position 0, which every request has written before it reads."""
     c = computed.long().clamp_min(0)[:, None]  # CUDA-graph padding rows have no tokens
     sinks = torch.arange(sink, device=computed.device)[None]
-    start = torch.clamp(c - window, min=sink)
+    start = window_start(c, sink, window)
     recent = start + torch.arange(window, device=computed.device)[None]
     positions = torch.cat([sinks.expand(c.shape[0], -1), recent, c], dim=1)
     valid = torch.cat([sinks < c, recent < c, torch.ones_like(c, dtype=torch.bool)], dim=1)
     return torch.where(valid, positions, 0), valid
+
+
+def window_start(computed: torch.Tensor, sink: int, window: int) -> torch.Tensor:
+    """The first position of the kept window of a step that starts with `computed` cached tokens
+    (`layout.kept_history`): `window` back, never among the sinks."""
+    return torch.clamp(computed - window, min=sink)
 
 
 def decode_over_kept(keys: torch.Tensor, values: torch.Tensor, query: torch.Tensor, valid: torch.Tensor, scale: float,
@@ -103,8 +109,8 @@ def prompt_bands(chunks: list[tuple[int, int, int]], history_valid: torch.Tensor
     recent = computed + offsets - window + torch.arange(window + query_block, device=device)
     key_positions = torch.cat([torch.arange(sink, device=device).expand(len(blocks), -1), recent], dim=1)
     cached = key_positions < computed
-    history_start = torch.clamp(computed - window, min=sink)  # where `kept_positions` starts the window
-    slot = torch.where(key_positions < sink, key_positions, sink + key_positions - history_start).clamp(0, history - 1)
+    slot = torch.where(key_positions < sink, key_positions, sink + key_positions - window_start(computed, sink, window))
+    slot = slot.clamp(0, history - 1)
     own = (key_positions - computed).clamp(min=0)
     step_token = starts + torch.minimum(own, lengths - 1)
     key_index = torch.where(cached, block_chunks * history + slot, len(chunks) * history + step_token)
