@@ -1,7 +1,7 @@
 """What vLLM's profile run counts for the gated model's streaming branch: its peak memory per layer, measured.
 
-vLLM sizes the KV cache from the peak memory of one forward of `max_num_batched_tokens` tokens without attention
-metadata. There the gated model's compressed heads attend as the largest step of that many tokens would
+On CUDA, vLLM sizes the KV cache from the peak memory of one forward of `max_num_batched_tokens` tokens without
+attention metadata. There the gated model's compressed heads attend as the largest step of that many tokens would
 (`kept_attention.worst_step_attention`: decoding rows up to `max_num_seqs`, then the most prompt bands), so their
 temporaries are taken off the cache before it is allocated. This script measures that peak with torch's MemTracker
 (every tensor alive at once, beyond the layer's inputs) at the Qwen2.5-7B layout (4 KV heads, 28 query heads,
@@ -14,7 +14,7 @@ arithmetic.
 
 Measured on the CPU: CPU kernels; on a GPU the profile run measures whatever its kernels allocate, the point of it.
 
-    python benchmarks/gated_temporaries.py          # about a minute on 2 cores
+    python benchmarks/gated_temporaries.py          # about 25 s on 2 cores
 """
 
 from __future__ import annotations

@@ -31,14 +31,10 @@ import torch.nn.functional as F
 from torch import nn
 from vllm.utils.torch_utils import direct_register_custom_op
 
-from kvpress_rl.engines.vllm.kept_attention import (
-    banded_prompt_attention,
-    continued_chunk_attention,
-    decode_over_kept,
-    worst_step_attention,
-)
+from kvpress_rl.engines.vllm.kept_attention import banded_prompt_attention, decode_over_kept, worst_step_attention
 from kvpress_rl.engines.vllm.paged_rows import PagedRows
 from kvpress_rl.engines.vllm.vllm_compat import forward_module, layer_context, metadata_for_heads
+from kvpress_rl.masks import history_causal_mask
 
 OP_NAME = "kvrl_plan_attention"  # torch.ops.vllm.kvrl_plan_attention: a layer's attention, opaque to torch.compile
 
@@ -267,6 +263,9 @@ class CompressedHeads(LayerHeads):
         if span.computed == 0:  # a prompt in one step: plain causal attention
             out = F.scaled_dot_product_attention(q, own_k, own_v, is_causal=True, scale=self.scale, enable_gqa=True)
         else:
-            history = self.kv.read(self._rows(kept[:, span.row, :-1]))  # [C, K, D]
-            out = continued_chunk_attention(q, own_k, own_v, history, metadata.kept_valid[span.row, :-1], self.scale)
+            old_k, old_v = self.kv.read(self._rows(kept[:, span.row, :-1]))  # [C, K, D]
+            keys = torch.cat([old_k[None].to(q.dtype), own_k], dim=2)
+            values = torch.cat([old_v[None].to(q.dtype), own_v], dim=2)
+            mask = history_causal_mask(metadata.kept_valid[span.row, :-1], span.end - span.start)
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scale, enable_gqa=True)
         output[span.start:span.end] = out[0].transpose(0, 1).to(output.dtype)

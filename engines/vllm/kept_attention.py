@@ -9,11 +9,11 @@ A prompt's streaming branch is banded too (`PromptBands`): blocks of 64 queries,
 `window + 64` keys before it, so its work and its temporaries grow with the step's tokens (at most vLLM's
 `max_num_batched_tokens`), not with their square; the indices are built once per step by the metadata builder.
 
-vLLM sizes its cache from the peak memory of a profile run, a forward of `max_num_batched_tokens` tokens without
-attention metadata. So that a layer's temporaries are counted there, its compressed heads attend on the largest step
-of that many tokens (`worst_step_attention`): decoding rows up to `max_num_seqs` (the most `heads.CompressedHeads`
-attends at once), then the most bands a step can make (`most_prompt_blocks`, `worst_prompt_bands`) or, under a head
-plan, one chunk of every token over a history (`continued_chunk_attention`).
+On CUDA, vLLM sizes its cache from the peak memory of a profile run, a forward of `max_num_batched_tokens` tokens
+without attention metadata (its CPU worker takes `VLLM_CPU_KVCACHE_SPACE`, or the memory left after a warm-up). So
+that a layer's temporaries are counted there, its compressed heads attend on the largest step of that many tokens
+(`worst_step_attention`): decoding rows up to `max_num_seqs` (the most `heads.CompressedHeads` attends at once), then,
+for the gated model, the most bands a step can make (`most_prompt_blocks`, `worst_prompt_bands`).
 """
 
 from __future__ import annotations
@@ -22,8 +22,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-
-from kvpress_rl.masks import history_causal_mask
 
 QUERY_BLOCK = 64  # prompt queries the gated model's streaming branch attends together (`PromptBands`)
 
@@ -148,25 +146,15 @@ def worst_prompt_bands(tokens: int, chunks: int, rule: tuple[int, int, int], dev
     return bands, chunks
 
 
-def continued_chunk_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                              history: tuple[torch.Tensor, torch.Tensor], history_valid: torch.Tensor,
-                              scale: float) -> torch.Tensor:
-    """A head plan's compressed heads over a prompt chunk going on from a cached prefix: its tokens' `query`
-    `[1, C * G, n, D]`, `key` and `value` `[1, C, n, D]` read the chunk's kept `history` `[C, K, D]` (in the cache's
-    dtype; `history_valid` `[K]`) and, causally, its own keys. Returns `[1, C * G, n, D]`."""
-    keys, values = (torch.cat([old[None].to(new.dtype), new], dim=2) for old, new in zip(history, (key, value)))
-    mask = history_causal_mask(history_valid, query.shape[2])
-    return F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scale, enable_gqa=True)
-
-
 def worst_step_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, output: torch.Tensor,
                          rule: tuple[int, int, int], scale: float, max_requests: int, windowed_prompts: bool) -> None:
     """vLLM's profile run: a layer's compressed heads attend as the largest step of `query`'s `T` tokens would, on
     zeros in the cache's place, so the allocator's peak, which sizes the cache, holds their temporaries. `query`
     `[T, C * G, D]`, `key` and `value` `[T, C, D]`, `rule` `(sink, window, block)`, `max_requests` vLLM's
-    `max_num_seqs` (the most decoding rows attended at once); with `windowed_prompts` (the gated model) the most
-    prompt bands of `T` tokens, else one chunk of every token over a history (a head plan's prompts from position 0
-    go through the platform's causal kernel, whose memory is linear)."""
+    `max_num_seqs` (the most decoding rows attended at once). With `windowed_prompts` (the gated model), then the
+    most prompt bands of `T` tokens. A head plan's prompts are prefilled from position 0 in one step (the engine's
+    `exact_prefill`) by the platform's own causal attention, not counted here; a chunk going on from a cached prefix
+    happens only with chunked prefill, which head plans turn off."""
     tokens, heads, d = key.shape
     kept, rows, group = rule[0] + rule[1], min(tokens, max_requests), query.shape[1] // heads
 
@@ -179,9 +167,6 @@ def worst_step_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Te
     if windowed_prompts:
         bands, chunks = worst_prompt_bands(tokens, max_requests, rule, key.device)
         banded_prompt_attention(query, key, value, cache_rows(chunks, heads, kept), bands, scale, output)
-    else:
-        q, k, v = (t.transpose(0, 1)[None] for t in (query, key, value))
-        continued_chunk_attention(q, k, v, cache_rows(heads, kept), valid[0, :-1], scale)
 
 
 def on_device(values: list, device: torch.device) -> torch.Tensor:

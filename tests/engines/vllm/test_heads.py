@@ -12,8 +12,9 @@ from kvpress_rl.engines.vllm.layout import kept_history
 from tests.engines.vllm.steps import BLOCK, DIM, GROUP, SINK, WINDOW, build
 
 pytestmark = pytest.mark.usefixtures("vllm_installed")
-# (cached tokens before the step, tokens of the step): a prompt, two decoding steps, a chunk after a prompt
+# (cached tokens before the step, tokens of the step): a prompt, three decoding steps, a chunk after a prompt
 REQUESTS = [(0, 50), (300, 1), (70, 1), (200, 30), (1000, 1)]
+DECODING = [(300, 1), (70, 1), (1000, 1), (5, 1), (16, 1)]  # every request decodes one token
 
 
 class FakeLayer:
@@ -21,12 +22,14 @@ class FakeLayer:
         self.kv_cache, self.sink, self.window, self.block = kv_cache, sink, window, block
 
 
-def test_compressed_heads_attend_exactly_over_the_kept_tokens(monkeypatch):
+@pytest.mark.parametrize("requests, prefills, decodes", [(REQUESTS, 2, 3), (DECODING, 0, 5)])
+def test_compressed_heads_attend_exactly_over_the_kept_tokens(monkeypatch, requests, prefills, decodes):
+    """Decoding rows are attended two at a time (`max_requests`), in a mixed step and in a decoding step."""
     from kvpress_rl.engines.vllm import heads
 
     generator = torch.Generator().manual_seed(0)
-    blocks_per_request = max(-(-(c + q) // BLOCK) for c, q in REQUESTS)
-    num_blocks = 1 + blocks_per_request * len(REQUESTS)
+    blocks_per_request = max(-(-(c + q) // BLOCK) for c, q in requests)
+    num_blocks = 1 + blocks_per_request * len(requests)
     # vLLM's single allocation: head 0 at region 1, head 1 at region 3 (other layers' regions between), NaN everywhere
     page = BLOCK * 2 * DIM
     storage = torch.full((5 * num_blocks * page,), float("nan"))
@@ -35,11 +38,11 @@ def test_compressed_heads_attend_exactly_over_the_kept_tokens(monkeypatch):
     tables = []
     for _ in caches:  # each head in its own KV-cache group: its own shuffled block table (block 0: vLLM's null block)
         order = torch.randperm(num_blocks - 1, generator=generator) + 1
-        tables.append(order.reshape(len(REQUESTS), blocks_per_request).int())
+        tables.append(order.reshape(len(requests), blocks_per_request).int())
 
     keys, values, queries, expected, starts = [], [], [], [], [0]
     slot_maps = [[], []]
-    for r, (computed, new) in enumerate(REQUESTS):
+    for r, (computed, new) in enumerate(requests):
         total = computed + new
         k, v = torch.randn(total, 2, DIM, generator=generator), torch.randn(total, 2, DIM, generator=generator)
         q = torch.randn(new, 2 * GROUP, DIM, generator=generator)
@@ -60,28 +63,28 @@ def test_compressed_heads_attend_exactly_over_the_kept_tokens(monkeypatch):
                                                scale=DIM**-0.5, enable_gqa=True)
         expected.append(dense.transpose(0, 1))
     key, value, query = torch.cat(keys), torch.cat(values), torch.cat(queries)
-    lengths = torch.tensor([c + q for c, q in REQUESTS], dtype=torch.int32)
+    lengths = torch.tensor([c + q for c, q in requests], dtype=torch.int32)
     start_loc = torch.tensor(starts, dtype=torch.int32)
-    common = dict(query_start_loc=start_loc, query_start_loc_cpu=start_loc, seq_lens=lengths, num_reqs=len(REQUESTS),
-                  num_actual_tokens=int(start_loc[-1]), max_query_len=50, max_seq_len=int(lengths.max()))
+    common = dict(query_start_loc=start_loc, query_start_loc_cpu=start_loc, seq_lens=lengths, num_reqs=len(requests),
+                  num_actual_tokens=int(start_loc[-1]), max_query_len=max(q for _, q in requests),
+                  max_seq_len=int(lengths.max()))
     metadata = [build({**common, "slot_mapping": torch.cat(s)}, t) for s, t in zip(slot_maps, tables)]
     context = {f"kvh{h}": (metadata[h], FakeLayer(caches[h]), torch.cat(slot_maps[h])) for h in range(2)}
     monkeypatch.setattr(heads, "layer_context", context.__getitem__)
 
     output = torch.empty_like(query)
-    # three decoding rows, attended two at a time
     heads.CompressedHeads(["kvh0", "kvh1"], GROUP, DIM, DIM**-0.5, max_requests=2)(query, key, value, output)
     assert not output.isnan().any()
     torch.testing.assert_close(output, torch.cat(expected), atol=1e-5, rtol=1e-5)
-    assert len(metadata[0].prefills) == 2 and metadata[0].num_decodes == 3
+    assert len(metadata[0].prefills) == prefills and metadata[0].num_decodes == decodes
 
 
 @pytest.mark.parametrize("windowed_prompts", [False, True])
 def test_vllms_profile_run_attends_on_the_largest_step(monkeypatch, windowed_prompts):
     """vLLM sizes the cache from the peak memory of a forward without metadata or cache: there a layer's compressed
-    heads attend as the largest step of its tokens would (decoding rows up to `max_num_seqs`; the most prompt bands
-    for the gated model, one chunk of every token over a history for a head plan), so their temporaries are counted.
-    Warm-up runs, after the cache is bound, attend nothing."""
+    heads attend as the largest step of its tokens would (decoding rows up to `max_num_seqs`; then, for the gated
+    model, the most prompt bands), so their temporaries are counted. Warm-up runs, after the cache is bound, attend
+    nothing."""
     from kvpress_rl.engines.vllm import heads, kept_attention
     from kvpress_rl.engines.vllm.kept_attention import most_prompt_blocks
 
@@ -99,7 +102,6 @@ def test_vllms_profile_run_attends_on_the_largest_step(monkeypatch, windowed_pro
 
     spy("decode_over_kept", lambda keys, values, query, *rest: (keys.shape, values.shape, query.shape))
     spy("banded_prompt_attention", lambda q, k, v, history, bands, *rest: (history[0].shape, bands.allowed.shape))
-    spy("continued_chunk_attention", lambda q, k, v, history, *rest: (q.shape, history[0].shape))
     layer = FakeLayer(torch.tensor([]))
     monkeypatch.setattr(heads, "layer_context", lambda name: (None, layer, None))
     generator = torch.Generator().manual_seed(0)
@@ -113,8 +115,6 @@ def test_vllms_profile_run_attends_on_the_largest_step(monkeypatch, windowed_pro
     if windowed_prompts:
         bands = (most_prompt_blocks(tokens, max_requests), 64, kept + 64)
         assert seen.pop("banded_prompt_attention") == ((max_requests, 2, kept, DIM), bands)
-    else:
-        assert seen.pop("continued_chunk_attention") == ((1, 2 * GROUP, tokens, DIM), (2, kept, DIM))
     assert not seen
     layer.kv_cache = torch.zeros(1)  # bound: a warm-up run
     compressed(query, key, value, torch.empty_like(query))
