@@ -20,6 +20,7 @@ from kvpress_rl.plugins import StrategyEntry, discover_strategies
 console = Console()
 err_console = Console(stderr=True)
 
+
 def quiet_other_ranks(rank: int) -> Console:
     """The console a rank of a data-parallel run prints on: only rank 0 prints; the others show no warnings and no
     loading bars (a bar cut off when a failed run stops its ranks would run into the launcher's one error line)."""

@@ -135,10 +135,11 @@ class LayerHeads:
             self.bound_at = context[1].kv_cache.data_ptr()
         return context
 
-    def profiling(self) -> bool:
-        """vLLM's profile run, which sizes the cache from the forward's peak memory: no metadata, no cache yet."""
+    def profiled_layer(self):
+        """The first head's attention layer in vLLM's profile run, which sizes the cache from the forward's peak memory
+        (no metadata, no cache yet); None in any other run."""
         metadata, layer, _ = layer_context(self.names[0])
-        return metadata is None and layer.kv_cache.numel() == 0
+        return layer if metadata is None and layer.kv_cache.numel() == 0 else None
 
 
 @dataclass
@@ -209,8 +210,8 @@ class CompressedHeads(LayerHeads):
         """query `[T, C * G, D]`, key and value `[T, C, D]`, output `[T, C * G, D]` (written)."""
         context = self.step_context()
         if context is None:
-            if self.profiling():
-                layer = layer_context(self.names[0])[1]  # a `sublayers.SinkWindowAttention`
+            layer = self.profiled_layer()  # a `sublayers.SinkWindowAttention`
+            if layer is not None:
                 worst_step_attention(query, key, value, output, (layer.sink, layer.window, layer.block), self.scale,
                                      self.max_requests, self.windowed_prompts)
             return
@@ -242,13 +243,10 @@ class CompressedHeads(LayerHeads):
         tokens = metadata.decode_tokens  # None: request r decodes token r
         for first in range(0, metadata.num_decodes, self.max_requests):
             rows = slice(first, min(first + self.max_requests, metadata.num_decodes))
-            q = query[rows] if tokens is None else query[tokens[rows]]
+            step_tokens = rows if tokens is None else tokens[rows]
             keys, values = self.kv.read(self._rows(kept[:, rows]).transpose(0, 1))  # [R, C, K, D]
-            out = decode_over_kept(keys, values, q, metadata.kept_valid[rows], self.scale, self.group)
-            if tokens is None:
-                output[rows] = out.to(output.dtype)
-            else:
-                output[tokens[rows]] = out.to(output.dtype)
+            out = decode_over_kept(keys, values, query[step_tokens], metadata.kept_valid[rows], self.scale, self.group)
+            output[step_tokens] = out.to(output.dtype)
 
     def _streaming_prompts(self, query, key, value, kept, metadata, output) -> None:
         """The gated model's prompt chunks (from position 0, or going on from a cached prefix: a GRPO prompt's copies
